@@ -1,0 +1,55 @@
+"""Registry of aggregation algorithms: ``build(name, params, **hyperparameters)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..core import Aggregator, resolve_hyperparameters
+
+REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register(cls: type[Aggregator]) -> type[Aggregator]:
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"algorithm name {cls.name!r} is empty or already registered")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Aggregator]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown algorithm {name!r}; allowed: {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+def list_algorithms() -> dict[str, str]:
+    """Registry name -> one-line description."""
+    return {name: cls.description for name, cls in sorted(REGISTRY.items())}
+
+
+def validate(name: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """Check an algorithm name and its hyperparameters without a process group."""
+    cls = get(name)
+    return resolve_hyperparameters(name, cls.hyperparameters, hyperparameters)
+
+
+def build(
+    name: str,
+    params: Iterable[torch.Tensor],
+    *,
+    group: dist.ProcessGroup | None = None,
+    **hyperparameters: Any,
+) -> Aggregator:
+    """Construct the algorithm registered as ``name`` (collective: call on every rank)."""
+    return get(name)(params, group=group, **hyperparameters)
+
+
+# Import for registration side effects; order sets nothing.
+from . import acga, averaging  # noqa: E402,F401

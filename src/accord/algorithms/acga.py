@@ -1,0 +1,225 @@
+"""ACGA: adaptive consensus gradient aggregation (AdaCons).
+
+Paper: Choukroun, Azoulay, Kisilev, "Adaptive Consensus Gradients Aggregation for Scaled
+Distributed Training", arXiv 2411.03742 (2024). Reference script: yoniLc/AdaCons Main.py.
+
+Update rule (N workers, g_i the local gradient of worker i, s = sum_j g_j)::
+
+    a_i  = <g_i, s> / (N (||g_i|| + eps))          consensus coefficient = <u_i, mean g>
+    perm = stable argsort(a)                        identical on all ranks (gathered a)
+    m    = sort(a)              at the first step
+    m    = beta m + (1 - beta) sort(a)  afterwards  subspace momentum on the SORTED vector
+    c[perm[k]] = m[k]                               hand rank-k value to the worker at rank k
+    c    = c / sum(c)                               coefficients sum to one
+    d    = sum_i c_i g_i / (||g_i|| + eps)          written into every p.grad
+
+Hook: ``after_backward``. Communication per step: allreduce of the raw gradients
+(model-size), all-gather of 2 floats per worker (2 L floats in per-layer mode, L tensors),
+allreduce of the weighted gradients (model-size): twice the bandwidth of averaging.
+
+Decisions where the sources are silent or disagree (all options):
+
+* ``reference_order`` -- the reference script un-sorts with ``m[perm]`` (the permutation
+  itself), which is the inverse only when ``perm`` is an involution (always for N = 2,
+  rarely for N >= 3). Default False: scatter through the inverse permutation.
+  True reproduces the script exactly.
+* ``guard`` -- the sum of coefficients can be near zero or negative when workers
+  disagree. ``uniform`` (default) keeps the coefficients as the paper does (negative ones
+  included) unless sum(c) <= 1e-6 sum|c|, then falls back to 1/N; ``shift`` subtracts
+  min(c) when it is negative, as the per-tensor variant of the AdaCons NPU hook does;
+  ``clamp`` zeroes negative coefficients. The last two fall back to 1/N if all are zero.
+* ``per_layer`` -- the same computation independently for every parameter tensor, with
+  its own sorted momentum vector per tensor. A worker whose tensor gradient is exactly
+  zero gets coefficient 0 for that tensor (its direction is undefined).
+* ``restore_scale`` -- ||d|| <= 1 whatever the gradient scale, so SGD learning rates
+  tuned for averaging do not transfer. ``none`` (default, as the paper) leaves d as is;
+  ``mean_norm`` multiplies d by mean_i ||g_i||; ``avg_norm`` by ||mean_i g_i||. Both are
+  available without extra communication.
+* Dots and norms are computed in fp32 whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..comm import FlatBuffer
+from ..core import Aggregator, Hyper, StepContext
+from . import register
+
+log = logging.getLogger(__name__)
+
+GUARD_TOL = 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# Pure maths (no process group). The last dimension indexes workers; leading dimensions
+# (one row per tensor in per-layer mode) are independent problems.
+# ---------------------------------------------------------------------------------------
+
+def consensus_coefficients(
+    dots: torch.Tensor, norms: torch.Tensor, world_size: int, eps: float = 1e-8
+) -> torch.Tensor:
+    """a_i = <g_i, sum_j g_j> / (N (||g_i|| + eps)) = <u_i, mean_j g_j>."""
+    return dots / (world_size * (norms + eps))
+
+
+def sorted_momentum(
+    a: torch.Tensor, m: torch.Tensor | None, beta: float, reference_order: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Momentum on the sorted coefficients; returns (new momentum, per-worker coefficients).
+
+    The worker holding the k-th smallest coefficient now receives the k-th smoothed value.
+    With ``reference_order`` the smoothed vector is indexed by the sort permutation
+    instead of scattered through it, as the reference script does.
+    """
+    values, order = torch.sort(a, dim=-1, stable=True)
+    m_new = values.clone() if m is None else beta * m + (1.0 - beta) * values
+    if reference_order:
+        c = torch.gather(m_new, -1, order)
+    else:
+        c = torch.empty_like(m_new).scatter_(-1, order, m_new)
+    return m_new, c
+
+
+def normalize_coefficients(c: torch.Tensor, guard: str = "uniform") -> tuple[torch.Tensor, int]:
+    """Coefficients summing to one along the last dimension; returns (c, rows guarded)."""
+    if guard == "shift":
+        c = c - c.min(dim=-1, keepdim=True).values.clamp(max=0.0)
+    elif guard == "clamp":
+        c = c.clamp(min=0.0)
+    elif guard != "uniform":
+        raise ValueError(f"guard: got {guard!r}, allowed: 'uniform', 'shift', 'clamp'")
+    total = c.sum(dim=-1, keepdim=True)
+    bad = total <= GUARD_TOL * c.abs().sum(dim=-1, keepdim=True)
+    uniform = torch.full_like(c, 1.0 / c.shape[-1])
+    out = torch.where(bad, uniform, c / torch.where(bad, torch.ones_like(total), total))
+    return out, int(bad.sum())
+
+
+def acga_combine(
+    grads: torch.Tensor,
+    momentum: torch.Tensor | None = None,
+    beta: float = 0.0,
+    *,
+    reference_order: bool = False,
+    guard: str = "uniform",
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Single-process ACGA on stacked worker gradients ``grads`` of shape (N, D).
+
+    Returns (aggregated gradient d, coefficients c, new momentum). The distributed class
+    computes the same thing with collectives; tests use this as the in-process form.
+    """
+    g = grads.float()
+    s = g.sum(dim=0)
+    norms = g.norm(dim=1)
+    a = consensus_coefficients(g @ s, norms, g.shape[0], eps)
+    m, c = sorted_momentum(a, momentum, beta, reference_order)
+    c, _ = normalize_coefficients(c, guard)
+    d = ((c / (norms + eps))[:, None] * g).sum(dim=0)
+    return d, c, m
+
+
+# ---------------------------------------------------------------------------------------
+# The aggregator
+# ---------------------------------------------------------------------------------------
+
+@register
+class ACGA(Aggregator):
+    name = "acga"
+    description = "adaptive consensus gradient aggregation: weights by agreement with the mean"
+    paper = "Adaptive Consensus Gradients Aggregation for Scaled Distributed Training, arXiv 2411.03742"
+    hyperparameters = {
+        "momentum": Hyper(0.99, float, "subspace momentum beta on the sorted coefficients",
+                          low=0.0, high=1.0, high_open=True),
+        "per_layer": Hyper(False, bool, "one coefficient vector per parameter tensor"),
+        "reference_order": Hyper(False, bool,
+                                 "un-sort with the permutation itself, as the reference script"),
+        "guard": Hyper("uniform", str, "handling of a near-zero or negative coefficient sum",
+                       choices=("uniform", "shift", "clamp")),
+        "restore_scale": Hyper("none", str, "rescale d to a gradient-averaging magnitude",
+                               choices=("none", "mean_norm", "avg_norm")),
+        "eps": Hyper(1e-8, float, "added to gradient norms", low=0.0, low_open=True),
+    }
+
+    def __init__(self, params, *, group=None, **hyperparameters: Any) -> None:
+        super().__init__(params, group=group, **hyperparameters)
+        self.flat = FlatBuffer(self.params)
+        self.total = self.flat.new_buffer()
+        self.layers = len(self.params) if self.hp["per_layer"] else 1
+        self.momentum: torch.Tensor | None = None
+        self.guard_hits = 0
+        self._metrics: dict[str, float] = {}
+
+    def _segments(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        return [v.reshape(-1) for v in self.flat.split(buf)] if self.hp["per_layer"] else [buf]
+
+    @torch.no_grad()
+    def after_backward(self, ctx: StepContext) -> None:
+        eps = self.hp["eps"]
+        n = self.world_size
+        local = self.flat.load_grads()
+        self.total.copy_(local)
+        self.comm.all_reduce_(self.total)  # s = sum_j g_j
+
+        loc_segs, tot_segs = self._segments(local), self._segments(self.total)
+        dots = torch.stack([torch.dot(g.float(), s.float()) for g, s in zip(loc_segs, tot_segs)])
+        norms = torch.stack([g.float().norm() for g in loc_segs])
+        a_local = consensus_coefficients(dots, norms, n, eps)
+
+        gathered = self.comm.all_gather(torch.cat([a_local, norms]))  # (N, 2L)
+        a = gathered[:, : self.layers].T.contiguous()  # (L, N)
+        all_norms = gathered[:, self.layers:].T.contiguous()
+        if self.momentum is not None and self.momentum.shape != a.shape:
+            log.warning("acga: momentum shape %s does not match %s; restarting it",
+                        tuple(self.momentum.shape), tuple(a.shape))
+            self.momentum = None
+        self.momentum, c = sorted_momentum(a, self.momentum, self.hp["momentum"],
+                                           self.hp["reference_order"])
+        c = torch.where(all_norms > 0, c, torch.zeros_like(c))
+        c, hits = normalize_coefficients(c, self.hp["guard"])
+        self.guard_hits += hits
+
+        weights = c[:, self.rank] / (all_norms[:, self.rank] + eps)
+        for seg, w in zip(loc_segs, weights.tolist()):
+            seg.mul_(w)
+        self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
+
+        mode = self.hp["restore_scale"]
+        if mode != "none":
+            for l, (seg, tot) in enumerate(zip(loc_segs, tot_segs)):
+                scale = all_norms[l].mean() if mode == "mean_norm" else tot.float().norm() / n
+                seg.mul_(float(scale))
+        self.flat.store_grads(local)
+
+        d, s = local.float(), self.total.float()
+        d_norm, s_norm = d.norm(), s.norm()
+        self._metrics = {
+            "coef_min": float(c.min()),
+            "coef_max": float(c.max()),
+            "grad_norm": float(d_norm),
+            "cos_mean": float(torch.dot(d, s) / (d_norm * s_norm + 1e-30)),
+            "guard_hits": float(self.guard_hits),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["momentum"] = None if self.momentum is None else self.momentum.clone()
+        state["guard_hits"] = self.guard_hits
+        return state
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        m = state.get("momentum")
+        if m is not None and tuple(m.shape) != (self.layers, self.world_size):
+            log.warning("acga: saved momentum has shape %s, this run needs %s; restarting it",
+                        tuple(m.shape), (self.layers, self.world_size))
+            m = None
+        self.momentum = None if m is None else m.clone()
+        self.guard_hits = int(state.get("guard_hits", 0))

@@ -1,0 +1,165 @@
+"""Command line: ``accord {train,list,demo}``. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import algorithms
+from .launch import launch, under_torchrun
+from .metrics import read_metrics
+from .tasks import TASKS
+from .train import ConfigError, TrainConfig, apply_settings, run_worker, validate
+
+PROG = "accord"
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one algorithm on one task with N workers",
+                       description="Train with N gloo workers on localhost (or under torchrun).")
+    d = TrainConfig()
+    p.add_argument("--algo", default=d.algo, help="registry name (see `accord list`)")
+    p.add_argument("--task", default=d.task, help=f"one of: {', '.join(sorted(TASKS))}")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default 2; under torchrun: its world size)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="run directory (metrics.jsonl, logs/)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: task's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per-worker micro-batch size (default: task's)")
+    p.add_argument("--accum-steps", type=int, default=d.accum_steps,
+                   help="micro-batches accumulated locally per optimizer step")
+    p.add_argument("--optimizer", default=d.optimizer, help="sgd, nesterov, adam or adamw")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="optimizer momentum (default 0 for sgd, 0.9 for nesterov)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--oracle-lr", action="store_true",
+                   help="exact line-search step size (linreg only, sgd without momentum)")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="steps between metrics records (each evaluates on rank 0)")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="process-group timeout in seconds")
+    p.add_argument("--backend", default=d.backend, help="gloo (CPU) or nccl (GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="algorithm hyperparameter, or a training setting the algorithm does "
+                        "not define; prefix algo. or train. to choose")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a fault, e.g. crash:rank=1,step=5 (see accord.faults)")
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig(
+        algo=args.algo, task=args.task, steps=args.steps, seed=args.seed, out=args.out,
+        lr=args.lr, batch_size=args.batch_size, accum_steps=args.accum_steps,
+        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+        oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
+        backend=args.backend, progress=not args.no_progress, faults=list(args.fault))
+    if under_torchrun():
+        import os
+        world = int(os.environ["WORLD_SIZE"])
+        if args.workers is not None and args.workers != world:
+            raise ConfigError(f"workers: got {args.workers}, but torchrun started {world} "
+                              "processes; allowed: omit --workers or pass the same number")
+        cfg.workers = world
+    elif args.workers is not None:
+        cfg.workers = args.workers
+    try:
+        algorithms.get(cfg.algo)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    apply_settings(cfg, args.set)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config_from_args(args)
+        validate(cfg)
+    except ConfigError as e:
+        print(f"{PROG} train: error: {e}", file=sys.stderr)
+        return 2
+    if under_torchrun():
+        run_worker(cfg)
+        return 0
+    result = launch(cfg)
+    if result.returncode != 0:
+        print(f"{PROG} train: error: {result.message}", file=sys.stderr)
+        return result.returncode
+    summary = read_metrics(Path(cfg.out) / "metrics.jsonl")[-1]
+    print(_format_summary(cfg, summary))
+    return 0
+
+
+def _format_summary(cfg: TrainConfig, s: dict) -> str:
+    parts = [f"{cfg.algo} on {cfg.task} x{cfg.workers}: {s['steps']} steps in {s['time_s']:.1f}s"]
+    parts.append(f"eval_loss {s['eval_loss']:.4g}")
+    if s.get("eval_acc") is not None:
+        parts.append(f"eval_acc {s['eval_acc']:.4f}")
+    parts.append(f"sent {s['comm_bytes'] / 1e6:.2f} MB/worker in {s['comm_calls']} calls")
+    return ", ".join(parts) + f"\nmetrics: {Path(cfg.out) / 'metrics.jsonl'}"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = algorithms.list_algorithms()
+    width = max(map(len, rows))
+    for name, desc in rows.items():
+        print(f"{name:<{width}}  {desc}")
+        if args.verbose:
+            for key, h in algorithms.get(name).hyperparameters.items():
+                print(f"{'':<{width}}    {key}={h.default!r}  ({h.allowed()}) {h.help}")
+    return 0
+
+
+DEMO_ALGOS = ("allreduce", "normalized", "acga")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A small comparison on digits, one run per algorithm, then a results table."""
+    out = Path(args.out)
+    rows = []
+    for algo in DEMO_ALGOS:
+        cfg = TrainConfig(algo=algo, task="digits", workers=args.workers, steps=args.steps,
+                          seed=args.seed, out=str(out / algo), optimizer="adam", lr=3e-3,
+                          log_every=max(1, args.steps // 20))
+        try:
+            validate(cfg)
+        except ConfigError as e:
+            print(f"{PROG} demo: error: {e}", file=sys.stderr)
+            return 2
+        result = launch(cfg)
+        if result.returncode != 0:
+            print(f"{PROG} demo: error: {algo}: {result.message}", file=sys.stderr)
+            return result.returncode
+        rows.append((algo, read_metrics(out / algo / "metrics.jsonl")[-1]))
+    print()
+    print(f"digits, {args.workers} workers, {args.steps} steps, Adam lr 3e-3, seed {args.seed}")
+    print(f"{'algorithm':<12} {'eval_loss':>9} {'eval_acc':>8} {'time_s':>7} {'MB/worker':>9}")
+    for algo, s in rows:
+        print(f"{algo:<12} {s['eval_loss']:>9.4f} {s['eval_acc']:>8.4f} {s['time_s']:>7.1f} "
+              f"{s['comm_bytes'] / 1e6:>9.2f}")
+    print(f"runs: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    p = sub.add_parser("list", help="list algorithms with a one-line description")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list hyperparameters")
+    p = sub.add_parser("demo", help="compare allreduce, normalized and acga on digits")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return {"train": cmd_train, "list": cmd_list, "demo": cmd_demo}[args.command](args)

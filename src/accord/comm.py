@@ -1,0 +1,185 @@
+"""The one choke point for communication, and the flat buffers algorithms send.
+
+Every byte an algorithm sends goes through a :class:`Communicator`, which performs one
+collective (or point-to-point exchange) per call on one contiguous tensor and records, per
+operation kind, the number of calls, the payload bytes and the seconds spent waiting.
+
+Bytes are *payload* bytes: the size of the tensor this rank hands to the operation
+(for ``all_gather`` its own contribution, for ``send`` the message). They are the same on
+every backend and do not depend on the collective algorithm the backend picks; a ring
+allreduce moves about ``2 (N-1)/N`` times the payload over the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class OpStats:
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class CommStats:
+    """Counters per operation kind (``allreduce``, ``allgather``, ``broadcast``, ...)."""
+
+    ops: dict[str, OpStats] = field(default_factory=dict)
+
+    def record(self, kind: str, nbytes: int, seconds: float) -> None:
+        op = self.ops.setdefault(kind, OpStats())
+        op.calls += 1
+        op.bytes += nbytes
+        op.seconds += seconds
+
+    @property
+    def calls(self) -> int:
+        return sum(o.calls for o in self.ops.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(o.bytes for o in self.ops.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(o.seconds for o in self.ops.values())
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {k: {"calls": o.calls, "bytes": o.bytes, "seconds": o.seconds}
+                for k, o in sorted(self.ops.items())}
+
+    def reset(self) -> None:
+        self.ops.clear()
+
+
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Communicator:
+    """Collectives on one process group, each on one contiguous tensor, all counted."""
+
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None
+    ) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        # communicators of one algorithm on several subgroups share one CommStats
+        self.stats = CommStats() if stats is None else stats
+
+    def _check(self, t: torch.Tensor) -> None:
+        if not t.is_contiguous():
+            raise ValueError("Communicator operations take one contiguous tensor (a flat buffer)")
+
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce") -> torch.Tensor:
+        """In-place allreduce of ``t`` (``op``: sum, avg, max, min)."""
+        self._check(t)
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                     "min": dist.ReduceOp.MIN, "avg": dist.ReduceOp.SUM}[op]
+        start = time.perf_counter()
+        if self.world_size > 1:
+            dist.all_reduce(t, op=reduce_op, group=self.group)
+        if op == "avg":
+            t.div_(self.world_size)
+        self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
+        return t
+
+    def all_gather(self, t: torch.Tensor, kind: str = "allgather") -> torch.Tensor:
+        """Gather ``t`` from every rank into a new tensor of shape ``(world_size, *t.shape)``."""
+        self._check(t)
+        out = torch.empty(self.world_size * t.numel(), dtype=t.dtype, device=t.device)
+        start = time.perf_counter()
+        if self.world_size > 1:
+            _all_gather_flat(out, t.reshape(-1), self.group)
+        else:
+            out.copy_(t.reshape(-1))
+        self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
+        return out.view(self.world_size, *t.shape)
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0, kind: str = "broadcast") -> torch.Tensor:
+        """In-place broadcast from group rank ``src``; bytes count on the sender only."""
+        self._check(t)
+        start = time.perf_counter()
+        if self.world_size > 1:
+            global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
+            dist.broadcast(t, src=global_src, group=self.group)
+        self.stats.record(kind, _nbytes(t) if self.rank == src else 0,
+                          time.perf_counter() - start)
+        return t
+
+
+class FlatBuffer:
+    """One preallocated contiguous buffer mirroring a list of tensors of one dtype/device.
+
+    ``load_grads`` / ``load_values`` copy the tensors in, ``store_grads`` /
+    ``store_values`` copy back; ``split`` gives the per-tensor views of a buffer.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], extra: int = 0) -> None:
+        self.tensors = list(tensors)
+        if not self.tensors:
+            raise ValueError("FlatBuffer needs at least one tensor")
+        kinds = {(t.dtype, t.device) for t in self.tensors}
+        if len(kinds) > 1:
+            found = ", ".join(sorted(f"{d}@{v}" for d, v in kinds))
+            raise ValueError(
+                f"parameters must share one dtype and device for a flat buffer; found {found}"
+            )
+        t0 = self.tensors[0]
+        self.numel = sum(t.numel() for t in self.tensors)
+        # ``extra`` trailing slots carry scalars in the same collective as the tensors
+        self.buffer = torch.zeros(self.numel + extra, dtype=t0.dtype, device=t0.device)
+        self.sizes = [t.numel() for t in self.tensors]
+
+    def new_buffer(self) -> torch.Tensor:
+        return torch.zeros_like(self.buffer)
+
+    def split(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Per-tensor views of another buffer with this layout."""
+        chunks = buffer[: self.numel].split(self.sizes)
+        return [v.view_as(t) for v, t in zip(chunks, self.tensors, strict=True)]
+
+    @torch.no_grad()
+    def load_grads(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy the tensors' ``.grad`` into the buffer (a missing grad counts as zero)."""
+        buf = self.buffer if buffer is None else buffer
+        for view, t in zip(self.split(buf), self.tensors, strict=True):
+            if t.grad is None:
+                view.zero_()
+            else:
+                view.copy_(t.grad)
+        return buf
+
+    @torch.no_grad()
+    def store_grads(self, buffer: torch.Tensor | None = None) -> None:
+        buf = self.buffer if buffer is None else buffer
+        for view, t in zip(self.split(buf), self.tensors, strict=True):
+            if t.grad is None:
+                t.grad = view.clone()
+            else:
+                t.grad.copy_(view)
+
+    @torch.no_grad()
+    def load_values(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        buf = self.buffer if buffer is None else buffer
+        for view, t in zip(self.split(buf), self.tensors, strict=True):
+            view.copy_(t)
+        return buf
+
+    @torch.no_grad()
+    def store_values(self, buffer: torch.Tensor | None = None) -> None:
+        buf = self.buffer if buffer is None else buffer
+        for view, t in zip(self.split(buf), self.tensors, strict=True):
+            t.copy_(view)

@@ -1,0 +1,210 @@
+"""The aggregator interface every algorithm implements, and its typed hyperparameters.
+
+An aggregator plugs into two points of a plain training loop::
+
+    loss.backward()
+    agg.after_backward(ctx)   # gradient-phase algorithms rewrite p.grad
+    opt.step()
+    agg.after_step(ctx)       # model-phase algorithms average / pull / mix parameters
+
+Both hooks must be called on every rank at every step. Whether an algorithm communicates
+at a step is decided from ``ctx.step`` and its hyperparameters only (see :func:`due`), so
+all ranks always take the same decision and enter the same collectives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from .comm import Communicator
+
+
+@dataclass
+class StepContext:
+    """What the training loop knows about the current optimizer step.
+
+    ``step`` counts optimizer steps from 0; ``loss`` is this rank's training loss of the
+    step (a detached tensor or a float), used by loss-aware algorithms.
+    """
+
+    step: int
+    loss: torch.Tensor | float | None = None
+
+
+def due(step: int, period: int, warmup_steps: int = 0) -> bool:
+    """True at the last step of every ``period``-step window after ``warmup_steps``.
+
+    With ``period=4`` and no warm-up this is steps 3, 7, 11, ...: the communication
+    happens after ``period`` local steps. The one period rule shared by all algorithms.
+    """
+    if period < 1:
+        raise ValueError(f"period must be an integer >= 1, got {period}")
+    if step < warmup_steps:
+        return False
+    return (step - warmup_steps + 1) % period == 0
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Declaration of one hyperparameter: type, default, allowed range and help text.
+
+    ``low``/``high`` are inclusive bounds unless ``low_open``/``high_open`` is set.
+    ``choices`` restricts string values.
+    """
+
+    default: Any
+    kind: type
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind is bool:
+            return "true or false"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        kind = {int: "an integer", float: "a number", str: "a string"}.get(self.kind, "a value")
+        return kind + (" " + " and ".join(parts) if parts else "")
+
+    def coerce(self, name: str, value: Any) -> Any:
+        """Convert ``value`` (possibly a CLI string) to the declared type and check it."""
+        bad = ValueError(f"hyperparameter {name!r}: got {value!r}, allowed: {self.allowed()}")
+        if isinstance(value, str) and self.kind is not str:
+            text = value.strip().lower()
+            if self.kind is bool:
+                if text in ("1", "true", "yes", "on"):
+                    value = True
+                elif text in ("0", "false", "no", "off"):
+                    value = False
+                else:
+                    raise bad
+            else:
+                try:
+                    value = self.kind(float(text)) if self.kind is int else float(text)
+                except ValueError:
+                    raise bad from None
+                if self.kind is int and float(text) != int(float(text)):
+                    raise bad
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise bad
+        elif self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+                raise bad
+            value = int(value)
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad
+            value = float(value)
+            if not math.isfinite(value):
+                raise bad
+        elif self.kind is str:
+            if not isinstance(value, str):
+                raise bad
+        if self.choices is not None and value not in self.choices:
+            raise bad
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise bad
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            raise bad
+        return value
+
+
+def resolve_hyperparameters(
+    algorithm: str, spec: Mapping[str, Hyper], given: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Defaults overlaid with ``given``, each value checked; a one-line ValueError otherwise."""
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        allowed = ", ".join(sorted(spec)) or "none"
+        raise ValueError(
+            f"unknown hyperparameter {unknown[0]!r} for algorithm {algorithm!r}; "
+            f"allowed: {allowed}"
+        )
+    out = {}
+    for name, h in spec.items():
+        out[name] = h.coerce(name, given[name]) if name in given else h.default
+    return out
+
+
+class Aggregator:
+    """Base class: both hooks are no-ops; subclasses override what they need.
+
+    Subclasses declare ``name``, ``description`` and ``hyperparameters``; the base
+    constructor validates keyword hyperparameters against that declaration and exposes
+    them as ``self.hp`` (a dict). ``group=None`` means the default process group, so a
+    user's own ``torchrun`` script can use an aggregator directly.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: the paper this algorithm follows (title, arXiv id) for the README and ``accord list``
+    paper: ClassVar[str] = ""
+    hyperparameters: ClassVar[dict[str, Hyper]] = {}
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        *,
+        group: dist.ProcessGroup | None = None,
+        **hyperparameters: Any,
+    ) -> None:
+        self.hp = resolve_hyperparameters(self.name, self.hyperparameters, hyperparameters)
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("params: got no tensors that require gradients")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                f"{type(self).__name__} needs an initialised torch.distributed process group "
+                "(call torch.distributed.init_process_group first, or use `accord train`)"
+            )
+        self.comm = Communicator(group)
+        self.group = group
+        self.rank = self.comm.rank
+        self.world_size = self.comm.world_size
+        self._closed = False
+
+    # -- the two plug-in points -------------------------------------------------------
+    def after_backward(self, ctx: StepContext) -> None:
+        """Called after ``loss.backward()`` and before ``optimizer.step()``."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Called after ``optimizer.step()``."""
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "hyperparameters": dict(self.hp), "world_size": self.world_size}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(
+                f"state_dict is for algorithm {state.get('name')!r}, not {self.name!r}"
+            )
+
+    def metrics(self) -> dict[str, float]:
+        """Per-algorithm observables of the last step (floats only)."""
+        return {}
+
+    def close(self) -> None:
+        """Release background resources; idempotent."""
+        self._closed = True
+
+    def __enter__(self) -> Aggregator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,74 @@
+"""Training tasks: a model, per-worker data streams and an evaluation, no downloads.
+
+Every worker builds the same initial model from the run seed, and draws its own training
+stream from a generator seeded by (seed, rank), so workers see different samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys (e.g. run seed and rank) without collisions
+    such as seed + rank would have (seed 1 rank 0 == seed 0 rank 1)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class Task:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    has_accuracy: ClassVar[bool] = False
+    has_oracle_lr: ClassVar[bool] = False
+    #: defaults for the training loop when the user does not set them
+    default_lr: ClassVar[float] = 0.1
+    default_batch_size: ClassVar[int] = 16
+    #: largest per-worker batch the task can serve (None: unlimited)
+    max_batch_size: ClassVar[int | None] = None
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def build_model(self) -> nn.Module:
+        """The initial model, identical on every rank for a given seed."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            return self._model()
+
+    def _model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_stream(self, rank: int, batch_size: int) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def oracle_lr(self, model: nn.Module) -> float:
+        raise ValueError(f"task {self.name!r} has no oracle step size")
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> type[Task]:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}") from None
+
+
+from . import digits, linreg  # noqa: E402,F401

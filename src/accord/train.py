@@ -1,0 +1,328 @@
+"""TrainConfig, its validation, and the training loop every worker runs.
+
+The loop is the same for every algorithm (no branching on algorithm type)::
+
+    for step in range(steps):
+        zero grads; accum_steps x (forward, backward of loss / accum_steps)
+        agg.after_backward(ctx); optimizer.step(); agg.after_step(ctx)
+
+Gradients of the ``accum_steps`` micro-batches are averaged locally without
+communication before the aggregator sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import algorithms, faults
+from .comm import Communicator
+from .core import StepContext
+from .metrics import MetricsWriter, run_environment
+from .tasks import get_task
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+BACKENDS = ("gloo", "nccl")
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported as one line before any worker starts."""
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "allreduce"
+    task: str = "digits"
+    workers: int = 2
+    steps: int = 100
+    seed: int = 0
+    out: str = "runs/run"
+    lr: float | None = None  # None: the task's default
+    batch_size: int | None = None  # per worker and micro-step; None: the task's default
+    accum_steps: int = 1
+    optimizer: str = "sgd"
+    momentum: float | None = None  # optimizer momentum; None: 0 for sgd, 0.9 for nesterov
+    weight_decay: float = 0.0
+    oracle_lr: bool = False
+    log_every: int = 10
+    timeout: float = 60.0  # process-group timeout in seconds
+    backend: str = "gloo"
+    progress: bool = True
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    faults: list[str] = field(default_factory=list)
+
+    # -- settings reachable with --set key=value when the algorithm has no such key --------
+    SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
+                "oracle_lr", "log_every", "timeout")
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else get_task(self.task).default_lr
+
+    def resolved_batch_size(self) -> int:
+        return self.batch_size if self.batch_size is not None else \
+            get_task(self.task).default_batch_size
+
+    def resolved_momentum(self) -> float:
+        if self.momentum is not None:
+            return self.momentum
+        return 0.9 if self.optimizer == "nesterov" else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_argv(self) -> list[str]:
+        """Arguments of ``accord train`` that rebuild this config (for worker processes)."""
+        argv = ["--algo", self.algo, "--task", self.task, "--workers", str(self.workers),
+                "--steps", str(self.steps), "--seed", str(self.seed), "--out", self.out,
+                "--accum-steps", str(self.accum_steps), "--optimizer", self.optimizer,
+                "--weight-decay", repr(self.weight_decay), "--log-every", str(self.log_every),
+                "--timeout", repr(self.timeout), "--backend", self.backend]
+        if self.lr is not None:
+            argv += ["--lr", repr(self.lr)]
+        if self.batch_size is not None:
+            argv += ["--batch-size", str(self.batch_size)]
+        if self.momentum is not None:
+            argv += ["--momentum", repr(self.momentum)]
+        if self.oracle_lr:
+            argv.append("--oracle-lr")
+        if not self.progress:
+            argv.append("--no-progress")
+        for key, value in self.hyperparameters.items():
+            argv += ["--set", f"algo.{key}={json.dumps(value) if isinstance(value, bool) else value}"]
+        for spec in self.faults:
+            argv += ["--fault", spec]
+        return argv
+
+
+def apply_settings(cfg: TrainConfig, settings: list[str]) -> None:
+    """Apply ``--set key=value`` items: an algorithm hyperparameter if the algorithm has
+    that key, else a training setting. ``algo.key`` / ``train.key`` force the target."""
+    spec = algorithms.get(cfg.algo).hyperparameters
+    for item in settings:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set: expected key=value, got {item!r}")
+        target = None
+        if key.startswith("algo."):
+            target, key = "algo", key[5:]
+        elif key.startswith("train."):
+            target, key = "train", key[6:]
+        if target == "algo" or (target is None and key in spec):
+            if key not in spec:
+                allowed = ", ".join(sorted(spec)) or "none"
+                raise ConfigError(
+                    f"--set: unknown hyperparameter {key!r} for algorithm {cfg.algo!r}; "
+                    f"allowed: {allowed}")
+            cfg.hyperparameters[key] = value
+        elif key in TrainConfig.SETTABLE:
+            setattr(cfg, key, _parse_setting(key, value))
+        else:
+            allowed = sorted(set(spec) | set(TrainConfig.SETTABLE))
+            raise ConfigError(
+                f"--set: unknown key {key!r}; allowed for {cfg.algo!r}: {', '.join(allowed)}")
+
+
+def _parse_setting(key: str, value: str) -> Any:
+    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[key]
+    text = value.strip()
+    try:
+        if "bool" in kind:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes", "on")
+        if "int" in kind:
+            number = float(text)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if "float" in kind:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--set {key}: cannot read {value!r} as {kind}") from None
+    return text
+
+
+def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
+    """Raise ConfigError naming the first bad field and what is allowed."""
+    try:
+        task = get_task(cfg.task)
+        cfg.hyperparameters = algorithms.validate(cfg.algo, cfg.hyperparameters)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    def need(ok: bool, name: str, allowed: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{name}: got {value!r}, allowed: {allowed}")
+
+    need(isinstance(cfg.workers, int) and cfg.workers >= 1, "workers", "an integer >= 1",
+         cfg.workers)
+    need(isinstance(cfg.steps, int) and cfg.steps >= 1, "steps", "an integer >= 1", cfg.steps)
+    need(cfg.lr is None or cfg.lr > 0, "lr", "a number > 0", cfg.lr)
+    max_bs = task.max_batch_size
+    need(cfg.batch_size is None or 1 <= cfg.batch_size <= (max_bs or float("inf")),
+         "batch_size", f"an integer >= 1{f' and <= {max_bs}' if max_bs else ''}",
+         cfg.batch_size)
+    need(cfg.accum_steps >= 1, "accum_steps", "an integer >= 1", cfg.accum_steps)
+    need(cfg.optimizer in OPTIMIZERS, "optimizer", ", ".join(OPTIMIZERS), cfg.optimizer)
+    need(cfg.momentum is None or 0.0 <= cfg.momentum < 1.0, "momentum",
+         "a number >= 0 and < 1", cfg.momentum)
+    need(cfg.weight_decay >= 0.0, "weight_decay", "a number >= 0", cfg.weight_decay)
+    need(cfg.log_every >= 1, "log_every", "an integer >= 1", cfg.log_every)
+    need(cfg.timeout > 0, "timeout", "seconds > 0", cfg.timeout)
+    need(cfg.backend in BACKENDS, "backend", ", ".join(BACKENDS), cfg.backend)
+    if cfg.oracle_lr:
+        need(task.has_oracle_lr, "oracle_lr",
+             "only with a task that has an oracle step size (linreg)", cfg.oracle_lr)
+        need(cfg.optimizer == "sgd" and cfg.resolved_momentum() == 0.0, "oracle_lr",
+             "only with --optimizer sgd and momentum 0", cfg.oracle_lr)
+    try:
+        cfg.faults = [faults.parse(spec, cfg.workers, cfg.steps).spec for spec in cfg.faults]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if check_out:
+        _check_writable(cfg.out)
+
+
+def _check_writable(out: str) -> None:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".accord-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(f"out: cannot write to {out!r} ({reason}); allowed: a writable "
+                          "directory") from None
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    lr, wd, mom = cfg.resolved_lr(), cfg.weight_decay, cfg.resolved_momentum()
+    if cfg.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd,
+                               nesterov=cfg.optimizer == "nesterov" and mom > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def _finite(x: float) -> float | None:
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The per-process entry: join the process group from the torchrun environment, train,
+    and (on rank 0) write ``metrics.jsonl``. Returns the summary record on rank 0."""
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    if world != cfg.workers:
+        raise ConfigError(f"workers: got {cfg.workers}, but WORLD_SIZE is {world}; allowed: "
+                          "the launcher's world size")
+    out = Path(cfg.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
+        if rank == 0:
+            writer = MetricsWriter(out / "metrics.jsonl")
+            writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
+                          "hyperparameters": cfg.hyperparameters, "world_size": world,
+                          **run_environment()})
+        summary = _train(cfg, rank, world, writer)
+        return summary
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else \
+            type(exc).__name__
+        (logs / f"rank{rank}.error").write_text(
+            json.dumps({"rank": rank, "time": time.time(), "error": message}) + "\n")
+        if writer is not None:
+            writer.write({"type": "summary", "status": "failed", "error": message,
+                          "failed_rank": rank, **writer.last_eval})
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None):
+    task = get_task(cfg.task)(cfg.seed)
+    model = task.build_model()
+    optimizer = make_optimizer(cfg, model.parameters())
+    agg = algorithms.build(cfg.algo, model.parameters(), **cfg.hyperparameters)
+    injector = faults.Injector([faults.parse(s, world, cfg.steps) for s in cfg.faults], rank)
+    stream = task.train_stream(rank, cfg.resolved_batch_size())
+    loop_comm = Communicator()  # for logging only; not counted as the algorithm's traffic
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.algo}/{cfg.task} x{world}", unit="step",
+                   dynamic_ncols=True)
+    start = time.perf_counter()
+    running = None
+    try:
+        for step in range(cfg.steps):
+            injector.before_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros(())
+            for _ in range(cfg.accum_steps):
+                loss = task.loss(model, next(stream))
+                (loss / cfg.accum_steps).backward()
+                loss_sum += loss.detach()
+            ctx = StepContext(step=step, loss=loss_sum / cfg.accum_steps)
+            agg.after_backward(ctx)
+            if cfg.oracle_lr:
+                for group in optimizer.param_groups:
+                    group["lr"] = task.oracle_lr(model)
+            optimizer.step()
+            agg.after_step(ctx)
+
+            value = float(ctx.loss)
+            running = value if running is None else 0.9 * running + 0.1 * value
+            if bar is not None:
+                bar.update(1)
+            last = step == cfg.steps - 1
+            if (step + 1) % cfg.log_every == 0 or last:
+                mean_loss = loop_comm.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
+                if writer is not None:
+                    evaluation = task.evaluate(model)
+                    stats = agg.comm.stats
+                    writer.write({"type": "step", "step": step + 1,
+                                  "loss": _finite(float(mean_loss)),
+                                  **{k: _finite(v) for k, v in evaluation.items()},
+                                  "time_s": time.perf_counter() - start,
+                                  "comm_bytes": stats.bytes, "comm_calls": stats.calls,
+                                  "comm_s": stats.seconds,
+                                  "algo": {k: _finite(v) for k, v in agg.metrics().items()}})
+                    writer.last_eval = {k: _finite(v) for k, v in evaluation.items()}
+                if bar is not None:
+                    bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+        elapsed = time.perf_counter() - start
+        summary = None
+        if writer is not None:
+            stats = agg.comm.stats
+            summary = {"type": "summary", "status": "ok", "steps": cfg.steps,
+                       "time_s": elapsed, "steps_per_s": cfg.steps / elapsed,
+                       "comm_bytes": stats.bytes, "comm_calls": stats.calls,
+                       "comm_s": stats.seconds, "comm": stats.as_dict(), **writer.last_eval}
+            writer.write(summary)
+        return summary
+    finally:
+        if bar is not None:
+            bar.close()
+        agg.close()
