@@ -94,16 +94,16 @@ class Hyper:
                     raise bad
             else:
                 try:
-                    value = self.kind(float(text)) if self.kind is int else float(text)
+                    value = float(text)
                 except ValueError:
                     raise bad from None
-                if self.kind is int and float(text) != int(float(text)):
-                    raise bad
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise bad
         elif self.kind is int:
-            if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad
+            if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
                 raise bad
             value = int(value)
         elif self.kind is float:

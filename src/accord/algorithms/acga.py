@@ -29,8 +29,10 @@ Decisions where the sources are silent or disagree (all options):
   min(c) when it is negative, as the per-tensor variant of the AdaCons NPU hook does;
   ``clamp`` zeroes negative coefficients. The last two fall back to 1/N if all are zero.
 * ``per_layer`` -- the same computation independently for every parameter tensor, with
-  its own sorted momentum vector per tensor. A worker whose tensor gradient is exactly
-  zero gets coefficient 0 for that tensor (its direction is undefined).
+  its own sorted momentum vector per tensor.
+* A worker whose gradient (or, per layer, tensor gradient) is exactly zero gets
+  coefficient 0 before normalisation: its direction is undefined. Its a_i = 0 still
+  takes its place in the sorted momentum vector.
 * ``restore_scale`` -- ||d|| <= 1 whatever the gradient scale, so SGD learning rates
   tuned for averaging do not transfer. ``none`` (default, as the paper) leaves d as is;
   ``mean_norm`` multiplies d by mean_i ||g_i||; ``avg_norm`` by ||mean_i g_i||. Both are

@@ -1,0 +1,198 @@
+"""The command line end to end: real worker processes, metrics files, errors, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from accord import cli
+from accord.metrics import read_metrics
+
+HANG_GUARD_S = 180  # a hung run fails the test instead of CI
+
+
+def run_accord(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "accord", *args], capture_output=True,
+                          text=True, timeout=HANG_GUARD_S, env=env, cwd=cwd)
+
+
+def check_metrics(path: Path, *, world: int, algo: str, steps: int, log_every: int,
+                  accuracy: bool) -> list[dict]:
+    records = read_metrics(path)
+    header, *steps_recs, summary = records
+    assert header["type"] == "header"
+    assert header["algorithm"] == algo and header["world_size"] == world
+    assert header["config"]["steps"] == steps
+    assert header["torch_version"].startswith("2.13")
+    assert "git_revision" in header
+    assert [r["step"] for r in steps_recs] == list(range(log_every, steps + 1, log_every))
+    for r in steps_recs:
+        assert r["type"] == "step"
+        for key in ("loss", "eval_loss", "time_s", "comm_bytes", "comm_calls", "comm_s"):
+            assert isinstance(r[key], int | float), key
+        assert ("eval_acc" in r) == accuracy
+        assert isinstance(r["algo"], dict)
+    bytes_seen = [r["comm_bytes"] for r in steps_recs]
+    assert bytes_seen == sorted(bytes_seen) and bytes_seen[-1] > 0
+    assert summary["type"] == "summary" and summary["status"] == "ok"
+    assert summary["eval_loss"] == steps_recs[-1]["eval_loss"]
+    assert summary["comm_bytes"] == steps_recs[-1]["comm_bytes"]
+    return records
+
+
+@pytest.mark.parametrize("algo", ["allreduce", "normalized", "acga"])
+def test_train_writes_metrics(tmp_path, algo):
+    out = tmp_path / algo
+    proc = run_accord("train", "--algo", algo, "--task", "digits", "--workers", "2",
+                      "--steps", "6", "--log-every", "3", "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "eval_acc" in proc.stdout
+    records = check_metrics(out / "metrics.jsonl", world=2, algo=algo, steps=6, log_every=3,
+                            accuracy=True)
+    if algo == "acga":
+        assert set(records[-2]["algo"]) >= {"coef_min", "coef_max", "grad_norm", "cos_mean"}
+        assert records[0]["hyperparameters"]["momentum"] == 0.99
+
+
+def test_train_linreg_oracle_with_accumulation_and_settings(tmp_path):
+    out = tmp_path / "lin"
+    proc = run_accord("train", "--algo", "acga", "--task", "linreg", "--workers", "2",
+                      "--steps", "20", "--log-every", "10", "--accum-steps", "2",
+                      "--oracle-lr", "--set", "momentum=0", "--set", "train.batch_size=8",
+                      "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    records = check_metrics(out / "metrics.jsonl", world=2, algo="acga", steps=20,
+                            log_every=10, accuracy=False)
+    assert records[0]["hyperparameters"]["momentum"] == 0.0
+    assert records[0]["config"]["batch_size"] == 8
+    assert records[0]["config"]["oracle_lr"] and records[0]["config"]["accum_steps"] == 2
+    # ACGA: two model-size allreduces and one all-gather per optimizer step, not per micro-step
+    assert records[-1]["comm"]["allreduce"]["calls"] == 40
+    assert records[-1]["comm"]["allgather"]["calls"] == 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_same_entry_under_torchrun(tmp_path):
+    out = tmp_path / "tr"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", "-m", "accord", "train", "--algo", "acga",
+         "--task", "digits", "--steps", "4", "--log-every", "2", "--out", str(out),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert proc.returncode == 0, proc.stderr
+    check_metrics(out / "metrics.jsonl", world=2, algo="acga", steps=4, log_every=2,
+                  accuracy=True)
+
+
+def test_local_launcher_and_torchrun_give_the_same_run(tmp_path):
+    """Same config, same seed: the local launcher and torchrun produce identical losses."""
+    args = ["--algo", "normalized", "--task", "digits", "--steps", "4", "--log-every", "2",
+            "--no-progress", "--seed", "5"]
+    local = run_accord("train", *args, "--workers", "2", "--out", str(tmp_path / "a"))
+    assert local.returncode == 0, local.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    tr = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", "-m", "accord", "train", *args,
+         "--out", str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert tr.returncode == 0, tr.stderr
+    a = [r.get("eval_loss") for r in read_metrics(tmp_path / "a" / "metrics.jsonl")[1:]]
+    b = [r.get("eval_loss") for r in read_metrics(tmp_path / "b" / "metrics.jsonl")[1:]]
+    assert a == b
+
+
+BAD_INPUTS = [
+    (["--algo", "nope"], "unknown algorithm 'nope'"),
+    (["--task", "mnist3d"], "unknown task 'mnist3d'"),
+    (["--set", "nope=1"], "unknown key 'nope'"),
+    (["--algo", "acga", "--set", "algo.nope=1"], "unknown hyperparameter 'nope'"),
+    (["--algo", "acga", "--set", "momentum=1.5"], "'momentum'"),
+    (["--algo", "acga", "--set", "guard=maybe"], "'guard'"),
+    (["--workers", "0"], "workers"),
+    (["--steps", "0"], "steps"),
+    (["--lr", "-1"], "lr"),
+    (["--optimizer", "lbfgs"], "optimizer"),
+    (["--batch-size", "100000"], "batch_size"),
+    (["--oracle-lr"], "oracle_lr"),
+    (["--fault", "crash:rank=9,step=1"], "rank must be in [0, 1]"),
+    (["--set", "momentum"], "expected key=value"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_INPUTS, ids=[a[1] for a in BAD_INPUTS])
+def test_bad_input_exits_2_before_any_worker(tmp_path, capsys, monkeypatch, args, needle):
+    def no_launch(*a, **k):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(cli, "launch", no_launch)
+    code = cli.main(["train", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert err.count("\n") == 1 and err.startswith("accord train: error:")
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = cli.main(["train", "--out", str(blocker / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "out:" in err and str(blocker / "run") in err
+
+
+def test_bad_input_from_the_real_command_line(tmp_path):
+    proc = run_accord("train", "--algo", "acga", "--set", "momentum=2", "--out",
+                      str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "accord train: error: hyperparameter 'momentum': got '2', allowed: a number >= 0 "
+        "and < 1"]
+    assert not (tmp_path / "x" / "logs").exists()
+
+
+@pytest.mark.parametrize("kind,needle", [("crash", "InjectedFault"), ("kill", "SIGKILL")])
+def test_failing_worker_stops_the_run_and_is_named(tmp_path, kind, needle):
+    out = tmp_path / kind
+    proc = run_accord("train", "--algo", "acga", "--task", "digits", "--workers", "3",
+                      "--steps", "50", "--log-every", "1", "--timeout", "20", "--out",
+                      str(out), "--no-progress", "--fault", f"{kind}:rank=1,step=5")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("accord train: error: worker rank 1 failed")
+    assert needle in last
+    records = read_metrics(out / "metrics.jsonl")
+    assert records[-1]["type"] == "summary" and records[-1]["status"] == "failed"
+    assert [r["step"] for r in records if r["type"] == "step"] == [1, 2, 3, 4, 5]
+
+
+def test_list_prints_every_algorithm(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("allreduce", "normalized", "acga"):
+        assert any(line.startswith(name + " ") for line in out.splitlines())
+
+
+def test_metrics_are_strict_json(tmp_path):
+    # NaN/inf would make the file unreadable by strict parsers; the writer refuses them
+    from accord.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path / "m.jsonl")
+    with pytest.raises(ValueError):
+        w.write({"x": float("nan")})
+    w.close()
+    assert json.loads('{"a": null}') == {"a": None}
