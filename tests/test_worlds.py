@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from worlds import run_world
 
 import accord
 from accord.algorithms.acga import acga_combine
 from accord.tasks import get_task
-from worlds import run_world
 
 STEPS = 4
 BATCH = 8

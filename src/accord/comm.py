@@ -83,7 +83,9 @@ class Communicator:
         if not t.is_contiguous():
             raise ValueError("Communicator operations take one contiguous tensor (a flat buffer)")
 
-    def all_reduce_(self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce") -> torch.Tensor:
+    def all_reduce_(
+        self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce"
+    ) -> torch.Tensor:
         """In-place allreduce of ``t`` (``op``: sum, avg, max, min)."""
         self._check(t)
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,

@@ -100,7 +100,8 @@ class TrainConfig:
         if not self.progress:
             argv.append("--no-progress")
         for key, value in self.hyperparameters.items():
-            argv += ["--set", f"algo.{key}={json.dumps(value) if isinstance(value, bool) else value}"]
+            text = json.dumps(value) if isinstance(value, bool) else str(value)
+            argv += ["--set", f"algo.{key}={text}"]
         for spec in self.faults:
             argv += ["--fault", spec]
         return argv

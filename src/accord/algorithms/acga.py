@@ -133,7 +133,8 @@ def acga_combine(
 class ACGA(Aggregator):
     name = "acga"
     description = "adaptive consensus gradient aggregation: weights by agreement with the mean"
-    paper = "Adaptive Consensus Gradients Aggregation for Scaled Distributed Training, arXiv 2411.03742"
+    paper = ("Adaptive Consensus Gradients Aggregation for Scaled Distributed Training, "
+             "arXiv 2411.03742")
     hyperparameters = {
         "momentum": Hyper(0.99, float, "subspace momentum beta on the sorted coefficients",
                           low=0.0, high=1.0, high_open=True),
@@ -168,7 +169,8 @@ class ACGA(Aggregator):
         self.comm.all_reduce_(self.total)  # s = sum_j g_j
 
         loc_segs, tot_segs = self._segments(local), self._segments(self.total)
-        dots = torch.stack([torch.dot(g.float(), s.float()) for g, s in zip(loc_segs, tot_segs)])
+        pairs = zip(loc_segs, tot_segs, strict=True)
+        dots = torch.stack([torch.dot(g.float(), s.float()) for g, s in pairs])
         norms = torch.stack([g.float().norm() for g in loc_segs])
         a_local = consensus_coefficients(dots, norms, n, eps)
 
@@ -186,13 +188,13 @@ class ACGA(Aggregator):
         self.guard_hits += hits
 
         weights = c[:, self.rank] / (all_norms[:, self.rank] + eps)
-        for seg, w in zip(loc_segs, weights.tolist()):
+        for seg, w in zip(loc_segs, weights.tolist(), strict=True):
             seg.mul_(w)
         self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
 
         mode = self.hp["restore_scale"]
         if mode != "none":
-            for l, (seg, tot) in enumerate(zip(loc_segs, tot_segs)):
+            for l, (seg, tot) in enumerate(zip(loc_segs, tot_segs, strict=True)):
                 scale = all_norms[l].mean() if mode == "mean_norm" else tot.float().norm() / n
                 seg.mul_(float(scale))
         self.flat.store_grads(local)
