@@ -52,7 +52,7 @@ class MetricsWriter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.file = self.path.open("w", encoding="utf-8")
-        self.last_eval: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {"eval_loss": None}  # until the first evaluation
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record, allow_nan=False) + "\n")
