@@ -76,15 +76,18 @@ def main() -> int:
     print()
     print(f"AdaCons toy: {args.workers} workers, {args.micro_steps} micro-steps "
           f"(2 per update), oracle step size, seeds {seeds}")
-    print(f"{'global batch':>12}  {'arm':<26} {'train loss':>12} {'eval loss':>12}")
+    print("losses: median [min, max] over seeds" if len(seeds) > 1 else "")
+    print(f"{'global batch':>12}  {'arm':<26} {'train loss':>22} {'eval loss':>22}")
     for batch, label, tr, ev in rows:
-        print(f"{batch:>12}  {label:<26} {_fmt(tr):>12} {_fmt(ev):>12}")
+        print(f"{batch:>12}  {label:<26} {_fmt(tr):>22} {_fmt(ev):>22}")
     return 0
 
 
 def _fmt(values: list[float]) -> str:
     med = statistics.median(values)
-    return f"{med:.3g}" if len(values) == 1 else f"{med:.3g} (med)"
+    if len(values) == 1:
+        return f"{med:.3g}"
+    return f"{med:.2g} [{min(values):.2g}, {max(values):.2g}]"
 
 
 if __name__ == "__main__":
