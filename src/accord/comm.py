@@ -122,6 +122,41 @@ class Communicator:
         return t
 
 
+    # -- point to point ----------------------------------------------------------------
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+    def send(self, t: torch.Tensor, dst: int, kind: str = "send") -> None:
+        """Blocking send to group rank ``dst``."""
+        self._check(t)
+        start = time.perf_counter()
+        dist.send(t, dst=self._global(dst), group=self.group)
+        self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
+
+    def recv_(self, t: torch.Tensor, src: int, kind: str = "recv") -> torch.Tensor:
+        """Blocking receive from group rank ``src`` into ``t`` (no bytes sent)."""
+        self._check(t)
+        start = time.perf_counter()
+        dist.recv(t, src=self._global(src), group=self.group)
+        self.stats.record(kind, 0, time.perf_counter() - start)
+        return t
+
+    def exchange_(
+        self, send: torch.Tensor, recv: torch.Tensor, peer: int, kind: str = "exchange"
+    ) -> torch.Tensor:
+        """Send ``send`` to group rank ``peer`` while receiving its message into ``recv``.
+        Both sides must call it with each other as ``peer``; deadlock-free."""
+        self._check(send)
+        self._check(recv)
+        start = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, send, self._global(peer), self.group),
+               dist.P2POp(dist.irecv, recv, self._global(peer), self.group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        self.stats.record(kind, _nbytes(send), time.perf_counter() - start)
+        return recv
+
+
 class FlatBuffer:
     """One preallocated contiguous buffer mirroring a list of tensors of one dtype/device.
 
