@@ -43,6 +43,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=d.timeout,
                    help="process-group timeout in seconds")
     p.add_argument("--backend", default=d.backend, help="gloo (CPU) or nccl (GPU)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of the task's data files (default: the task's own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm hyperparameter, or a training setting the algorithm does "
@@ -57,7 +59,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr, batch_size=args.batch_size, accum_steps=args.accum_steps,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
         oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
-        backend=args.backend, progress=not args.no_progress, faults=list(args.fault))
+        backend=args.backend, data_dir=args.data_dir, progress=not args.no_progress,
+        faults=list(args.fault))
     if under_torchrun():
         import os
         world = int(os.environ["WORLD_SIZE"])

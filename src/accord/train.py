@@ -59,6 +59,7 @@ class TrainConfig:
     log_every: int = 10
     timeout: float = 60.0  # process-group timeout in seconds
     backend: str = "gloo"
+    data_dir: str | None = None  # where a task looks for its data files (task default if None)
     progress: bool = True
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
@@ -95,6 +96,8 @@ class TrainConfig:
             argv += ["--batch-size", str(self.batch_size)]
         if self.momentum is not None:
             argv += ["--momentum", repr(self.momentum)]
+        if self.data_dir is not None:
+            argv += ["--data-dir", self.data_dir]
         if self.oracle_lr:
             argv.append("--oracle-lr")
         if not self.progress:
@@ -184,6 +187,10 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     need(cfg.log_every >= 1, "log_every", "an integer >= 1", cfg.log_every)
     need(cfg.timeout > 0, "timeout", "seconds > 0", cfg.timeout)
     need(cfg.backend in BACKENDS, "backend", ", ".join(BACKENDS), cfg.backend)
+    try:
+        task.check_data(cfg.data_dir)
+    except ValueError as e:
+        raise ConfigError(f"task {cfg.task!r}: {e}") from None
     if cfg.oracle_lr:
         need(task.has_oracle_lr, "oracle_lr",
              "only with a task that has an oracle step size (linreg)", cfg.oracle_lr)
@@ -262,7 +269,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None):
-    task = get_task(cfg.task)(cfg.seed)
+    task = get_task(cfg.task)(cfg.seed, cfg.data_dir)
     model = task.build_model()
     optimizer = make_optimizer(cfg, model.parameters())
     agg = algorithms.build(cfg.algo, model.parameters(), **cfg.hyperparameters)

@@ -51,5 +51,14 @@ def build(
     return get(name)(params, group=group, **hyperparameters)
 
 
-# Import for registration side effects; order sets nothing.
-from . import acga, averaging  # noqa: E402,F401
+def _import_all() -> None:
+    """Import every module of this package: each registers its algorithms."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

@@ -33,8 +33,14 @@ class Task:
     #: largest per-worker batch the task can serve (None: unlimited)
     max_batch_size: ClassVar[int | None] = None
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, data_dir: str | None = None) -> None:
         self.seed = seed
+        self.data_dir = data_dir
+
+    @classmethod
+    def check_data(cls, data_dir: str | None) -> None:
+        """Raise ValueError (one line: what is missing and how to get it) if the task's
+        data cannot be found. Called before any worker starts."""
 
     def build_model(self) -> nn.Module:
         """The initial model, identical on every rank for a given seed."""
@@ -71,4 +77,13 @@ def get_task(name: str) -> type[Task]:
         raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}") from None
 
 
-from . import digits, linreg  # noqa: E402,F401
+def _import_all() -> None:
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

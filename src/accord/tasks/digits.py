@@ -40,8 +40,8 @@ class Digits(Task):
     default_batch_size = 16
     max_batch_size = 1437  # the training split
 
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed)
+    def __init__(self, seed: int, data_dir: str | None = None) -> None:
+        super().__init__(seed, data_dir)
         self.x_train, self.y_train, self.x_test, self.y_test = _load()
 
     def _model(self) -> nn.Module:

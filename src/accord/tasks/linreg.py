@@ -43,8 +43,8 @@ class LinReg(Task):
     default_lr = 1e-3
     default_batch_size = 16
 
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed)
+    def __init__(self, seed: int, data_dir: str | None = None) -> None:
+        super().__init__(seed, data_dir)
         gen = torch.Generator().manual_seed(stream_seed(seed, 1 << 20))
         self.eval_x = torch.rand(EVAL_SAMPLES, DIM, generator=gen)
 
