@@ -83,6 +83,8 @@ class Hyper:
     def coerce(self, name: str, value: Any) -> Any:
         """Convert ``value`` (possibly a CLI string) to the declared type and check it."""
         bad = ValueError(f"hyperparameter {name!r}: got {value!r}, allowed: {self.allowed()}")
+        if value is None and self.default is None:
+            return None  # an optional hyperparameter left unset
         if isinstance(value, str) and self.kind is not str:
             text = value.strip().lower()
             if self.kind is bool:
@@ -161,12 +163,16 @@ class Aggregator:
         params: Iterable[torch.Tensor],
         *,
         group: dist.ProcessGroup | None = None,
+        buffers: Iterable[torch.Tensor] | None = None,
         **hyperparameters: Any,
     ) -> None:
         self.hp = resolve_hyperparameters(self.name, self.hyperparameters, hyperparameters)
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("params: got no tensors that require gradients")
+        # floating-point buffers (BatchNorm statistics); model-phase algorithms apply their
+        # rule to them exactly as to the parameters, gradient-phase algorithms ignore them
+        self.buffers = [b for b in (buffers or []) if b.is_floating_point()]
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 f"{type(self).__name__} needs an initialised torch.distributed process group "
@@ -176,7 +182,18 @@ class Aggregator:
         self.group = group
         self.rank = self.comm.rank
         self.world_size = self.comm.world_size
+        self.check(self.hp, self.world_size)
         self._closed = False
+
+    @classmethod
+    def check(cls, hp: Mapping[str, Any], world_size: int) -> None:
+        """Constraints between hyperparameters and the world size; ValueError if violated.
+        Runs before any worker starts (CLI) and again in the constructor."""
+
+    def consensus_params(self) -> list[torch.Tensor] | None:
+        """Tensors (one per parameter, then per buffer) to evaluate as the run's consensus
+        model, or None for the mean of the replicas. EASGD returns its centre."""
+        return None
 
     # -- the two plug-in points -------------------------------------------------------
     def after_backward(self, ctx: StepContext) -> None:

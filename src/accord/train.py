@@ -12,6 +12,7 @@ communication before the aggregator sees them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -26,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from . import algorithms, faults
-from .comm import Communicator
-from .core import StepContext
+from .comm import Communicator, FlatBuffer
+from .core import Aggregator, StepContext
 from .metrics import MetricsWriter, run_environment
 from .tasks import get_task
 
@@ -103,6 +104,8 @@ class TrainConfig:
         if not self.progress:
             argv.append("--no-progress")
         for key, value in self.hyperparameters.items():
+            if value is None:  # an unset optional hyperparameter
+                continue
             text = json.dumps(value) if isinstance(value, bool) else str(value)
             argv += ["--set", f"algo.{key}={text}"]
         for spec in self.faults:
@@ -163,7 +166,8 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     """Raise ConfigError naming the first bad field and what is allowed."""
     try:
         task = get_task(cfg.task)
-        cfg.hyperparameters = algorithms.validate(cfg.algo, cfg.hyperparameters)
+        workers = cfg.workers if isinstance(cfg.workers, int) and cfg.workers >= 1 else None
+        cfg.hyperparameters = algorithms.validate(cfg.algo, cfg.hyperparameters, workers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -208,7 +212,7 @@ def _check_writable(out: str) -> None:
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".accord-write-test"
+        probe = path / f".accord-write-test-{os.getpid()}"  # ranks probe concurrently
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -229,6 +233,43 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def _finite(x: float) -> float | None:
     return x if x == x and abs(x) != float("inf") else None
+
+
+class ConsensusProbe:
+    """The consensus model (mean of the replicas, or the algorithm's centre such as EASGD's)
+    and ``consensus_distance`` = mean over replicas of ||x_i - mean||^2 (parameters and float
+    buffers), measured on a copy: training state and the algorithm's counters are untouched.
+    Collective: every rank calls ``measure``; rank 0 gets the model to evaluate."""
+
+    def __init__(self, model: torch.nn.Module, comm: Communicator) -> None:
+        self.comm = comm
+        self.flat = FlatBuffer(_state_tensors(model))
+        self.mean = self.flat.new_buffer()
+        self.model = copy.deepcopy(model) if comm.rank == 0 else None
+        self.target = FlatBuffer(_state_tensors(self.model)) if self.model is not None else None
+
+    @torch.no_grad()
+    def measure(self, agg: Aggregator) -> tuple[torch.nn.Module | None, float]:
+        x = self.flat.load_values()
+        self.mean.copy_(x)
+        self.comm.all_reduce_(self.mean, op="avg")
+        sq = (x - self.mean).double().pow(2).sum().reshape(1)
+        distance = float(self.comm.all_reduce_(sq, op="avg"))
+        if self.target is None:
+            return None, distance
+        self.target.store_values(self.mean)
+        centre = agg.consensus_params()
+        if centre is not None:
+            if len(centre) != len(self.target.tensors):
+                raise RuntimeError(f"{agg.name}: consensus_params gave {len(centre)} tensors "
+                                   f"for a model state of {len(self.target.tensors)}")
+            for t, c in zip(self.target.tensors, centre, strict=True):
+                t.copy_(c)
+        return self.model, distance
+
+
+def _state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
 
 
 def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -272,10 +313,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     task = get_task(cfg.task)(cfg.seed, cfg.data_dir)
     model = task.build_model()
     optimizer = make_optimizer(cfg, model.parameters())
-    agg = algorithms.build(cfg.algo, model.parameters(), **cfg.hyperparameters)
+    agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(),
+                           **cfg.hyperparameters)
     injector = faults.Injector([faults.parse(s, world, cfg.steps) for s in cfg.faults], rank)
     stream = task.train_stream(rank, cfg.resolved_batch_size())
     loop_comm = Communicator()  # for logging only; not counted as the algorithm's traffic
+    probe = ConsensusProbe(model, loop_comm)
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -307,12 +350,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
             last = step == cfg.steps - 1
             if (step + 1) % cfg.log_every == 0 or last:
                 mean_loss = loop_comm.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
+                consensus_model, distance = probe.measure(agg)
                 if writer is not None:
-                    evaluation = task.evaluate(model)
+                    evaluation = task.evaluate(consensus_model)
+                    replica = task.evaluate(model)
                     stats = agg.comm.stats
                     writer.write({"type": "step", "step": step + 1,
                                   "loss": _finite(float(mean_loss)),
                                   **{k: _finite(v) for k, v in evaluation.items()},
+                                  **{f"rank0_{k}": _finite(v) for k, v in replica.items()},
+                                  "consensus_distance": _finite(distance),
                                   "time_s": time.perf_counter() - start,
                                   "comm_bytes": stats.bytes, "comm_calls": stats.calls,
                                   "comm_s": stats.seconds,

@@ -34,10 +34,16 @@ def list_algorithms() -> dict[str, str]:
     return {name: cls.description for name, cls in sorted(REGISTRY.items())}
 
 
-def validate(name: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """Check an algorithm name and its hyperparameters without a process group."""
+def validate(
+    name: str, hyperparameters: dict[str, Any], world_size: int | None = None
+) -> dict[str, Any]:
+    """Check an algorithm name and its hyperparameters without a process group; with a
+    world size, also the constraints between them."""
     cls = get(name)
-    return resolve_hyperparameters(name, cls.hyperparameters, hyperparameters)
+    hp = resolve_hyperparameters(name, cls.hyperparameters, hyperparameters)
+    if world_size is not None:
+        cls.check(hp, world_size)
+    return hp
 
 
 def build(
@@ -45,10 +51,14 @@ def build(
     params: Iterable[torch.Tensor],
     *,
     group: dist.ProcessGroup | None = None,
+    buffers: Iterable[torch.Tensor] | None = None,
     **hyperparameters: Any,
 ) -> Aggregator:
-    """Construct the algorithm registered as ``name`` (collective: call on every rank)."""
-    return get(name)(params, group=group, **hyperparameters)
+    """Construct the algorithm registered as ``name`` (collective: call on every rank).
+
+    ``buffers`` (e.g. ``model.buffers()``) lets model-phase algorithms treat BatchNorm
+    statistics like parameters; without it they stay local."""
+    return get(name)(params, group=group, buffers=buffers, **hyperparameters)
 
 
 def _import_all() -> None:

@@ -148,8 +148,8 @@ class ACGA(Aggregator):
         "eps": Hyper(1e-8, float, "added to gradient norms", low=0.0, low_open=True),
     }
 
-    def __init__(self, params, *, group=None, **hyperparameters: Any) -> None:
-        super().__init__(params, group=group, **hyperparameters)
+    def __init__(self, params, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
         self.flat = FlatBuffer(self.params)
         self.total = self.flat.new_buffer()
         self.layers = len(self.params) if self.hp["per_layer"] else 1

@@ -33,8 +33,8 @@ class GradientAveraging(Aggregator):
     paper = "baseline"
     hyperparameters: dict[str, Hyper] = {}
 
-    def __init__(self, params, *, group=None, **hyperparameters: Any) -> None:
-        super().__init__(params, group=group, **hyperparameters)
+    def __init__(self, params, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
         self.flat = FlatBuffer(self.params)
         self._grad_norm = 0.0
 
@@ -60,8 +60,8 @@ class NormalizedAveraging(Aggregator):
         "eps": Hyper(1e-8, float, "added to gradient norms", low=0.0, low_open=True),
     }
 
-    def __init__(self, params, *, group=None, **hyperparameters: Any) -> None:
-        super().__init__(params, group=group, **hyperparameters)
+    def __init__(self, params, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
         self.flat = FlatBuffer(self.params, extra=1)
         self._grad_norm = 0.0
 

@@ -1,0 +1,270 @@
+"""AdaSum: adaptive summation of worker gradients.
+
+Paper: Maleki, Musuvathi, Mytkowicz, Saarikivi, Xu, Eksarevskiy, Ekanayake, Barsoum,
+"Scaling Distributed Training with Adaptive Summation", arXiv 2006.02924 (MLSys 2021).
+Also Horovod's ``hvd.DistributedOptimizer(..., op=hvd.Adasum)``.
+
+Pair rule (a, b two gradients; per parameter tensor by default)::
+
+    Adasum(a, b) = (1 - <a,b> / (2 ||a||^2)) a + (1 - <a,b> / (2 ||b||^2)) b
+
+Orthogonal gradients are summed, parallel ones (a = c b, c > 0) averaged, identical ones
+give themselves, anti-parallel equal ones cancel. A zero vector (or, per layer, a zero
+tensor) contributes nothing and the other passes through unchanged; two zeros give zero.
+
+Reduction over N workers, g_r the local gradient of rank r, P the largest power of two
+<= N, M = N - P::
+
+    fold:      ranks r >= P send g_r to r - P, which sets  v_{r-P} = Adasum(g_{r-P}, g_r)
+    doubling:  for k = 0 .. log2(P) - 1, rank r < P and its partner q = r XOR 2^k
+               exchange v_r, v_q and both set  v = Adasum(v_min(r,q), v_max(r,q))
+    unfold:    ranks r < M send the result back to r + P
+    d = v_0 = ... = v_{N-1}        written into every p.grad
+
+so N = 2 is one pair, N = 4 is Adasum(Adasum(g0, g1), Adasum(g2, g3)), N = 3 is
+Adasum(Adasum(g0, g2), g1) and N = 6 is
+Adasum(Adasum(Adasum(g0, g4), Adasum(g1, g5)), Adasum(g2, g3)). N = 1 leaves the gradient
+unchanged. ``adasum_tree`` computes exactly this nesting in one process.
+
+Hook: ``after_backward``. Communication per step, B the model size in bytes: a rank
+r < P makes log2(P) ``exchange`` calls of B bytes each; ranks r < M also one ``recv``
+(0 bytes counted) and one ``send`` of B; ranks r >= P one ``send`` of B and one ``recv``.
+Latency: log2(P) rounds plus two for a world that is not a power of two.
+
+Decisions where the sources are silent or where accord differs from Horovod:
+
+* Any world size. Horovod requires a power of two; here the M = N - P extra ranks are
+  folded into ranks 0..M-1 before the recursive doubling and receive the result after
+  it. The tree is then not balanced: g_r and g_{r+P} (r < M) are combined one level
+  deeper than the other gradients, and since Adasum is not associative the result depends
+  on this tree (and on the rank numbering), not only on the set of gradients.
+* Whole vectors, not vector halving. Horovod halves the vector at each level
+  (reduce-scatter style) and allreduces partial dot products inside each group; accord
+  exchanges the whole flat gradient at every level: log2(P) model-size messages per rank
+  instead of about one, but no dot-product exchanges and every level sees whole tensors.
+  Both partners compute the same combination from the same two vectors, the lower rank's
+  vector as first argument, so they must get bit-identical results: the dot products are
+  a fixed-order fp32 reduction (``_row_sums``) whose value depends neither on memory
+  alignment nor on the intra-op thread count (``torch.dot`` through MKL depends on both).
+* ``per_layer`` (default True, as Horovod applies the rule per tensor): dot products and
+  norms per parameter tensor, one flat buffer per message either way. False applies the
+  rule to the whole flattened gradient.
+* Dots and norms in fp32 whatever the parameter dtype; the combination is formed in fp32
+  and stored in the parameter dtype.
+* No hyperparameter beyond ``per_layer`` and no state. The result's scale lies between
+  the mean (agreeing workers) and the sum (orthogonal workers) of the gradients, so a
+  learning rate tuned for averaging may be too large while gradients are nearly
+  orthogonal; Horovod advises not scaling the learning rate by N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..comm import FlatBuffer
+from ..core import Aggregator, Hyper, StepContext
+from . import register
+
+# ---------------------------------------------------------------------------------------
+# Pure maths (no process group)
+# ---------------------------------------------------------------------------------------
+
+_CHUNK = 1024
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Sums along dim 1 of a (K, n) float tensor with unit stride in dim 1.
+
+    The summation order depends on n only: chunks of ``_CHUNK`` consecutive elements are
+    summed first, then the chunk sums, recursively. Every reduction torch performs here
+    either has fewer than its parallel grain size of elements or several outputs (it then
+    parallelises over outputs), so no single sum is split across threads.
+    """
+    while x.shape[1] > _CHUNK:
+        k, n = x.shape
+        full = n - n % _CHUNK
+        parts = x[:, :full].reshape(k, full // _CHUNK, _CHUNK).sum(dim=2)
+        if full < n:
+            parts = torch.cat([parts, x[:, full:].sum(dim=1, keepdim=True)], dim=1)
+        x = parts
+    return x.sum(dim=1)
+
+
+def _check_segments(numel: int, segments: Sequence[int] | None) -> list[int]:
+    if segments is None:
+        return [numel]
+    sizes = [int(s) for s in segments]
+    if any(s < 0 for s in sizes) or sum(sizes) != numel:
+        raise ValueError(
+            f"segments: got sizes summing to {sum(sizes)}, need non-negative sizes summing to "
+            f"the vector length {numel}"
+        )
+    return sizes
+
+
+def adasum_coefficients(
+    a: torch.Tensor, b: torch.Tensor, segments: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment coefficients (c_a, c_b), fp32 tensors of shape (L,), of the pair rule.
+
+    ``segments`` are the sizes of consecutive pieces of the flat vectors (one per
+    parameter tensor); None means the whole vector is one piece. A piece that is zero in
+    a (or b) gets coefficient 0 there; the other's coefficient is then exactly 1.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"adasum: vectors of different shapes {tuple(a.shape)}, {tuple(b.shape)}")
+    af, bf = a.reshape(-1).float(), b.reshape(-1).float()
+    sizes = _check_segments(af.numel(), segments)
+    prods = torch.empty(3, af.numel(), dtype=torch.float32, device=af.device)
+    torch.mul(af, bf, out=prods[0])
+    torch.mul(af, af, out=prods[1])
+    torch.mul(bf, bf, out=prods[2])
+    sums = torch.stack([_row_sums(seg) for seg in prods.split(sizes, dim=1)])  # (L, 3)
+    dot, na, nb = sums.unbind(dim=1)
+    zero = torch.zeros_like(dot)
+    c_a = torch.where(na > 0, 1.0 - dot / (2.0 * na), zero)
+    c_b = torch.where(nb > 0, 1.0 - dot / (2.0 * nb), zero)
+    return c_a, c_b
+
+
+def _combine(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c_a: torch.Tensor,
+    c_b: torch.Tensor,
+    sizes: list[int],
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    af, bf = a.reshape(-1).float(), b.reshape(-1).float()
+    if len(sizes) > 1:
+        counts = torch.tensor(sizes, device=c_a.device)
+        c_a = torch.repeat_interleave(c_a, counts)
+        c_b = torch.repeat_interleave(c_b, counts)
+    # both temporaries exist before anything is written, so ``out`` may alias a or b
+    result = af * c_a + bf * c_b
+    if out is None:
+        return result.view(a.shape).to(a.dtype)
+    out.view(-1).copy_(result)
+    return out
+
+
+def adasum_pair(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    segments: Sequence[int] | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Adasum(a, b) = (1 - <a,b>/(2||a||^2)) a + (1 - <a,b>/(2||b||^2)) b, per segment.
+
+    Dots and norms in fp32; the result has a's dtype (or is written into ``out``, which
+    may be a or b). Symmetric and bit-reproducible: the same inputs give the same bits
+    whatever their memory alignment or the thread count.
+    """
+    c_a, c_b = adasum_coefficients(a, b, segments)
+    return _combine(a, b, c_a, c_b, _check_segments(a.numel(), segments), out)
+
+
+def largest_power_of_two(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    if n < 1:
+        raise ValueError(f"world size must be >= 1, got {n}")
+    return 1 << (n.bit_length() - 1)
+
+
+def adasum_tree(grads: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
+    """In-process AdaSum of stacked worker gradients ``grads`` (N, D), in the exact nesting
+    the distributed reduction uses: fold ranks >= P into r - P, recursive doubling over
+    the first P (lower rank first), as in the module docstring."""
+    if grads.dim() != 2 or grads.shape[0] < 1:
+        raise ValueError(f"adasum_tree: need grads of shape (N >= 1, D), got {tuple(grads.shape)}")
+    n = grads.shape[0]
+    p = largest_power_of_two(n)
+    vecs = [grads[r].clone() for r in range(n)]
+    for r in range(p, n):
+        vecs[r - p] = adasum_pair(vecs[r - p], vecs[r], segments)
+    vecs = vecs[:p]
+    distance = 1
+    while distance < p:
+        # after this level, all ranks of every block of 2*distance ranks hold the same vector
+        nxt = list(vecs)
+        for r in range(p):
+            q = r ^ distance
+            if r < q:
+                nxt[r] = nxt[q] = adasum_pair(vecs[r], vecs[q], segments)
+        vecs = nxt
+        distance *= 2
+    return vecs[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The aggregator
+# ---------------------------------------------------------------------------------------
+
+@register
+class AdaSum(Aggregator):
+    name = "adasum"
+    description = "adaptive summation: pairwise sums that average agreeing, add orthogonal parts"
+    paper = "Scaling Distributed Training with Adaptive Summation, arXiv 2006.02924"
+    hyperparameters = {
+        "per_layer": Hyper(True, bool, "dot products and norms per parameter tensor (Horovod)"),
+    }
+
+    def __init__(self, params, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.flat = FlatBuffer(self.params)
+        self.peer = self.flat.new_buffer()
+        self.segments = list(self.flat.sizes) if self.hp["per_layer"] else None
+        self.power = largest_power_of_two(self.world_size)
+        self._metrics: dict[str, float] = {}
+
+    @torch.no_grad()
+    def _fold_in(self, buf: torch.Tensor, mine_first: bool, coefs: list[torch.Tensor]) -> None:
+        """buf = Adasum(lower rank's vector, higher rank's vector) with self.peer."""
+        a, b = (buf, self.peer) if mine_first else (self.peer, buf)
+        c_a, c_b = adasum_coefficients(a, b, self.segments)
+        _combine(a, b, c_a, c_b, _check_segments(buf.numel(), self.segments), buf)
+        coefs.append(c_a)
+        coefs.append(c_b)
+
+    @torch.no_grad()
+    def after_backward(self, ctx: StepContext) -> None:
+        buf = self.flat.load_grads()
+        rank, n, p = self.rank, self.world_size, self.power
+        coefs: list[torch.Tensor] = []
+        if rank >= p:
+            self.comm.send(buf, rank - p)
+            self.comm.recv_(buf, rank - p)
+        else:
+            has_extra = rank + p < n
+            if has_extra:
+                self.comm.recv_(self.peer, rank + p)
+                self._fold_in(buf, True, coefs)
+            distance = 1
+            while distance < p:
+                partner = rank ^ distance
+                self.comm.exchange_(buf, self.peer, partner)
+                self._fold_in(buf, rank < partner, coefs)
+                distance *= 2
+            if has_extra:
+                self.comm.send(buf, rank + p)
+        self.flat.store_grads(buf)
+
+        self._metrics = {"grad_norm": float(buf.float().norm())}
+        if coefs:
+            # 0 marks a zero piece (the guard), which says nothing about agreement
+            c = torch.cat(coefs)
+            c = c[c != 0]
+            if c.numel():
+                self._metrics["coef_min"] = float(c.min())
+                self._metrics["coef_max"] = float(c.max())
+
+    def metrics(self) -> dict[str, float]:
+        """``grad_norm`` of the combined gradient; ``coef_min`` / ``coef_max``: range of the
+        pair coefficients this rank computed in the step (0.5 for agreeing pieces, 1 for
+        orthogonal ones, above 1 for opposed ones); absent on ranks that combined nothing
+        (ranks >= P, N = 1)."""
+        return dict(self._metrics)

@@ -1,0 +1,79 @@
+"""DiLoCo: local inner optimisation, outer Nesterov step on the averaged pseudo-gradient.
+
+Paper: Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language
+Models", arXiv 2311.08105.
+
+Update rule (theta is the shared outer model, identical on every rank)::
+
+    every step:               x_i <- inner_optimizer_step(x_i, g_i)      (the user's optimizer)
+    every `period` steps:     delta = theta - mean_i x_i                  outer pseudo-gradient
+                              v     = outer_momentum * v + delta
+                              theta = theta - outer_lr * (delta + outer_momentum * v)  (Nesterov)
+                              x_i   = theta
+
+(``nesterov=False`` uses ``v`` instead of ``delta + outer_momentum * v``.) Hook:
+``after_step``. Communication: one model-size allreduce every ``period`` steps. Inner
+optimizer state stays local, as in the paper. Float buffers are averaged plainly at each
+outer step (no outer optimizer on statistics). With ``outer_lr=1`` and
+``outer_momentum=0`` this is local SGD with the same period. The paper's defaults:
+outer lr 0.7, outer Nesterov momentum 0.9, inner AdamW, period 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core import Hyper, StepContext, due
+from . import register
+from ._model import ModelAggregator
+
+
+@register
+class DiLoCo(ModelAggregator):
+    name = "diloco"
+    description = "DiLoCo: inner local steps, outer Nesterov step on the averaged model delta"
+    paper = "DiLoCo: Distributed Low-Communication Training of Language Models, arXiv 2311.08105"
+    hyperparameters = {
+        "period": Hyper(50, int, "inner steps between outer steps", low=1),
+        "outer_lr": Hyper(0.7, float, "outer learning rate", low=0.0, low_open=True),
+        "outer_momentum": Hyper(0.9, float, "outer momentum", low=0.0, high=1.0,
+                                high_open=True),
+        "nesterov": Hyper(True, bool, "Nesterov form of the outer momentum"),
+    }
+
+    def __init__(self, params, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.n_params = sum(p.numel() for p in self.params)
+        self.theta = self.load_state().clone()
+        self.velocity = torch.zeros_like(self.theta[: self.n_params])
+        self._delta_norm = 0.0
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        if not due(ctx.step, self.hp["period"]):
+            return
+        mean = self.load_state()
+        self.comm.all_reduce_(mean, op="avg")
+        k = self.n_params
+        delta = self.theta[:k] - mean[:k]
+        mu, lr = self.hp["outer_momentum"], self.hp["outer_lr"]
+        self.velocity.mul_(mu).add_(delta)
+        step = delta.add(self.velocity, alpha=mu) if self.hp["nesterov"] else self.velocity
+        self.theta[:k].sub_(step, alpha=lr)
+        self.theta[k:].copy_(mean[k:])
+        self.store_state(self.theta)
+        self._delta_norm = float(delta.norm())
+
+    def metrics(self) -> dict[str, float]:
+        return {"outer_delta_norm": self._delta_norm}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "theta": self.theta.clone(),
+                "velocity": self.velocity.clone()}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.theta.copy_(state["theta"])
+        self.velocity.copy_(state["velocity"])
