@@ -1,0 +1,259 @@
+"""Equivalences and invariants of the model-averaging family on real gloo worlds.
+
+Every rank trains a few steps of each configuration and returns its parameters before and
+after each ``after_step`` (and what else a check needs); the parent compares them with
+identities between algorithms and with in-process oracles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from worlds import run_world
+
+import accord
+from accord.algorithms.grawa import grawa_weights
+from accord.comm import Communicator
+from accord.tasks import get_task
+from accord.train import ConsensusProbe
+
+STEPS = 6
+BATCH = 8
+LR = 0.1
+SEED = 11
+
+CONFIGS = {
+    "allreduce": ("allreduce", {}),
+    "local1": ("local_sgd", {"period": 1}),
+    "local3": ("local_sgd", {"period": 3}),
+    "diloco3": ("diloco", {"period": 3, "outer_lr": 1.0, "outer_momentum": 0.0}),
+    "diloco_nesterov": ("diloco", {"period": 3}),
+    "easgd0": ("easgd", {"alpha": 0.0, "period": 2}),
+    "easgd": ("easgd", {"beta": 0.5, "period": 2}),
+    "lsgd": ("lsgd", {"period": 2, "pull": 0.3}),
+    "grawa": ("grawa", {"period": 2, "pull": 0.5}),
+    "grawa_layer": ("grawa", {"period": 2, "pull": 0.5, "per_layer": True}),
+}
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def _trace(rank, world, extra_configs):
+    task = get_task("digits")(SEED)
+    out = {}
+    for name, (algo, hp) in {**CONFIGS, **extra_configs}.items():
+        model = task.build_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        agg = accord.build(algo, model.parameters(), **hp)
+        stream = task.train_stream(rank, BATCH)
+        tr = {k: [] for k in ("before", "after", "metrics", "grad_norm", "loss", "centre")}
+        for step in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(model, next(stream))
+            loss.backward()
+            tr["grad_norm"].append(float(torch.cat([p.grad.reshape(-1)
+                                                    for p in model.parameters()]).norm()))
+            tr["loss"].append(float(loss))
+            ctx = accord.StepContext(step=step, loss=loss.detach())
+            agg.after_backward(ctx)
+            opt.step()
+            tr["before"].append(_flat(model))
+            if algo == "easgd":
+                tr["centre"].append(agg.centre.clone())
+            agg.after_step(ctx)
+            tr["after"].append(_flat(model))
+            tr["metrics"].append(agg.metrics())
+        tr["comm"] = agg.comm.stats.as_dict()
+        out[name] = tr
+    # consensus probe on a local_sgd run between syncs
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    agg = accord.build("local_sgd", model.parameters(), period=100)
+    stream = task.train_stream(rank, BATCH)
+    for step in range(2):
+        opt.zero_grad()
+        task.loss(model, next(stream)).backward()
+        opt.step()
+        agg.after_step(accord.StepContext(step=step))
+    probe_comm = Communicator()
+    consensus, distance = ConsensusProbe(model, probe_comm).measure(agg)
+    out["probe"] = {"x": _flat(model), "distance": distance,
+                    "consensus": None if consensus is None else _flat(consensus),
+                    "algo_bytes": agg.comm.stats.bytes}
+    # BatchNorm statistics follow the averaging when passed as buffers
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    agg = accord.build("local_sgd", bn.parameters(), buffers=bn.buffers(), period=2)
+    opt = torch.optim.SGD(bn.parameters(), lr=LR)
+    stream = task.train_stream(rank, BATCH)
+    stats = []
+    for step in range(2):
+        opt.zero_grad()
+        task.loss(bn, next(stream)).backward()
+        opt.step()
+        stats.append(bn[1].running_mean.clone())
+        agg.after_step(accord.StepContext(step=step))
+    out["bn"] = {"before": stats[-1], "after": bn[1].running_mean.clone()}
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
+def traces(request):
+    world = request.param
+    extra = {"lsgd_multi": ("lsgd", {"period": 2, "group_size": 2, "global_period": 4})} \
+        if world == 4 else {}
+    return world, run_world(_trace, world, extra)
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_local_sgd_period_1_equals_allreduce(traces):
+    world, ranks = traces
+    for r in range(world):
+        for step in range(STEPS):
+            _close(ranks[r]["local1"]["after"][step], ranks[r]["allreduce"]["after"][step])
+
+
+def test_diloco_outer_lr_1_no_momentum_equals_local_sgd(traces):
+    world, ranks = traces
+    for r in range(world):
+        for step in range(STEPS):
+            _close(ranks[r]["diloco3"]["after"][step], ranks[r]["local3"]["after"][step])
+    # with the default outer Nesterov step the two differ after the first outer step
+    assert not torch.allclose(ranks[0]["diloco_nesterov"]["after"][2],
+                              ranks[0]["local3"]["after"][2])
+
+
+def test_local_sgd_replicas_identical_exactly_after_sync(traces):
+    world, ranks = traces
+    for step in (2, 5):  # syncs at steps 2 and 5 with period 3
+        for r in range(1, world):
+            assert torch.equal(ranks[r]["local3"]["after"][step], ranks[0]["local3"]["after"][step])
+    assert not torch.equal(ranks[0]["local3"]["after"][0], ranks[1]["local3"]["after"][0])
+
+
+def test_easgd_alpha_0_is_independent_local_training(traces):
+    world, ranks = traces
+    task = get_task("digits")(SEED)
+    for r in range(world):
+        model = task.build_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        stream = task.train_stream(r, BATCH)
+        for step in range(STEPS):
+            opt.zero_grad()
+            task.loss(model, next(stream)).backward()
+            opt.step()
+            _close(ranks[r]["easgd0"]["after"][step], _flat(model))  # threads differ: not bitwise
+
+
+def test_easgd_exchange_uses_old_values(traces):
+    world, ranks = traces
+    beta = 0.5
+    alpha = beta / world
+    for step in range(STEPS):
+        mean = torch.stack([ranks[r]["easgd"]["before"][step] for r in range(world)]).mean(0)
+        centre = ranks[0]["easgd"]["centre"][step]
+        for r in range(world):
+            assert torch.equal(ranks[r]["easgd"]["centre"][step], centre)  # replicated
+            x = ranks[r]["easgd"]["before"][step]
+            expected = x - alpha * (x - centre) if step % 2 == 1 else x
+            _close(ranks[r]["easgd"]["after"][step], expected)
+        if step % 2 == 1 and step + 1 < STEPS:
+            # the centre moves by beta (mean - centre), seen at the next step
+            _close(ranks[0]["easgd"]["centre"][step + 1], centre + beta * (mean - centre))
+    assert ranks[0]["easgd"]["metrics"][-1]["alpha"] == pytest.approx(alpha)
+
+
+def _running_losses(ranks, name, step, window):
+    return torch.tensor([sum(r[name]["loss"][step - window + 1: step + 1]) / window
+                         for r in ranks])
+
+
+def test_lsgd_leader_agreed_and_unchanged_by_own_pull(traces):
+    world, ranks = traces
+    for step in (1, 3, 5):  # period 2
+        leaders = {r["lsgd"]["metrics"][step]["leader"] for r in ranks}
+        assert len(leaders) == 1
+        leader = int(leaders.pop())
+        assert leader == int(torch.argmin(_running_losses(ranks, "lsgd", step, 2)))
+        lead = ranks[leader]["lsgd"]
+        assert torch.equal(lead["after"][step], lead["before"][step])
+        x_leader = lead["before"][step]
+        for r in range(world):
+            if r != leader:
+                before = ranks[r]["lsgd"]["before"][step]
+                after = ranks[r]["lsgd"]["after"][step]
+                # pull 0.3 then proximal 0.1/2 toward the same leader copy
+                expected = before + 0.3 * (x_leader - before)
+                expected = expected + 0.05 * (x_leader - expected)
+                _close(after, expected)
+
+
+def test_lsgd_multi_leader_groups(traces):
+    world, ranks = traces
+    if world != 4:
+        pytest.skip("multi-leader runs at world size 4")
+    for step in (1, 3, 5):
+        losses = _running_losses(ranks, "lsgd_multi", step, 2)
+        m = [r["lsgd_multi"]["metrics"][step] for r in ranks]
+        for group in ([0, 1], [2, 3]):
+            expected = group[int(torch.argmin(losses[group]))]
+            assert {m[r]["leader"] for r in group} == {expected}
+        if step == 3:  # global communication every 4 steps
+            assert {x["global_leader"] for x in m} == {int(torch.argmin(losses))}
+
+
+@pytest.mark.parametrize("name", ["grawa", "grawa_layer"])
+def test_grawa_weights_sum_to_one_and_favour_small_gradients(traces, name):
+    world, ranks = traces
+    for step in (1, 3, 5):
+        norms = torch.tensor([r["grawa"]["grad_norm"][step] for r in ranks])
+        weights = torch.tensor([r["grawa"]["metrics"][step]["weight"] for r in ranks])
+        assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
+        assert int(torch.argmax(weights)) == int(torch.argmin(norms))
+        torch.testing.assert_close(weights, grawa_weights(norms), atol=1e-6, rtol=1e-5)
+        if name == "grawa":
+            centre = (weights[:, None] * torch.stack([r["grawa"]["before"][step]
+                                                      for r in ranks])).sum(0)
+            for r in range(world):
+                x = ranks[r]["grawa"]["before"][step]
+                _close(ranks[r]["grawa"]["after"][step], x + 0.5 * (centre - x))
+    layer_weights = [r["grawa_layer"]["metrics"][1] for r in ranks]
+    assert sum(w["weight"] for w in layer_weights) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_consensus_probe(traces):
+    world, ranks = traces
+    xs = torch.stack([r["probe"]["x"] for r in ranks])
+    mean = xs.mean(0)
+    expected = float(((xs - mean) ** 2).sum(1).mean())
+    assert expected > 0
+    for r in ranks:
+        assert r["probe"]["distance"] == pytest.approx(expected, rel=1e-5)
+        assert r["probe"]["algo_bytes"] == 0  # the probe's traffic is not the algorithm's
+    _close(ranks[0]["probe"]["consensus"], mean)
+
+
+def test_batchnorm_statistics_are_averaged(traces):
+    world, ranks = traces
+    mean = torch.stack([r["bn"]["before"] for r in ranks]).mean(0)
+    assert not torch.equal(ranks[0]["bn"]["before"], ranks[1]["bn"]["before"])
+    for r in ranks:
+        _close(r["bn"]["after"], mean)
+
+
+def test_model_phase_bytes(traces):
+    world, ranks = traces
+    numel = ranks[0]["allreduce"]["after"][0].numel()
+    assert ranks[0]["local3"]["comm"]["allreduce"]["bytes"] == 2 * numel * 4  # 2 syncs
+    assert ranks[0]["easgd"]["comm"]["allreduce"]["calls"] == 3
+    lsgd = ranks[0]["lsgd"]["comm"]
+    assert lsgd["allgather"]["calls"] == 3
+    # broadcast bytes count on the sender (the leader) only
+    sent = sum(r["lsgd"]["comm"]["broadcast"]["bytes"] for r in ranks)
+    assert sent == 3 * numel * 4
