@@ -368,12 +368,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 if bar is not None:
                     bar.set_postfix(loss=f"{running:.4g}", refresh=False)
         elapsed = time.perf_counter() - start
+        # rank 0's bytes are not every worker's (a broadcast counts on the sender only)
+        stats = agg.comm.stats
+        mean_bytes = loop_comm.all_reduce_(torch.tensor([float(stats.bytes)],
+                                                        dtype=torch.float64), op="avg")
         summary = None
         if writer is not None:
-            stats = agg.comm.stats
             summary = {"type": "summary", "status": "ok", "steps": cfg.steps,
                        "time_s": elapsed, "steps_per_s": cfg.steps / elapsed,
-                       "comm_bytes": stats.bytes, "comm_calls": stats.calls,
+                       "comm_bytes": stats.bytes, "comm_bytes_mean": float(mean_bytes),
+                       "comm_calls": stats.calls,
                        "comm_s": stats.seconds, "comm": stats.as_dict(), **writer.last_eval}
             writer.write(summary)
         return summary

@@ -47,7 +47,7 @@ class GRAWA(ModelAggregator):
     paper = "GRAWA: Gradient-based Weighted Averaging for Distributed Training, arXiv 2403.04206"
     hyperparameters = {
         "period": Hyper(4, int, "local steps between pulls", low=1),
-        "pull": Hyper(0.5, float, "lambda: fraction of the way to the centre", low=0.0,
+        "pull": Hyper(0.1, float, "lambda: fraction of the way to the centre", low=0.0,
                       high=1.0),
         "per_layer": Hyper(False, bool, "one weight per parameter tensor (LGRAWA)"),
         "norm": Hyper("last", str, "gradient norm used for the weights",

@@ -1,0 +1,35 @@
+"""Shared by the benchmark scripts: run one `accord train` config, return its records."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from accord.launch import launch  # noqa: E402
+from accord.metrics import read_metrics  # noqa: E402
+from accord.train import TrainConfig, validate  # noqa: E402
+
+
+def run(cfg: TrainConfig, label: str, resume: bool = True) -> list[dict] | None:
+    """Run ``cfg`` (skipped if its directory already holds a finished run) and return the
+    records of metrics.jsonl, or None if it failed (the reason is printed)."""
+    path = Path(cfg.out) / "metrics.jsonl"
+    if resume and path.exists():
+        records = read_metrics(path)
+        if records and records[-1].get("status") == "ok":
+            return records
+    validate(cfg)
+    start = time.time()
+    result = launch(cfg, quiet=True)
+    if result.returncode:
+        print(f"  {label}: FAILED {result.message}", flush=True)
+        return None
+    records = read_metrics(path)
+    print(f"  {label}: done in {time.time() - start:.0f}s", flush=True)
+    return records
+
+
+__all__ = ["TrainConfig", "run"]
