@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from accord.launch import launch  # noqa: E402
-from accord.metrics import read_metrics  # noqa: E402
-from accord.train import TrainConfig, validate  # noqa: E402
+from _runs import TrainConfig, run
 
 ARMS = [
     ("allreduce", "allreduce", {}),
@@ -59,18 +53,12 @@ def main() -> int:
                                   batch_size=batch // args.workers, oracle_lr=True,
                                   log_every=50, out=str(out), progress=False,
                                   hyperparameters=dict(hp), timeout=120)
-                validate(cfg)
-                start = time.time()
-                result = launch(cfg, quiet=True)
-                if result.returncode:
-                    print(f"{label} b{batch} seed {seed}: FAILED {result.message}")
+                records = run(cfg, f"{label} batch {batch} seed {seed}")
+                if records is None:
                     continue
-                summary = read_metrics(out / "metrics.jsonl")
-                last_step = [r for r in summary if r["type"] == "step"][-1]
+                last_step = [r for r in records if r["type"] == "step"][-1]
                 train_losses.append(last_step["loss"])
-                eval_losses.append(summary[-1]["eval_loss"])
-                print(f"  {label:<26} batch {batch:>5} seed {seed}: train {train_losses[-1]:.3g}"
-                      f"  eval {eval_losses[-1]:.3g}  ({time.time() - start:.0f}s)", flush=True)
+                eval_losses.append(records[-1]["eval_loss"])
             if eval_losses:
                 rows.append((batch, label, train_losses, eval_losses))
     print()
