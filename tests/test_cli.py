@@ -196,3 +196,25 @@ def test_metrics_are_strict_json(tmp_path):
         w.write({"x": float("nan")})
     w.close()
     assert json.loads('{"a": null}') == {"a": None}
+
+
+def test_terminated_launcher_leaves_no_worker_behind(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "accord", "train", "--workers", "2",
+                             "--steps", "100000", "--log-every", "5", "--out", str(out),
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not (metrics.exists() and '"step"' in metrics.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    time.sleep(1.0)
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    assert left.strip() == ""

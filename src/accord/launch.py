@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
     cmd = [sys.executable, "-m", "accord", "train", *cfg.to_argv()]
     procs: list[subprocess.Popen] = []
     files = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         for rank in range(cfg.workers):
             if rank == 0 and not quiet:
@@ -83,15 +86,33 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
                 files.append(f)
                 stdout, stderr = f, subprocess.STDOUT
             procs.append(subprocess.Popen(cmd, env=worker_env(rank, cfg.workers, port),
-                                          stdout=stdout, stderr=stderr))
+                                          stdout=stdout, stderr=stderr,
+                                          preexec_fn=_die_with_parent))
         return _wait(procs, logs, cfg.timeout)
     except KeyboardInterrupt:
         _stop(procs)
         return LaunchResult(130, None, "interrupted")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _stop(procs)
         for f in files:
             f.close()
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # run the launcher's cleanup: stop the workers
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: be killed if the launcher dies (Linux), so a killed
+    launcher never leaves workers behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait(procs: list[subprocess.Popen], logs: Path, timeout: float) -> LaunchResult:

@@ -10,7 +10,9 @@ Pair rule (a, b two gradients; per parameter tensor by default)::
 
 Orthogonal gradients are summed, parallel ones (a = c b, c > 0) averaged, identical ones
 give themselves, anti-parallel equal ones cancel. A zero vector (or, per layer, a zero
-tensor) contributes nothing and the other passes through unchanged; two zeros give zero.
+tensor) contributes nothing and the other passes through unchanged; two zeros give zero
+(both coefficients are set to 1 there, so a piece whose squared norm underflows fp32 is
+added, not dropped).
 
 Reduction over N workers, g_r the local gradient of rank r, P the largest power of two
 <= N, M = N - P::
@@ -105,29 +107,44 @@ def _check_segments(numel: int, segments: Sequence[int] | None) -> list[int]:
     return sizes
 
 
-def adasum_coefficients(
-    a: torch.Tensor, b: torch.Tensor, segments: Sequence[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-segment coefficients (c_a, c_b), fp32 tensors of shape (L,), of the pair rule.
-
-    ``segments`` are the sizes of consecutive pieces of the flat vectors (one per
-    parameter tensor); None means the whole vector is one piece. A piece that is zero in
-    a (or b) gets coefficient 0 there; the other's coefficient is then exactly 1.
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"adasum: vectors of different shapes {tuple(a.shape)}, {tuple(b.shape)}")
+def _pair_sums(
+    a: torch.Tensor, b: torch.Tensor, sizes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-segment <a,b>, ||a||^2, ||b||^2 in fp32, each of shape (L,), reproducibly."""
     af, bf = a.reshape(-1).float(), b.reshape(-1).float()
-    sizes = _check_segments(af.numel(), segments)
     prods = torch.empty(3, af.numel(), dtype=torch.float32, device=af.device)
     torch.mul(af, bf, out=prods[0])
     torch.mul(af, af, out=prods[1])
     torch.mul(bf, bf, out=prods[2])
     sums = torch.stack([_row_sums(seg) for seg in prods.split(sizes, dim=1)])  # (L, 3)
     dot, na, nb = sums.unbind(dim=1)
-    zero = torch.zeros_like(dot)
-    c_a = torch.where(na > 0, 1.0 - dot / (2.0 * na), zero)
-    c_b = torch.where(nb > 0, 1.0 - dot / (2.0 * nb), zero)
+    return dot, na, nb
+
+
+def _coefficients(
+    dot: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # A zero piece gets coefficient 1: it adds nothing, and the other piece's coefficient
+    # is then exactly 1 (its dot is 0). A piece so small that its squared norm underflows
+    # fp32 is thereby added to the other rather than dropped.
+    one = torch.ones_like(dot)
+    c_a = torch.where(na > 0, 1.0 - dot / (2.0 * na), one)
+    c_b = torch.where(nb > 0, 1.0 - dot / (2.0 * nb), one)
     return c_a, c_b
+
+
+def adasum_coefficients(
+    a: torch.Tensor, b: torch.Tensor, segments: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment coefficients (c_a, c_b), fp32 tensors of shape (L,), of the pair rule.
+
+    ``segments`` are the sizes of consecutive pieces of the flat vectors (one per
+    parameter tensor); None means the whole vector is one piece. Where a (or b) is zero,
+    both coefficients are 1, so the other passes through unchanged.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"adasum: vectors of different shapes {tuple(a.shape)}, {tuple(b.shape)}")
+    return _coefficients(*_pair_sums(a, b, _check_segments(a.numel(), segments)))
 
 
 def _combine(
@@ -218,6 +235,7 @@ class AdaSum(Aggregator):
         self.flat = FlatBuffer(self.params)
         self.peer = self.flat.new_buffer()
         self.segments = list(self.flat.sizes) if self.hp["per_layer"] else None
+        self._sizes = _check_segments(self.flat.numel, self.segments)
         self.power = largest_power_of_two(self.world_size)
         self._metrics: dict[str, float] = {}
 
@@ -225,10 +243,13 @@ class AdaSum(Aggregator):
     def _fold_in(self, buf: torch.Tensor, mine_first: bool, coefs: list[torch.Tensor]) -> None:
         """buf = Adasum(lower rank's vector, higher rank's vector) with self.peer."""
         a, b = (buf, self.peer) if mine_first else (self.peer, buf)
-        c_a, c_b = adasum_coefficients(a, b, self.segments)
-        _combine(a, b, c_a, c_b, _check_segments(buf.numel(), self.segments), buf)
-        coefs.append(c_a)
-        coefs.append(c_b)
+        dot, na, nb = _pair_sums(a, b, self._sizes)
+        c_a, c_b = _coefficients(dot, na, nb)
+        _combine(a, b, c_a, c_b, self._sizes, buf)
+        # pieces that are zero on either side say nothing about agreement
+        both = (na > 0) & (nb > 0)
+        coefs.append(c_a[both])
+        coefs.append(c_b[both])
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
@@ -255,9 +276,7 @@ class AdaSum(Aggregator):
 
         self._metrics = {"grad_norm": float(buf.float().norm())}
         if coefs:
-            # 0 marks a zero piece (the guard), which says nothing about agreement
             c = torch.cat(coefs)
-            c = c[c != 0]
             if c.numel():
                 self._metrics["coef_min"] = float(c.min())
                 self._metrics["coef_max"] = float(c.max())
