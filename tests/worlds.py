@@ -20,7 +20,8 @@ PG_TIMEOUT_S = 30
 WORLD_TIMEOUT_S = 120
 
 _ctx = mp.get_context("forkserver")
-_ctx.set_forkserver_preload(["torch", "torch.distributed", "accord", "worlds"])
+# the first optimizer step imports torch._dynamo (seconds per process): do it once here
+_ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "accord", "worlds"])
 
 
 def _free_port() -> int:
