@@ -99,9 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _format_summary(cfg: TrainConfig, s: dict) -> str:
     parts = [f"{cfg.algo} on {cfg.task} x{cfg.workers}: {s['steps']} steps in {s['time_s']:.1f}s"]
-    parts.append(f"eval_loss {s['eval_loss']:.4g}")
-    if s.get("eval_acc") is not None:
-        parts.append(f"eval_acc {s['eval_acc']:.4f}")
+    parts += [f"{k} {v:.4g}" for k, v in s.items() if k.startswith("eval_") and v is not None]
     parts.append(f"sent {s['comm_bytes'] / 1e6:.2f} MB/worker in {s['comm_calls']} calls")
     return ", ".join(parts) + f"\nmetrics: {Path(cfg.out) / 'metrics.jsonl'}"
 
