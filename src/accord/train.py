@@ -62,6 +62,7 @@ class TrainConfig:
     backend: str = "gloo"
     data_dir: str | None = None  # where a task looks for its data files (task default if None)
     progress: bool = True
+    label: str | None = None  # name of this variant in reports (default: the algorithm)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
 
@@ -99,6 +100,8 @@ class TrainConfig:
             argv += ["--momentum", repr(self.momentum)]
         if self.data_dir is not None:
             argv += ["--data-dir", self.data_dir]
+        if self.label is not None:
+            argv += ["--label", self.label]
         if self.oracle_lr:
             argv.append("--oracle-lr")
         if not self.progress:
