@@ -7,7 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-from . import algorithms
+from . import algorithms, bench
+
+try:  # the report needs matplotlib (the `plots` extra)
+    from . import report
+except ImportError:  # pragma: no cover
+    report = None
 from .launch import launch, under_torchrun
 from .metrics import read_metrics
 from .tasks import TASKS
@@ -118,35 +123,83 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_ALGOS = ("allreduce", "normalized", "acga")
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name}: got no values")
+    return values
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a matrix of algorithms x tasks x workers x seeds",
+                       description=bench.__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None,
+                   help=f"one of: {', '.join([*bench.PRESETS, 'all'])}")
+    p.add_argument("--algos", default="", help="comma-separated algorithms (custom matrix)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=ALGO[:K=V,...]",
+                   help="an algorithm with hyperparameters under its own label")
+    p.add_argument("--tasks", default="digits", help="custom matrix: comma-separated tasks")
+    p.add_argument("--workers", default="4", help="custom matrix: comma-separated counts")
+    p.add_argument("--seeds", default="0", help="custom matrix: comma-separated seeds")
+    p.add_argument("--steps", type=int, default=200, help="custom matrix: steps per run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="applied to every run, as in `accord train --set`")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _bench_configs(args: argparse.Namespace) -> list[TrainConfig]:
+    specs = bench.preset(args.preset) if args.preset else []
+    algos = [a for a in args.algos.split(",") if a.strip()]
+    if algos or args.variant or not specs:
+        if args.steps < 1:
+            raise ConfigError(f"steps: got {args.steps}, allowed: an integer >= 1")
+        specs += bench.custom(algos, args.variant,
+                              [t for t in args.tasks.split(",") if t.strip()],
+                              _int_list(args.workers, "workers"), _int_list(args.seeds, "seeds"),
+                              args.steps)
+    try:
+        specs = bench.apply_overrides(specs, args.set)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return bench.plan(specs, Path(args.out))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        configs = _bench_configs(args)
+    except ConfigError as e:
+        print(f"{PROG} bench: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        result = bench.run_bench(configs, out, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"{PROG} bench: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print()
+    print(bench.summary_table(configs))
+    groups = sorted({Path(c.out).parents[3] for c in configs})
+    print(f"\n{result.ran} runs done, {result.skipped} reused, {len(result.failed)} failed"
+          f" (log: {out / 'bench.jsonl'})")
+    for g in groups:
+        print(f"report: accord report {g}")
+    return 1 if result.failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """A small comparison on digits, one run per algorithm, then a results table."""
-    out = Path(args.out)
-    rows = []
-    for algo in DEMO_ALGOS:
-        cfg = TrainConfig(algo=algo, task="digits", workers=args.workers, steps=args.steps,
-                          seed=args.seed, out=str(out / algo), optimizer="adam", lr=3e-3,
-                          log_every=max(1, args.steps // 20))
-        try:
-            validate(cfg)
-        except ConfigError as e:
-            print(f"{PROG} demo: error: {e}", file=sys.stderr)
-            return 2
-        result = launch(cfg)
-        if result.returncode != 0:
-            print(f"{PROG} demo: error: {algo}: {result.message}", file=sys.stderr)
-            return result.returncode
-        rows.append((algo, read_metrics(out / algo / "metrics.jsonl")[-1]))
-    print()
-    print(f"digits, {args.workers} workers, {args.steps} steps, Adam lr 3e-3, seed {args.seed}")
-    print(f"{'algorithm':<12} {'eval_loss':>9} {'eval_acc':>8} {'time_s':>7} {'MB/worker':>9}")
-    for algo, s in rows:
-        print(f"{algo:<12} {s['eval_loss']:>9.4f} {s['eval_acc']:>8.4f} {s['time_s']:>7.1f} "
-              f"{s['comm_bytes'] / 1e6:>9.2f}")
-    print(f"runs: {out}")
-    return 0
+    """The quick preset, its report, and the final table."""
+    args = argparse.Namespace(preset="quick", algos="", variant=[], tasks="digits", workers="4",
+                              seeds="0", steps=200, set=[], out=args.out, no_progress=False)
+    code = cmd_bench(args)
+    if code == 0 and report is not None:
+        path = report.write_report(Path(args.out) / "quick")
+        print(f"report: {path}")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,15 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     p = sub.add_parser("list", help="list algorithms with a one-line description")
     p.add_argument("-v", "--verbose", action="store_true", help="also list hyperparameters")
-    p = sub.add_parser("demo", help="compare allreduce, normalized and acga on digits")
+    _bench_parser(sub)
+    if report is not None:
+        report.add_parser(sub)
+    p = sub.add_parser("demo", help="the quick comparison on digits, with its report")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return {"train": cmd_train, "list": cmd_list, "demo": cmd_demo}[args.command](args)
+    commands = {"train": cmd_train, "list": cmd_list, "bench": cmd_bench, "demo": cmd_demo,
+                "report": report.run if report is not None else None}
+    return commands[args.command](args)
