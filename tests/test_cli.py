@@ -51,7 +51,8 @@ def check_metrics(path: Path, *, world: int, algo: str, steps: int, log_every: i
 def test_train_writes_metrics(tmp_path, algo):
     out = tmp_path / algo
     proc = run_accord("train", "--algo", algo, "--task", "digits", "--workers", "2",
-                      "--steps", "6", "--log-every", "3", "--out", str(out), "--no-progress")
+                      "--steps", "6", "--log-every", "3", "--out", str(out), "--no-progress",
+                      *(["--tensorboard"] if algo == "acga" else []))
     assert proc.returncode == 0, proc.stderr
     assert "eval_acc" in proc.stdout
     records = check_metrics(out / "metrics.jsonl", world=2, algo=algo, steps=6, log_every=3,
@@ -59,6 +60,20 @@ def test_train_writes_metrics(tmp_path, algo):
     if algo == "acga":
         assert set(records[-2]["algo"]) >= {"coef_min", "coef_max", "grad_norm", "cos_mean"}
         assert records[0]["hyperparameters"]["momentum"] == 0.99
+        check_tensorboard(out / "tensorboard", records)
+
+
+def check_tensorboard(logdir: Path, records: list[dict]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    steps = [r for r in records if r["type"] == "step"]
+    for key, get in [("loss", lambda r: r["loss"]), ("eval_acc", lambda r: r["eval_acc"]),
+                     ("algo/coef_min", lambda r: r["algo"]["coef_min"])]:
+        events = acc.Scalars(key)
+        assert [e.step for e in events] == [r["step"] for r in steps]
+        assert [e.value for e in events] == pytest.approx([get(r) for r in steps], rel=1e-6)
 
 
 def test_train_linreg_oracle_with_accumulation_and_settings(tmp_path):

@@ -252,13 +252,15 @@ def summary_table(configs: list[TrainConfig]) -> str:
     lines = [f"{'task':<12} {'workers':>7} {'label':<16} {'seeds':>5} {'eval_loss':>10} "
              f"{'eval_acc':>8} {'time_s':>7} {'MB/worker':>9}"]
     for (task, workers, label), runs in groups.items():
-        def mean(key: str) -> float | None:
-            values = [r[key] for r in runs if r.get(key) is not None]
-            return sum(values) / len(values) if values else None
-
-        acc = mean("eval_acc")
-        mb = mean("comm_bytes_mean") or mean("comm_bytes") or 0.0
+        acc = _mean(runs, "eval_acc")
+        mb = _mean(runs, "comm_bytes_mean") or _mean(runs, "comm_bytes") or 0.0
         lines.append(f"{task:<12} {workers:>7} {label:<16} {len(runs):>5} "
-                     f"{mean('eval_loss'):>10.4g} {'-' if acc is None else f'{acc:.4f}':>8} "
-                     f"{mean('time_s'):>7.1f} {mb / 1e6:>9.2f}")
+                     f"{_mean(runs, 'eval_loss'):>10.4g} "
+                     f"{'-' if acc is None else f'{acc:.4f}':>8} "
+                     f"{_mean(runs, 'time_s'):>7.1f} {mb / 1e6:>9.2f}")
     return "\n".join(lines)
+
+
+def _mean(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None

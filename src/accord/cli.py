@@ -52,6 +52,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="directory of the task's data files (default: the task's own)")
     p.add_argument("--label", default=None,
                    help="name of this variant in reports (default: the algorithm)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/tensorboard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm hyperparameter, or a training setting the algorithm does "
@@ -67,7 +69,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
         oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
         backend=args.backend, data_dir=args.data_dir, progress=not args.no_progress,
-        label=args.label,
+        label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault))
     if under_torchrun():
         import os

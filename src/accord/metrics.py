@@ -46,21 +46,48 @@ def run_environment() -> dict[str, Any]:
     }
 
 
-class MetricsWriter:
-    """Appends records to a JSONL file, flushed after each so a crash loses nothing."""
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    def __init__(self, path: Path) -> None:
+
+class MetricsWriter:
+    """Appends records to a JSONL file, flushed after each so a crash loses nothing.
+
+    With ``tensorboard_dir``, every number of a ``step`` record is also written as a
+    TensorBoard scalar at that step (the algorithm's metrics under ``algo/``)."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         self.path = Path(path)
         self.file = self.path.open("w", encoding="utf-8")
         self.last_eval: dict[str, Any] = {"eval_loss": None}  # until the first evaluation
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
+        if self.tb is not None and record.get("type") == "step":
+            step = record["step"]
+            flat = {k: v for k, v in record.items() if k not in ("type", "step", "algo")}
+            flat.update({f"algo/{k}": v for k, v in record.get("algo", {}).items()})
+            for key, value in flat.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
 
     def close(self) -> None:
         if not self.file.closed:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

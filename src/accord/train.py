@@ -29,7 +29,7 @@ import torch.distributed as dist
 from . import algorithms, faults
 from .comm import Communicator, FlatBuffer
 from .core import Aggregator, StepContext
-from .metrics import MetricsWriter, run_environment
+from .metrics import MetricsWriter, run_environment, tensorboard_available
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class TrainConfig:
     data_dir: str | None = None  # where a task looks for its data files (task default if None)
     progress: bool = True
     label: str | None = None  # name of this variant in reports (default: the algorithm)
+    tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
 
@@ -102,6 +103,8 @@ class TrainConfig:
             argv += ["--data-dir", self.data_dir]
         if self.label is not None:
             argv += ["--label", self.label]
+        if self.tensorboard:
+            argv.append("--tensorboard")
         if self.oracle_lr:
             argv.append("--oracle-lr")
         if not self.progress:
@@ -194,6 +197,9 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     need(cfg.log_every >= 1, "log_every", "an integer >= 1", cfg.log_every)
     need(cfg.timeout > 0, "timeout", "seconds > 0", cfg.timeout)
     need(cfg.backend in BACKENDS, "backend", ", ".join(BACKENDS), cfg.backend)
+    need(not cfg.tensorboard or tensorboard_available(), "tensorboard",
+         "only with the tensorboard package installed (pip install tensorboard)",
+         cfg.tensorboard)
     try:
         task.check_data(cfg.data_dir)
     except ValueError as e:
@@ -290,7 +296,8 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
     try:
         dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
         if rank == 0:
-            writer = MetricsWriter(out / "metrics.jsonl")
+            writer = MetricsWriter(out / "metrics.jsonl",
+                                   out / "tensorboard" if cfg.tensorboard else None)
             writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
                           "hyperparameters": cfg.hyperparameters, "world_size": world,
                           **run_environment()})
