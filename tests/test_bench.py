@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,32 @@ def test_bench_resumes_without_rerunning(tiny_bench, capsys):
     assert "0 runs done, 2 reused" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in _runs(out)} == before
     assert len((out / "bench.jsonl").read_text().splitlines()) == lines
+
+
+def test_report_of_the_tiny_bench_matches_the_runs(tiny_bench, tmp_path):
+    import csv
+
+    from accord.report import write_report
+
+    out, _ = tiny_bench
+    path = write_report(out / "custom", tmp_path)
+    text = path.read_text()
+    assert "allreduce" in text and "acga" in text
+    pngs = re.findall(r"\(([^)]+\.png)\)", text)
+    assert len(pngs) >= 3
+    for name in pngs:
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    rows = {r["label"]: r for r in csv.DictReader((tmp_path / "summary.csv").open())}
+    points = list(csv.DictReader((tmp_path / "points.csv").open()))
+    for run in _runs(out):
+        records = read_metrics(run)
+        label = run.parts[-3]
+        assert float(rows[label]["eval_acc_mean"]) == pytest.approx(records[-1]["eval_acc"])
+        steps = [r for r in records if r["type"] == "step"]
+        mine = [p for p in points if p["label"] == label]
+        assert [int(p["step"]) for p in mine] == [r["step"] for r in steps]
+        assert [float(p["loss"]) for p in mine] == pytest.approx([r["loss"] for r in steps])
 
 
 def test_failed_run_is_recorded_and_the_bench_goes_on(tmp_path):

@@ -7,12 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import algorithms, bench
-
-try:  # the report needs matplotlib (the `plots` extra)
-    from . import report
-except ImportError:  # pragma: no cover
-    report = None
+from . import algorithms, bench, report
 from .launch import launch, under_torchrun
 from .metrics import read_metrics
 from .tasks import TASKS
@@ -198,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args = argparse.Namespace(preset="quick", algos="", variant=[], tasks="digits", workers="4",
                               seeds="0", steps=200, set=[], out=args.out, no_progress=False)
     code = cmd_bench(args)
-    if code == 0 and report is not None:
+    if code == 0:
         path = report.write_report(Path(args.out) / "quick")
         print(f"report: {path}")
     return code
@@ -211,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list algorithms with a one-line description")
     p.add_argument("-v", "--verbose", action="store_true", help="also list hyperparameters")
     _bench_parser(sub)
-    if report is not None:
-        report.add_parser(sub)
+    report.add_parser(sub)
     p = sub.add_parser("demo", help="the quick comparison on digits, with its report")
     p.add_argument("--out", default="runs/demo")
     return parser
@@ -222,5 +216,5 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "list": cmd_list, "bench": cmd_bench, "demo": cmd_demo,
-                "report": report.run if report is not None else None}
+                "report": report.run}
     return commands[args.command](args)

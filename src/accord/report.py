@@ -1,0 +1,857 @@
+"""``accord report RUNS_DIR``: tables, figures and CSV files comparing the runs in a directory.
+
+    accord report RUNS_DIR [--out DIR] [--target-acc X] [--target-loss Y]
+
+**Runs.** Every directory under ``RUNS_DIR`` (recursively) holding a ``metrics.jsonl`` is a
+run (a directory holding only ``logs/rank*.error`` is a run that failed before rank 0 wrote
+its header). A run is *finished* when its last summary record has ``status: ok``, *failed*
+when it has ``status: failed`` and *incomplete* when it has no summary (killed, or still
+running). Only finished runs enter the numbers and figures; failed and incomplete ones are
+listed in their own section with their error: the earliest ``logs/rank*.error`` (the root
+cause; the other ranks usually only report a closed connection), else the summary's
+``error``. A line that is not a JSON object is skipped with a warning, as is a step record
+without an integer ``step``.
+
+**Grouping.** A group is (task, workers, label), where label is ``config.label`` of the
+header or else the algorithm; the runs of a group are its repetitions, one per seed
+(``config.seed``). Each (task, workers) is a *section* of the report with its own tables and
+figures; the groups of a section are compared with each other, and with the ``allreduce``
+group (the baseline) when the section has one.
+
+**Test metric.** ``eval_acc`` (higher is better) when the section's runs log it, else
+``eval_loss`` (lower is better).
+
+**Target.** ``--target-acc`` is used for accuracy sections and ``--target-loss`` for loss
+sections. Without one, the default target is derived from a reference final value, the
+mean over seeds of the metric at the last record: the ``allreduce`` group's when the
+section has one, else the worst group's (lowest mean accuracy, highest mean loss). The
+target is then 5% worse than the reference: ``0.95 x reference`` for accuracy and
+``1.05 x reference`` for loss (``reference -/+ 0.05 |reference|`` in general). The report
+states the target and which rule chose it. A seed *reaches* the target at the first logged
+step whose metric is ``>=`` (accuracy) or ``<=`` (loss) the target; steps-, time- and
+megabytes-to-target are that record's ``step``, ``time_s`` and ``comm_bytes / 1e6``. A
+group's value is the mean over the seeds that reached the target, shown with how many did;
+"vs allreduce" is the ratio of the group's mean to the allreduce group's mean ("not
+reached" when no seed of the group reached it, "n/a" when no allreduce seed did).
+
+**Final metrics.** ``eval_*`` from the summary record (the last evaluation), else from the
+last step record; ``rank0_eval_*`` and ``consensus_distance`` from the last step record;
+``time_s`` and ``steps_per_s`` from the summary. Shown as mean +- sample standard deviation
+over seeds. Bytes per step is rank 0's cumulative ``comm_bytes`` over ``steps``, and the
+same for the summary's ``comm_bytes_mean`` (mean over workers) when present.
+
+**Figures.** For each section, three PNG files with two panels each (training ``loss``,
+the mean over workers, and the test metric): against ``step``, against wall time
+(``time_s``) and against megabytes sent by rank 0 (``comm_bytes / 1e6``). Each line is the
+mean over the seeds of a group, with a band from the minimum to the maximum seed; seeds are
+aligned by step (the steps logged by every seed), and against time or megabytes the x of a
+point is the mean over seeds of that step's ``time_s`` or megabytes. Each label has the same
+colour in every figure: the sorted labels of the whole report take a fixed palette in turn.
+The y axis of a loss panel is logarithmic when its values span more than two decades. The
+default target is drawn as a dashed line on the test-metric panels.
+
+**Files written** to ``DIR`` (default ``RUNS_DIR``):
+
+* ``report.md`` -- environment (accord, torch and Python versions, CPU count, host names,
+  git revisions, as recorded in the runs' headers; the run start dates and the report's
+  date), then per section: the groups' settings, the final-metrics table, the
+  communication and time-to-target table and the figures; then failed and incomplete runs
+  and the warnings;
+* ``figures/<task>_w<workers>_{step,time,mb}.png``;
+* ``points.csv`` -- every plotted point of every finished seed: task, workers, label,
+  seed, run, step, time_s, mb_sent, loss and the evaluation columns;
+* ``summary.csv`` -- one row per group: every number of the report's tables at full
+  precision.
+
+From Python: ``write_report(runs_dir, out_dir=None, target_acc=None, target_loss=None,
+figures=True, warn=None)`` returns the path of ``report.md`` and raises
+:class:`ReportError` (one line) when ``RUNS_DIR`` does not exist or holds no run;
+``add_parser(subparsers)`` and ``run(args)`` are the ``accord report`` command. Figures
+need matplotlib (the ``plots`` extra, imported only when drawing); without it the report
+is written without figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROG = "accord report"
+BASELINE = "allreduce"
+ACC_FACTOR = 0.95  # default accuracy target: 0.95 x reference
+LOSS_FACTOR = 1.05  # default loss target: 1.05 x reference
+LOG_SPAN = 100.0  # log y axis for a loss panel whose values span more than two decades
+FIGURE_DIR = "figures"
+# tab10, then the darker halves of tab20b / Dark2: distinct on white, fixed order.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
+           "#7b4173", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e")
+LINESTYLES = ("-", "--", ":", "-.")
+ENV_KEYS = (("accord", "accord_version"), ("torch", "torch_version"),
+            ("python", "python_version"), ("platform", "platform"), ("host", "hostname"),
+            ("cpu count", "cpu_count"), ("git revision", "git_revision"))
+SAME_IN_GROUP = ("algorithm", "hyperparameters", "steps", "optimizer", "lr", "batch_size",
+                 "accum_steps", "momentum", "weight_decay", "oracle_lr")
+X_AXES = (("step", "step"), ("time", "wall time (s)"), ("mb", "MB sent by rank 0"))
+
+Warn = Callable[[str], None]
+
+
+class ReportError(Exception):
+    """A report that cannot be made, said in one line."""
+
+
+# -- reading runs -------------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    """A finite real number as float, else None (bools, strings, NaN, missing)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _is_eval_key(key: str) -> bool:
+    return key.startswith(("eval_", "rank0_eval_")) or key == "consensus_distance"
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str  # path relative to RUNS_DIR
+    header: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)  # step records, in file order
+    summary: dict[str, Any] | None = None
+    first_error: str | None = None  # the earliest logs/rank*.error
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None and self.summary.get("status") == "ok":
+            return "ok" if self.header is not None else "unreadable"
+        if (self.summary is not None and self.summary.get("status") == "failed") or \
+                self.first_error:
+            return "failed"
+        return "incomplete"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config = (self.header or {}).get("config")
+        return config if isinstance(config, dict) else {}
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("task", "?"))
+
+    @property
+    def workers(self) -> int:
+        header = self.header or {}
+        for value in (header.get("world_size"), self.config.get("workers")):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return 0
+
+    @property
+    def algorithm(self) -> str:
+        return str((self.header or {}).get("algorithm") or self.config.get("algo") or "?")
+
+    @property
+    def label(self) -> str:
+        return str(self.config.get("label") or self.algorithm)
+
+    @property
+    def seed(self) -> int:
+        seed = self.config.get("seed", 0)
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+    @property
+    def error(self) -> str:
+        if self.first_error:
+            return self.first_error
+        if self.summary is not None and self.summary.get("error"):
+            rank = self.summary.get("failed_rank")
+            prefix = f"rank {rank}: " if rank is not None else ""
+            return prefix + str(self.summary["error"])
+        if self.header is None:
+            return "no header record"
+        return "no summary record (killed, or still running)"
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories under root: metrics.jsonl, or logs/rank*.error without it."""
+    dirs = {p.parent for p in root.rglob("metrics.jsonl") if p.is_file()}
+    for p in root.rglob("rank*.error"):
+        if p.parent.name == "logs" and not (p.parent.parent / "metrics.jsonl").exists():
+            dirs.add(p.parent.parent)
+    return sorted(dirs)
+
+
+def _first_error(run_dir: Path) -> str | None:
+    found = []
+    for p in (run_dir / "logs").glob("rank*.error"):
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8").strip().splitlines()[0])
+            found.append((float(rec.get("time", math.inf)), f"rank {rec['rank']}: "
+                          f"{rec['error']}"))
+        except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError):
+            continue
+    return min(found)[1] if found else None
+
+
+def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
+    run = Run(path=run_dir, name=_relative(run_dir, root))
+    run.first_error = _first_error(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return run
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        warn(f"{run.name}/metrics.jsonl: cannot read ({e.strerror or e}); skipped")
+        return run
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{run.name}/metrics.jsonl:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError:
+            warn(f"{where}: malformed JSON line skipped")
+            continue
+        kind = record.get("type") if isinstance(record, dict) else None
+        if kind == "header":
+            run.header = record
+        elif kind == "step":
+            step = record.get("step")
+            if isinstance(step, int) and not isinstance(step, bool):
+                run.steps.append(record)
+            else:
+                warn(f"{where}: step record without an integer 'step' skipped")
+        elif kind == "summary":
+            run.summary = record
+        else:
+            warn(f"{where}: not a header, step or summary record; skipped")
+    return run
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        rel = path.as_posix()
+    return rel if rel != "." else path.name or "."
+
+
+# -- numbers per run and per group ----------------------------------------------------------
+
+def final_values(run: Run) -> dict[str, float | None]:
+    """The run's final metrics (see the module docstring)."""
+    last = run.steps[-1] if run.steps else {}
+    summary = run.summary or {}
+    values: dict[str, float | None] = {}
+    for key in [*last, *summary]:
+        if _is_eval_key(key) and key not in values:
+            if key.startswith("eval_") and key in summary:
+                values[key] = _num(summary[key])
+            else:
+                values[key] = _num(last.get(key))
+    steps = _num(summary.get("steps")) or _num(last.get("step"))
+    time_s = _num(summary.get("time_s"))
+    if time_s is None:
+        time_s = _num(last.get("time_s"))
+    speed = _num(summary.get("steps_per_s"))
+    if speed is None and steps and time_s:
+        speed = steps / time_s
+    comm = _num(summary.get("comm_bytes"))
+    if comm is None:
+        comm = _num(last.get("comm_bytes"))
+    comm_mean = _num(summary.get("comm_bytes_mean"))
+    values.update({
+        "time_s": time_s, "steps_per_s": speed, "steps": steps,
+        "mb_sent": comm / 1e6 if comm is not None else None,
+        "bytes_per_step": comm / steps if comm is not None and steps else None,
+        "bytes_per_step_mean_workers":
+            comm_mean / steps if comm_mean is not None and steps else None,
+    })
+    return values
+
+
+def reach(run: Run, metric: str, target: float, higher: bool) -> dict[str, float] | None:
+    """The first step record whose metric reaches the target: step, time_s, mb."""
+    for rec in run.steps:
+        value = _num(rec.get(metric))
+        if value is not None and (value >= target if higher else value <= target):
+            comm = _num(rec.get("comm_bytes"))
+            return {"step": float(rec["step"]), "time_s": _num(rec.get("time_s")),
+                    "mb": comm / 1e6 if comm is not None else None}
+    return None
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _std(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.stdev(vals) if len(vals) >= 2 else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+@dataclass
+class Group:
+    task: str
+    workers: int
+    label: str
+    runs: list[Run]
+    finals: list[dict[str, float | None]] = field(default_factory=list)
+    reached: list[dict[str, float] | None] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+    def mean(self, key: str) -> float | None:
+        return _mean(f.get(key) for f in self.finals)
+
+    def std(self, key: str) -> float | None:
+        return _std(f.get(key) for f in self.finals)
+
+    def count(self, key: str) -> int:
+        return sum(f.get(key) is not None for f in self.finals)
+
+    def to_target(self, key: str) -> float | None:
+        return _mean(r[key] for r in self.reached if r is not None)
+
+    @property
+    def n_reached(self) -> int:
+        return sum(r is not None for r in self.reached)
+
+
+@dataclass
+class Section:
+    task: str
+    workers: int
+    groups: list[Group]  # baseline first, then by label
+    metric: str = "eval_loss"
+    higher: bool = False
+    target: float | None = None
+    target_rule: str = ""
+
+    @property
+    def baseline(self) -> Group | None:
+        return next((g for g in self.groups if g.label == BASELINE), None)
+
+    @property
+    def slug(self) -> str:
+        return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', self.task)}_w{self.workers}"
+
+    @property
+    def title(self) -> str:
+        return f"{self.task}, {self.workers} worker{'s' if self.workers != 1 else ''}"
+
+
+def _setting(run: Run, key: str) -> Any:
+    if key == "algorithm":
+        return run.algorithm
+    if key == "hyperparameters":
+        return (run.header or {}).get("hyperparameters", run.config.get(key))
+    return run.config.get(key)
+
+
+def build_sections(runs: list[Run], target_acc: float | None, target_loss: float | None,
+                   warn: Warn) -> list[Section]:
+    by_group: dict[tuple[str, int, str], list[Run]] = {}
+    for run in runs:
+        by_group.setdefault((run.task, run.workers, run.label), []).append(run)
+    by_section: dict[tuple[str, int], list[Group]] = {}
+    for (task, workers, label), members in sorted(by_group.items()):
+        members.sort(key=lambda r: (r.seed, r.name))
+        for seed, n in Counter(r.seed for r in members).items():
+            if n > 1:
+                warn(f"{task} x{workers} {label}: {n} finished runs with seed {seed}; all are "
+                     "counted as repetitions")
+        for key in SAME_IN_GROUP:
+            values = sorted({json.dumps(_setting(r, key), sort_keys=True) for r in members})
+            if len(values) > 1:
+                warn(f"{task} x{workers} {label}: the runs differ in {key} "
+                     f"({', '.join(values)}); use --label to tell variants apart")
+        group = Group(task, workers, label, members, [final_values(r) for r in members])
+        by_section.setdefault((task, workers), []).append(group)
+    sections = []
+    for (task, workers), groups in sorted(by_section.items()):
+        groups.sort(key=lambda g: (g.label != BASELINE, g.label))
+        section = Section(task, workers, groups)
+        has_acc = any(_num(rec.get("eval_acc")) is not None
+                      for g in groups for r in g.runs for rec in r.steps)
+        section.metric, section.higher = ("eval_acc", True) if has_acc else ("eval_loss", False)
+        _choose_target(section, target_acc if has_acc else target_loss)
+        for group in groups:
+            group.reached = ([reach(r, section.metric, section.target, section.higher)
+                              for r in group.runs] if section.target is not None
+                             else [None] * len(group.runs))
+        sections.append(section)
+    return sections
+
+
+def _choose_target(section: Section, given: float | None) -> None:
+    metric = section.metric
+    if given is not None:
+        option = "--target-acc" if section.higher else "--target-loss"
+        section.target, section.target_rule = given, f"given ({option})"
+        return
+    base = section.baseline
+    reference = base.mean(metric) if base is not None else None
+    if reference is not None:
+        whose = f"the {BASELINE} group's mean final {metric}"
+    else:
+        means = [(g.mean(metric), g.label) for g in section.groups
+                 if g.mean(metric) is not None]
+        if not means:
+            section.target, section.target_rule = None, f"no final {metric}"
+            return
+        reference, label = (min if section.higher else max)(means)
+        worst = "lowest" if section.higher else "highest"
+        whose = f"the {worst} mean final {metric} among groups ({label})"
+    if section.higher:
+        section.target = reference - (1 - ACC_FACTOR) * abs(reference)
+        section.target_rule = f"default: {ACC_FACTOR:g} x {whose}, {_fmt(reference)}"
+    else:
+        section.target = reference + (LOSS_FACTOR - 1) * abs(reference)
+        section.target_rule = f"default: {LOSS_FACTOR:g} x {whose}, {_fmt(reference)}"
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if value == int(value) and abs(value) < 1e15:
+        return f"{int(value):d}" if abs(value) < 1e6 else f"{value:.{digits}g}"
+    return f"{value:.{digits}g}"
+
+
+def _fmt_bytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+def _table(head: list[str], rows: list[list[str]], numeric: bool = True) -> list[str]:
+    """A markdown table; numeric: every column after the first right-aligned."""
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---:" if i and numeric else "---" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def metric_columns(keys: Iterable[str]) -> list[str]:
+    """Evaluation keys in report order: eval_loss, eval_acc, other eval_*, rank0_*, distance."""
+    keys = set(keys)
+
+    def order(k: str) -> tuple:
+        fixed = {"eval_loss": 0, "eval_acc": 1, "consensus_distance": 4}
+        return (fixed.get(k, 2 if k.startswith("eval_") else 3), k)
+
+    return sorted(keys, key=order)
+
+
+def _section_metrics(section: Section) -> list[str]:
+    keys = {k for g in section.groups for f in g.finals for k, v in f.items()
+            if _is_eval_key(k) and v is not None}
+    return metric_columns(keys)
+
+
+def _mean_std(group: Group, key: str) -> str:
+    mean, std, n = group.mean(key), group.std(key), group.count(key)
+    if mean is None:
+        return "-"
+    text = _fmt(mean) + (f" ± {_fmt(std, 2)}" if std is not None else "")
+    return text + (f" (n={n})" if n < len(group.runs) else "")
+
+
+def _to_target_cell(group: Group, key: str, section: Section) -> str:
+    if section.target is None:
+        return "-"
+    if group.n_reached == 0:
+        return "not reached"
+    return _fmt(group.to_target(key))
+
+
+def _vs_baseline(group: Group, key: str, section: Section) -> tuple[str, float | None]:
+    base = section.baseline
+    if base is None or section.target is None:
+        return "-", None
+    if group.n_reached == 0:
+        return "not reached", None
+    if base.n_reached == 0:
+        return f"n/a ({BASELINE} not reached)", None
+    ratio = _ratio(group.to_target(key), base.to_target(key))
+    return (f"{ratio:.3g}x" if ratio is not None else "-"), ratio
+
+
+# -- the report ----------------------------------------------------------------------------
+
+def _environment(runs: list[Run]) -> list[str]:
+    headers = [r.header for r in runs if r.header is not None]
+    rows = []
+    for name, key in ENV_KEYS:
+        counts = Counter(str(h.get(key)) for h in headers if h.get(key) is not None)
+        if not counts:
+            rows.append([name, "-"])
+        elif len(counts) == 1:
+            rows.append([name, _md(next(iter(counts)))])
+        else:
+            rows.append([name, ", ".join(f"{_md(v)} ({n} run{'s' * (n != 1)})"
+                                         for v, n in sorted(counts.items()))])
+    started = sorted(str(h["started"]) for h in headers if h.get("started"))
+    if started:
+        rows.append(["runs started", started[0] if started[0] == started[-1]
+                     else f"{started[0]} to {started[-1]}"])
+    rows.append(["report date", time.strftime("%Y-%m-%dT%H:%M:%S%z")])
+    return ["| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+
+
+def _settings_table(section: Section) -> list[str]:
+    rows = []
+    for g in section.groups:
+        def distinct(get: Callable[[Run], Any], g: Group = g) -> str:
+            values = []
+            for r in g.runs:
+                text = get(r)
+                if text not in values:
+                    values.append(text)
+            return "; ".join(values)
+
+        rows.append([
+            _md(g.label), _md(distinct(lambda r: r.algorithm)),
+            _md(distinct(lambda r: json.dumps((r.header or {}).get("hyperparameters", {}),
+                                              sort_keys=True))),
+            _md(distinct(lambda r: str(r.config.get("optimizer", "-")))),
+            _md(distinct(lambda r: "task default" if r.config.get("lr") is None
+                         else str(r.config.get("lr")))),
+            _md(distinct(lambda r: str(r.config.get("steps", "-")))),
+            ", ".join(str(s) for s in g.seeds)])
+    return _table(["label", "algorithm", "hyperparameters", "optimizer", "lr", "steps",
+                   "seeds"], rows, numeric=False)
+
+
+def _final_table(section: Section) -> list[str]:
+    keys = _section_metrics(section) + ["time_s", "steps_per_s"]
+    rows = [[_md(g.label), str(len(g.runs))] + [_mean_std(g, k) for k in keys]
+            for g in section.groups]
+    return _table(["label", "seeds"] + keys, rows)
+
+
+def _target_table(section: Section) -> list[str]:
+    rows = []
+    for g in section.groups:
+        rows.append([
+            _md(g.label), _fmt_bytes(g.mean("bytes_per_step")),
+            _fmt_bytes(g.mean("bytes_per_step_mean_workers")), _fmt(g.mean("mb_sent")),
+            _to_target_cell(g, "step", section), _to_target_cell(g, "time_s", section),
+            _to_target_cell(g, "mb", section),
+            f"{g.n_reached}/{len(g.runs)}" if section.target is not None else "-",
+            _vs_baseline(g, "step", section)[0], _vs_baseline(g, "time_s", section)[0]])
+    return _table(["label", "bytes/step (rank 0)", "bytes/step (mean over workers)",
+                   "MB sent (rank 0)", "steps to target", "time to target (s)",
+                   "MB to target", "seeds reached", f"steps vs {BASELINE}",
+                   f"time vs {BASELINE}"], rows)
+
+
+def _problems_table(problems: list[Run]) -> list[str]:
+    rows = []
+    for r in problems:
+        last = r.steps[-1]["step"] if r.steps else "-"
+        error = r.error if len(r.error) <= 300 else r.error[:297] + "..."
+        rows.append([f"`{_md(r.name)}`", r.status,
+                     _md(r.label) if r.header else "-", _md(r.task) if r.header else "-",
+                     str(r.workers) if r.header else "-", str(r.seed) if r.header else "-",
+                     str(last), _md(error)])
+    return _table(["run", "status", "label", "task", "workers", "seed", "last step", "error"],
+                  rows, numeric=False)
+
+
+def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
+                 target_acc: float | None = None, target_loss: float | None = None,
+                 figures: bool = True, warn: Warn | None = None) -> Path:
+    """Write report.md, figures/, points.csv and summary.csv; return report.md's path.
+
+    ``figures=False`` skips drawing (the tables and CSV files are the same); ``warn`` gets
+    each warning (default: logged)."""
+    collected: list[str] = []
+
+    def note(message: str) -> None:
+        collected.append(message)
+        (warn or log.warning)(message)
+
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise ReportError(f"runs directory {str(root)!r} does not exist")
+    for name, value in (("--target-acc", target_acc), ("--target-loss", target_loss)):
+        if value is not None and not math.isfinite(value):
+            raise ReportError(f"{name}: got {value!r}, allowed: a finite number")
+    runs = [load_run(d, root, note) for d in find_runs(root)]
+    if not runs:
+        raise ReportError(f"no runs (no metrics.jsonl) under {str(root)!r}")
+    out = Path(out_dir) if out_dir is not None else root
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if figures:
+            (out / FIGURE_DIR).mkdir(exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"cannot write to {str(out)!r} ({e.strerror or e})") from None
+
+    finished = [r for r in runs if r.status == "ok"]
+    problems = [r for r in runs if r.status != "ok"]
+    sections = build_sections(finished, target_acc, target_loss, note)
+    labels = sorted({g.label for s in sections for g in s.groups})
+    styles = {label: (PALETTE[i % len(PALETTE)], LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
+              for i, label in enumerate(labels)}
+
+    drawn: dict[str, list[str]] = {}
+    try:
+        import matplotlib  # noqa: F401  (the plots extra)
+    except ImportError:
+        if figures:
+            note("figures not drawn: matplotlib is not installed (pip install "
+                 "'accord[plots]')")
+    else:
+        for section in sections if figures else []:
+            drawn[section.slug] = draw_section(section, styles, out / FIGURE_DIR)
+
+    _write_points(out / "points.csv", sections)
+    _write_summary(out / "summary.csv", sections)
+
+    counts = Counter(r.status for r in runs)
+    lines = [f"# accord report: {_md(root.resolve().name or root)}", "",
+             f"{len(runs)} runs under `{_md(root)}`: {counts['ok']} finished, "
+             f"{counts['failed']} failed, {counts['incomplete'] + counts['unreadable']} "
+             "incomplete or unreadable. Only finished runs enter the numbers; groups are "
+             "(task, workers, label) and their seeds are the repetitions. Final metrics are "
+             "mean ± sample std over seeds. Files: `points.csv` (every plotted point), "
+             "`summary.csv` (these tables at full precision).", "", "## Environment", "",
+             *_environment(runs), ""]
+    for section in sections:
+        direction = ">=" if section.higher else "<="
+        target = (f"`{section.metric} {direction} {_fmt(section.target)}` "
+                  f"({_md(section.target_rule)})" if section.target is not None
+                  else f"none ({_md(section.target_rule)})")
+        lines += [f"## {_md(section.title)}", "",
+                  f"Test metric: `{section.metric}` ({'higher' if section.higher else 'lower'} "
+                  f"is better). Target: {target}.", "", "### Groups", "",
+                  *_settings_table(section), "",
+                  "### Final metrics (mean ± std over seeds)", "", *_final_table(section), "",
+                  "### Communication and time to target", "",
+                  "Bytes are payloads handed to collectives, cumulative over the run. To-target "
+                  "values are means over the seeds that reached the target.", "",
+                  *_target_table(section), ""]
+        if drawn.get(section.slug):
+            lines += ["### Figures", "",
+                      "Mean over seeds, band from the lowest to the highest seed.", ""]
+            lines += [f"![{_md(section.title)}, against {xlabel}]({FIGURE_DIR}/{name})\n"
+                      for (_, xlabel), name in zip(X_AXES, drawn[section.slug], strict=True)]
+    if not sections:
+        lines += ["No finished run.", ""]
+    if problems:
+        lines += ["## Failed and incomplete runs", "", *_problems_table(problems), ""]
+    if collected:
+        shown = collected[:50]
+        lines += ["## Warnings", "", *[f"- {_md(w)}" for w in shown]]
+        if len(collected) > len(shown):
+            lines.append(f"- ... and {len(collected) - len(shown)} more")
+        lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# -- CSV files ------------------------------------------------------------------------------
+
+def _csv_value(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _write_points(path: Path, sections: list[Section]) -> None:
+    keys = metric_columns({k for s in sections for g in s.groups for r in g.runs
+                           for rec in r.steps for k in rec if _is_eval_key(k)})
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "workers", "label", "seed", "run", "step", "time_s", "mb_sent",
+                         "loss", *keys])
+        for s in sections:
+            for g in s.groups:
+                for r in g.runs:
+                    for rec in r.steps:
+                        comm = _num(rec.get("comm_bytes"))
+                        writer.writerow([
+                            s.task, s.workers, g.label, r.seed, r.name, rec["step"],
+                            _csv_value(_num(rec.get("time_s"))),
+                            _csv_value(comm / 1e6 if comm is not None else None),
+                            _csv_value(_num(rec.get("loss"))),
+                            *[_csv_value(_num(rec.get(k))) for k in keys]])
+
+
+def _write_summary(path: Path, sections: list[Section]) -> None:
+    keys = metric_columns({k for s in sections for k in _section_metrics(s)})
+    keys += ["time_s", "steps_per_s", "steps", "bytes_per_step", "bytes_per_step_mean_workers",
+             "mb_sent"]
+    head = ["task", "workers", "label", "algorithm", "n_seeds", "seeds"]
+    head += [f"{k}_{stat}" for k in keys for stat in ("mean", "std")]
+    head += ["target_metric", "target", "target_rule", "n_reached", "steps_to_target_mean",
+             "time_to_target_mean", "mb_to_target_mean", f"steps_to_target_vs_{BASELINE}",
+             f"time_to_target_vs_{BASELINE}"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(head)
+        for s in sections:
+            for g in s.groups:
+                algos = sorted({r.algorithm for r in g.runs})
+                row: list[Any] = [s.task, s.workers, g.label, ";".join(algos), len(g.runs),
+                                  ";".join(str(x) for x in g.seeds)]
+                for k in keys:
+                    row += [_csv_value(g.mean(k)), _csv_value(g.std(k))]
+                hit = s.target is not None and g.n_reached > 0
+                row += [s.metric, _csv_value(s.target), s.target_rule,
+                        g.n_reached if s.target is not None else "",
+                        _csv_value(g.to_target("step") if hit else None),
+                        _csv_value(g.to_target("time_s") if hit else None),
+                        _csv_value(g.to_target("mb") if hit else None),
+                        _csv_value(_vs_baseline(g, "step", s)[1]),
+                        _csv_value(_vs_baseline(g, "time_s", s)[1])]
+                writer.writerow(row)
+
+
+# -- figures --------------------------------------------------------------------------------
+
+@dataclass
+class Curve:
+    step: list[float]
+    time_s: list[float]
+    mb: list[float]
+    mean: list[float]
+    lo: list[float]
+    hi: list[float]
+    n: int  # seeds
+
+
+def curve(group: Group, key: str) -> Curve:
+    """Mean / min / max over seeds of ``key`` at the steps every seed logged (see docstring)."""
+    tables = [{rec["step"]: rec for rec in r.steps} for r in group.runs]
+    common = set.intersection(*(set(t) for t in tables)) if tables else set()
+    if len(common) < 2:
+        common = set().union(*(set(t) for t in tables))
+    nan = math.nan
+    c = Curve([], [], [], [], [], [], len(group.runs))
+    for step in sorted(common):
+        recs = [t[step] for t in tables if step in t]
+        vals = [v for v in (_num(rec.get(key)) for rec in recs) if v is not None]
+        times = [v for v in (_num(rec.get("time_s")) for rec in recs) if v is not None]
+        comms = [v for v in (_num(rec.get("comm_bytes")) for rec in recs) if v is not None]
+        c.step.append(float(step))
+        c.time_s.append(statistics.fmean(times) if times else nan)
+        c.mb.append(statistics.fmean(comms) / 1e6 if comms else nan)
+        c.mean.append(statistics.fmean(vals) if vals else nan)
+        c.lo.append(min(vals) if vals else nan)
+        c.hi.append(max(vals) if vals else nan)
+    return c
+
+
+def _log_scale(curves: list[Curve]) -> bool:
+    values = [v for c in curves for v in (*c.lo, *c.hi) if not math.isnan(v)]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SPAN
+
+
+def draw_section(section: Section, styles: dict[str, tuple[str, str]], folder: Path
+                 ) -> list[str]:
+    """Three PNG files (against step, time, MB); returns their names."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [("loss", "training loss (mean over workers)"),
+              (section.metric, f"test {section.metric}")]
+    curves = {key: [(g, curve(g, key)) for g in section.groups] for key, _ in panels}
+    names = []
+    for axis, xlabel in X_AXES:
+        fig = Figure(figsize=(12, 4.3), dpi=100)  # fixed margins: constrained layout is slow
+        fig.subplots_adjust(left=0.065, right=0.80, bottom=0.13, top=0.88, wspace=0.25)
+        FigureCanvasAgg(fig)
+        for i, (key, ylabel) in enumerate(panels):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for group, c in curves[key]:
+                x = {"step": c.step, "time": c.time_s, "mb": c.mb}[axis]
+                colour, style = styles[group.label]
+                seeds = f"{c.n} seed{'s' * (c.n != 1)}"
+                ax.plot(x, c.mean, color=colour, linestyle=style, linewidth=1.6,
+                        marker="o" if len(x) <= 12 else None, markersize=3,
+                        label=f"{group.label} ({seeds})")
+                if c.n > 1:
+                    ax.fill_between(x, c.lo, c.hi, color=colour, alpha=0.18, linewidth=0)
+            if key == section.metric and section.target is not None:
+                ax.axhline(section.target, color="#444444", linestyle="--", linewidth=0.9,
+                           label=f"target {_fmt(section.target)}")
+            if "loss" in key and _log_scale([c for _, c in curves[key]]):
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if i == 1:
+                fig.legend(*ax.get_legend_handles_labels(), loc="center left",
+                           bbox_to_anchor=(0.81, 0.5), fontsize=8, frameon=False)
+        fig.suptitle(f"{section.title}: against {xlabel}")
+        name = f"{section.slug}_{axis}.png"
+        fig.savefig(folder / name)
+        names.append(name)
+    return names
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "report", help="tables, figures and CSV files comparing the runs in a directory",
+        description="Report on every run under RUNS_DIR: final metrics, bytes per step, "
+                    "steps and time to a target, relative to allreduce, with figures. "
+                    "Writes report.md, figures/, points.csv and summary.csv.")
+    p.add_argument("runs_dir", metavar="RUNS_DIR", help="directory searched for metrics.jsonl")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="where to write the report (default: RUNS_DIR)")
+    p.add_argument("--target-acc", type=float, default=None, metavar="X",
+                   help=f"accuracy target (default: {ACC_FACTOR:g} x the allreduce group's "
+                        "mean final eval_acc, else the lowest group's)")
+    p.add_argument("--target-loss", type=float, default=None, metavar="Y",
+                   help=f"loss target for tasks without accuracy (default: {LOSS_FACTOR:g} x "
+                        "the allreduce group's mean final eval_loss, else the highest group's)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    def warn(message: str) -> None:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    try:
+        path = write_report(args.runs_dir, args.out, target_acc=args.target_acc,
+                            target_loss=args.target_loss, warn=warn)
+    except ReportError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0

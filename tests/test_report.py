@@ -1,0 +1,269 @@
+"""``accord report``: synthetic run directories shaped like real ones, checked number by number
+against their metrics.jsonl; plus one end-to-end report of two tiny real runs."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from accord import report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BYTES_PER_STEP = {"allreduce": 38440, "acga": 76888}
+ERROR = "InjectedFault: injected crash on rank 1 at step 12"
+
+
+def header(algo: str, task: str, workers: int, seed: int, steps: int, log_every: int,
+           label: str | None, out: str) -> dict:
+    config = {"algo": algo, "task": task, "workers": workers, "steps": steps, "seed": seed,
+              "out": out, "lr": None, "batch_size": None, "accum_steps": 1, "optimizer": "sgd",
+              "momentum": None, "weight_decay": 0.0, "oracle_lr": False,
+              "log_every": log_every, "timeout": 60.0, "backend": "gloo", "data_dir": None,
+              "progress": False, "label": label, "hyperparameters": {}, "faults": []}
+    return {"type": "header", "config": config, "algorithm": algo, "hyperparameters": {},
+            "world_size": workers, "accord_version": "0.1.0", "torch_version": "2.13.0+cpu",
+            "python_version": "3.11.7", "platform": "Linux-test", "hostname": "testhost",
+            "cpu_count": 2, "git_revision": f"abc123{seed}",
+            "started": "2026-11-22T08:55:44+0000", "argv": ["accord", "train"]}
+
+
+def step_record(algo: str, task: str, seed: int, step: int) -> dict:
+    speed = 1.0 if algo == "allreduce" else 1.6  # acga learns faster per step
+    loss = 2.3 * math.exp(-speed * step / (25 + 3 * seed))
+    if task == "linreg":  # spans several decades: the report's log scale
+        loss = 1e3 * math.exp(-step / (4 + seed))
+    rec = {"type": "step", "step": step, "loss": loss * 1.02, "eval_loss": loss}
+    if task == "digits":
+        acc = min(0.97, 0.1 + speed * 0.015 * step + 0.01 * seed)
+        rec.update({"eval_acc": acc, "rank0_eval_loss": loss, "rank0_eval_acc": acc})
+    else:
+        rec["rank0_eval_loss"] = loss
+    comm = BYTES_PER_STEP[algo] * step
+    rec.update({"consensus_distance": 0.0,
+                "time_s": step * (0.01 if algo == "allreduce" else 0.03) * (1 + 0.1 * seed),
+                "comm_bytes": comm, "comm_calls": step, "comm_s": step * 0.001,
+                "algo": {"grad_norm": 0.5}})
+    return rec
+
+
+def write_run(root: Path, rel: str, *, algo: str, seed: int, task: str = "digits",
+              workers: int = 2, steps: int = 60, log_every: int = 5, label: str | None = None,
+              fail_at: int | None = None, stop_at: int | None = None,
+              garbage: bool = False) -> list[dict]:
+    """A run directory as ``accord train`` leaves it; returns the records written."""
+    run_dir = root / rel
+    (run_dir / "logs").mkdir(parents=True)
+    records = [header(algo, task, workers, seed, steps, log_every, label, str(run_dir))]
+    last = min(x for x in (fail_at, stop_at, steps) if x is not None)
+    logged = [s for s in range(log_every, steps + 1, log_every)]
+    if logged[-1] != steps:
+        logged.append(steps)
+    records += [step_record(algo, task, seed, s) for s in logged if s <= last]
+    evals = {k: v for k, v in records[-1].items() if k in ("eval_loss", "eval_acc")}
+    if fail_at is not None:
+        records.append({"type": "summary", "status": "failed", "error": ERROR,
+                        "failed_rank": 1, **evals})
+    elif stop_at is None:
+        comm = BYTES_PER_STEP[algo] * steps
+        t = records[-1]["time_s"] + 0.001
+        records.append({"type": "summary", "status": "ok", "steps": steps, "time_s": t,
+                        "steps_per_s": steps / t, "comm_bytes": comm,
+                        "comm_bytes_mean": float(comm), "comm_calls": steps,
+                        "comm_s": steps * 0.001, "comm": {}, **evals})
+    lines = [json.dumps(r) for r in records]
+    if garbage:
+        lines.insert(2, '{"type": "step", "step": 7, "loss": ')  # a torn line
+        lines.insert(3, "not json at all")
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return records
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """2 labels x 2 seeds on digits (one with a malformed line), a linreg pair, one failed
+    and one incomplete run. Returns (root, {(label, seed): records})."""
+    root = tmp_path / "runs"
+    finished = {}
+    for seed in (0, 1):
+        finished["allreduce", seed] = write_run(root, f"digits/allreduce/seed{seed}",
+                                                algo="allreduce", seed=seed,
+                                                garbage=seed == 1)
+        finished["acga-fast", seed] = write_run(root, f"digits/acga-fast/seed{seed}",
+                                                algo="acga", seed=seed, label="acga-fast")
+    for algo in ("allreduce", "acga"):
+        finished[f"linreg-{algo}", 0] = write_run(root, f"linreg/{algo}", algo=algo, seed=0,
+                                                  task="linreg", steps=40, log_every=4,
+                                                  label=f"linreg-{algo}")
+    write_run(root, "broken/crash", algo="acga", seed=0, label="acga-crash", fail_at=12)
+    write_run(root, "broken/cut", algo="acga", seed=3, label="acga-cut", stop_at=20)
+    return root, finished
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def first_reach(records: list[dict], target: float) -> dict | None:
+    return next((r for r in records if r["type"] == "step" and r["eval_acc"] >= target), None)
+
+
+def test_report_files_and_numbers(runs, tmp_path):
+    root, finished = runs
+    warnings: list[str] = []
+    target = 0.6
+    path = report.write_report(root, target_acc=target, warn=warnings.append)
+    assert path == root / "report.md"
+    text = path.read_text(encoding="utf-8")
+
+    # every label, the failed run with its error, the incomplete run, the environment
+    for label in ("allreduce", "acga-fast", "linreg-allreduce", "linreg-acga"):
+        assert label in text
+    problems = text.split("## Failed and incomplete runs")[1]
+    assert "broken/crash" in problems and ERROR in problems and "failed" in problems
+    assert "broken/cut" in problems and "incomplete" in problems
+    for value in ("2.13.0+cpu", "3.11.7", "testhost", "abc1230", "abc1231", "0.1.0"):
+        assert value in text.split("## digits")[0]
+    # the malformed lines are skipped with a warning, the run still counts
+    assert sum("malformed JSON" in w for w in warnings) == 2
+    assert not any("differ" in w for w in warnings)  # the groups' runs share their settings
+    assert "## Warnings" in text and "digits/allreduce/seed1/metrics.jsonl:3" in text
+
+    # every referenced figure exists and is a real PNG
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) == 6  # 2 sections x (step, time, MB)
+    for image in images:
+        data = (root / image).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, image
+
+    # points.csv: one row per step record of every finished run, values as in the files
+    points = read_csv(root / "points.csv")
+    expected = {(label, seed, r["step"]): r for (label, seed), recs in finished.items()
+                for r in recs if r["type"] == "step"}
+    assert len(points) == len(expected)
+    for row in points:
+        rec = expected[row["label"], int(row["seed"]), int(row["step"])]
+        assert float(row["loss"]) == pytest.approx(rec["loss"], rel=1e-12)
+        assert float(row["eval_loss"]) == pytest.approx(rec["eval_loss"], rel=1e-12)
+        assert float(row["time_s"]) == pytest.approx(rec["time_s"], rel=1e-12)
+        assert float(row["mb_sent"]) == pytest.approx(rec["comm_bytes"] / 1e6, rel=1e-12)
+        if row["task"] == "digits":
+            assert float(row["eval_acc"]) == pytest.approx(rec["eval_acc"], rel=1e-12)
+        else:
+            assert row["eval_acc"] == ""
+
+    # summary.csv: final metrics, bytes per step, steps/time to target, ratios
+    summary = {row["label"]: row for row in read_csv(root / "summary.csv")}
+    assert set(summary) == {"allreduce", "acga-fast", "linreg-allreduce", "linreg-acga"}
+    to_target = {}
+    for label in ("allreduce", "acga-fast"):
+        row = summary[label]
+        finals = [finished[label, s][-1]["eval_acc"] for s in (0, 1)]
+        assert row["n_seeds"] == "2" and row["seeds"] == "0;1"
+        assert float(row["eval_acc_mean"]) == pytest.approx(statistics.mean(finals))
+        assert float(row["eval_acc_std"]) == pytest.approx(statistics.stdev(finals))
+        times = [finished[label, s][-1]["time_s"] for s in (0, 1)]
+        assert float(row["time_s_mean"]) == pytest.approx(statistics.mean(times))
+        algo = "allreduce" if label == "allreduce" else "acga"
+        assert float(row["bytes_per_step_mean"]) == BYTES_PER_STEP[algo]
+        assert float(row["bytes_per_step_mean_workers_mean"]) == BYTES_PER_STEP[algo]
+        hits = [first_reach(finished[label, s], target) for s in (0, 1)]
+        assert all(hits)
+        assert float(row["target"]) == target and row["n_reached"] == "2"
+        to_target[label] = (statistics.mean(h["step"] for h in hits),
+                            statistics.mean(h["time_s"] for h in hits))
+        assert float(row["steps_to_target_mean"]) == pytest.approx(to_target[label][0])
+        assert float(row["time_to_target_mean"]) == pytest.approx(to_target[label][1])
+    steps_ratio = to_target["acga-fast"][0] / to_target["allreduce"][0]
+    time_ratio = to_target["acga-fast"][1] / to_target["allreduce"][1]
+    assert steps_ratio < 1 < time_ratio  # fewer steps, more time per step
+    fast = summary["acga-fast"]
+    assert float(fast["steps_to_target_vs_allreduce"]) == pytest.approx(steps_ratio)
+    assert float(fast["time_to_target_vs_allreduce"]) == pytest.approx(time_ratio)
+    assert float(summary["allreduce"]["steps_to_target_vs_allreduce"]) == 1.0
+    # ... and the same numbers in the markdown table
+    row = next(line for line in text.splitlines()
+               if line.startswith("| acga-fast |") and "x |" in line)
+    assert f"{steps_ratio:.3g}x" in row and f"{time_ratio:.3g}x" in row
+    assert f"{BYTES_PER_STEP['acga']:,}" in row
+
+    # linreg has no accuracy: eval_loss and the default loss target from its allreduce
+    lin = summary["linreg-acga"]
+    assert lin["target_metric"] == "eval_loss" and lin["eval_acc_mean"] == ""
+    reference = finished["linreg-allreduce", 0][-1]["eval_loss"]
+    assert float(lin["target"]) == pytest.approx(1.05 * reference)
+    assert "--target-acc" not in lin["target_rule"]
+
+
+def test_default_target_and_not_reached(runs, tmp_path):
+    root, finished = runs
+    out = tmp_path / "elsewhere"
+    path = report.write_report(root, out, figures=False, warn=lambda m: None)
+    assert path == out / "report.md" and not (root / "report.md").exists()
+    summary = {row["label"]: row for row in read_csv(out / "summary.csv")}
+    base = statistics.mean(finished["allreduce", s][-1]["eval_acc"] for s in (0, 1))
+    target = 0.95 * base
+    assert float(summary["acga-fast"]["target"]) == pytest.approx(target)
+    assert "0.95 x the allreduce group" in summary["acga-fast"]["target_rule"]
+    text = path.read_text(encoding="utf-8")
+    assert f"eval_acc >= {target:.4g}" in text
+    for label in ("allreduce", "acga-fast"):
+        hits = [first_reach(finished[label, s], target) for s in (0, 1)]
+        reached = [h["step"] for h in hits if h is not None]
+        assert int(summary[label]["n_reached"]) == len(reached)
+        if reached:
+            assert float(summary[label]["steps_to_target_mean"]) == statistics.mean(reached)
+
+    # a target nobody reaches: "not reached", no ratio
+    report.write_report(root, out, target_acc=0.99, figures=False, warn=lambda m: None)
+    summary = {row["label"]: row for row in read_csv(out / "summary.csv")}
+    assert summary["acga-fast"]["n_reached"] == "0"
+    assert summary["acga-fast"]["steps_to_target_vs_allreduce"] == ""
+    assert "not reached" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_no_allreduce_group_uses_the_worst_group(tmp_path):
+    root = tmp_path / "runs"
+    finals = {}
+    for label, algo in (("a", "acga"), ("b", "acga")):
+        recs = write_run(root, label, algo=algo, seed=0, label=label,
+                         steps=30 if label == "a" else 60)
+        finals[label] = recs[-1]["eval_acc"]
+    report.write_report(root, figures=False, warn=lambda m: None)
+    rows = read_csv(root / "summary.csv")
+    assert float(rows[0]["target"]) == pytest.approx(0.95 * min(finals.values()))
+    assert all(r["steps_to_target_vs_allreduce"] == "" for r in rows)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="accord")
+    report.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["report", *argv])
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert report.run(parse([str(tmp_path / "missing")])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("accord report: error:") and "does not exist" in err
+    assert len(err.splitlines()) == 1
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert report.run(parse([str(tmp_path / "empty")])) == 2
+    assert "no runs" in capsys.readouterr().err
+
+
+def test_cli_writes_the_report(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root, "a", algo="allreduce", seed=0, steps=20, garbage=True)
+    code = report.run(parse([str(root), "--out", str(tmp_path / "r"), "--target-acc", "0.5"]))
+    assert code == 0
+    out = capsys.readouterr()
+    assert str(tmp_path / "r" / "report.md") in out.out and "malformed" in out.err
+    assert "eval_acc >= 0.5 (given (--target-acc))" in \
+        (tmp_path / "r" / "report.md").read_text(encoding="utf-8").replace("`", "")
