@@ -113,6 +113,20 @@ def test_bench_bad_input_exits_2_before_any_run(tmp_path, capsys, monkeypatch, a
     assert needle in err and err.count("\n") == 1
 
 
+def test_preset_filters(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_bench", lambda configs, out, **k: bench.BenchResult())
+    seen = {}
+    monkeypatch.setattr(bench, "summary_table", lambda configs: seen.setdefault("c", configs)
+                        and "")
+    argv = ["bench", "--preset", "acga-ablation", "--tasks", "digits", "--workers", "8",
+            "--seeds", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    configs = seen["c"]
+    assert len(configs) == 7  # the seven arms
+    assert {(c.task, c.workers, c.seed) for c in configs} == {("digits", 8, 1)}
+    assert cli.main([*argv[:-2], "--tasks", "nope", "--out", str(tmp_path)]) == 2
+
+
 def test_overrides_apply_to_every_run():
     specs = bench.custom(["acga", "allreduce"], [], ["digits"], [2], [0], 4)
     out = bench.apply_overrides(specs, ["lr=0.5", "momentum=0.9"])

@@ -138,9 +138,13 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--algos", default="", help="comma-separated algorithms (custom matrix)")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=ALGO[:K=V,...]",
                    help="an algorithm with hyperparameters under its own label")
-    p.add_argument("--tasks", default="digits", help="custom matrix: comma-separated tasks")
-    p.add_argument("--workers", default="4", help="custom matrix: comma-separated counts")
-    p.add_argument("--seeds", default="0", help="custom matrix: comma-separated seeds")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated tasks (custom matrix, default digits; with --preset: "
+                        "keep only these)")
+    p.add_argument("--workers", default=None,
+                   help="comma-separated worker counts (custom default 4; filters a preset)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (custom default 0; filters a preset)")
     p.add_argument("--steps", type=int, default=200, help="custom matrix: steps per run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, as in `accord train --set`")
@@ -149,15 +153,23 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_configs(args: argparse.Namespace) -> list[TrainConfig]:
-    specs = bench.preset(args.preset) if args.preset else []
+    tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
+    workers = _int_list(args.workers, "workers") if args.workers is not None else None
+    seeds = _int_list(args.seeds, "seeds") if args.seeds is not None else None
+    specs = []
+    if args.preset:
+        specs = [s for s in bench.preset(args.preset)
+                 if (tasks is None or s.task in tasks) and (workers is None or s.workers in workers)
+                 and (seeds is None or s.seed in seeds)]
+        if not specs:
+            raise ConfigError(f"preset {args.preset!r}: no run matches the --tasks/--workers/"
+                              "--seeds filters")
     algos = [a for a in args.algos.split(",") if a.strip()]
-    if algos or args.variant or not specs:
+    if algos or args.variant or not args.preset:
         if args.steps < 1:
             raise ConfigError(f"steps: got {args.steps}, allowed: an integer >= 1")
-        specs += bench.custom(algos, args.variant,
-                              [t for t in args.tasks.split(",") if t.strip()],
-                              _int_list(args.workers, "workers"), _int_list(args.seeds, "seeds"),
-                              args.steps)
+        specs += bench.custom(algos, args.variant, tasks or ["digits"], workers or [4],
+                              seeds or [0], args.steps)
     try:
         specs = bench.apply_overrides(specs, args.set)
     except ValueError as e:
@@ -190,8 +202,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The quick preset, its report, and the final table."""
-    args = argparse.Namespace(preset="quick", algos="", variant=[], tasks="digits", workers="4",
-                              seeds="0", steps=200, set=[], out=args.out, no_progress=False)
+    args = argparse.Namespace(preset="quick", algos="", variant=[], tasks=None, workers=None,
+                              seeds=None, steps=200, set=[], out=args.out, no_progress=False)
     code = cmd_bench(args)
     if code == 0:
         path = report.write_report(Path(args.out) / "quick")
