@@ -293,8 +293,12 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     writer = None
+    owns_group = False
     try:
-        dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
+        # a caller that already joined a process group (a test world) keeps it
+        owns_group = not dist.is_initialized()
+        if owns_group:
+            dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
         if rank == 0:
             writer = MetricsWriter(out / "metrics.jsonl",
                                    out / "tensorboard" if cfg.tensorboard else None)
@@ -315,7 +319,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
     finally:
         if writer is not None:
             writer.close()
-        if dist.is_initialized():
+        if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
