@@ -65,6 +65,26 @@ class Task:
         raise ValueError(f"task {self.name!r} has no oracle step size")
 
 
+def shuffled_batches(n: int, batch_size: int, seed: int, rank: int) -> Iterator[torch.Tensor]:
+    """Index batches of shuffled epochs over ``n`` samples, from rank's own generator; the
+    last incomplete batch of an epoch is dropped."""
+    gen = torch.Generator().manual_seed(stream_seed(seed, rank))
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start: start + batch_size]
+
+
+class ClassificationTask(Task):
+    """A task whose batches are (inputs, class labels), trained with cross-entropy."""
+
+    has_accuracy = True
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+
 def register_task(cls: type[Task]) -> type[Task]:
     TASKS[cls.name] = cls
     return cls

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Task, register_task, stream_seed
+from . import ClassificationTask, register_task, shuffled_batches
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -32,7 +32,7 @@ def _load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @register_task
-class Digits(Task):
+class Digits(ClassificationTask):
     name = "digits"
     description = "MLP 64-128-10 on sklearn load_digits, 20% held-out test split"
     has_accuracy = True
@@ -48,17 +48,8 @@ class Digits(Task):
         return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
     def train_stream(self, rank: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        gen = torch.Generator().manual_seed(stream_seed(self.seed, rank))
-        n = len(self.x_train)
-        while True:
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n - batch_size + 1, batch_size):
-                idx = perm[start: start + batch_size]
-                yield self.x_train[idx], self.y_train[idx]
-
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
+        for idx in shuffled_batches(len(self.x_train), batch_size, self.seed, rank):
+            yield self.x_train[idx], self.y_train[idx]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

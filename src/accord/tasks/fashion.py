@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Task, register_task, stream_seed
+from . import ClassificationTask, register_task, shuffled_batches
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "ACCORD_FASHION_MNIST_DIR"
@@ -172,7 +172,7 @@ class _CNN(nn.Module):
 
 
 @register_task
-class FashionMNIST(Task):
+class FashionMNIST(ClassificationTask):
     name = "fashion"
     description = ("CNN (2 conv + linear, 9k params) on Fashion-MNIST from disk, official "
                    "split, fixed 2,000-image test subset")
@@ -215,17 +215,8 @@ class FashionMNIST(Task):
         return _CNN()
 
     def train_stream(self, rank: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        gen = torch.Generator().manual_seed(stream_seed(self.seed, rank))
-        n = len(self.train_images)
-        while True:
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n - batch_size + 1, batch_size):
-                idx = perm[start: start + batch_size]
-                yield self._inputs(self.train_images[idx]), self.train_labels[idx]
-
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
+        for idx in shuffled_batches(len(self.train_images), batch_size, self.seed, rank):
+            yield self._inputs(self.train_images[idx]), self.train_labels[idx]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
