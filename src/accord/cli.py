@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,7 +68,6 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault))
     if under_torchrun():
-        import os
         world = int(os.environ["WORLD_SIZE"])
         if args.workers is not None and args.workers != world:
             raise ConfigError(f"workers: got {args.workers}, but torchrun started {world} "
