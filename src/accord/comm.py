@@ -12,6 +12,7 @@ allreduce moves about ``2 (N-1)/N`` times the payload over the wire.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,12 +33,15 @@ class CommStats:
     """Counters per operation kind (``allreduce``, ``allgather``, ``broadcast``, ...)."""
 
     ops: dict[str, OpStats] = field(default_factory=dict)
+    # a background exchange thread records into the same stats as the compute thread
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, kind: str, nbytes: int, seconds: float) -> None:
-        op = self.ops.setdefault(kind, OpStats())
-        op.calls += 1
-        op.bytes += nbytes
-        op.seconds += seconds
+        with self._lock:
+            op = self.ops.setdefault(kind, OpStats())
+            op.calls += 1
+            op.bytes += nbytes
+            op.seconds += seconds
 
     @property
     def calls(self) -> int:
@@ -52,8 +56,9 @@ class CommStats:
         return sum(o.seconds for o in self.ops.values())
 
     def as_dict(self) -> dict[str, dict[str, float]]:
-        return {k: {"calls": o.calls, "bytes": o.bytes, "seconds": o.seconds}
-                for k, o in sorted(self.ops.items())}
+        with self._lock:
+            return {k: {"calls": o.calls, "bytes": o.bytes, "seconds": o.seconds}
+                    for k, o in sorted(self.ops.items())}
 
     def reset(self) -> None:
         self.ops.clear()
