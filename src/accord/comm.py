@@ -45,15 +45,18 @@ class CommStats:
 
     @property
     def calls(self) -> int:
-        return sum(o.calls for o in self.ops.values())
+        with self._lock:
+            return sum(o.calls for o in self.ops.values())
 
     @property
     def bytes(self) -> int:
-        return sum(o.bytes for o in self.ops.values())
+        with self._lock:
+            return sum(o.bytes for o in self.ops.values())
 
     @property
     def seconds(self) -> float:
-        return sum(o.seconds for o in self.ops.values())
+        with self._lock:
+            return sum(o.seconds for o in self.ops.values())
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         with self._lock:
@@ -61,7 +64,8 @@ class CommStats:
                     for k, o in sorted(self.ops.items())}
 
     def reset(self) -> None:
-        self.ops.clear()
+        with self._lock:
+            self.ops.clear()
 
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single
