@@ -1,0 +1,268 @@
+"""WAGMA-SGD: wait-avoiding group model averaging on a rotating butterfly schedule.
+
+Paper: Li, Ben-Nun, Nadiradze, Di Girolamo, Dryden, Alistarh, Hoefler, "Breaking
+(Global) Barriers in Parallel Stochastic Optimization with Wait-Avoiding Group
+Averaging", IEEE TPDS 32(7), 2021, arXiv 2005.00124. Reference code: the authors' fflib
+collective library and TensorFlow optimizer (github.com/Shigangli/WAGMA-SGD).
+
+Update rule (N workers, groups of S, rounds k = 0, 1, ... are the non-global steps)::
+
+    g_i = grad f(x_i)                         (computed at the unmixed model)
+    step t is global (due(t, period)):  x_i <- mean_j x_j           blocking allreduce
+    otherwise, round k:                 G   = group of i in phase k mod K
+                                        m   = sum_{j in G} w_j d_j  (d_j: j's deposit)
+                                        x_i <- (S m + x_i) / (S + 1)     self_weight=reference
+                                        x_i <- m + w_i (x_i - d_i)       self_weight=mean
+    x_i <- optimizer_step(x_i, g_i)
+
+Mixing happens in ``after_backward`` (before the optimizer applies the local gradient),
+the order of the reference optimizer. With uniform weights w_j = 1/S the reference
+formula gives an on-time worker's own model weight 2/(S+1) (the reference code's
+``(sum + own) / 9`` for S = 8); ``self_weight=mean`` is the plain group mean, in which a
+late member's stale deposit is replaced by its current model in its own average.
+
+Schedule (:func:`butterfly_groups`). K = ceil(log_S N) phases; in phase j, ranks are
+sorted by their base-S digits with digit j moved to the least significant place and cut
+into consecutive groups of S. When N = S^K this is exactly the butterfly (a group = the
+ranks that differ from each other only in digit j) and every model has mixed with all N
+after K consecutive rounds. Other N (decided here): the same sort-and-cut, with a
+trailing group of one merged into the previous group, so every phase still partitions
+the ranks into groups of S (one group may have S + 1 or fewer than S members). Full mixing
+then takes longer than K rounds but never more than 2K - 1 for N <= 64 and S <= 8 (checked
+by the tests; e.g. N = 6, S = 2: 5 rounds instead of 3), and the global average every
+``period`` steps bounds the divergence anyway: prefer N a power of S. Phases rotate with the
+round index, so consecutive group steps cycle through all K phases even across a global
+step. Default S: the largest power of two <= sqrt(N), at least 2 (the reference ran S = 8
+for N = 64).
+
+``period`` (default 11): a blocking global average every ``period`` steps, i.e. after 10
+group steps, the reference's ``LIMITER 10``; it bounds staleness.
+
+``wait_avoiding=True`` (default) runs the group rounds on the background engine
+(:mod:`accord.background`): after each optimizer step the worker deposits its model; at
+the next step the first member of the round's group to get there activates the round for
+the group; a member still computing contributes its last deposit (stale, counted in
+``stale_received`` / ``own_stale``) and finds the round complete when it gets there. The
+fast members wait for the group's communication threads only, never for a slow member's
+compute. ``wait_avoiding=False`` is the deterministic synchronous variant (every member
+contributes its current model; replicas are reproducible bit for bit).
+
+``weighting=dynamic`` weighs the group's contributions by freshness (see
+:class:`accord.background.Weighting`); global averages stay uniform.
+
+Communication: per group round one model-size allreduce within the group plus a
+4-number all-gather of (version, fingerprint, finite, rank) and, when wait-avoiding, one
+2-integer activation token to each other member; per global step one model-size
+allreduce. Float buffers are mixed with the parameters; optimizer state stays local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ..background import (
+    ExchangeEngine,
+    RoundResult,
+    Weighting,
+    fingerprint_probe,
+    group_round,
+    subgroups,
+)
+from ..core import Hyper, StepContext, due
+from . import register
+from ._model import ModelAggregator
+
+
+def default_group_size(world_size: int) -> int:
+    size = 2
+    while (size * 2) ** 2 <= world_size:
+        size *= 2
+    return size
+
+
+def phases(world_size: int, group_size: int) -> int:
+    """K = ceil(log_S N) (at least 1)."""
+    k, span = 1, group_size
+    while span < world_size:
+        span *= group_size
+        k += 1
+    return k
+
+
+def butterfly_groups(world_size: int, group_size: int, round_index: int) -> list[list[int]]:
+    """The partition of ranks ``0..N-1`` into groups in round ``round_index``."""
+    k = phases(world_size, group_size)
+    phase = round_index % k
+
+    def digits(r: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            out.append(r % group_size)
+            r //= group_size
+        return out  # least significant first
+
+    def key(r: int) -> tuple[int, ...]:
+        d = digits(r)
+        rest = d[:phase] + d[phase + 1:]
+        return (*reversed(rest), d[phase])
+
+    order = sorted(range(world_size), key=key)
+    groups = [order[i:i + group_size] for i in range(0, world_size, group_size)]
+    if len(groups) > 1 and len(groups[-1]) == 1:
+        groups[-2].extend(groups.pop())
+    return [sorted(g) for g in groups]
+
+
+def group_of(world_size: int, group_size: int, round_index: int, rank: int) -> list[int]:
+    for g in butterfly_groups(world_size, group_size, round_index):
+        if rank in g:
+            return g
+    raise ValueError(f"rank {rank} not in a world of {world_size}")
+
+
+def mix(x: torch.Tensor, result: RoundResult, self_weight: str) -> None:
+    """In place: x <- the round's mix of x (see the module docstring)."""
+    if result.mean is None:
+        return  # every contribution weighed 0: keep the local model
+    if self_weight == "reference":
+        s = len(result.ranks)
+        x.mul_(1.0 / (s + 1)).add_(result.mean, alpha=s / (s + 1))
+    else:
+        x.sub_(result.own_deposit).mul_(result.own_weight).add_(result.mean)
+
+
+@register
+class WAGMA(ModelAggregator):
+    name = "wagma"
+    description = ("wait-avoiding group model averaging: rotating butterfly groups, "
+                   "global average every `period` steps")
+    paper = "Breaking (Global) Barriers ... Wait-Avoiding Group Averaging, arXiv 2005.00124"
+    hyperparameters = {
+        "group_size": Hyper(None, int, "ranks per group S (default: largest power of two "
+                            "<= sqrt(N), at least 2)", low=2),
+        "period": Hyper(11, int, "a blocking global average every `period` steps", low=1),
+        "wait_avoiding": Hyper(True, bool, "group rounds on the background engine; a slow "
+                               "member contributes its last deposit"),
+        "self_weight": Hyper("reference", str, "reference: (S m + x)/(S+1); mean: group "
+                             "mean with the own current model", choices=("reference", "mean")),
+        "weighting": Hyper("uniform", str, "weights of the group's contributions",
+                           choices=("uniform", "dynamic")),
+        "half_life": Hyper(None, float, "dynamic weighting: staleness (steps) that halves "
+                           "a contribution's weight (default: period)", low=0.0, low_open=True),
+        "timeout": Hyper(60.0, float, "seconds a background round may take before the "
+                         "worker fails", low=0.0, low_open=True),
+    }
+
+    @classmethod
+    def check(cls, hp: Mapping[str, Any], world_size: int) -> None:
+        size = hp["group_size"]
+        if size is not None and size > max(world_size, 2):
+            raise ValueError(f"wagma: group_size {size} with N = {world_size}; allowed: "
+                             f"2 <= group_size <= {max(world_size, 2)}")
+
+    def __init__(self, params, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        hp = self.hp
+        n = self.world_size
+        self.group_size = hp["group_size"] or default_group_size(n)
+        self.k_phases = phases(n, self.group_size)
+        self.period = hp["period"]
+        half_life = hp["half_life"] or float(self.period)
+        self.global_ranks = [self._global(r) for r in range(n)]
+        all_groups = [[self.global_ranks[r] for r in g]
+                      for k in range(self.k_phases)
+                      for g in butterfly_groups(n, self.group_size, k)]
+        self.probe = fingerprint_probe(self.flat.numel)
+        self.engine: ExchangeEngine | None = None
+        self.comms = {}
+        x = self.load_state()
+        if hp["wait_avoiding"] and self.period > 1 and n > 1:
+            self.engine = ExchangeEngine(
+                self.flat.numel, x.dtype, self._group_global, all_groups,
+                Weighting(hp["weighting"], half_life), self.comm.stats,
+                timeout=hp["timeout"])
+            self.engine.deposit(x, version=0)
+        elif n > 1:
+            from ..comm import Communicator
+
+            pgs = subgroups(all_groups, timedelta(seconds=hp["timeout"]))
+            self.comms = {g: Communicator(pg, self.comm.stats) for g, pg in pgs.items()}
+        self.weighting = Weighting(hp["weighting"], half_life)
+        self.rounds = 0
+        self.global_steps = 0
+        self._use_staleness = 0.0
+        self._last: RoundResult | None = None
+
+    def _global(self, r: int) -> int:
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, r) if self.group is not None else r
+
+    def _group_global(self, k: int) -> list[int]:
+        g = group_of(self.world_size, self.group_size, k, self.rank)
+        return [self.global_ranks[r] for r in g]
+
+    @staticmethod
+    def round_of(step: int, period: int) -> int:
+        """Index of step ``step``'s group round (steps before it that were not global)."""
+        return step - step // period
+
+    def groups_at(self, round_index: int) -> list[list[int]]:
+        return butterfly_groups(self.world_size, self.group_size, round_index)
+
+    @torch.no_grad()
+    def after_backward(self, ctx: StepContext) -> None:
+        if self.world_size == 1:
+            return
+        if due(ctx.step, self.period):
+            self.average_state()
+            self.global_steps += 1
+            return
+        k = self.round_of(ctx.step, self.period)
+        x = self.load_state()
+        if self.engine is not None:
+            self.engine.request(k)
+            result = self.engine.pop(k)
+        else:
+            group = tuple(self._group_global(k))
+            comm = self.comms.get(group)
+            if comm is None:  # a group of one
+                from ..background import _SelfComm
+
+                comm = _SelfComm(self.comm.stats)
+            result = group_round(comm, x.clone(), ctx.step, self._global(self.rank),
+                                 self.weighting, self.probe, k)
+        self._use_staleness = float(ctx.step - min(result.versions))
+        mix(x, result, self.hp["self_weight"])
+        self.store_state(x)
+        self.rounds += 1
+        self._last = result
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        if self.engine is not None:
+            self.engine.deposit(self.load_state(), version=ctx.step + 1)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"group_size": float(self.group_size), "rounds": float(self.rounds),
+               "global_steps": float(self.global_steps),
+               "use_staleness": self._use_staleness}
+        if self._last is not None:
+            out["weight_min"] = float(min(self._last.weights))
+        if self.engine is not None:
+            c = self.engine.counters
+            out.update({"own_stale": float(c.own_stale), "stale_received": float(c.stale_received),
+                        "staleness_mean": c.staleness_sum / max(c.received, 1),
+                        "activated_by_peer": float(c.activated_by_peer), "wait_s": c.wait_s})
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        super().close()
+
