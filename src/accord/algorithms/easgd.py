@@ -20,6 +20,28 @@ run is the centre.
 
 Hook: ``after_step``. Communication: one model-size allreduce every ``period`` steps.
 Float buffers follow the same elastic rule; optimizer state stays local.
+
+``asynchronous=True``: the exchanges run on the background engine
+(:mod:`accord.background`), each worker at its own pace. At each of its communication
+points (every ``period`` of its own steps) a worker deposits x_i and activates round c_i
+(its communication count); the engines of all workers then run the round with the model
+each last deposited, so a slow worker's stale model takes part without being waited for.
+Every engine applies the same centre update c <- c + beta sum_j w_j (d_j - c) (the centre
+stays replicated and identical on every rank), and the worker pulls itself toward the
+centre the newest completed round started from: x_i <- x_i - alpha (x_i - c). A worker
+waits only for the communication of its own round, never for another's compute. With
+every worker on time the rounds and values are exactly the synchronous ones.
+
+``weighting=dynamic`` (the failure mitigation of Xu and Carr, arXiv 2409.09242; their
+formula is not available, the rule here is designed for this library): the centre update
+weighs worker j by w_j proportional to 2 ** (-s_j / half_life), where s_j is the number of
+steps since j's contributed model last changed (a fingerprint detects a frozen worker
+that keeps sending the same model; in asynchronous mode a stale deposit ages the same
+way), and by 0 if its model is not finite; weights are renormalised over the survivors.
+Uniform weights w_j = 1/N are the paper's EASGD. Dynamic weighting costs one extra
+4-number all-gather per exchange. A crashed worker ends the run in both modes (the
+launcher stops the world and names the rank); a frozen or slow one is what the weighting
+is for.
 """
 
 from __future__ import annotations
@@ -29,6 +51,7 @@ from typing import Any
 
 import torch
 
+from ..background import ExchangeEngine, RoundResult, Weighting, fingerprint_probe, group_round
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -56,6 +79,14 @@ class ElasticAveraging(ModelAggregator):
         "beta": Hyper(None, float, f"centre's moving rate N alpha (default {DEFAULT_BETA})",
                       low=0.0, high=1.0),
         "period": Hyper(4, int, "local steps between elastic exchanges", low=1),
+        "asynchronous": Hyper(False, bool, "exchange through the background engine, each "
+                              "worker at its own pace"),
+        "weighting": Hyper("uniform", str, "weights of the workers in the centre update",
+                           choices=("uniform", "dynamic")),
+        "half_life": Hyper(None, float, "dynamic weighting: staleness (steps) that halves "
+                           "a worker's weight (default: 2 period)", low=0.0, low_open=True),
+        "timeout": Hyper(60.0, float, "asynchronous: seconds an exchange round may take",
+                         low=0.0, low_open=True),
     }
 
     @classmethod
@@ -77,27 +108,112 @@ class ElasticAveraging(ModelAggregator):
         self.centre = self.load_state().clone()
         self.mean = self.flat.new_buffer()
         self._distance = 0.0
+        half_life = self.hp["half_life"] or 2.0 * self.hp["period"]
+        self.weighting = Weighting(self.hp["weighting"], half_life)
+        self.probe = fingerprint_probe(self.flat.numel)
+        self.exchanges = 0
+        self._last: RoundResult | None = None
+        self.engine: ExchangeEngine | None = None
+        if self.hp["asynchronous"] and n > 1:
+            import torch.distributed as dist
+
+            everyone = [dist.get_global_rank(self.group, r) if self.group is not None else r
+                        for r in range(n)]
+            self._round_centre: tuple[int, torch.Tensor] | None = None
+            self.engine = ExchangeEngine(
+                self.flat.numel, self.centre.dtype, lambda k: everyone, [everyone],
+                self.weighting, self.comm.stats, timeout=self.hp["timeout"],
+                on_round=self._move_centre)
+            self.engine.deposit(self.centre, version=0)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
         if not due(ctx.step, self.hp["period"]):
             return
         x = self.load_state()
-        self.mean.copy_(x)
-        self.comm.all_reduce_(self.mean, op="avg")
-        self._distance = float((x - self.centre).norm())
-        elastic_exchange(x, self.centre, self.mean, self.alpha, self.beta)
+        if self.engine is not None:
+            self._exchange_async(x, ctx.step)
+        elif self.hp["weighting"] == "uniform":
+            self.mean.copy_(x)
+            self.comm.all_reduce_(self.mean, op="avg")
+            self._distance = float((x - self.centre).norm())
+            elastic_exchange(x, self.centre, self.mean, self.alpha, self.beta)
+        else:
+            result = group_round(self.comm, x.clone(), ctx.step, self._global_rank(),
+                                 self.weighting, self.probe, self.exchanges)
+            self._last = result
+            self._distance = float((x - self.centre).norm())
+            if result.mean is not None:
+                elastic_exchange(x, self.centre, result.mean, self.alpha, self.beta)
+        self.exchanges += 1
         self.store_state(x)
 
+    def _global_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, self.rank) if self.group is not None \
+            else self.rank
+
+    def _move_centre(self, result: RoundResult) -> None:
+        """On the engine thread after each round: c <- c + beta (weighted mean - c)."""
+        with self.engine_lock:
+            before = self.centre.clone()
+            if result.mean is not None:
+                self.centre.add_(result.mean - self.centre, alpha=self.beta)
+            self._round_centre = (result.round, before)
+            self._last = result
+
+    @property
+    def engine_lock(self):
+        return self.engine.lock if self.engine is not None else _NoLock()
+
+    def _exchange_async(self, x: torch.Tensor, step: int) -> None:
+        engine = self.engine
+        engine.deposit(x, version=step)
+        engine.request(self.exchanges)
+        engine.pop(self.exchanges)  # waits for our round's communication only
+        with engine.lock:
+            _, centre = self._round_centre  # the newest round, which may be later than ours
+            self._distance = float((x - centre).norm())
+            x.sub_(x - centre, alpha=self.alpha)
+
     def consensus_params(self) -> list[torch.Tensor]:
-        return self.flat.split(self.centre)
+        with self.engine_lock:
+            return self.flat.split(self.centre.clone())
 
     def metrics(self) -> dict[str, float]:
-        return {"alpha": self.alpha, "beta": self.beta, "distance_to_centre": self._distance}
+        out = {"alpha": self.alpha, "beta": self.beta, "distance_to_centre": self._distance,
+               "exchanges": float(self.exchanges)}
+        with self.engine_lock:
+            last = self._last
+        if last is not None:
+            out["weight_min"] = float(min(last.weights))
+            out["staleness_max"] = float(max(last.staleness))
+        if self.engine is not None:
+            c = self.engine.counters
+            out.update({"own_stale": float(c.own_stale), "stale_received": float(c.stale_received),
+                        "staleness_mean": c.staleness_sum / max(c.received, 1),
+                        "wait_s": c.wait_s})
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        super().close()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "centre": self.centre.clone()}
+        with self.engine_lock:
+            return {**super().state_dict(), "centre": self.centre.clone()}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.centre.copy_(state["centre"])
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
