@@ -40,6 +40,7 @@ thread is re-raised in the compute thread at its next wait, naming the round.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -289,10 +290,17 @@ class ExchangeEngine:
             raise RuntimeError(f"rank {self.rank}: background exchange failed: "
                                f"{type(self._error).__name__}: {self._error}") from self._error
 
-    def close(self) -> None:
+    def close(self, abort: bool | None = None) -> None:
         """Collective: run one final token-only round, then join the thread and free the
-        process groups. Safe to call twice."""
+        process groups. Safe to call twice. ``abort`` (default: whether an exception is
+        propagating, e.g. close() in a ``finally`` after a failure) skips the final round:
+        the peers may be gone, and the daemon threads end with the process."""
         if self._thread is None:
+            return
+        if abort is None:
+            abort = sys.exc_info()[0] is not None
+        if abort:
+            self._thread = None
             return
         if self._thread.is_alive() and self._error is None:
             with self.lock:
