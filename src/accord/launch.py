@@ -88,7 +88,11 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
             procs.append(subprocess.Popen(cmd, env=worker_env(rank, cfg.workers, port),
                                           stdout=stdout, stderr=stderr,
                                           preexec_fn=_die_with_parent))
-        return _wait(procs, logs, cfg.timeout)
+        result = _wait(procs, logs, cfg.timeout)
+        if result.returncode:
+            _stop(procs)
+            _record_failure(out / "metrics.jsonl", result)
+        return result
     except KeyboardInterrupt:
         _stop(procs)
         return LaunchResult(130, None, "interrupted")
@@ -143,6 +147,30 @@ def _wait(procs: list[subprocess.Popen], logs: Path, timeout: float) -> LaunchRe
     if log_hint is not None:
         message += f" (log: {log_hint})"
     return LaunchResult(1, rank, message)
+
+
+def _record_failure(path: Path, result: LaunchResult) -> None:
+    """Close ``metrics.jsonl`` with a failed summary when rank 0 could not write one
+    (it was stopped while waiting on a peer that had died)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    if not records or records[-1].get("type") == "summary":
+        return
+    evals = [r for r in records if r.get("type") == "step"]
+    last = {k: v for k, v in (evals[-1] if evals else {}).items()
+            if k.startswith("eval_")}
+    record = {"type": "summary", "status": "failed", "failed_rank": result.failed_rank,
+              "error": result.message, **last}
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _root_cause(logs: Path, first: tuple[int, int]) -> tuple[int, int]:
