@@ -55,7 +55,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="algorithm hyperparameter, or a training setting the algorithm does "
                         "not define; prefix algo. or train. to choose")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                   help="inject a fault, e.g. crash:rank=1,step=5 (see accord.faults)")
+                   help="inject a fault (repeatable): delay:rank=R|random|all,seconds=X or "
+                        "median=X,sigma=S; slow:rank=R|random,factor=F; "
+                        "freeze:rank=R,start=A,end=B; nan:rank=R,step=S; crash/kill:rank=R,"
+                        "step=S; delay/slow take start=A,end=B (see accord.faults)")
+    p.add_argument("--nonfinite", default=d.nonfinite,
+                   help="a rank's NaN/Inf gradient: exclude (zero it, default), skip (every "
+                        "rank skips the step) or off")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -66,7 +72,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
         backend=args.backend, data_dir=args.data_dir, progress=not args.no_progress,
         label=args.label, tensorboard=args.tensorboard,
-        faults=list(args.fault))
+        faults=list(args.fault), nonfinite=args.nonfinite)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.workers is not None and args.workers != world:

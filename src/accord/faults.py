@@ -1,18 +1,61 @@
-"""Fault injection in a worker's loop, for testing what a run does when a worker fails.
+"""Seeded fault and straggler injection in a worker's loop, usable with every algorithm.
 
-Specs are ``KIND:key=value,...`` strings, checked before any worker starts:
+Specs are ``KIND:key=value,...`` strings (``accord train --fault SPEC``, repeatable), all
+parsed and checked before any worker starts. Steps count optimizer steps from 0; a window
+``start=A,end=B`` covers steps A..B-1 (default: the whole run).
 
-* ``crash:rank=R,step=S`` -- rank R raises an exception at the start of step S;
-* ``kill:rank=R,step=S``  -- rank R's process dies at once (SIGKILL) at step S.
+* ``delay:rank=R,seconds=X[,start=A,end=B]`` -- rank R sleeps X seconds after its
+  forward/backward of every step in the window (before the aggregator's first hook, i.e.
+  as extra compute).
+* ``delay:rank=R,median=X,sigma=S[,start,end]`` -- a lognormal delay per step with median
+  X seconds and log-standard-deviation S.
+* ``slow:rank=R,factor=F[,start,end]`` -- rank R's compute takes F times as long: after
+  its forward/backward it sleeps (F - 1) times the measured seconds of that compute.
+* ``rank=random`` (delay and slow): at every step ONE rank, drawn from a generator seeded
+  by (run seed, fault index, step) and therefore identical on every rank, gets the delay:
+  a transient straggler. ``rank=all`` (delay only): every rank, e.g. to emulate a fixed
+  compute time per step.
+* ``freeze:rank=R,start=A,end=B`` -- for steps A..B-1 rank R's compute is frozen: it keeps
+  taking part in every communication (both aggregator hooks run, so collectives match)
+  but does not learn: its gradients are zeroed before the aggregator sees them, and its
+  parameters and float buffers are restored to their values at the start of step A after
+  every step of the window. It keeps offering the same stale model.
+* ``nan:rank=R,step=S[,value=nan|inf]`` -- after backward at step S, rank R's gradients
+  are filled with NaN (or +inf). What happens next is the training loop's non-finite
+  guard (``--nonfinite``).
+* ``crash:rank=R,step=S`` -- rank R raises :class:`InjectedFault` at the start of step S.
+* ``kill:rank=R,step=S`` -- rank R's process dies at once (SIGKILL) at step S.
+
+Random draws come from ``torch.Generator`` seeded from (run seed, fault index, rank or
+step), so a run reproduces its delays exactly. Every injected event is returned to the
+loop as a dict ``{"step", "rank", "kind", ...}``; the loop logs them in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-KINDS = {"crash": ("rank", "step"), "kill": ("rank", "step")}
+import torch
+
+KEYS = {
+    "crash": {"rank", "step"},
+    "kill": {"rank", "step"},
+    "nan": {"rank", "step", "value"},
+    "freeze": {"rank", "start", "end"},
+    "delay": {"rank", "seconds", "median", "sigma", "start", "end"},
+    "slow": {"rank", "factor", "start", "end"},
+}
+REQUIRED = {
+    "crash": ("rank", "step"), "kill": ("rank", "step"), "nan": ("rank", "step"),
+    "freeze": ("rank", "start", "end"), "delay": ("rank",), "slow": ("rank", "factor"),
+}
+RANDOM, ALL = -1, -2
 
 
 class InjectedFault(RuntimeError):
@@ -22,44 +65,225 @@ class InjectedFault(RuntimeError):
 @dataclass(frozen=True)
 class Fault:
     kind: str
-    rank: int
-    step: int
+    rank: int  # RANDOM or ALL for the per-step choice / every rank
     spec: str
+    step: int = -1
+    start: int = 0
+    end: int = 1 << 62
+    seconds: float | None = None
+    median: float | None = None
+    sigma: float | None = None
+    factor: float | None = None
+    value: str = "nan"
+
+    def active(self, step: int) -> bool:
+        return self.start <= step < self.end
 
 
 def parse(spec: str, workers: int, steps: int) -> Fault:
+    """One spec -> Fault; ValueError naming the spec, the problem and what is allowed."""
     kind, _, rest = spec.partition(":")
-    if kind not in KINDS:
-        raise ValueError(f"fault {spec!r}: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
-    fields: dict[str, int] = {}
+    if kind not in KEYS:
+        raise ValueError(f"fault {spec!r}: unknown kind {kind!r}; allowed: "
+                         f"{', '.join(KEYS)}")
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"fault {spec!r}: {msg}")
+
+    raw: dict[str, str] = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
-        if not sep or key not in KINDS[kind]:
-            raise ValueError(f"fault {spec!r}: bad item {item!r}; allowed keys: "
-                             f"{', '.join(KINDS[kind])}")
-        try:
-            fields[key] = int(value)
-        except ValueError:
-            raise ValueError(f"fault {spec!r}: {key} must be an integer, got {value!r}") from None
-    missing = [k for k in KINDS[kind] if k not in fields]
+        key = key.strip()
+        if not sep or key not in KEYS[kind]:
+            raise bad(f"bad item {item!r}; allowed keys: {', '.join(sorted(KEYS[kind]))}")
+        raw[key] = value.strip()
+    missing = [k for k in REQUIRED[kind] if k not in raw]
     if missing:
-        raise ValueError(f"fault {spec!r}: missing {', '.join(missing)}")
-    if not 0 <= fields["rank"] < workers:
-        raise ValueError(f"fault {spec!r}: rank must be in [0, {workers - 1}]")
-    if not 0 <= fields["step"] < steps:
-        raise ValueError(f"fault {spec!r}: step must be in [0, {steps - 1}]")
-    return Fault(kind, fields["rank"], fields["step"], spec)
+        raise bad(f"missing {', '.join(missing)}")
+
+    def integer(key: str) -> int:
+        try:
+            return int(raw[key])
+        except ValueError:
+            raise bad(f"{key} must be an integer, got {raw[key]!r}") from None
+
+    def number(key: str, low: float, low_open: bool = False) -> float:
+        try:
+            x = float(raw[key])
+        except ValueError:
+            raise bad(f"{key} must be a number, got {raw[key]!r}") from None
+        if not math.isfinite(x) or x < low or (low_open and x == low):
+            raise bad(f"{key} must be a number {'>' if low_open else '>='} {low:g}, "
+                      f"got {raw[key]!r}")
+        return x
+
+    fields: dict[str, Any] = {}
+    text = raw["rank"]
+    if text == "random" and kind in ("delay", "slow"):
+        fields["rank"] = RANDOM
+    elif text == "all" and kind == "delay":
+        fields["rank"] = ALL
+    else:
+        rank = integer("rank")
+        if not 0 <= rank < workers:
+            extra = {"delay": ", 'random' or 'all'", "slow": " or 'random'"}.get(kind, "")
+            raise bad(f"rank must be in [0, {workers - 1}]{extra}, got {text!r}")
+        fields["rank"] = rank
+    if "step" in raw:
+        fields["step"] = integer("step")
+        if not 0 <= fields["step"] < steps:
+            raise bad(f"step must be in [0, {steps - 1}], got {raw['step']!r}")
+    for key in ("start", "end"):
+        if key in raw:
+            fields[key] = integer(key)
+    if "start" in fields or "end" in fields:
+        start, end = fields.get("start", 0), fields.get("end", steps)
+        if not 0 <= start < end <= steps:
+            raise bad(f"need 0 <= start < end <= {steps} (the run's steps), got start="
+                      f"{start}, end={end}")
+        fields["start"], fields["end"] = start, end
+    if kind == "delay":
+        fixed = "seconds" in raw
+        lognormal = "median" in raw or "sigma" in raw
+        if fixed == lognormal:
+            raise bad("give seconds=X (fixed) or median=X,sigma=S (lognormal)")
+        if fixed:
+            fields["seconds"] = number("seconds", 0.0)
+        else:
+            if "median" not in raw or "sigma" not in raw:
+                raise bad("a lognormal delay needs both median and sigma")
+            fields["median"] = number("median", 0.0, low_open=True)
+            fields["sigma"] = number("sigma", 0.0)
+    if kind == "slow":
+        fields["factor"] = number("factor", 1.0)
+    if kind == "nan":
+        value = raw.get("value", "nan")
+        if value not in ("nan", "inf"):
+            raise bad(f"value must be 'nan' or 'inf', got {value!r}")
+        fields["value"] = value
+    return Fault(kind=kind, spec=spec, **fields)
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    """A generator seeded from several integers (no Python hash: stable across runs)."""
+    seed = 0
+    for s in seeds:
+        seed = (seed * 1_000_003 + int(s) + 7919) % (2 ** 63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def random_rank(seed: int, index: int, step: int, workers: int) -> int:
+    """The rank a ``rank=random`` fault hits at ``step``: identical on every rank."""
+    return int(torch.randint(workers, (1,), generator=_generator(seed, index, step, 1)))
+
+
+def lognormal_delay(fault: Fault, seed: int, index: int, rank: int, step: int) -> float:
+    """The lognormal delay (seconds) of ``fault`` on ``rank`` at ``step``."""
+    z = float(torch.randn(1, generator=_generator(seed, index, step, rank, 2)))
+    return fault.median * math.exp(fault.sigma * z)
 
 
 class Injector:
-    def __init__(self, faults: list[Fault], rank: int) -> None:
-        self.faults = [f for f in faults if f.rank == rank]
+    """The faults of one rank, with the hooks the training loop calls:
+
+    ``before_step`` (crash, kill), ``after_compute`` (delay, slow: sleeps),
+    ``corrupt_grads`` (nan), ``frozen`` / ``freeze_grads`` / ``restore`` (freeze).
+    Events accumulate in ``events`` until the loop drains them with :meth:`drain`.
+    """
+
+    def __init__(self, faults: Iterable[Fault], rank: int, workers: int, seed: int = 0,
+                 sleep=time.sleep) -> None:
+        self.all = list(faults)
+        self.rank = rank
+        self.workers = workers
+        self.seed = seed
+        self.sleep = sleep
+        self.events: list[dict[str, Any]] = []
+        self._snapshot: list[torch.Tensor] | None = None
+
+    def _mine(self, kinds: tuple[str, ...]):
+        return [(i, f) for i, f in enumerate(self.all)
+                if f.kind in kinds and (f.rank == self.rank or f.rank in (RANDOM, ALL))]
 
     def before_step(self, step: int) -> None:
-        for f in self.faults:
+        for _, f in self._mine(("crash", "kill")):
             if f.step != step:
                 continue
+            self.events.append({"step": step, "rank": self.rank, "kind": f.kind})
             if f.kind == "crash":
                 raise InjectedFault(f"injected crash on rank {f.rank} at step {step}")
-            if f.kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def delay_seconds(self, step: int, compute_s: float) -> list[tuple[Fault, float]]:
+        """The delays this rank owes at ``step`` (without sleeping)."""
+        out = []
+        for i, f in self._mine(("delay", "slow")):
+            if not f.active(step):
+                continue
+            if f.rank == RANDOM and random_rank(self.seed, i, step, self.workers) != self.rank:
+                continue
+            if f.kind == "slow":
+                seconds = (f.factor - 1.0) * compute_s
+            elif f.seconds is not None:
+                seconds = f.seconds
+            else:
+                seconds = lognormal_delay(f, self.seed, i, self.rank, step)
+            out.append((f, seconds))
+        return out
+
+    def after_compute(self, step: int, compute_s: float) -> float:
+        """Sleep the delays owed at ``step``; returns the seconds slept."""
+        total = 0.0
+        for f, seconds in self.delay_seconds(step, compute_s):
+            if seconds > 0:
+                self.sleep(seconds)
+            total += seconds
+            if f.rank != ALL:  # a delay on every rank is the emulated compute, not an event
+                self.events.append({"step": step, "rank": self.rank, "kind": f.kind,
+                                    "seconds": round(seconds, 6)})
+        return total
+
+    def corrupt_grads(self, step: int, params: Iterable[torch.Tensor]) -> bool:
+        hit = False
+        for _, f in self._mine(("nan",)):
+            if f.step != step:
+                continue
+            value = float("nan") if f.value == "nan" else float("inf")
+            for p in params:
+                if p.grad is not None:
+                    p.grad.fill_(value)
+            self.events.append({"step": step, "rank": self.rank, "kind": "nan",
+                                "value": f.value})
+            hit = True
+        return hit
+
+    def frozen(self, step: int) -> bool:
+        return any(f.active(step) for _, f in self._mine(("freeze",)))
+
+    @torch.no_grad()
+    def freeze_grads(self, step: int, tensors: list[torch.Tensor],
+                     params: Iterable[torch.Tensor]) -> None:
+        """At a frozen step, before the aggregator: snapshot (first frozen step), zero
+        the gradients."""
+        if self._snapshot is None:
+            self._snapshot = [t.detach().clone() for t in tensors]
+            self.events.append({"step": step, "rank": self.rank, "kind": "freeze"})
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def restore(self, step: int, tensors: list[torch.Tensor]) -> None:
+        """At a frozen step, after the aggregator's last hook: back to the snapshot; the
+        snapshot is dropped after the window's last step."""
+        if self._snapshot is None:
+            return
+        for t, s in zip(tensors, self._snapshot, strict=True):
+            t.copy_(s)
+        if not self.frozen(step + 1):
+            self._snapshot = None
+            self.events.append({"step": step, "rank": self.rank, "kind": "unfreeze"})
+
+    def drain(self) -> list[dict[str, Any]]:
+        out, self.events = self.events, []
+        return out

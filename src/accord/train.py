@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 BACKENDS = ("gloo", "nccl")
+NONFINITE = ("exclude", "skip", "off")
 
 
 class ConfigError(ValueError):
@@ -66,10 +67,11 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
+    nonfinite: str = "exclude"  # a rank's non-finite gradient: exclude it, skip the step, off
 
     # -- settings reachable with --set key=value when the algorithm has no such key --------
     SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
-                "oracle_lr", "log_every", "timeout")
+                "oracle_lr", "log_every", "timeout", "nonfinite")
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else get_task(self.task).default_lr
@@ -92,7 +94,8 @@ class TrainConfig:
                 "--steps", str(self.steps), "--seed", str(self.seed), "--out", self.out,
                 "--accum-steps", str(self.accum_steps), "--optimizer", self.optimizer,
                 "--weight-decay", repr(self.weight_decay), "--log-every", str(self.log_every),
-                "--timeout", repr(self.timeout), "--backend", self.backend]
+                "--timeout", repr(self.timeout), "--backend", self.backend,
+                "--nonfinite", self.nonfinite]
         if self.lr is not None:
             argv += ["--lr", repr(self.lr)]
         if self.batch_size is not None:
@@ -197,6 +200,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     need(cfg.log_every >= 1, "log_every", "an integer >= 1", cfg.log_every)
     need(cfg.timeout > 0, "timeout", "seconds > 0", cfg.timeout)
     need(cfg.backend in BACKENDS, "backend", ", ".join(BACKENDS), cfg.backend)
+    need(cfg.nonfinite in NONFINITE, "nonfinite", ", ".join(NONFINITE), cfg.nonfinite)
     need(not cfg.tensorboard or tensorboard_available(), "tensorboard",
          "only with the tensorboard package installed (pip install tensorboard)",
          cfg.tensorboard)
@@ -238,6 +242,16 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def nonfinite_grads(params) -> bool:
+    """True if any gradient of ``params`` holds a NaN or an Inf (one fused check)."""
+    total = None
+    for p in params:
+        if p.grad is not None:
+            s = p.grad.detach().float().sum()  # NaN or Inf anywhere makes the sum non-finite
+            total = s if total is None else total + s
+    return total is not None and not bool(torch.isfinite(total))
 
 
 def _finite(x: float) -> float | None:
@@ -327,9 +341,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     task = get_task(cfg.task)(cfg.seed, cfg.data_dir)
     model = task.build_model()
     optimizer = make_optimizer(cfg, model.parameters())
-    agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(),
-                           **cfg.hyperparameters)
-    injector = faults.Injector([faults.parse(s, world, cfg.steps) for s in cfg.faults], rank)
+    hp = dict(cfg.hyperparameters)
+    spec = algorithms.get(cfg.algo).hyperparameters
+    if "timeout" in spec and "timeout" not in hp:  # background rounds follow the run's timeout
+        hp["timeout"] = cfg.timeout
+    agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(), **hp)
+    injector = faults.Injector([faults.parse(s, world, cfg.steps) for s in cfg.faults], rank,
+                               world, cfg.seed)
+    state = _state_tensors(model)
+    params = list(model.parameters())
+    events: dict[str, int] = {}
+    pending = 0
     stream = task.train_stream(rank, cfg.resolved_batch_size())
     loop_comm = Communicator()  # for logging only; not counted as the algorithm's traffic
     probe = ConsensusProbe(model, loop_comm)
@@ -345,17 +367,26 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
             injector.before_step(step)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros(())
+            compute_start = time.perf_counter()
             for _ in range(cfg.accum_steps):
                 loss = task.loss(model, next(stream))
                 (loss / cfg.accum_steps).backward()
                 loss_sum += loss.detach()
+            injector.after_compute(step, time.perf_counter() - compute_start)
+            injector.corrupt_grads(step, params)
+            frozen = injector.frozen(step)
+            if frozen:
+                injector.freeze_grads(step, state, params)
             ctx = StepContext(step=step, loss=loss_sum / cfg.accum_steps)
-            agg.after_backward(ctx)
-            if cfg.oracle_lr:
-                for group in optimizer.param_groups:
-                    group["lr"] = task.oracle_lr(model)
-            optimizer.step()
-            agg.after_step(ctx)
+            if _guard(cfg.nonfinite, params, loop_comm, injector, step, rank):
+                agg.after_backward(ctx)
+                if cfg.oracle_lr:
+                    for group in optimizer.param_groups:
+                        group["lr"] = task.oracle_lr(model)
+                optimizer.step()
+                agg.after_step(ctx)
+            if frozen:
+                injector.restore(step, state)
 
             value = float(ctx.loss)
             running = value if running is None else 0.9 * running + 0.1 * value
@@ -365,7 +396,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
             if (step + 1) % cfg.log_every == 0 or last:
                 mean_loss = loop_comm.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
                 consensus_model, distance = probe.measure(agg)
+                new_events = _gather_events(injector.drain(), world)
                 if writer is not None:
+                    for event in new_events:
+                        writer.write({"type": "event", **event})
+                        events[event["kind"]] = events.get(event["kind"], 0) + 1
+                    pending = len(new_events)
                     evaluation = task.evaluate(consensus_model)
                     replica = task.evaluate(model)
                     stats = agg.comm.stats
@@ -376,7 +412,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                                   "consensus_distance": _finite(distance),
                                   "time_s": time.perf_counter() - start,
                                   "comm_bytes": stats.bytes, "comm_calls": stats.calls,
-                                  "comm_s": stats.seconds,
+                                  "comm_s": stats.seconds, "events": pending,
                                   "algo": {k: _finite(v) for k, v in agg.metrics().items()}})
                     writer.last_eval = {k: _finite(v) for k, v in evaluation.items()}
                 if bar is not None:
@@ -386,16 +422,56 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         stats = agg.comm.stats
         mean_bytes = loop_comm.all_reduce_(torch.tensor([float(stats.bytes)],
                                                         dtype=torch.float64), op="avg")
+        # each worker's own wall time: asynchronous algorithms let fast workers finish first
+        worker_times = loop_comm.all_gather(torch.tensor([elapsed], dtype=torch.float64))
         summary = None
         if writer is not None:
             summary = {"type": "summary", "status": "ok", "steps": cfg.steps,
                        "time_s": elapsed, "steps_per_s": cfg.steps / elapsed,
                        "comm_bytes": stats.bytes, "comm_bytes_mean": float(mean_bytes),
                        "comm_calls": stats.calls,
-                       "comm_s": stats.seconds, "comm": stats.as_dict(), **writer.last_eval}
+                       "comm_s": stats.seconds, "comm": stats.as_dict(),
+                       "worker_time_s": [float(t) for t in worker_times.reshape(-1)],
+                       "events": events, **writer.last_eval}
             writer.write(summary)
         return summary
     finally:
         if bar is not None:
             bar.close()
         agg.close()
+
+
+def _guard(mode: str, params, comm: Communicator, injector: faults.Injector, step: int,
+           rank: int) -> bool:
+    """The non-finite gradient guard; False when this step must be skipped (every rank
+    then skips it). exclude: a rank with a non-finite gradient zeroes it (local);
+    skip: one 1-number MAX allreduce, and all ranks skip if any had one; off: nothing."""
+    if mode == "off":
+        return True
+    bad = nonfinite_grads(params)
+    if mode == "exclude":
+        if bad:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.zero_()
+            injector.events.append({"step": step, "rank": rank, "kind": "nonfinite_grad",
+                                    "action": "excluded"})
+        return True
+    flag = comm.all_reduce_(torch.tensor([float(bad)]), op="max")
+    if bool(flag[0] > 0):
+        if bad:
+            injector.events.append({"step": step, "rank": rank, "kind": "nonfinite_grad",
+                                    "action": "skipped step"})
+        return False
+    return True
+
+
+def _gather_events(mine: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
+    """Every rank's events since the last record, on rank 0 (collective), ordered by
+    (step, rank)."""
+    if world == 1:
+        return mine
+    gathered: list[list[dict[str, Any]] | None] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    out = [e for part in gathered for e in (part or [])]
+    return sorted(out, key=lambda e: (e["step"], e["rank"]))
