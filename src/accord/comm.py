@@ -166,6 +166,26 @@ class Communicator:
         return recv
 
 
+    def multi_exchange_(
+        self,
+        sends: Sequence[tuple[torch.Tensor, int]],
+        recvs: Sequence[tuple[torch.Tensor, int]],
+        kind: str = "exchange",
+    ) -> None:
+        """Post every send ``(tensor, dst)`` and receive ``(tensor, src)`` of one step in a
+        single batch and wait for all of them: asymmetric patterns (i pulls from j while j
+        pulls from k) cannot deadlock. Bytes: the payload this rank sends."""
+        for t, _ in [*sends, *recvs]:
+            self._check(t)
+        start = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, t, self._global(dst), self.group) for t, dst in sends]
+        ops += [dist.P2POp(dist.irecv, t, self._global(src), self.group) for t, src in recvs]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        self.stats.record(kind, sum(_nbytes(t) for t, _ in sends), time.perf_counter() - start)
+
+
 class FlatBuffer:
     """One preallocated contiguous buffer mirroring a list of tensors of one dtype/device.
 
