@@ -15,6 +15,14 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
   0.99, per-layer ACGA and AdaSum, at 4 and 8 workers, 3 seeds.
 * ``elastic`` -- allreduce, local_sgd, easgd, EAMSGD, lsgd and grawa on digits with 8
   workers at periods 1, 4 and 16, 3 seeds.
+* ``stragglers`` -- allreduce, wagma (wait-avoiding and synchronous), gossip,
+  elastic_gossip, dpsgd, local_sgd and asynchronous easgd on digits with 8 workers, each
+  worker's compute emulated as a 40 ms sleep, under a transient 4x straggler (one random
+  rank per step) and a persistent one (rank 3).
+* ``scaling`` -- the same algorithms at 2, 4 and 8 workers, short runs, for bytes per
+  worker per step.
+* ``failures`` -- easgd with uniform and with dynamic weighting, 8 workers, ranks 2 and 5
+  frozen for the middle third of 300 steps, 3 seeds.
 * ``all`` -- every preset above.
 """
 
@@ -99,10 +107,70 @@ def _elastic() -> list[RunSpec]:
     return _matrix(arms, [("digits", 400, {"lr": 0.05, "batch_size": 16})], [8], [0, 1, 2])
 
 
+#: every worker's step compute is emulated by a sleep of this many seconds (on top of the
+#: real, tiny digits step) so that 8 workers on 2 cores behave like 8 machines; a 4x
+#: straggler sleeps 3 more of them
+COMPUTE_S = 0.04
+STRAGGLER_STEPS = 200
+PATTERNS = {
+    "transient": f"delay:rank=random,seconds={3 * COMPUTE_S:g}",
+    "persistent": f"delay:rank=3,seconds={3 * COMPUTE_S:g}",
+}
+
+
+def _decentralized_arms() -> list[tuple[str, str, dict, dict]]:
+    return [("allreduce", "allreduce", {}, {}),
+            ("wagma", "wagma", {"wait_avoiding": True}, {}),
+            ("wagma-sync", "wagma", {"wait_avoiding": False}, {}),
+            ("gossip", "gossip", {}, {}),
+            ("elastic_gossip", "elastic_gossip", {}, {}),
+            ("dpsgd", "dpsgd", {}, {}),
+            ("local_sgd", "local_sgd", {"period": 4}, {}),
+            ("easgd-async", "easgd", {"period": 4, "asynchronous": True}, {})]
+
+
+def _stragglers() -> list[RunSpec]:
+    """8 workers on digits under a transient (one random rank per step) and a persistent
+    (rank 3 throughout) 4x straggler; only the final record is logged, because a metrics
+    record synchronises all workers."""
+    specs = []
+    for pattern, fault in PATTERNS.items():
+        faults = [f"delay:rank=all,seconds={COMPUTE_S:g}", fault]
+        arms = [(f"{pattern}-{label}", algo, hp, {"faults": faults,
+                                                  "log_every": STRAGGLER_STEPS})
+                for label, algo, hp, _ in _decentralized_arms()]
+        specs += _matrix(arms, [("digits", STRAGGLER_STEPS, {"lr": 0.05, "batch_size": 16})],
+                         [8], [0])
+    return specs
+
+
+def _scaling() -> list[RunSpec]:
+    """Bytes per worker per step at 2, 4 and 8 workers (no faults, short runs)."""
+    arms = [(label, algo, hp, {"log_every": 24}) for label, algo, hp, _ in
+            _decentralized_arms()]
+    return _matrix(arms, [("digits", 24, {"lr": 0.05, "batch_size": 16})], [2, 4, 8], [0])
+
+
+def _failures() -> list[RunSpec]:
+    """EASGD with uniform vs dynamic weighting, two of 8 workers frozen for the middle
+    third of training."""
+    steps = 300
+    third = steps // 3
+    faults = [f"freeze:rank={r},start={third},end={2 * third}" for r in (2, 5)]
+    arms = [("easgd-uniform", "easgd", {"period": 4, "weighting": "uniform"}, {}),
+            ("easgd-dynamic", "easgd", {"period": 4, "weighting": "dynamic"}, {})]
+    arms = [(label, algo, hp, {"faults": faults}) for label, algo, hp, _ in arms]
+    return _matrix(arms, [("digits", steps, {"lr": 0.05, "batch_size": 16})], [8],
+                   [0, 1, 2])
+
+
 PRESETS: dict[str, Callable[[], list[RunSpec]]] = {
     "quick": _quick,
     "acga-ablation": _acga_ablation,
     "elastic": _elastic,
+    "stragglers": _stragglers,
+    "scaling": _scaling,
+    "failures": _failures,
 }
 
 

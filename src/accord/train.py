@@ -387,6 +387,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 agg.after_step(ctx)
             if frozen:
                 injector.restore(step, state)
+            train_end = time.perf_counter()  # before the record's collectives wait for others
 
             value = float(ctx.loss)
             running = value if running is None else 0.9 * running + 0.1 * value
@@ -423,7 +424,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         mean_bytes = loop_comm.all_reduce_(torch.tensor([float(stats.bytes)],
                                                         dtype=torch.float64), op="avg")
         # each worker's own wall time: asynchronous algorithms let fast workers finish first
-        worker_times = loop_comm.all_gather(torch.tensor([elapsed], dtype=torch.float64))
+        worker_times = loop_comm.all_gather(torch.tensor([train_end - start],
+                                                         dtype=torch.float64))
         summary = None
         if writer is not None:
             summary = {"type": "summary", "status": "ok", "steps": cfg.steps,
