@@ -124,9 +124,12 @@ def parse(spec: str, workers: int, steps: int) -> Fault:
     elif text == "all" and kind == "delay":
         fields["rank"] = ALL
     else:
-        rank = integer("rank")
+        extra = {"delay": ", 'random' or 'all'", "slow": " or 'random'"}.get(kind, "")
+        try:
+            rank = int(text)
+        except ValueError:
+            rank = -1
         if not 0 <= rank < workers:
-            extra = {"delay": ", 'random' or 'all'", "slow": " or 'random'"}.get(kind, "")
             raise bad(f"rank must be in [0, {workers - 1}]{extra}, got {text!r}")
         fields["rank"] = rank
     if "step" in raw:

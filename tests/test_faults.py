@@ -1,0 +1,178 @@
+"""Fault and straggler injection and the non-finite gradient guard.
+
+Parsing and the seeded draws are checked directly; behaviour is checked through the real
+training loop (``run_worker``) on gloo worlds of 2, reading what rank 0 logged.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from worlds import run_world
+
+from accord import faults
+from accord.metrics import read_metrics
+from accord.train import TrainConfig, run_worker
+
+
+@pytest.mark.parametrize("spec", [
+    "crash:rank=1,step=3", "kill:rank=0,step=0", "nan:rank=1,step=2", "nan:rank=1,step=2,value=inf",
+    "freeze:rank=1,start=2,end=5", "delay:rank=1,seconds=0.5", "delay:rank=random,seconds=0",
+    "delay:rank=all,seconds=0.01,start=1,end=3", "delay:rank=0,median=0.1,sigma=0.5",
+    "slow:rank=random,factor=4", "slow:rank=1,factor=1,start=0,end=10",
+])
+def test_every_kind_parses(spec):
+    f = faults.parse(spec, workers=2, steps=10)
+    assert f.spec == spec and f.kind == spec.split(":")[0]
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("boom:rank=0,step=1", "unknown kind 'boom'"),
+    ("crash:rank=2,step=1", "rank must be in [0, 1]"),
+    ("crash:rank=0", "missing step"),
+    ("crash:rank=0,step=10", "step must be in [0, 9]"),
+    ("crash:rank=0,step=x", "step must be an integer"),
+    ("freeze:rank=0,start=5,end=5", "start < end"),
+    ("freeze:rank=0,start=0,end=11", "end <= 10"),
+    ("slow:rank=0,factor=0.5", "factor must be a number >= 1"),
+    ("delay:rank=0", "give seconds=X"),
+    ("delay:rank=0,seconds=1,median=1,sigma=1", "give seconds=X"),
+    ("delay:rank=0,median=1", "needs both median and sigma"),
+    ("delay:rank=0,seconds=-1", "seconds must be a number >= 0"),
+    ("nan:rank=0,step=1,value=zero", "value must be 'nan' or 'inf'"),
+    ("slow:rank=all,factor=2", "rank must be in"),
+    ("crash:rank=random,step=1", "rank must be in"),
+    ("delay:rank=0,seconds=1,speed=2", "bad item 'speed=2'"),
+])
+def test_bad_specs_are_one_line_errors(spec, needle):
+    with pytest.raises(ValueError) as err:
+        faults.parse(spec, workers=2, steps=10)
+    message = str(err.value)
+    assert needle in message and spec in message and "\n" not in message
+
+
+def test_random_rank_is_shared_reproducible_and_covers_the_ranks():
+    picks = [faults.random_rank(3, 1, step, 8) for step in range(400)]
+    assert picks == [faults.random_rank(3, 1, step, 8) for step in range(400)]
+    assert picks != [faults.random_rank(4, 1, step, 8) for step in range(400)]
+    counts = [picks.count(r) for r in range(8)]
+    assert min(counts) > 25 and max(counts) < 80  # 50 expected each
+    # every rank's injector agrees on who is slow at each step
+    spec = faults.parse("delay:rank=random,seconds=0.5", 8, 400)
+    owed = [[bool(faults.Injector([spec], r, 8, seed=3).delay_seconds(s, 0.0))
+             for r in range(8)] for s in range(50)]
+    assert all(sum(row) == 1 for row in owed)
+    assert [row.index(True) for row in owed] == [faults.random_rank(3, 0, s, 8)
+                                                 for s in range(50)]
+
+
+def test_lognormal_delays_have_the_requested_median_and_reproduce():
+    f = faults.parse("delay:rank=0,median=0.2,sigma=0.5", 2, 4000)
+    draws = [faults.lognormal_delay(f, 9, 0, 0, s) for s in range(4000)]
+    assert draws == [faults.lognormal_delay(f, 9, 0, 0, s) for s in range(4000)]
+    assert statistics.median(draws) == pytest.approx(0.2, rel=0.05)
+    logs = [math.log(d) for d in draws]
+    assert statistics.stdev(logs) == pytest.approx(0.5, rel=0.05)
+
+
+def test_injector_sleeps_and_records_delays_in_their_window():
+    slept = []
+    specs = [faults.parse(s, 2, 10) for s in ("delay:rank=1,seconds=0.25,start=2,end=4",
+                                              "slow:rank=1,factor=3", "delay:rank=all,seconds=0.1")]
+    inj = faults.Injector(specs, 1, 2, seed=0, sleep=slept.append)
+    totals = [inj.after_compute(step, compute_s=0.01) for step in range(5)]
+    assert totals == pytest.approx([0.12, 0.12, 0.37, 0.37, 0.12])
+    assert slept == pytest.approx([0.02, 0.1, 0.02, 0.1, 0.25, 0.02, 0.1, 0.25, 0.02, 0.1,
+                                   0.02, 0.1])
+    kinds = [(e["step"], e["kind"]) for e in inj.drain()]
+    # the every-rank delay is emulated compute, not an event
+    assert kinds == [(0, "slow"), (1, "slow"), (2, "delay"), (2, "slow"), (3, "delay"),
+                     (3, "slow"), (4, "slow")]
+    assert faults.Injector(specs, 0, 2, sleep=slept.append).after_compute(0, 0.01) == \
+        pytest.approx(0.1)
+
+
+def _runs(rank, world, base, runs):
+    out = {}
+    for name, (algo, hp, extra) in runs.items():
+        cfg = TrainConfig(algo=algo, task="digits", workers=world, steps=8, seed=1,
+                          out=f"{base}/{name}", progress=False, log_every=1, lr=0.05,
+                          hyperparameters=dict(hp), **extra)
+        run_worker(cfg)
+        if rank == 0:
+            out[name] = read_metrics(f"{base}/{name}/metrics.jsonl")
+    return out
+
+
+RUNS = {
+    "off_allreduce": ("allreduce", {}, {"faults": ["nan:rank=1,step=2"], "nonfinite": "off"}),
+    "exclude_allreduce": ("allreduce", {}, {"faults": ["nan:rank=1,step=2"]}),
+    "skip_allreduce": ("allreduce", {}, {"faults": ["nan:rank=1,step=2,value=inf"],
+                                         "nonfinite": "skip"}),
+    "off_local": ("local_sgd", {"period": 2}, {"faults": ["nan:rank=1,step=2"],
+                                               "nonfinite": "off"}),
+    "exclude_local": ("local_sgd", {"period": 2}, {"faults": ["nan:rank=1,step=2"]}),
+    "skip_local": ("local_sgd", {"period": 2}, {"faults": ["nan:rank=1,step=2"],
+                                                "nonfinite": "skip"}),
+    "exclude_wagma": ("wagma", {"period": 3}, {"faults": ["nan:rank=1,step=2"]}),
+    "freeze": ("local_sgd", {"period": 100}, {"faults": ["freeze:rank=0,start=3,end=6",
+                                                         "delay:rank=1,seconds=0.01",
+                                                         "slow:rank=0,factor=2,start=7"]}),
+}
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    base = tmp_path_factory.mktemp("faults")
+    return run_world(_runs, 2, str(base), RUNS)[0]
+
+
+def _steps(records):
+    return [r for r in records if r["type"] == "step"]
+
+
+def test_nan_reaches_the_other_rank_only_without_the_guard(logged):
+    for algo in ("allreduce", "local"):
+        off = _steps(logged[f"off_{algo}"])
+        # the NaN of rank 1 at step 2 poisons rank 0's replica through the average
+        assert all(r["rank0_eval_loss"] is not None for r in off[:2])
+        assert all(r["rank0_eval_loss"] is None for r in off[4:])
+        for mode in ("exclude", "skip"):
+            records = logged[f"{mode}_{algo}"]
+            steps = _steps(records)
+            assert all(r["rank0_eval_loss"] is not None and r["eval_loss"] is not None
+                       and r["loss"] is not None for r in steps)
+            events = [r for r in records if r["type"] == "event"]
+            assert [(e["step"], e["rank"], e["kind"]) for e in events] == \
+                [(2, 1, "nan"), (2, 1, "nonfinite_grad")]
+            assert records[-1]["events"] == {"nan": 1, "nonfinite_grad": 1}
+    assert all(r["eval_loss"] is not None for r in _steps(logged["exclude_wagma"]))
+
+
+def test_skip_mode_skips_the_step_on_every_rank(logged):
+    for algo in ("allreduce", "local"):
+        skip = _steps(logged[f"skip_{algo}"])
+        exclude = _steps(logged[f"exclude_{algo}"])
+        # records are after steps 0..7: step 2 left rank 0's model as it was after step 1
+        assert skip[2]["rank0_eval_loss"] == skip[1]["rank0_eval_loss"]
+        assert exclude[2]["rank0_eval_loss"] != exclude[1]["rank0_eval_loss"]
+        assert skip[3]["rank0_eval_loss"] != skip[2]["rank0_eval_loss"]
+
+
+def test_frozen_rank_keeps_its_snapshot_for_the_window(logged):
+    records = logged["freeze"]
+    losses = [r["rank0_eval_loss"] for r in _steps(records)]
+    # snapshot = the model after step 2 (record 2); steps 3, 4, 5 are frozen
+    assert losses[2] == losses[3] == losses[4] == losses[5]
+    assert losses[6] != losses[5] and losses[1] != losses[2]
+    events = [(e["step"], e["rank"], e["kind"]) for e in records if e["type"] == "event"]
+    assert (3, 0, "freeze") in events and (5, 0, "unfreeze") in events
+    delays = [e for e in records if e["type"] == "event" and e["kind"] == "delay"]
+    assert [e["step"] for e in delays] == list(range(8))
+    assert all(e["rank"] == 1 and e["seconds"] == 0.01 for e in delays)
+    slow = [e for e in records if e["type"] == "event" and e["kind"] == "slow"]
+    assert [e["step"] for e in slow] == [7] and slow[0]["seconds"] > 0
+    summary = records[-1]
+    assert summary["events"]["delay"] == 8 and len(summary["worker_time_s"]) == 2
