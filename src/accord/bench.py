@@ -9,7 +9,7 @@ fails is recorded in ``OUT/bench.jsonl`` with its error and the bench goes on.
 Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
 
 * ``quick`` -- digits, 4 workers, one seed: allreduce, normalized, acga, local_sgd, easgd
-  (and wagma once registered). The ``make demo`` default.
+  and wagma. The ``make demo`` default.
 * ``acga-ablation`` -- the AdaCons toy (oracle step size) and digits with small per-worker
   batches (worker gradients disagree): averaging, normalised averaging, ACGA beta 0 / 0.9 /
   0.99, per-layer ACGA and AdaSum, at 4 and 8 workers, 3 seeds.
@@ -35,7 +35,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import algorithms
 from .launch import launch
 from .metrics import read_metrics
 from .train import ConfigError, TrainConfig, apply_settings, validate
@@ -74,9 +73,7 @@ def _matrix(arms: list[tuple[str, str, dict, dict]], tasks: list[tuple[str, int,
 def _quick() -> list[RunSpec]:
     arms = [("allreduce", "allreduce", {}, {}), ("normalized", "normalized", {}, {}),
             ("acga", "acga", {}, {}), ("local_sgd", "local_sgd", {"period": 4}, {}),
-            ("easgd", "easgd", {"period": 4}, {})]
-    if "wagma" in algorithms.REGISTRY:
-        arms.append(("wagma", "wagma", {}, {}))
+            ("easgd", "easgd", {"period": 4}, {}), ("wagma", "wagma", {}, {})]
     return _matrix(arms, [("digits", 300, {"optimizer": "adam", "lr": 3e-3})], [4], [0])
 
 
