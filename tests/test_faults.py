@@ -176,3 +176,33 @@ def test_frozen_rank_keeps_its_snapshot_for_the_window(logged):
     assert [e["step"] for e in slow] == [7] and slow[0]["seconds"] > 0
     summary = records[-1]
     assert summary["events"]["delay"] == 8 and len(summary["worker_time_s"]) == 2
+
+
+def _every_algorithm_with_a_nan(rank, world, base):
+    from accord import algorithms
+
+    variants = {algo: {"period": 2} if "period" in cls.hyperparameters else {}
+                for algo, cls in algorithms.REGISTRY.items()}
+    variants["easgd"]["asynchronous"] = True
+    out = {}
+    for algo, hp in variants.items():
+        cfg = TrainConfig(algo=algo, task="digits", workers=world, steps=6, log_every=1,
+                          out=f"{base}/{algo}", progress=False, hyperparameters=hp,
+                          faults=[f"nan:rank={world - 1},step=1"])
+        run_worker(cfg)
+        if rank == 0:
+            out[algo] = read_metrics(f"{base}/{algo}/metrics.jsonl")
+    return out
+
+
+def test_a_nan_gradient_never_reaches_another_rank_under_any_algorithm(tmp_path):
+    from accord import algorithms
+
+    logged = run_world(_every_algorithm_with_a_nan, 2, str(tmp_path))[0]
+    assert set(logged) == set(algorithms.REGISTRY)
+    for algo, records in logged.items():
+        steps = _steps(records)
+        assert len(steps) == 6, algo
+        for r in steps:  # rank 0's own replica and the consensus stay finite
+            assert r["rank0_eval_loss"] is not None and r["eval_loss"] is not None, algo
+        assert records[-1]["events"] == {"nan": 1, "nonfinite_grad": 1}, algo

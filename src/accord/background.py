@@ -208,6 +208,10 @@ class ExchangeEngine:
     ) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        if len(set().union(*map(set, all_groups))) != self.world_size:
+            raise ValueError("the background engine spans the default process group: its "
+                             "groups must cover every rank (use the synchronous variant on "
+                             "a subgroup)")
         self.group_of = group_of
         self.weighting = weighting
         self.on_round = on_round
