@@ -10,11 +10,12 @@ import math
 import statistics
 
 import pytest
+import torch
 from worlds import run_world
 
-from accord import faults
+from accord import cli, faults
 from accord.metrics import read_metrics
-from accord.train import TrainConfig, run_worker
+from accord.train import ConfigError, TrainConfig, nonfinite_grads, run_worker, validate
 
 
 @pytest.mark.parametrize("spec", [
@@ -31,7 +32,9 @@ def test_every_kind_parses(spec):
 @pytest.mark.parametrize("spec,needle", [
     ("boom:rank=0,step=1", "unknown kind 'boom'"),
     ("crash:rank=2,step=1", "rank must be in [0, 1]"),
-    ("crash:rank=0", "missing step"),
+    ("crash:rank=0", "missing step; crash needs rank, step"),
+    ("crash:rank=0,step=1,step=2", "step given twice"),
+    ("freeze:rank=0,start=1", "missing end"),
     ("crash:rank=0,step=10", "step must be in [0, 9]"),
     ("crash:rank=0,step=x", "step must be an integer"),
     ("freeze:rank=0,start=5,end=5", "start < end"),
@@ -94,12 +97,67 @@ def test_injector_sleeps_and_records_delays_in_their_window():
         pytest.approx(0.1)
 
 
+def test_nonfinite_grads_is_exact():
+    a, b, c = (torch.zeros(3, requires_grad=True) for _ in range(3))
+    assert not nonfinite_grads([a, b]) and not nonfinite_grads([])  # no gradients at all
+    a.grad, b.grad = torch.full((3,), 3e38), torch.full((3,), -3e38)
+    assert not nonfinite_grads([a, b, c])  # huge but finite: no overflow, c has no grad
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        b.grad = torch.tensor([0.0, bad, 0.0])
+        assert nonfinite_grads([a, b, c])
+
+
+def test_freeze_restores_parameters_and_buffers_every_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    state = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    inj = faults.Injector([faults.parse("freeze:rank=1,start=1,end=3", 2, 5)], 1, 2)
+    seen = []
+    for step in range(5):
+        frozen = inj.freeze_active(step)
+        if frozen:
+            inj.freeze_snapshot(step, state)
+        opt.zero_grad()
+        model(torch.randn(8, 3)).pow(2).sum().backward()  # updates the BN statistics too
+        if frozen:
+            inj.freeze_grads(step, state, params)
+            assert all(float(p.grad.abs().sum()) == 0 for p in params)
+            seen.append([t.clone() for t in state])  # what the aggregator would see
+        opt.step()  # momentum from step 0 still moves a zero-gradient model
+        if frozen:
+            inj.restore(step, state)
+        seen.append([t.clone() for t in state])
+    # seen: after 0, [offered 1, after 1, offered 2, after 2], after 3, after 4
+    snapshot = seen[0]
+    for later in seen[1:5]:
+        assert all(torch.equal(x, y) for x, y in zip(snapshot, later, strict=True))
+    assert not torch.equal(seen[5][0], snapshot[0])  # learns again at step 3
+    assert [(e["step"], e["kind"]) for e in inj.drain()] == [(1, "freeze"), (2, "unfreeze")]
+    assert not faults.Injector(inj.all, 0, 2).freeze_active(1)  # only rank 1 is frozen
+
+
+def test_nonfinite_setting_is_validated_and_reaches_the_workers(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path), nonfinite="sometimes")
+    with pytest.raises(ConfigError, match=r"^nonfinite: got 'sometimes', allowed: exclude, "
+                                          r"skip, off$"):
+        validate(cfg)
+    cfg = TrainConfig(out=str(tmp_path), nonfinite="skip", steps=20,
+                      faults=["delay:rank=random,median=0.01,sigma=1,start=3,end=9",
+                              "nan:rank=1,step=4,value=inf"])
+    validate(cfg)
+    args = cli.build_parser().parse_args(["train", *cfg.to_argv()])
+    again = cli._config_from_args(args)
+    assert again.nonfinite == "skip" and again.faults == cfg.faults
+
+
 def _runs(rank, world, base, runs):
     out = {}
     for name, (algo, hp, extra) in runs.items():
-        cfg = TrainConfig(algo=algo, task="digits", workers=world, steps=8, seed=1,
-                          out=f"{base}/{name}", progress=False, log_every=1, lr=0.05,
-                          hyperparameters=dict(hp), **extra)
+        settings = {"steps": 8, "seed": 1, "log_every": 1, "lr": 0.05, **extra}
+        cfg = TrainConfig(algo=algo, task="digits", workers=world, out=f"{base}/{name}",
+                          progress=False, hyperparameters=dict(hp), **settings)
         run_worker(cfg)
         if rank == 0:
             out[name] = read_metrics(f"{base}/{name}/metrics.jsonl")
@@ -117,6 +175,11 @@ RUNS = {
     "skip_local": ("local_sgd", {"period": 2}, {"faults": ["nan:rank=1,step=2"],
                                                 "nonfinite": "skip"}),
     "exclude_wagma": ("wagma", {"period": 3}, {"faults": ["nan:rank=1,step=2"]}),
+    "clean_allreduce": ("allreduce", {}, {}),
+    "clean_local": ("local_sgd", {"period": 2}, {}),
+    # no collective before the last step's record: each rank's wall time is its own
+    "straggler": ("local_sgd", {"period": 100}, {"log_every": 8, "faults": [
+        "delay:rank=1,seconds=0.05", "slow:rank=random,factor=2"]}),
     "freeze": ("local_sgd", {"period": 100}, {"faults": ["freeze:rank=0,start=3,end=6",
                                                          "delay:rank=1,seconds=0.01",
                                                          "slow:rank=0,factor=2,start=7"]}),
@@ -152,13 +215,46 @@ def test_nan_reaches_the_other_rank_only_without_the_guard(logged):
 
 
 def test_skip_mode_skips_the_step_on_every_rank(logged):
+    keys = ("rank0_eval_loss", "eval_loss", "consensus_distance")
     for algo in ("allreduce", "local"):
         skip = _steps(logged[f"skip_{algo}"])
+        clean = _steps(logged[f"clean_{algo}"])
         exclude = _steps(logged[f"exclude_{algo}"])
-        # records are after steps 0..7: step 2 left rank 0's model as it was after step 1
-        assert skip[2]["rank0_eval_loss"] == skip[1]["rank0_eval_loss"]
+        # records are after steps 0..7; before the fault the run is the clean run
+        for i in (0, 1):
+            assert all(skip[i][k] == clean[i][k] for k in keys)
+        # step 2 is skipped on both ranks: rank 0's model and the mean of both unchanged
+        assert all(skip[2][k] == clean[1][k] for k in keys)
+        assert clean[2]["rank0_eval_loss"] != clean[1]["rank0_eval_loss"]
         assert exclude[2]["rank0_eval_loss"] != exclude[1]["rank0_eval_loss"]
-        assert skip[3]["rank0_eval_loss"] != skip[2]["rank0_eval_loss"]
+        # and only step 2: training goes on from step 3
+        assert all(skip[i + 1]["rank0_eval_loss"] != skip[i]["rank0_eval_loss"]
+                   for i in range(2, 7))
+        assert skip[3]["rank0_eval_loss"] != clean[3]["rank0_eval_loss"]
+    assert all(r["consensus_distance"] == 0 for r in _steps(logged["skip_allreduce"]))
+    events = [r for r in logged["skip_allreduce"] if r["type"] == "event"]
+    assert events[1] == {"type": "event", "step": 2, "rank": 1, "kind": "nonfinite_grad",
+                         "action": "skipped step"}
+    assert [r["events"] for r in _steps(logged["skip_allreduce"])] == [0, 0, 2, 0, 0, 0, 0, 0]
+
+
+def test_delays_are_logged_and_lengthen_the_slow_rank(logged):
+    records = logged["straggler"]
+    events = [r for r in records if r["type"] == "event"]
+    delays = [e for e in events if e["kind"] == "delay"]
+    assert [(e["step"], e["rank"], e["seconds"]) for e in delays] == \
+        [(s, 1, 0.05) for s in range(8)]
+    slow = [e for e in events if e["kind"] == "slow"]
+    # one rank per step, the one every rank's generator picks (fault index 1, seed 1)
+    assert [(e["step"], e["rank"]) for e in slow] == \
+        [(s, faults.random_rank(1, 1, s, 2)) for s in range(8)]
+    assert len({e["rank"] for e in slow}) == 2 and all(e["seconds"] > 0 for e in slow)
+    summary = records[-1]
+    assert summary["events"] == {"delay": 8, "slow": 8}
+    times = summary["worker_time_s"]
+    slept = [sum(e["seconds"] for e in events if e["rank"] == r) for r in (0, 1)]
+    assert times[0] >= slept[0] and times[1] >= slept[1] >= 0.4
+    assert times[1] - times[0] >= 0.4 - slept[0] - 0.1  # rank 0 never waits for rank 1
 
 
 def test_frozen_rank_keeps_its_snapshot_for_the_window(logged):

@@ -57,8 +57,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault (repeatable): delay:rank=R|random|all,seconds=X or "
                         "median=X,sigma=S; slow:rank=R|random,factor=F; "
-                        "freeze:rank=R,start=A,end=B; nan:rank=R,step=S; crash/kill:rank=R,"
-                        "step=S; delay/slow take start=A,end=B (see accord.faults)")
+                        "freeze:rank=R,start=A,end=B; nan:rank=R,step=S[,value=inf]; "
+                        "crash/kill:rank=R,step=S; delay/slow take start=A,end=B "
+                        "(see accord.faults)")
     p.add_argument("--nonfinite", default=d.nonfinite,
                    help="a rank's NaN/Inf gradient: exclude (zero it, default), skip (every "
                         "rank skips the step) or off")

@@ -16,19 +16,28 @@ parsed and checked before any worker starts. Steps count optimizer steps from 0;
   a transient straggler. ``rank=all`` (delay only): every rank, e.g. to emulate a fixed
   compute time per step.
 * ``freeze:rank=R,start=A,end=B`` -- for steps A..B-1 rank R's compute is frozen: it keeps
-  taking part in every communication (both aggregator hooks run, so collectives match)
-  but does not learn: its gradients are zeroed before the aggregator sees them, and its
-  parameters and float buffers are restored to their values at the start of step A after
-  every step of the window. It keeps offering the same stale model.
+  taking part in every communication (both aggregator hooks and the optimizer step run,
+  so collectives match) but does not learn. Precisely: its parameters and float buffers
+  are snapshot at the start of step A (before that step's forward); at every step of the
+  window, after forward/backward and before ``after_backward``, its gradients are zeroed
+  and the snapshot is copied back (undoing e.g. batch-norm statistics the forward
+  updated); after ``after_step`` the snapshot is copied back again, undoing the
+  optimizer step (momentum, weight decay) and whatever the aggregator mixed in. So it
+  offers the same stale model in every exchange of the window and starts step B from it.
+  Optimizer state and the aggregator's own state are not frozen.
 * ``nan:rank=R,step=S[,value=nan|inf]`` -- after backward at step S, rank R's gradients
   are filled with NaN (or +inf). What happens next is the training loop's non-finite
   guard (``--nonfinite``).
 * ``crash:rank=R,step=S`` -- rank R raises :class:`InjectedFault` at the start of step S.
 * ``kill:rank=R,step=S`` -- rank R's process dies at once (SIGKILL) at step S.
 
-Random draws come from ``torch.Generator`` seeded from (run seed, fault index, rank or
-step), so a run reproduces its delays exactly. Every injected event is returned to the
-loop as a dict ``{"step", "rank", "kind", ...}``; the loop logs them in ``metrics.jsonl``.
+Random draws come from ``torch.Generator`` seeded from (run seed, fault index, step, and
+the rank for lognormal delays), so a run reproduces its delays exactly; the fault index
+is the spec's position among the run's ``--fault`` options. Every injected event is
+recorded as a dict ``{"step", "rank", "kind", ...}`` that the loop drains and logs in
+``metrics.jsonl``: ``crash``, ``kill``; ``delay`` and ``slow`` with ``seconds`` slept;
+``freeze`` (first step of a window) and ``unfreeze`` (its last step); ``nan`` with
+``value``. The loop's non-finite guard adds ``nonfinite_grad`` events.
 """
 
 from __future__ import annotations
@@ -96,10 +105,13 @@ def parse(spec: str, workers: int, steps: int) -> Fault:
         key = key.strip()
         if not sep or key not in KEYS[kind]:
             raise bad(f"bad item {item!r}; allowed keys: {', '.join(sorted(KEYS[kind]))}")
+        if key in raw:
+            raise bad(f"{key} given twice")
         raw[key] = value.strip()
     missing = [k for k in REQUIRED[kind] if k not in raw]
     if missing:
-        raise bad(f"missing {', '.join(missing)}")
+        raise bad(f"missing {', '.join(missing)}; {kind} needs {', '.join(REQUIRED[kind])}"
+                  f" (allowed keys: {', '.join(sorted(KEYS[kind]))})")
 
     def integer(key: str) -> int:
         try:
@@ -189,9 +201,15 @@ def lognormal_delay(fault: Fault, seed: int, index: int, rank: int, step: int) -
 class Injector:
     """The faults of one rank, with the hooks the training loop calls:
 
-    ``before_step`` (crash, kill), ``after_compute`` (delay, slow: sleeps),
-    ``corrupt_grads`` (nan), ``frozen`` / ``freeze_grads`` / ``restore`` (freeze).
-    Events accumulate in ``events`` until the loop drains them with :meth:`drain`.
+    * ``before_step(step)`` -- at the start of a step: crash, kill.
+    * ``after_compute(step, compute_s)`` -- after the forward/backward of all micro-steps:
+      sleeps the delay and slow time owed; returns the seconds slept.
+    * ``corrupt_grads(step, params)`` -- after backward: nan.
+    * ``freeze_active(step)``; ``freeze_snapshot(step, tensors)`` before the forward,
+      ``freeze_grads(step, tensors, params)`` before ``after_backward`` and
+      ``restore(step, tensors)`` after ``after_step``, at every frozen step.
+
+    Events accumulate in ``events`` until the loop takes them with :meth:`drain`.
     """
 
     def __init__(self, faults: Iterable[Fault], rank: int, workers: int, seed: int = 0,
@@ -260,20 +278,32 @@ class Injector:
             hit = True
         return hit
 
-    def frozen(self, step: int) -> bool:
+    def freeze_active(self, step: int) -> bool:
+        """Whether this rank's compute is frozen at ``step``."""
         return any(f.active(step) for _, f in self._mine(("freeze",)))
+
+    frozen = freeze_active
+
+    @torch.no_grad()
+    def freeze_snapshot(self, step: int, tensors: list[torch.Tensor]) -> None:
+        """At a frozen step, before the forward: the first one of a window snapshots
+        ``tensors`` (parameters and float buffers)."""
+        if self._snapshot is None:
+            self._snapshot = [t.detach().clone() for t in tensors]
+            self.events.append({"step": step, "rank": self.rank, "kind": "freeze"})
 
     @torch.no_grad()
     def freeze_grads(self, step: int, tensors: list[torch.Tensor],
                      params: Iterable[torch.Tensor]) -> None:
-        """At a frozen step, before the aggregator: snapshot (first frozen step), zero
-        the gradients."""
-        if self._snapshot is None:
-            self._snapshot = [t.detach().clone() for t in tensors]
-            self.events.append({"step": step, "rank": self.rank, "kind": "freeze"})
+        """At a frozen step, before the aggregator: zero the gradients and copy the
+        snapshot back (the forward may have updated buffers)."""
+        if self._snapshot is None:  # a caller that skipped freeze_snapshot
+            self.freeze_snapshot(step, tensors)
         for p in params:
             if p.grad is not None:
                 p.grad.zero_()
+        for t, s in zip(tensors, self._snapshot, strict=True):
+            t.copy_(s)
 
     @torch.no_grad()
     def restore(self, step: int, tensors: list[torch.Tensor]) -> None:
@@ -283,7 +313,7 @@ class Injector:
             return
         for t, s in zip(tensors, self._snapshot, strict=True):
             t.copy_(s)
-        if not self.frozen(step + 1):
+        if not self.freeze_active(step + 1):
             self._snapshot = None
             self.events.append({"step": step, "rank": self.rank, "kind": "unfreeze"})
 

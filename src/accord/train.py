@@ -3,11 +3,31 @@
 The loop is the same for every algorithm (no branching on algorithm type)::
 
     for step in range(steps):
+        faults: crash / kill; freeze snapshot
         zero grads; accum_steps x (forward, backward of loss / accum_steps)
+        faults: delay / slow sleep, nan gradients, frozen rank's gradients zeroed
+        non-finite guard (``nonfinite``)
         agg.after_backward(ctx); optimizer.step(); agg.after_step(ctx)
+        faults: frozen rank back to its snapshot
+        every log_every steps: metrics record, fault events gathered to rank 0
 
 Gradients of the ``accum_steps`` micro-batches are averaged locally without
 communication before the aggregator sees them.
+
+The non-finite guard (``TrainConfig.nonfinite``, ``--nonfinite``) checks the local
+gradient after backward and before the aggregator's first hook:
+
+* ``exclude`` (default): a rank whose gradient holds a NaN or Inf zeroes it for this step
+  and takes part as usual (its model is finite, its gradient contributes zero, so an
+  allreduce average is scaled by (n-1)/n that step; the optimizer still applies momentum
+  and weight decay). Purely local: no extra communication, fine for asynchronous
+  algorithms.
+* ``skip``: one 1-number MAX allreduce on the loop's own communicator (not counted as the
+  algorithm's traffic) per step; if any rank's gradient is non-finite, every rank skips
+  the whole step (no aggregator hook, no optimizer step).
+* ``off``: no check; a NaN spreads through the aggregation.
+
+:func:`nonfinite_grads` is the same check for Python API users.
 """
 
 from __future__ import annotations
@@ -245,13 +265,11 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def nonfinite_grads(params) -> bool:
-    """True if any gradient of ``params`` holds a NaN or an Inf (one fused check)."""
-    total = None
-    for p in params:
-        if p.grad is not None:
-            s = p.grad.detach().float().sum()  # NaN or Inf anywhere makes the sum non-finite
-            total = s if total is None else total + s
-    return total is not None and not bool(torch.isfinite(total))
+    """True if any gradient of ``params`` holds a NaN or an Inf (parameters without a
+    gradient are ignored). Local and exact: huge finite values are not flagged, and the
+    result is read with a single synchronisation."""
+    flags = [torch.isfinite(p.grad.detach()).all() for p in params if p.grad is not None]
+    return bool(flags) and not bool(torch.stack(flags).all())
 
 
 def _finite(x: float) -> float | None:
@@ -365,6 +383,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     try:
         for step in range(cfg.steps):
             injector.before_step(step)
+            frozen = injector.freeze_active(step)
+            if frozen:
+                injector.freeze_snapshot(step, state)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros(())
             compute_start = time.perf_counter()
@@ -374,7 +395,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 loss_sum += loss.detach()
             injector.after_compute(step, time.perf_counter() - compute_start)
             injector.corrupt_grads(step, params)
-            frozen = injector.frozen(step)
             if frozen:
                 injector.freeze_grads(step, state, params)
             ctx = StepContext(step=step, loss=loss_sum / cfg.accum_steps)
