@@ -47,10 +47,11 @@ class DPSGD(ModelAggregator):
         super().__init__(params, **kwargs)
         self.neighbours = ring_neighbours(self.rank, self.world_size)
         self.incoming = [self.flat.new_buffer() for _ in self.neighbours]
-        self.mixes = 0
+        self.exchanges = 0
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
+        self.exchanges = 0
         if not self.neighbours or not due(ctx.step, self.hp["period"]):
             return
         x = self.load_state()
@@ -64,7 +65,8 @@ class DPSGD(ModelAggregator):
         for _, t in parts:
             total.add_(t)
         self.store_state(total / len(parts))
-        self.mixes += 1
+        self.exchanges = len(self.neighbours)
 
     def metrics(self) -> dict[str, float]:
-        return {"mixes": float(self.mixes)}
+        """Neighbours exchanged with at this step (0 between mixes) and ring degree."""
+        return {"exchanges": float(self.exchanges), "peers": float(len(self.neighbours))}

@@ -23,13 +23,15 @@ gradient is computed. In ``after_step``::
     send (x_i, w_i) / (k + 1) to each of the k out-peers, keep the same share
     x_i, w_i <- kept share + shares received;  z_i <- x_i / w_i
 
-Out-peers at step t on the time-varying directed exponential graph (L = ceil(log2 N)):
-``peers=1``: i + 2^(t mod L); ``peers=2``: i + 2^(t mod L) and i + 2^((t+1) mod L)
-(the WAGMA repository's two-peer SGP baseline), all mod N. Offsets that wrap to 0 mod N or
-repeat are impossible for these choices when N >= 3 (for N = 2 one peer only). Every rank
-receives from exactly as many ranks as it sends to, so synchronous mixing is doubly
-stochastic and w stays 1; the weights are still carried (one extra slot of the message)
-so the sums stay exact with any graph. sum_i x_i and sum_i w_i = N are preserved.
+Out-peers at mixing t (t = step // period) on the time-varying directed exponential graph
+(L = ceil(log2 N)): ``peers=1``: i + 2^(t mod L); ``peers=2``: i + 2^(t mod L) and
+i + 2^((t+1) mod L) (the WAGMA repository's two-peer SGP baseline), all mod N; in-peers are
+i - offset, known locally. Since 2^r < N for r < L, no offset is 0 mod N and the two offsets
+differ when L >= 2, i.e. N >= 3 (``peers=2`` with N = 2 is refused); an offset that were 0
+or repeated would be dropped, never sent twice. On N = 2^L, one peer averages exactly in L
+mixings. Every rank receives from exactly as many ranks as it sends to, so synchronous
+mixing is doubly stochastic and w stays 1; the weights are still carried (one extra slot of
+the message) so the sums stay exact with any graph. sum_i x_i and sum_i w_i = N are preserved.
 
 Peers come from a generator seeded by (``seed``, step), identical on every rank: every rank
 draws every rank's choice, so everybody knows who pulls from whom without communicating
@@ -58,12 +60,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def random_pulls(world_size: int, p: float, seed: int, step: int) -> list[int | None]:
     """For every rank, the peer it pulls from at ``step`` (None: it does not initiate).
     Identical on every rank."""
+    if world_size < 2:
+        return [None] * world_size
     gen = step_generator(seed, step)
     coins = torch.rand(world_size, generator=gen)
     picks = torch.randint(world_size - 1, (world_size,), generator=gen)
     out: list[int | None] = []
     for r in range(world_size):
-        if world_size < 2 or float(coins[r]) >= p:
+        if float(coins[r]) >= p:
             out.append(None)
         else:
             j = int(picks[r])
@@ -108,7 +112,8 @@ class Gossip(ModelAggregator):
         self.sent = self.received = 0
         if self.hp["variant"] == "push_sum":
             # message = numerator then weight; z (the model) = x / w
-            self.x = torch.zeros(self.flat.numel + 1, dtype=self.flat.buffer.dtype)
+            self.x = torch.zeros(self.flat.numel + 1, dtype=self.flat.buffer.dtype,
+                                 device=self.flat.buffer.device)
             self.x[:-1].copy_(self.load_state())
             self.x[-1] = 1.0
             self.z = self.x[:-1].clone()
