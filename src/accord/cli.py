@@ -99,7 +99,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     if under_torchrun():
         run_worker(cfg)
-        return 0
+        # The run is complete and its files are closed. Leave without the interpreter's
+        # teardown: C++ destructors of finished gloo threads can abort there ("terminate
+        # called without an active exception"), rarely, turning a good run into a failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     result = launch(cfg)
     if result.returncode != 0:
         print(f"{PROG} train: error: {result.message}", file=sys.stderr)
