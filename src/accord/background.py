@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -182,7 +182,6 @@ class _Stats:
     staleness_sum: float = 0.0
     activated_by_peer: int = 0
     wait_s: float = 0.0  # compute-thread seconds spent waiting for round results
-    history: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)
 
 
 class ExchangeEngine:
@@ -204,7 +203,6 @@ class ExchangeEngine:
         *,
         timeout: float = 60.0,
         on_round: Callable[[RoundResult], None] | None = None,
-        keep_history: bool = False,
     ) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -216,7 +214,6 @@ class ExchangeEngine:
         self.weighting = weighting
         self.on_round = on_round
         self.timeout = timeout
-        self.keep_history = keep_history
         td = timedelta(seconds=timeout)
         # the thread's own world group (tokens) and one group per distinct round group
         self.token_pg = dist.new_group(list(range(self.world_size)), timeout=td,
@@ -231,7 +228,6 @@ class ExchangeEngine:
         self._requested = -1
         self._final: int | None = None
         self._results: dict[int, RoundResult] = {}
-        self._newest: RoundResult | None = None
         self._done = -1  # last completed round
         self._error: BaseException | None = None
         self._tokens: dict[int, int] = {}  # round -> activation tokens received
@@ -279,15 +275,13 @@ class ExchangeEngine:
                 del self._results[old]
         return result
 
-    def newest(self) -> RoundResult | None:
+    def metrics(self) -> dict[str, float]:
+        """Counters of this rank's rounds, for an algorithm's ``metrics()``."""
         with self.lock:
-            self._raise_if_failed()
-            return self._newest
-
-    @property
-    def completed(self) -> int:
-        with self.lock:
-            return self._done
+            c = self.counters
+            return {"own_stale": float(c.own_stale), "stale_received": float(c.stale_received),
+                    "staleness_mean": c.staleness_sum / max(c.received, 1),
+                    "activated_by_peer": float(c.activated_by_peer), "wait_s": c.wait_s}
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -419,10 +413,7 @@ class ExchangeEngine:
                     c.received += 1
                     c.stale_received += int(v < now)
                     c.staleness_sum += s
-            if self.keep_history:
-                c.history.append((k, version, result.ranks, result.versions))
             self._results[k] = result
-            self._newest = result
             self._done = k
             self.lock.notify_all()
         return False

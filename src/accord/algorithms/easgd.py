@@ -46,6 +46,7 @@ is for.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -165,7 +166,7 @@ class ElasticAveraging(ModelAggregator):
 
     @property
     def engine_lock(self):
-        return self.engine.lock if self.engine is not None else _NoLock()
+        return self.engine.lock if self.engine is not None else contextlib.nullcontext()
 
     def _exchange_async(self, x: torch.Tensor, step: int) -> None:
         engine = self.engine
@@ -190,10 +191,7 @@ class ElasticAveraging(ModelAggregator):
             out["weight_min"] = float(min(last.weights))
             out["staleness_max"] = float(max(last.staleness))
         if self.engine is not None:
-            c = self.engine.counters
-            out.update({"own_stale": float(c.own_stale), "stale_received": float(c.stale_received),
-                        "staleness_mean": c.staleness_sum / max(c.received, 1),
-                        "wait_s": c.wait_s})
+            out.update(self.engine.metrics())
         return out
 
     def close(self) -> None:
@@ -210,10 +208,3 @@ class ElasticAveraging(ModelAggregator):
         super().load_state_dict(state)
         self.centre.copy_(state["centre"])
 
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

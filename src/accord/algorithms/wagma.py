@@ -254,10 +254,7 @@ class WAGMA(ModelAggregator):
         if self._last is not None:
             out["weight_min"] = float(min(self._last.weights))
         if self.engine is not None:
-            c = self.engine.counters
-            out.update({"own_stale": float(c.own_stale), "stale_received": float(c.stale_received),
-                        "staleness_mean": c.staleness_sum / max(c.received, 1),
-                        "activated_by_peer": float(c.activated_by_peer), "wait_s": c.wait_s})
+            out.update(self.engine.metrics())
         return out
 
     def close(self) -> None:
