@@ -194,8 +194,7 @@ class ExchangeEngine:
 
     def __init__(
         self,
-        numel: int,
-        dtype: torch.dtype,
+        initial: torch.Tensor,
         group_of: Callable[[int], Sequence[int]],
         all_groups: Sequence[Sequence[int]],
         weighting: Weighting,
@@ -221,10 +220,11 @@ class ExchangeEngine:
         self.pgs = subgroups(all_groups, td)
         self.comms = {g: Communicator(pg, stats) for g, pg in self.pgs.items()}
         self.stats = stats
-        self.probe = fingerprint_probe(numel)
+        self.probe = fingerprint_probe(initial.numel())
         self.lock = threading.Condition()
-        self._deposit = torch.zeros(numel, dtype=dtype)
-        self._version = -1
+        # the first deposit exists before the thread starts: a peer's round 0 may come at once
+        self._deposit = initial.detach().clone()
+        self._version = 0
         self._requested = -1
         self._final: int | None = None
         self._results: dict[int, RoundResult] = {}

@@ -46,7 +46,7 @@ is for.
 
 from __future__ import annotations
 
-import contextlib
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,6 +115,8 @@ class ElasticAveraging(ModelAggregator):
         self.exchanges = 0
         self._last: RoundResult | None = None
         self.engine: ExchangeEngine | None = None
+        # the engine thread moves the centre; everything reading it takes this lock
+        self._centre_lock = threading.Lock()
         if self.hp["asynchronous"] and n > 1:
             import torch.distributed as dist
 
@@ -122,10 +124,9 @@ class ElasticAveraging(ModelAggregator):
                         for r in range(n)]
             self._round_centre: tuple[int, torch.Tensor] | None = None
             self.engine = ExchangeEngine(
-                self.flat.numel, self.centre.dtype, lambda k: everyone, [everyone],
+                self.centre, lambda k: everyone, [everyone],
                 self.weighting, self.comm.stats, timeout=self.hp["timeout"],
                 on_round=self._move_centre)
-            self.engine.deposit(self.centre, version=0)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
@@ -157,35 +158,31 @@ class ElasticAveraging(ModelAggregator):
 
     def _move_centre(self, result: RoundResult) -> None:
         """On the engine thread after each round: c <- c + beta (weighted mean - c)."""
-        with self.engine_lock:
+        with self._centre_lock:
             before = self.centre.clone()
             if result.mean is not None:
                 self.centre.add_(result.mean - self.centre, alpha=self.beta)
             self._round_centre = (result.round, before)
             self._last = result
 
-    @property
-    def engine_lock(self):
-        return self.engine.lock if self.engine is not None else contextlib.nullcontext()
-
     def _exchange_async(self, x: torch.Tensor, step: int) -> None:
         engine = self.engine
         engine.deposit(x, version=step)
         engine.request(self.exchanges)
         engine.pop(self.exchanges)  # waits for our round's communication only
-        with engine.lock:
+        with self._centre_lock:
             _, centre = self._round_centre  # the newest round, which may be later than ours
             self._distance = float((x - centre).norm())
             x.sub_(x - centre, alpha=self.alpha)
 
     def consensus_params(self) -> list[torch.Tensor]:
-        with self.engine_lock:
+        with self._centre_lock:
             return self.flat.split(self.centre.clone())
 
     def metrics(self) -> dict[str, float]:
         out = {"alpha": self.alpha, "beta": self.beta, "distance_to_centre": self._distance,
                "exchanges": float(self.exchanges)}
-        with self.engine_lock:
+        with self._centre_lock:
             last = self._last
         if last is not None:
             out["weight_min"] = float(min(last.weights))
@@ -201,7 +198,7 @@ class ElasticAveraging(ModelAggregator):
         super().close()
 
     def state_dict(self) -> dict[str, Any]:
-        with self.engine_lock:
+        with self._centre_lock:
             return {**super().state_dict(), "centre": self.centre.clone()}
 
     def load_state_dict(self, state) -> None:

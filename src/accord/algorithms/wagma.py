@@ -182,10 +182,9 @@ class WAGMA(ModelAggregator):
         x = self.load_state()
         if hp["wait_avoiding"] and self.period > 1 and n > 1:
             self.engine = ExchangeEngine(
-                self.flat.numel, x.dtype, self._group_global, all_groups,
+                x, self._group_global, all_groups,
                 Weighting(hp["weighting"], half_life), self.comm.stats,
                 timeout=hp["timeout"])
-            self.engine.deposit(x, version=0)
         elif n > 1:
             from ..comm import Communicator
 
