@@ -18,6 +18,9 @@ from ..core import Aggregator
 
 
 class ModelAggregator(Aggregator):
+    #: the background exchange engine of an asynchronous variant (wagma, easgd), if any
+    engine = None
+
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.state_tensors = self.params + self.buffers
@@ -37,3 +40,10 @@ class ModelAggregator(Aggregator):
         self.comm.all_reduce_(buf, op="avg")
         self.store_state(buf)
         return buf
+
+    def close(self) -> None:
+        """Stop the background engine, if any (collective, see accord.background)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        super().close()

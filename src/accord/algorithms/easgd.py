@@ -191,11 +191,6 @@ class ElasticAveraging(ModelAggregator):
             out.update(self.engine.metrics())
         return out
 
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-        super().close()
 
     def state_dict(self) -> dict[str, Any]:
         with self._centre_lock:
@@ -204,4 +199,3 @@ class ElasticAveraging(ModelAggregator):
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.centre.copy_(state["centre"])
-

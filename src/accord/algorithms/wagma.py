@@ -255,10 +255,3 @@ class WAGMA(ModelAggregator):
         if self.engine is not None:
             out.update(self.engine.metrics())
         return out
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-        super().close()
-
