@@ -254,7 +254,6 @@ def test_delays_are_logged_and_lengthen_the_slow_rank(logged):
     times = summary["worker_time_s"]
     slept = [sum(e["seconds"] for e in events if e["rank"] == r) for r in (0, 1)]
     assert times[0] >= slept[0] and times[1] >= slept[1] >= 0.4
-    assert times[1] - times[0] >= 0.4 - slept[0] - 0.1  # rank 0 never waits for rank 1
 
 
 def test_frozen_rank_keeps_its_snapshot_for_the_window(logged):

@@ -269,10 +269,8 @@ def test_crash_under_wait_avoiding_wagma_names_the_rank(tmp_path):
     cmd = [sys.executable, "-m", "accord", "train", "--algo", "wagma", "--workers", "2",
            "--steps", "12", "--out", str(tmp_path / "run"), "--no-progress",
            "--fault", "crash:rank=1,step=5", "--timeout", "20"]
-    start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "worker rank 1 failed" in proc.stderr
-    assert time.time() - start < 60
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert records[-1]["type"] == "summary" and records[-1]["status"] == "failed"

@@ -127,7 +127,7 @@ class Weighting:
 
 @torch.no_grad()
 def group_round(
-    comm: Communicator,
+    comm: Communicator | None,
     deposit: torch.Tensor,
     version: int,
     global_rank: int,
@@ -138,7 +138,9 @@ def group_round(
     """One weighted-mean round over ``comm``'s group (collective on that group): gather the
     members' (version, fingerprint, finite, rank), weigh them identically on every member,
     then allreduce the weighted deposits. Used inline by the synchronous variants and by
-    the engine thread."""
+    the engine thread. ``comm=None``: a group of this rank alone (no communication)."""
+    if comm is None:
+        comm = _SelfComm()
     finite = bool(torch.isfinite(deposit).all())
     prt = float(probe @ deposit.double()) if finite else float("nan")
     mine = torch.tensor([float(version), prt, float(finite), float(global_rank)],
@@ -394,12 +396,8 @@ class ExchangeEngine:
             self._tokens.pop(k, None)
             deposit = self._deposit.clone()
             version = self._version
-        if others:
-            result = group_round(self.comms[tuple(group)], deposit, version, self.rank,
-                                 self.weighting, self.probe, k)
-        else:
-            result = group_round(_SelfComm(self.stats), deposit, version, self.rank,
-                                 self.weighting, self.probe, k)
+        result = group_round(self.comms.get(tuple(group)), deposit, version, self.rank,
+                             self.weighting, self.probe, k)
         if self.on_round is not None:
             self.on_round(result)
         now = max(result.versions)
@@ -429,9 +427,6 @@ class ExchangeEngine:
 
 class _SelfComm:
     """A group of one: the round is this rank's own deposit."""
-
-    def __init__(self, stats: CommStats) -> None:
-        self.stats = stats
 
     def all_gather(self, t: torch.Tensor, kind: str = "") -> torch.Tensor:
         return t.reshape(1, *t.shape).clone()

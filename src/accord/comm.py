@@ -124,29 +124,29 @@ class Communicator:
         self._check(t)
         start = time.perf_counter()
         if self.world_size > 1:
-            global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
-            dist.broadcast(t, src=global_src, group=self.group)
+            dist.broadcast(t, src=self.global_rank(src), group=self.group)
         self.stats.record(kind, _nbytes(t) if self.rank == src else 0,
                           time.perf_counter() - start)
         return t
 
 
     # -- point to point ----------------------------------------------------------------
-    def _global(self, rank: int) -> int:
+    def global_rank(self, rank: int) -> int:
+        """The default-group rank of this group's rank ``rank``."""
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
     def send(self, t: torch.Tensor, dst: int, kind: str = "send") -> None:
         """Blocking send to group rank ``dst``."""
         self._check(t)
         start = time.perf_counter()
-        dist.send(t, dst=self._global(dst), group=self.group)
+        dist.send(t, dst=self.global_rank(dst), group=self.group)
         self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
 
     def recv_(self, t: torch.Tensor, src: int, kind: str = "recv") -> torch.Tensor:
         """Blocking receive from group rank ``src`` into ``t`` (no bytes sent)."""
         self._check(t)
         start = time.perf_counter()
-        dist.recv(t, src=self._global(src), group=self.group)
+        dist.recv(t, src=self.global_rank(src), group=self.group)
         self.stats.record(kind, 0, time.perf_counter() - start)
         return t
 
@@ -158,8 +158,8 @@ class Communicator:
         self._check(send)
         self._check(recv)
         start = time.perf_counter()
-        ops = [dist.P2POp(dist.isend, send, self._global(peer), self.group),
-               dist.P2POp(dist.irecv, recv, self._global(peer), self.group)]
+        ops = [dist.P2POp(dist.isend, send, self.global_rank(peer), self.group),
+               dist.P2POp(dist.irecv, recv, self.global_rank(peer), self.group)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         self.stats.record(kind, _nbytes(send), time.perf_counter() - start)
@@ -178,8 +178,8 @@ class Communicator:
         for t, _ in [*sends, *recvs]:
             self._check(t)
         start = time.perf_counter()
-        ops = [dist.P2POp(dist.isend, t, self._global(dst), self.group) for t, dst in sends]
-        ops += [dist.P2POp(dist.irecv, t, self._global(src), self.group) for t, src in recvs]
+        ops = [dist.P2POp(dist.isend, t, self.global_rank(dst), self.group) for t, dst in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.global_rank(src), self.group) for t, src in recvs]
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()

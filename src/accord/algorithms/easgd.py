@@ -118,10 +118,7 @@ class ElasticAveraging(ModelAggregator):
         # the engine thread moves the centre; everything reading it takes this lock
         self._centre_lock = threading.Lock()
         if self.hp["asynchronous"] and n > 1:
-            import torch.distributed as dist
-
-            everyone = [dist.get_global_rank(self.group, r) if self.group is not None else r
-                        for r in range(n)]
+            everyone = [self.comm.global_rank(r) for r in range(n)]
             self._round_centre: tuple[int, torch.Tensor] | None = None
             self.engine = ExchangeEngine(
                 self.centre, lambda k: everyone, [everyone],
@@ -141,7 +138,7 @@ class ElasticAveraging(ModelAggregator):
             self._distance = float((x - self.centre).norm())
             elastic_exchange(x, self.centre, self.mean, self.alpha, self.beta)
         else:
-            result = group_round(self.comm, x.clone(), ctx.step, self._global_rank(),
+            result = group_round(self.comm, x.clone(), ctx.step, self.comm.global_rank(self.rank),
                                  self.weighting, self.probe, self.exchanges)
             self._last = result
             self._distance = float((x - self.centre).norm())
@@ -149,12 +146,6 @@ class ElasticAveraging(ModelAggregator):
                 elastic_exchange(x, self.centre, result.mean, self.alpha, self.beta)
         self.exchanges += 1
         self.store_state(x)
-
-    def _global_rank(self) -> int:
-        import torch.distributed as dist
-
-        return dist.get_global_rank(self.group, self.rank) if self.group is not None \
-            else self.rank
 
     def _move_centre(self, result: RoundResult) -> None:
         """On the engine thread after each round: c <- c + beta (weighted mean - c)."""

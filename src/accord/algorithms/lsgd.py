@@ -98,9 +98,7 @@ class LeaderSGD(ModelAggregator):
         if self.multi:
             # new_group is collective: every rank creates every group, in the same order
             for ranks in make_groups(self.world_size, hp["group_size"]):
-                global_ranks = [dist.get_global_rank(self.group, r) if self.group else r
-                                for r in ranks]
-                pg = dist.new_group(global_ranks)
+                pg = dist.new_group([self.comm.global_rank(r) for r in ranks])
                 if self.rank in ranks:
                     self.local_comm = Communicator(pg, stats=self.comm.stats)
                     self.group_ranks = ranks

@@ -72,6 +72,7 @@ from ..background import (
     group_round,
     subgroups,
 )
+from ..comm import Communicator
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -171,35 +172,26 @@ class WAGMA(ModelAggregator):
         self.group_size = hp["group_size"] or default_group_size(n)
         self.k_phases = phases(n, self.group_size)
         self.period = hp["period"]
-        half_life = hp["half_life"] or float(self.period)
-        self.global_ranks = [self._global(r) for r in range(n)]
+        self.global_ranks = [self.comm.global_rank(r) for r in range(n)]
         all_groups = [[self.global_ranks[r] for r in g]
                       for k in range(self.k_phases)
                       for g in butterfly_groups(n, self.group_size, k)]
         self.probe = fingerprint_probe(self.flat.numel)
         self.engine: ExchangeEngine | None = None
         self.comms = {}
-        x = self.load_state()
+        # used by one thread only: the engine's when wait-avoiding, else the compute thread's
+        self.weighting = Weighting(hp["weighting"], hp["half_life"] or float(self.period))
         if hp["wait_avoiding"] and self.period > 1 and n > 1:
-            self.engine = ExchangeEngine(
-                x, self._group_global, all_groups,
-                Weighting(hp["weighting"], half_life), self.comm.stats,
-                timeout=hp["timeout"])
+            self.engine = ExchangeEngine(self.load_state(), self._group_global, all_groups,
+                                         self.weighting, self.comm.stats,
+                                         timeout=hp["timeout"])
         elif n > 1:
-            from ..comm import Communicator
-
             pgs = subgroups(all_groups, timedelta(seconds=hp["timeout"]))
             self.comms = {g: Communicator(pg, self.comm.stats) for g, pg in pgs.items()}
-        self.weighting = Weighting(hp["weighting"], half_life)
         self.rounds = 0
         self.global_steps = 0
         self._use_staleness = 0.0
         self._last: RoundResult | None = None
-
-    def _global(self, r: int) -> int:
-        import torch.distributed as dist
-
-        return dist.get_global_rank(self.group, r) if self.group is not None else r
 
     def _group_global(self, k: int) -> list[int]:
         g = group_of(self.world_size, self.group_size, k, self.rank)
@@ -227,13 +219,8 @@ class WAGMA(ModelAggregator):
             self.engine.request(k)
             result = self.engine.pop(k)
         else:
-            group = tuple(self._group_global(k))
-            comm = self.comms.get(group)
-            if comm is None:  # a group of one
-                from ..background import _SelfComm
-
-                comm = _SelfComm(self.comm.stats)
-            result = group_round(comm, x.clone(), ctx.step, self._global(self.rank),
+            comm = self.comms.get(tuple(self._group_global(k)))  # None: a group of one
+            result = group_round(comm, x.clone(), ctx.step, self.comm.global_rank(self.rank),
                                  self.weighting, self.probe, k)
         self._use_staleness = float(ctx.step - min(result.versions))
         mix(x, result, self.hp["self_weight"])
