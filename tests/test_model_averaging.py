@@ -13,7 +13,6 @@ from torch import nn
 from worlds import run_world
 
 import accord
-from accord.algorithms.grawa import grawa_weights
 from accord.comm import Communicator
 from accord.tasks import get_task
 from accord.train import ConsensusProbe
@@ -49,13 +48,16 @@ def _trace(rank, world, extra_configs):
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         agg = accord.build(algo, model.parameters(), **hp)
         stream = task.train_stream(rank, BATCH)
-        tr = {k: [] for k in ("before", "after", "metrics", "grad_norm", "loss", "centre")}
+        tr = {k: [] for k in ("before", "after", "metrics", "grad_norm", "layer_norms", "loss",
+                              "centre", "weights")}
         for step in range(STEPS):
             opt.zero_grad(set_to_none=True)
             loss = task.loss(model, next(stream))
             loss.backward()
             tr["grad_norm"].append(float(torch.cat([p.grad.reshape(-1)
                                                     for p in model.parameters()]).norm()))
+            tr["layer_norms"].append(torch.stack([p.grad.double().norm()
+                                                  for p in model.parameters()]))
             tr["loss"].append(float(loss))
             ctx = accord.StepContext(step=step, loss=loss.detach())
             agg.after_backward(ctx)
@@ -66,7 +68,10 @@ def _trace(rank, world, extra_configs):
             agg.after_step(ctx)
             tr["after"].append(_flat(model))
             tr["metrics"].append(agg.metrics())
+            if algo == "grawa":
+                tr["weights"].append(agg.weights.clone())
         tr["comm"] = agg.comm.stats.as_dict()
+        tr["sizes"] = [p.numel() for p in model.parameters()]
         out[name] = tr
     # consensus probe on a local_sgd run between syncs
     model = task.build_model()
@@ -208,23 +213,121 @@ def test_lsgd_multi_leader_groups(traces):
             assert {x["global_leader"] for x in m} == {int(torch.argmin(losses))}
 
 
+def _inverse_norm_weights(norms: torch.Tensor) -> torch.Tensor:
+    """Oracle: column-wise w_i = (1/n_i) / sum_j (1/n_j) over the non-zero norms n (N, L);
+    a zero norm gets 0, an all-zero column 1/N."""
+    norms = norms.double()
+    out = torch.empty_like(norms)
+    for col in range(norms.shape[1]):
+        inv = [0.0 if n == 0 else 1.0 / float(n) for n in norms[:, col]]
+        total = sum(inv)
+        out[:, col] = torch.tensor([v / total if total > 0 else 1.0 / len(inv) for v in inv],
+                                   dtype=torch.float64)
+    return out
+
+
+def _weighted_centre(xs: torch.Tensor, weights: torch.Tensor, sizes) -> torch.Tensor:
+    """sum_i w_i x_i per segment: xs (N, D), weights (N, L) with L = 1 (one segment) or
+    one column per segment of ``sizes``."""
+    sizes = [sum(sizes)] if weights.shape[1] == 1 else sizes
+    pieces = [(weights[:, l, None] * part.double()).sum(0)
+              for l, part in enumerate(xs.split(sizes, dim=1))]
+    return torch.cat(pieces)
+
+
 @pytest.mark.parametrize("name", ["grawa", "grawa_layer"])
 def test_grawa_weights_sum_to_one_and_favour_small_gradients(traces, name):
     world, ranks = traces
+    tr = [r[name] for r in ranks]
+    sizes = tr[0]["sizes"]
     for step in (1, 3, 5):
-        norms = torch.tensor([r["grawa"]["grad_norm"][step] for r in ranks])
-        weights = torch.tensor([r["grawa"]["metrics"][step]["weight"] for r in ranks])
-        assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
-        assert int(torch.argmax(weights)) == int(torch.argmin(norms))
-        torch.testing.assert_close(weights, grawa_weights(norms), atol=1e-6, rtol=1e-5)
         if name == "grawa":
-            centre = (weights[:, None] * torch.stack([r["grawa"]["before"][step]
-                                                      for r in ranks])).sum(0)
-            for r in range(world):
-                x = ranks[r]["grawa"]["before"][step]
-                _close(ranks[r]["grawa"]["after"][step], x + 0.5 * (centre - x))
-    layer_weights = [r["grawa_layer"]["metrics"][1] for r in ranks]
-    assert sum(w["weight"] for w in layer_weights) == pytest.approx(1.0, abs=1e-5)
+            norms = torch.tensor([[t["grad_norm"][step]] for t in tr], dtype=torch.float64)
+        else:
+            norms = torch.stack([t["layer_norms"][step] for t in tr])  # (N, tensors)
+        weights = torch.stack([t["weights"][step] for t in tr]).double()  # (N, L), per rank
+        assert weights.shape == norms.shape
+        torch.testing.assert_close(weights.sum(0), torch.ones(norms.shape[1], dtype=weights.dtype))
+        assert torch.equal(weights.argmax(0), norms.argmin(0))
+        torch.testing.assert_close(weights, _inverse_norm_weights(norms), atol=1e-6, rtol=1e-5)
+        for r, t in enumerate(tr):
+            assert t["metrics"][step]["weight"] == pytest.approx(float(weights[r].mean()))
+        xs = torch.stack([t["before"][step] for t in tr])
+        centre = _weighted_centre(xs, weights, sizes).float()
+        for t in tr:
+            x = t["before"][step]
+            _close(t["after"][step], x + 0.5 * (centre - x))
+        if name == "grawa_layer":  # not vacuous: the tensors' weights differ from each other
+            assert (weights - weights[:, :1]).abs().max() > 1e-3
+    # no pull between the due steps
+    for t in tr:
+        assert torch.equal(t["after"][2], t["before"][2])
+
+
+GRAWA_SHAPES = [(3, 4), (5,), (2,)]
+
+
+def _grawa_zero_gradient(rank, world):
+    """One pull (period 1, pull 0.5) from crafted parameters and gradients: rank 2's
+    gradient is zero (its first tensor's .grad is None), rank 1's second tensor is zero,
+    the third tensor is zero on every rank; and a run where every gradient is zero."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    values = [torch.randn(s, generator=gen) for s in GRAWA_SHAPES]
+    grads = [torch.randn(s, generator=gen) * (rank + 1.0) for s in GRAWA_SHAPES]
+    grads[2].zero_()
+    if rank == 1:
+        grads[1].zero_()
+    if rank == 2:
+        grads = [None] + [g.zero_() for g in grads[1:]]
+    out = {}
+    for name, per_layer, zero_all in (("whole", False, False), ("layer", True, False),
+                                      ("all_zero", False, True)):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = None if g is None else (torch.zeros_like(g) if zero_all else g.clone())
+        agg = accord.build("grawa", params, period=1, pull=0.5, per_layer=per_layer)
+        agg.after_backward(accord.StepContext(step=0))
+        agg.after_step(accord.StepContext(step=0))
+        out[name] = {"before": torch.cat([v.reshape(-1) for v in values]),
+                     "grad": torch.cat([torch.zeros(p.numel()) if p.grad is None
+                                        else p.grad.reshape(-1) for p in params]),
+                     "after": _flat(torch.nn.ParameterList(params)),
+                     "weights": agg.weights.clone(), "metrics": agg.metrics()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def grawa_zero():
+    return run_world(_grawa_zero_gradient, 3)
+
+
+@pytest.mark.parametrize("name", ["whole", "layer", "all_zero"])
+def test_grawa_zero_gradient_gets_weight_zero(grawa_zero, name):
+    runs = [r[name] for r in grawa_zero]
+    sizes = [torch.Size(s).numel() for s in GRAWA_SHAPES]
+    grads = torch.stack([r["grad"] for r in runs]).double()
+    if name == "layer":
+        norms = torch.stack([part.norm(dim=1) for part in grads.split(sizes, dim=1)], dim=1)
+    else:
+        norms = grads.norm(dim=1, keepdim=True)
+    expected = _inverse_norm_weights(norms)
+    weights = torch.stack([r["weights"] for r in runs]).double()
+    torch.testing.assert_close(weights, expected, atol=1e-12, rtol=1e-12)
+    if name == "whole":
+        assert weights[2, 0] == 0 and weights[0, 0] > weights[1, 0] > 0
+        assert runs[2]["metrics"]["weight"] == 0.0
+    elif name == "layer":
+        # tensor 0: rank 2 (None) gets 0; tensor 1: only rank 0 has a gradient;
+        # tensor 2: no rank has one, so uniform
+        assert weights[2, 0] == 0 and weights[0, 0] > weights[1, 0] > 0
+        assert weights[:, 1].tolist() == [1.0, 0.0, 0.0]
+        torch.testing.assert_close(weights[:, 2], torch.full((3,), 1 / 3, dtype=torch.float64))
+    else:
+        torch.testing.assert_close(weights, torch.full((3, 1), 1 / 3, dtype=torch.float64))
+    xs = torch.stack([r["before"] for r in runs])
+    centre = _weighted_centre(xs, expected, sizes).float()
+    for r in runs:
+        _close(r["after"], r["before"] + 0.5 * (centre - r["before"]))
 
 
 def test_consensus_probe(traces):
