@@ -1,11 +1,13 @@
 """AdaSum: the pair rule against an independent float64 NumPy oracle, the reduction tree,
-and one real spawned gloo world of 6 processes.
+precision at the edges (gradients whose squared norms underflow fp32, Horovod's stability
+data, float64 parameters), and one real spawned gloo world of 6 processes.
 
 The world runs the aggregator on the default group (N = 6, not a power of two, two ranks
 folded in) and on subgroups of 4, 3, 2 and 1 ranks whose members are not 0..n-1, so the
 group-rank to global-rank mapping of the point-to-point calls is exercised too. Each rank
 returns its local gradients, the aggregated ones, its parameters and its communication
-counters; the parent checks them against the maths.
+counters, and the aggregated gradients of crafted precision cases; the parent checks
+them against the maths.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from worlds import run_world
 
 import accord
+from accord.algorithms import adasum
 from accord.algorithms.adasum import (
     adasum_coefficients,
     adasum_pair,
@@ -46,6 +49,29 @@ def np_pair(a, b, sizes=None):
         out[start:start + size] = cx * x + cy * y
         start += size
     return out
+
+
+def np_tree(G, sizes=None):
+    """The documented nesting in float64: fold ranks >= P into r - P, then recursive
+    doubling over the first P ranks with the lower rank first."""
+    v = [np.asarray(g, dtype=np.float64) for g in G]
+    p = 1
+    while 2 * p <= len(v):
+        p *= 2
+    for r in range(p, len(v)):
+        v[r - p] = np_pair(v[r - p], v[r], sizes)
+    d = 1
+    while d < p:
+        v = [np_pair(v[min(r, r ^ d)], v[max(r, r ^ d)], sizes) for r in range(p)]
+        d *= 2
+    return v[0]
+
+
+def rel_err(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64."""
+    a = actual.double().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
+    e = np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(a - e) / np.linalg.norm(e))
 
 
 def make_grads(rng: np.random.Generator, n: int, dim: int, noise: float = 1.0) -> np.ndarray:
@@ -138,10 +164,11 @@ def test_zero_vector_contributes_nothing():
     close(got, np_pair(a.double().numpy(), b.double().numpy(), SIZES))
     c_a, c_b = adasum_coefficients(a, b, SIZES)
     assert float(c_a[1]) == 1.0 and float(c_b[1]) == 1.0
-    # a piece whose squared norm underflows fp32 is kept (added), not dropped or NaN
+    # a piece whose squared norm underflows fp32 is combined like any other (identical
+    # pieces give themselves), not treated as a zero piece and added
     tiny = torch.full((4,), 1e-24)
-    assert float(adasum_coefficients(tiny, tiny)[0]) == 1.0
-    assert torch.equal(adasum_pair(tiny, tiny.clone()), 2 * tiny)
+    assert float(adasum_coefficients(tiny, tiny)[0]) == 0.5
+    assert torch.equal(adasum_pair(tiny, tiny.clone()), tiny)
 
 
 def test_per_layer_and_whole_vector_differ_when_layers_disagree():
@@ -234,6 +261,7 @@ def test_tree_nesting_matches_hand_written_oracle():
     }
     for n, want in expected.items():
         close(adasum_tree(t(g[:n]), SIZES), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np_tree(g[:n], SIZES), want, rtol=1e-12, atol=0)
     # the remainder makes the tree unbalanced: a different nesting gives another result
     balanced_3 = P(P(g[0], g[1]), g[2])
     assert np.abs(expected[3] - balanced_3).max() > 1e-2
@@ -245,6 +273,112 @@ def test_registered_with_per_layer_default_true():
     assert accord.algorithms.validate("adasum", {"per_layer": "false"}) == {"per_layer": False}
     with pytest.raises(ValueError, match="per_layer"):
         accord.algorithms.validate("adasum", {"per_layer": "maybe"})
+
+
+# ---------------------------------------------------------------------------------------
+# Precision: tiny gradients, Horovod's stability data, float64 parameters
+# ---------------------------------------------------------------------------------------
+
+def stability_grads(n: int, dtype: np.dtype) -> np.ndarray:
+    """Horovod's AdaSum stability data (test_stability in its PyTorch AdaSum tests): 1024
+    elements per rank, one vector a ~ Normal(0, smallest normal of the dtype) scaled by a
+    factor r_i ~ Normal(0, 1) per rank (parallel or anti-parallel gradients), rounded to
+    the dtype. Returned (n, 1024) in float64, exactly representable in the dtype."""
+    rng = np.random.RandomState(2)
+    a = rng.normal(0.0, np.finfo(dtype).tiny, (1024, 1))
+    r = rng.normal(0.0, 1.0, (n, 1))
+    return (r @ a.T).astype(dtype).astype(np.float64)
+
+
+STABILITY_SHAPES = [(16, 32), (512,)]
+STABILITY_SIZES = [512, 512]
+DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8])
+def test_horovod_stability_data(n, dtype):
+    np_dtype, torch_dtype = DTYPES[dtype]
+    G = stability_grads(n, np_dtype)
+    assert np.abs(G).max() < 8 * np.finfo(np_dtype).tiny  # around the smallest normal
+    bound = 100 * np.finfo(np_dtype).eps  # Horovod's criterion: 100 eps of the dtype
+    for sizes in (None, STABILITY_SIZES):
+        got = adasum_tree(torch.tensor(G, dtype=torch_dtype), sizes)
+        assert got.dtype == torch_dtype
+        want = np_tree(G, sizes)
+        assert rel_err(got, want) < bound, sizes
+        if n in (2, 4, 8):
+            # parallel vectors: every pair is their mean, so the balanced tree too (up to
+            # the rounding of the data to the dtype, which bends them slightly)
+            assert rel_err(want, G.mean(axis=0)) < bound
+            assert rel_err(got, G.mean(axis=0)) < bound
+            assert rel_err(got, G.sum(axis=0)) > 0.1  # not the sum
+
+
+def tiny_grads(n: int, which: str, dtype=np.float32, dim: int = 17, seed: int = 0):
+    """Gradients sharing a signal; ``which`` = "all": every rank's scaled to about 1e-24
+    (squared norms around 1e-47 underflow fp32), "one": rank 0's only."""
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal(dim) + 0.7 * rng.standard_normal((n, dim))
+    if which == "all":
+        G *= 1e-24
+    else:
+        G[0] *= 1e-24
+    return G.astype(dtype).astype(np.float64)
+
+
+@pytest.mark.parametrize("sizes", [None, [12, 5]], ids=["whole", "per_layer"])
+@pytest.mark.parametrize("n", [2, 4])
+def test_tiny_gradients_are_combined_not_added(n, sizes):
+    G = tiny_grads(n, "all")
+    got = adasum_tree(t(G), sizes)
+    want = np_tree(G, sizes)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, G.sum(axis=0)) > 0.2  # what adding them would give
+    # identical tiny gradients give that gradient, not n times it
+    same = t(np.tile(G[0], (n, 1)))
+    assert rel_err(adasum_tree(same, sizes), G[0]) < 1e-6
+    # one tiny gradient among normal ones: it still removes half of the others' component
+    # along it, unlike a zero (or added) vector
+    G = tiny_grads(n, "one")
+    got = adasum_tree(t(G), sizes)
+    want = np_tree(G, sizes)
+    assert rel_err(got, want) < 1e-5
+    without = G.copy()
+    without[0] = 0.0
+    assert rel_err(got, np_tree(without, sizes)) > 0.05
+
+
+@pytest.mark.parametrize("sizes", [None, SIZES], ids=["whole", "per_layer"])
+def test_float64_vectors_give_float64_results(sizes):
+    rng = np.random.default_rng(12)
+    g = rng.standard_normal((7, 40)) * rng.uniform(0.1, 10.0, (7, 1))  # not fp32-exact
+    a, b = torch.tensor(g[0]), torch.tensor(g[1])
+    got = adasum_pair(a, b, sizes)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), np_pair(g[0], g[1], sizes), rtol=1e-12,
+                               atol=1e-13)
+    for n in range(1, 8):
+        got = adasum_tree(torch.tensor(g[:n]), sizes)
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), np_tree(g[:n], sizes), rtol=1e-12,
+                                   atol=1e-13)
+    # an fp32 computation would be off by far more than that
+    assert rel_err(adasum_pair(a.float(), b.float(), sizes), np_pair(g[0], g[1], sizes)) > 1e-12
+
+
+def test_large_pieces_are_blocked_without_changing_the_bits():
+    # a piece longer than one block of float64 products, against an unblocked oracle
+    n = 3 * adasum._BLOCK + 1234
+    rng = np.random.default_rng(13)
+    x, y = make_grads(rng, 2, n)
+    c_a, c_b = adasum_coefficients(t(x), t(y))
+    dot, nx, ny = x @ y, x @ x, y @ y
+    assert float(c_a[0]) == pytest.approx(1 - dot / (2 * nx), rel=1e-12)
+    assert float(c_b[0]) == pytest.approx(1 - dot / (2 * ny), rel=1e-12)
+    prods = torch.tensor(np.stack([x * y, x * x, y * y]))
+    assert torch.equal(torch.stack([c_a, c_b]).reshape(-1),
+                       torch.stack(adasum._coefficients(*adasum._row_sums(prods))).reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,13 +436,28 @@ def _real(group, per_layer, rank):
     return trace
 
 
-def _crafted(group, per_layer, grad):
-    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+def _crafted(group, per_layer, grad, shapes=SHAPES):
+    """One ``after_backward`` on parameters of ``shapes`` in ``grad``'s dtype whose
+    gradients are ``grad``; returns the aggregated gradient (flat)."""
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=grad.dtype)) for s in shapes]
     agg = accord.build("adasum", params, group=group, per_layer=per_layer)
     for p, v in zip(params, grad.split([p.numel() for p in params]), strict=True):
         p.grad = v.view_as(p).clone()
     agg.after_backward(accord.StepContext(step=0))
     return _flat(p.grad for p in params)
+
+
+def precision_cases(n: int) -> dict[str, tuple[np.ndarray, torch.dtype, list]]:
+    """Per case, every group rank's gradient (n, D) in float64, the parameter dtype and
+    the shapes: tiny gradients on all ranks or on rank 0, Horovod's stability data, and
+    float64 gradients that fp32 cannot represent."""
+    f64 = np.random.default_rng(21).standard_normal((n, 17)) * np.linspace(0.5, 4.0, n)[:, None]
+    return {
+        "tiny_all": (tiny_grads(n, "all", seed=n), torch.float32, SHAPES),
+        "tiny_one": (tiny_grads(n, "one", seed=n), torch.float32, SHAPES),
+        "stability": (stability_grads(n, np.float32), torch.float32, STABILITY_SHAPES),
+        "float64": (f64, torch.float64, SHAPES),
+    }
 
 
 def _adasum_world(rank, world):
@@ -330,6 +479,9 @@ def _adasum_world(rank, world):
                 "same": _crafted(group, per_layer, same),
                 "one_hot": (one_hot, _crafted(group, per_layer, one_hot)),
             }
+            for case, (G, dtype, shapes) in precision_cases(len(members)).items():
+                grad = torch.tensor(G[grank], dtype=dtype)
+                res[per_layer][case] = _crafted(group, per_layer, grad, shapes)
         out[name] = res
     return out
 
@@ -427,6 +579,34 @@ def test_world_of_one_leaves_the_gradient_unchanged(world, per_layer):
     for step in range(STEPS):
         assert torch.equal(real["agg"][step], real["local"][step])
     assert real["comm"] == {}
+
+
+@pytest.mark.parametrize("case", ["tiny_all", "tiny_one", "stability", "float64"])
+@LAYERS
+def test_world_precision_cases_match_the_float64_oracle(world, case, per_layer):
+    for name, traces in world.items():
+        n = len(traces)
+        G, dtype, shapes = precision_cases(n)[case]
+        sizes = [torch.Size(s).numel() for s in shapes] if per_layer else None
+        want = np_tree(G, sizes)
+        got = [tr[per_layer][case] for tr in traces]
+        assert got[0].dtype == dtype
+        for r in range(1, n):
+            assert torch.equal(got[r], got[0]), (name, r)
+        if case == "float64":
+            np.testing.assert_allclose(got[0].numpy(), want, rtol=1e-12,
+                                       atol=1e-12 * np.abs(want).max())
+        else:
+            bound = 100 * np.finfo(np.float32).eps if case == "stability" else 1e-5
+            assert rel_err(got[0], want) < bound, name
+        if n == 1:
+            continue
+        if case == "tiny_all" or (case == "stability" and n in (2, 4)):
+            assert rel_err(got[0], G.sum(axis=0)) > 0.2, name  # combined, not added
+        if case == "tiny_one":
+            without = G.copy()
+            without[0] = 0.0
+            assert rel_err(got[0], np_tree(without, sizes)) > 0.05, name
 
 
 def _expected_comm(n: int, r: int, nbytes: int) -> dict[str, tuple[int, int]]:

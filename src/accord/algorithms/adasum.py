@@ -11,8 +11,7 @@ Pair rule (a, b two gradients; per parameter tensor by default)::
 Orthogonal gradients are summed, parallel ones (a = c b, c > 0) averaged, identical ones
 give themselves, anti-parallel equal ones cancel. A zero vector (or, per layer, a zero
 tensor) contributes nothing and the other passes through unchanged; two zeros give zero
-(both coefficients are set to 1 there, so a piece whose squared norm underflows fp32 is
-added, not dropped).
+(both coefficients are set to 1 where a squared norm is zero).
 
 Reduction over N workers, g_r the local gradient of rank r, P the largest power of two
 <= N, M = N - P::
@@ -46,13 +45,25 @@ Decisions where the sources are silent or where accord differs from Horovod:
   instead of about one, but no dot-product exchanges and every level sees whole tensors.
   Both partners compute the same combination from the same two vectors, the lower rank's
   vector as first argument, so they must get bit-identical results: the dot products are
-  a fixed-order fp32 reduction (``_row_sums``) whose value depends neither on memory
-  alignment nor on the intra-op thread count (``torch.dot`` through MKL depends on both).
+  a fixed-order reduction (``_row_sums``) whose value depends neither on memory
+  alignment nor on the intra-op thread count (``torch.dot`` through MKL depends on both),
+  and the combination uses separate, exactly rounded multiplies and adds.
 * ``per_layer`` (default True, as Horovod applies the rule per tensor): dot products and
   norms per parameter tensor, one flat buffer per message either way. False applies the
   rule to the whole flattened gradient.
-* Dots and norms in fp32 whatever the parameter dtype; the combination is formed in fp32
-  and stored in the parameter dtype.
+* Dots and squared norms are accumulated in float64 whatever the parameter dtype. In
+  fp32 the squared norm of a gradient around 1e-23 or smaller underflows to zero (and
+  that of one above about 1e19 overflows), so a tiny gradient would be added to its
+  partner instead of combined: N = 2 tiny parallel gradients would give their sum, twice
+  the right answer. Products of fp32, bf16 or fp16 values are exact in float64 and their
+  squares neither underflow nor overflow it, so the coefficients are exact up to the
+  float64 rounding of the sums. The products are formed in blocks (``_BLOCK`` elements),
+  so the float64 temporaries stay small whatever the model size.
+* The combination is formed in float64 for float64 parameters (float64 results at float64
+  precision), in fp32 for fp32, bf16 and fp16 parameters, and stored in the parameter
+  dtype. For fp32 this means a coefficient must fit fp32: two partners whose gradient
+  norms differ by a factor beyond about 1e38 overflow. Float64 pieces whose squared norm
+  underflows float64 (every element below about 1e-154) count as zero pieces.
 * No hyperparameter beyond ``per_layer`` and no state. The result's scale lies between
   the mean (agreeing workers) and the sum (orthogonal workers) of the gradients, so a
   learning rate tuned for averaging may be too large while gradients are nearly
@@ -61,6 +72,7 @@ Decisions where the sources are silent or where accord differs from Horovod:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +87,9 @@ from . import register
 # ---------------------------------------------------------------------------------------
 
 _CHUNK = 1024
+# elements per block of float64 products: bounds the temporaries to 3 * 8 * _BLOCK bytes
+# whatever the tensor size; a multiple of _CHUNK, so blocking leaves the order unchanged
+_BLOCK = 256 * _CHUNK
 
 
 def _row_sums(x: torch.Tensor) -> torch.Tensor:
@@ -86,13 +101,18 @@ def _row_sums(x: torch.Tensor) -> torch.Tensor:
     parallelises over outputs), so no single sum is split across threads.
     """
     while x.shape[1] > _CHUNK:
-        k, n = x.shape
-        full = n - n % _CHUNK
-        parts = x[:, :full].reshape(k, full // _CHUNK, _CHUNK).sum(dim=2)
-        if full < n:
-            parts = torch.cat([parts, x[:, full:].sum(dim=1, keepdim=True)], dim=1)
-        x = parts
+        x = _chunk_sums(x)
     return x.sum(dim=1)
+
+
+def _chunk_sums(x: torch.Tensor) -> torch.Tensor:
+    """(K, n) -> (K, ceil(n / _CHUNK)): sums of consecutive chunks, the last one partial."""
+    k, n = x.shape
+    full = n - n % _CHUNK
+    parts = x[:, :full].reshape(k, full // _CHUNK, _CHUNK).sum(dim=2)
+    if full < n:
+        parts = torch.cat([parts, x[:, full:].sum(dim=1, keepdim=True)], dim=1)
+    return parts
 
 
 def _check_segments(numel: int, segments: Sequence[int] | None) -> list[int]:
@@ -107,17 +127,35 @@ def _check_segments(numel: int, segments: Sequence[int] | None) -> list[int]:
     return sizes
 
 
+def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(3, n) float64: a*b, a*a, b*b elementwise (exact for fp32/bf16/fp16 inputs)."""
+    x, y = a.double(), b.double()
+    prods = torch.empty(3, x.numel(), dtype=torch.float64, device=x.device)
+    torch.mul(x, y, out=prods[0])
+    torch.mul(x, x, out=prods[1])
+    torch.mul(y, y, out=prods[2])
+    return prods
+
+
+def _piece_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(<a,b>, ||a||^2, ||b||^2) of two flat pieces, float64, in the order of ``_row_sums``
+    on the whole piece, computed block by block."""
+    n = a.numel()
+    if n <= _BLOCK:
+        return _row_sums(_products(a, b))
+    parts = torch.cat([_chunk_sums(_products(a[i:i + _BLOCK], b[i:i + _BLOCK]))
+                       for i in range(0, n, _BLOCK)], dim=1)
+    return _row_sums(parts)
+
+
 def _pair_sums(
     a: torch.Tensor, b: torch.Tensor, sizes: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-segment <a,b>, ||a||^2, ||b||^2 in fp32, each of shape (L,), reproducibly."""
-    af, bf = a.reshape(-1).float(), b.reshape(-1).float()
-    prods = torch.empty(3, af.numel(), dtype=torch.float32, device=af.device)
-    torch.mul(af, bf, out=prods[0])
-    torch.mul(af, af, out=prods[1])
-    torch.mul(bf, bf, out=prods[2])
-    sums = torch.stack([_row_sums(seg) for seg in prods.split(sizes, dim=1)])  # (L, 3)
-    dot, na, nb = sums.unbind(dim=1)
+    """Per-segment <a,b>, ||a||^2, ||b||^2 in float64, each of shape (L,), reproducibly."""
+    af, bf = a.reshape(-1), b.reshape(-1)
+    sums = torch.stack([_piece_sums(x, y)
+                        for x, y in zip(af.split(sizes), bf.split(sizes), strict=True)])
+    dot, na, nb = sums.unbind(dim=1)  # (L, 3) -> three (L,)
     return dot, na, nb
 
 
@@ -125,8 +163,8 @@ def _coefficients(
     dot: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # A zero piece gets coefficient 1: it adds nothing, and the other piece's coefficient
-    # is then exactly 1 (its dot is 0). A piece so small that its squared norm underflows
-    # fp32 is thereby added to the other rather than dropped.
+    # is then exactly 1 (its dot is 0). Only a float64 piece can have a squared norm that
+    # underflows to zero (elements below about 1e-154); it is added, not dropped.
     one = torch.ones_like(dot)
     c_a = torch.where(na > 0, 1.0 - dot / (2.0 * na), one)
     c_b = torch.where(nb > 0, 1.0 - dot / (2.0 * nb), one)
@@ -136,7 +174,7 @@ def _coefficients(
 def adasum_coefficients(
     a: torch.Tensor, b: torch.Tensor, segments: Sequence[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-segment coefficients (c_a, c_b), fp32 tensors of shape (L,), of the pair rule.
+    """Per-segment coefficients (c_a, c_b), float64 tensors of shape (L,), of the pair rule.
 
     ``segments`` are the sizes of consecutive pieces of the flat vectors (one per
     parameter tensor); None means the whole vector is one piece. Where a (or b) is zero,
@@ -147,6 +185,11 @@ def adasum_coefficients(
     return _coefficients(*_pair_sums(a, b, _check_segments(a.numel(), segments)))
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 vectors, float32 for every narrower float."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _combine(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -155,16 +198,18 @@ def _combine(
     sizes: list[int],
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    af, bf = a.reshape(-1).float(), b.reshape(-1).float()
-    if len(sizes) > 1:
-        counts = torch.tensor(sizes, device=c_a.device)
-        c_a = torch.repeat_interleave(c_a, counts)
-        c_b = torch.repeat_interleave(c_b, counts)
-    # both temporaries exist before anything is written, so ``out`` may alias a or b
-    result = af * c_a + bf * c_b
+    cd = _compute_dtype(a.dtype)
+    c_a, c_b = c_a.to(cd), c_b.to(cd)
     if out is None:
-        return result.view(a.shape).to(a.dtype)
-    out.view(-1).copy_(result)
+        out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    pieces = zip(a.reshape(-1).split(sizes), b.reshape(-1).split(sizes), c_a.unbind(),
+                 c_b.unbind(), out.view(-1).split(sizes), strict=True)
+    for x, y, ca, cb, dst in pieces:
+        # separate multiplies and an add (no fused multiply-add), each exactly rounded, so
+        # the bits do not depend on which elements a vectorised loop handles. The piece is
+        # formed before it is written, and ``out`` (which may be a or b) has the same
+        # layout, so no later piece reads what an earlier one wrote.
+        dst.copy_(x.to(cd) * ca + y.to(cd) * cb)
     return out
 
 
@@ -177,9 +222,10 @@ def adasum_pair(
 ) -> torch.Tensor:
     """Adasum(a, b) = (1 - <a,b>/(2||a||^2)) a + (1 - <a,b>/(2||b||^2)) b, per segment.
 
-    Dots and norms in fp32; the result has a's dtype (or is written into ``out``, which
-    may be a or b). Symmetric and bit-reproducible: the same inputs give the same bits
-    whatever their memory alignment or the thread count.
+    Dots and norms accumulated in float64; the combination formed in float64 for float64
+    vectors, in fp32 otherwise; the result has a's dtype (or is written into ``out``,
+    which may be a or b). Symmetric and bit-reproducible: the same inputs give the same
+    bits whatever their memory alignment or the thread count.
     """
     c_a, c_b = adasum_coefficients(a, b, segments)
     return _combine(a, b, c_a, c_b, _check_segments(a.numel(), segments), out)
@@ -237,10 +283,11 @@ class AdaSum(Aggregator):
         self.segments = list(self.flat.sizes) if self.hp["per_layer"] else None
         self._sizes = _check_segments(self.flat.numel, self.segments)
         self.power = largest_power_of_two(self.world_size)
-        self._metrics: dict[str, float] = {}
+        self._grad_norm: torch.Tensor | None = None
+        self._coef_range: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @torch.no_grad()
-    def _fold_in(self, buf: torch.Tensor, mine_first: bool, coefs: list[torch.Tensor]) -> None:
+    def _fold_in(self, buf: torch.Tensor, mine_first: bool) -> None:
         """buf = Adasum(lower rank's vector, higher rank's vector) with self.peer."""
         a, b = (buf, self.peer) if mine_first else (self.peer, buf)
         dot, na, nb = _pair_sums(a, b, self._sizes)
@@ -248,14 +295,16 @@ class AdaSum(Aggregator):
         _combine(a, b, c_a, c_b, self._sizes, buf)
         # pieces that are zero on either side say nothing about agreement
         both = (na > 0) & (nb > 0)
-        coefs.append(c_a[both])
-        coefs.append(c_b[both])
+        inf = torch.full_like(c_a, float("inf"))
+        lo = torch.minimum(torch.where(both, c_a, inf), torch.where(both, c_b, inf)).min()
+        hi = torch.maximum(torch.where(both, c_a, -inf), torch.where(both, c_b, -inf)).max()
+        self._coef_range.append((lo, hi))
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
         buf = self.flat.load_grads()
         rank, n, p = self.rank, self.world_size, self.power
-        coefs: list[torch.Tensor] = []
+        self._coef_range = []
         if rank >= p:
             self.comm.send(buf, rank - p)
             self.comm.recv_(buf, rank - p)
@@ -263,27 +312,29 @@ class AdaSum(Aggregator):
             has_extra = rank + p < n
             if has_extra:
                 self.comm.recv_(self.peer, rank + p)
-                self._fold_in(buf, True, coefs)
+                self._fold_in(buf, True)
             distance = 1
             while distance < p:
                 partner = rank ^ distance
                 self.comm.exchange_(buf, self.peer, partner)
-                self._fold_in(buf, rank < partner, coefs)
+                self._fold_in(buf, rank < partner)
                 distance *= 2
             if has_extra:
                 self.comm.send(buf, rank + p)
         self.flat.store_grads(buf)
-
-        self._metrics = {"grad_norm": float(buf.float().norm())}
-        if coefs:
-            c = torch.cat(coefs)
-            if c.numel():
-                self._metrics["coef_min"] = float(c.min())
-                self._metrics["coef_max"] = float(c.max())
+        self._grad_norm = torch.linalg.vector_norm(buf, dtype=_compute_dtype(buf.dtype))
 
     def metrics(self) -> dict[str, float]:
         """``grad_norm`` of the combined gradient; ``coef_min`` / ``coef_max``: range of the
         pair coefficients this rank computed in the step (0.5 for agreeing pieces, 1 for
         orthogonal ones, above 1 for opposed ones); absent on ranks that combined nothing
-        (ranks >= P, N = 1)."""
-        return dict(self._metrics)
+        (ranks >= P, N = 1) or only pieces that were zero on one side."""
+        if self._grad_norm is None:
+            return {}
+        out = {"grad_norm": float(self._grad_norm)}
+        if self._coef_range:
+            lo = float(torch.stack([r[0] for r in self._coef_range]).min())
+            hi = float(torch.stack([r[1] for r in self._coef_range]).max())
+            if math.isfinite(lo):
+                out["coef_min"], out["coef_max"] = lo, hi
+        return out
