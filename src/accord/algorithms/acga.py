@@ -10,8 +10,9 @@ Update rule (N workers, g_i the local gradient of worker i, s = sum_j g_j)::
     m    = sort(a)              at the first step
     m    = beta m + (1 - beta) sort(a)  afterwards  subspace momentum on the SORTED vector
     c[perm[k]] = m[k]                               hand rank-k value to the worker at rank k
-    c    = c / sum(c)                               coefficients sum to one
-    d    = sum_i c_i g_i / (||g_i|| + eps)          written into every p.grad
+    c    = c / sum(c)                               coefficients sum to one (guarded)
+    d    = sum_i c_i g_i / (||g_i|| + eps)
+    d    = d / max(1, ||d||)                        written into every p.grad
 
 Hook: ``after_backward``. Communication per step: allreduce of the raw gradients
 (model-size), all-gather of 2 floats per worker (2 L floats in per-layer mode, L tensors),
@@ -23,11 +24,30 @@ Decisions where the sources are silent or disagree (all options):
   itself), which is the inverse only when ``perm`` is an involution (always for N = 2,
   rarely for N >= 3). Default False: scatter through the inverse permutation.
   True reproduces the script exactly.
-* ``guard`` -- the sum of coefficients can be near zero or negative when workers
-  disagree. ``uniform`` (default) keeps the coefficients as the paper does (negative ones
-  included) unless sum(c) <= 1e-6 sum|c|, then falls back to 1/N; ``shift`` subtracts
-  min(c) when it is negative, as the per-tensor variant of the AdaCons NPU hook does;
-  ``clamp`` zeroes negative coefficients. The last two fall back to 1/N if all are zero.
+* ``guard`` -- how negative coefficients are treated before normalising. ``uniform``
+  (default) keeps them, as the paper does; ``shift`` subtracts min(c) when it is negative,
+  as the per-tensor variant of the AdaCons NPU hook does; ``clamp`` zeroes them.
+* Fallback to 1/N. With P the sum of the positive and Q that of the absolute negative
+  coefficients after the guard, c / sum(c) has sum |c_i| = (P + Q) / (P - Q): when the
+  workers nearly cancel (c = (0.5, -0.4999) gives (5000.7, -4999.7)), normalising
+  amplifies a difference of nearly opposite directions that says nothing about the
+  consensus. Every mode therefore falls back to c_i = 1/N (normalised averaging, the
+  method's own baseline and always a bounded direction) when Q >= P / 2
+  (``NEGATIVE_FRACTION``), i.e. when at least a third of the coefficient mass is
+  negative; this includes all-zero and all-negative sets. Below it the paper's
+  coefficients are kept, and sum |c_i| < 3. With ``shift`` and ``clamp`` Q = 0, so only
+  an all-zero set falls back. ``guard_hits`` counts the rows that fell back.
+* ||d|| <= 1, the promise that makes d a bounded direction, holds in every mode: d is
+  divided by max(1, ||d||) (per tensor in per-layer mode). With c >= 0 summing to one, d
+  is a convex combination of vectors of norm < 1, so the paper's d is unchanged (bit for
+  bit whenever its computed norm is at most 1, where the divisor is exactly 1.0; nearly
+  identical workers can round a hair above 1). Only kept negative coefficients
+  (``uniform``) can give ||d|| up to 3, and the division keeps their direction. Each
+  rank computes the divisor from the allreduced d it already holds, with tensor
+  operations: no extra communication and no host sync. Rejected alternative: projecting
+  c onto the simplex, which would drop the negative coefficients the paper keeps. The
+  bound is up to the rounding of the parameter dtype, and applies before
+  ``restore_scale``.
 * ``per_layer`` -- the same computation independently for every parameter tensor, with
   its own sorted momentum vector per tensor.
 * A worker whose gradient (or, per layer, tensor gradient) is exactly zero gets
@@ -43,6 +63,7 @@ Decisions where the sources are silent or disagree (all options):
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,7 +74,9 @@ from . import register
 
 log = logging.getLogger(__name__)
 
-GUARD_TOL = 1e-6
+#: a coefficient vector whose negative mass is at least this fraction of its positive mass
+#: falls back to uniform coefficients (see the module docstring)
+NEGATIVE_FRACTION = 0.5
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,8 +109,17 @@ def sorted_momentum(
     return m_new, c
 
 
-def normalize_coefficients(c: torch.Tensor, guard: str = "uniform") -> tuple[torch.Tensor, int]:
-    """Coefficients summing to one along the last dimension; returns (c, rows guarded)."""
+def normalize_coefficients(
+    c: torch.Tensor, guard: str = "uniform"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients summing to one along the last dimension.
+
+    Returns (c, rows that fell back to 1/N as a 0-dim int64 tensor). After the guard
+    (``shift``, ``clamp`` or none for ``uniform``), a row falls back to 1/N when its
+    negative mass Q = sum max(-c_i, 0) is at least ``NEGATIVE_FRACTION`` times its positive
+    mass P = sum max(c_i, 0); this includes an all-zero row. Other rows are divided by
+    their sum P - Q >= P / 2 > 0.
+    """
     if guard == "shift":
         c = c - c.min(dim=-1, keepdim=True).values.clamp(max=0.0)
     elif guard == "clamp":
@@ -95,10 +127,26 @@ def normalize_coefficients(c: torch.Tensor, guard: str = "uniform") -> tuple[tor
     elif guard != "uniform":
         raise ValueError(f"guard: got {guard!r}, allowed: 'uniform', 'shift', 'clamp'")
     total = c.sum(dim=-1, keepdim=True)
-    bad = total <= GUARD_TOL * c.abs().sum(dim=-1, keepdim=True)
+    positive = c.clamp(min=0.0).sum(dim=-1, keepdim=True)
+    negative = (-c).clamp(min=0.0).sum(dim=-1, keepdim=True)
+    bad = negative >= NEGATIVE_FRACTION * positive
     uniform = torch.full_like(c, 1.0 / c.shape[-1])
     out = torch.where(bad, uniform, c / torch.where(bad, torch.ones_like(total), total))
-    return out, int(bad.sum())
+    return out, bad.sum()
+
+
+def limit_norm_(segments: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Divide each tensor by max(1, its norm), in place; returns the divisors (L,).
+
+    Tensor operations only (no host sync). A tensor of norm <= 1 is divided by exactly
+    1.0, so it is unchanged bit for bit. Norms are taken in fp32 at least.
+    """
+    norms = torch.stack([torch.linalg.vector_norm(
+        seg, dtype=torch.promote_types(seg.dtype, torch.float32)) for seg in segments])
+    scale = norms.clamp(min=1.0)
+    for seg, sc in zip(segments, scale.unbind(), strict=True):
+        seg.div_(sc)
+    return scale
 
 
 def acga_combine(
@@ -106,22 +154,33 @@ def acga_combine(
     momentum: torch.Tensor | None = None,
     beta: float = 0.0,
     *,
+    segments: Sequence[int] | None = None,
     reference_order: bool = False,
     guard: str = "uniform",
     eps: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Single-process ACGA on stacked worker gradients ``grads`` of shape (N, D).
 
-    Returns (aggregated gradient d, coefficients c, new momentum). The distributed class
+    Returns (aggregated gradient d, coefficients c, new momentum). ``segments`` (sizes of
+    consecutive pieces of D, one per parameter tensor) gives the per-layer form: c and the
+    momentum are then (L, N), one independent problem per piece. The distributed class
     computes the same thing with collectives; tests use this as the in-process form.
     """
     g = grads.float()
-    s = g.sum(dim=0)
-    norms = g.norm(dim=1)
-    a = consensus_coefficients(g @ s, norms, g.shape[0], eps)
+    n = g.shape[0]
+    sizes = [g.shape[1]] if segments is None else [int(x) for x in segments]
+    parts = g.split(sizes, dim=1)
+    dots = torch.stack([p @ p.sum(dim=0) for p in parts])  # (L, N)
+    norms = torch.stack([p.norm(dim=1) for p in parts])
+    if segments is None:  # one row, kept 1-D so a (N,) momentum stays (N,)
+        dots, norms = dots[0], norms[0]
+    a = consensus_coefficients(dots, norms, n, eps)
     m, c = sorted_momentum(a, momentum, beta, reference_order)
+    c = torch.where(norms > 0, c, torch.zeros_like(c))
     c, _ = normalize_coefficients(c, guard)
-    d = ((c / (norms + eps))[:, None] * g).sum(dim=0)
+    w = (c / (norms + eps)).reshape(len(sizes), n)
+    d = torch.cat([(w[l][:, None] * p).sum(dim=0) for l, p in enumerate(parts)])
+    limit_norm_(d.split(sizes))
     return d, c, m
 
 
@@ -141,7 +200,7 @@ class ACGA(Aggregator):
         "per_layer": Hyper(False, bool, "one coefficient vector per parameter tensor"),
         "reference_order": Hyper(False, bool,
                                  "un-sort with the permutation itself, as the reference script"),
-        "guard": Hyper("uniform", str, "handling of a near-zero or negative coefficient sum",
+        "guard": Hyper("uniform", str, "treatment of negative coefficients before normalising",
                        choices=("uniform", "shift", "clamp")),
         "restore_scale": Hyper("none", str, "rescale d to a gradient-averaging magnitude",
                                choices=("none", "mean_norm", "avg_norm")),
@@ -154,8 +213,8 @@ class ACGA(Aggregator):
         self.total = self.flat.new_buffer()
         self.layers = len(self.params) if self.hp["per_layer"] else 1
         self.momentum: torch.Tensor | None = None
-        self.guard_hits = 0
-        self._metrics: dict[str, float] = {}
+        self.guard_hits: torch.Tensor | int = 0
+        self._observed: dict[str, torch.Tensor] = {}
 
     def _segments(self, buf: torch.Tensor) -> list[torch.Tensor]:
         return [v.reshape(-1) for v in self.flat.split(buf)] if self.hp["per_layer"] else [buf]
@@ -185,37 +244,45 @@ class ACGA(Aggregator):
                                            self.hp["reference_order"])
         c = torch.where(all_norms > 0, c, torch.zeros_like(c))
         c, hits = normalize_coefficients(c, self.hp["guard"])
-        self.guard_hits += hits
+        self.guard_hits = self.guard_hits + hits
 
         weights = c[:, self.rank] / (all_norms[:, self.rank] + eps)
-        for seg, w in zip(loc_segs, weights.tolist(), strict=True):
+        for seg, w in zip(loc_segs, weights.unbind(), strict=True):
             seg.mul_(w)
         self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
+        # d is identical on every rank, so every rank computes the same divisors
+        limit_norm_(loc_segs)
 
         mode = self.hp["restore_scale"]
         if mode != "none":
             for l, (seg, tot) in enumerate(zip(loc_segs, tot_segs, strict=True)):
                 scale = all_norms[l].mean() if mode == "mean_norm" else tot.float().norm() / n
-                seg.mul_(float(scale))
+                seg.mul_(scale)
         self.flat.store_grads(local)
 
         d, s = local.float(), self.total.float()
         d_norm, s_norm = d.norm(), s.norm()
-        self._metrics = {
-            "coef_min": float(c.min()),
-            "coef_max": float(c.max()),
-            "grad_norm": float(d_norm),
-            "cos_mean": float(torch.dot(d, s) / (d_norm * s_norm + 1e-30)),
-            "guard_hits": float(self.guard_hits),
+        # tensors only: metrics() reads them back when it is called
+        self._observed = {
+            "coef_min": c.min(),
+            "coef_max": c.max(),
+            "grad_norm": d_norm,
+            "cos_mean": torch.dot(d, s) / (d_norm * s_norm + 1e-30),
         }
 
     def metrics(self) -> dict[str, float]:
-        return dict(self._metrics)
+        """Coefficient range, norm of the written gradient, its cosine with the mean
+        gradient (last step), and the number of coefficient rows that fell back to 1/N."""
+        if not self._observed:
+            return {}
+        out = {k: float(v) for k, v in self._observed.items()}
+        out["guard_hits"] = float(self.guard_hits)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["momentum"] = None if self.momentum is None else self.momentum.clone()
-        state["guard_hits"] = self.guard_hits
+        state["guard_hits"] = int(self.guard_hits)
         return state
 
     def load_state_dict(self, state) -> None:
