@@ -255,11 +255,11 @@ def test_easgd_async_equals_sync_on_time_and_keeps_one_centre_with_a_straggler(e
 def test_dynamic_weighting_fades_a_frozen_worker(easgd_traces):
     traces = easgd_traces
     weights = traces[0]["dynamic_frozen"]["weights"]
-    # exchanges at steps 1, 3, 5, 7, 9; rank 3's model stopped changing after step 1's
-    # exchange (its first contribution is its snapshot): staleness 0, 2, 4, 6, 8
+    # exchanges at steps 1, 3, 5, 7, 9 (rounds 0..4); rank 3's model never changes from the
+    # initial one, so its last fresh progress is round 0: staleness 0, 2, 4, 6, 8 steps
     for e, w in enumerate(weights):
         s = 2 * e
-        raw = [1.0, 1.0, 1.0, 2.0 ** (-s / 4.0)]
+        raw = [1.0, 1.0, 1.0, 2.0 ** (-((s / 4.0) ** 2))]
         expect = [x / sum(raw) for x in raw]
         assert w == pytest.approx(expect, abs=1e-9), (e, w)
     assert all(t["dynamic_frozen"]["weights"] == weights for t in traces)
@@ -274,3 +274,195 @@ def test_crash_under_wait_avoiding_wagma_names_the_rank(tmp_path):
     assert "worker rank 1 failed" in proc.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert records[-1]["type"] == "summary" and records[-1]["status"] == "failed"
+
+
+# -- any set of slow ranks ------------------------------------------------------------------
+# 4 workers in pairs: phase 0 groups {0,1} {2,3}, phase 1 groups {0,2} {1,3}. The slow
+# ranks stay inside step 0 (after its backward) for SLOW_S seconds, then run normally. A
+# fast rank that never waits for a slow rank's compute finishes all its group rounds while
+# every slow rank is still inside that one step: counted with a flag each slow rank puts
+# in the job's store when its long step ends (no timing thresholds).
+SLOW_PATTERNS = {"same_group": (2, 3), "different_groups": (1, 2), "three_of_four": (1, 2, 3)}
+SLOW_S = 3.0
+WA_STEPS = 10
+
+
+def _slow_pattern_world(rank, world, slow):
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    task = get_task("digits")(SEED)
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    agg = accord.build("wagma", model.parameters(), group_size=2, period=100,
+                       wait_avoiding=True)
+    stream = task.train_stream(rank, BATCH)
+    received = []  # per step: versions of the group's contributions
+    for step in range(WA_STEPS):
+        opt.zero_grad()
+        task.loss(model, next(stream)).backward()
+        if rank in slow and step == 0:
+            time.sleep(SLOW_S)
+            store.set(f"slow_done/{rank}", "1")
+        agg.after_backward(accord.StepContext(step))
+        received.append(dict(zip(agg._last.ranks, agg._last.versions, strict=True)))
+        opt.step()
+        agg.after_step(accord.StepContext(step))
+    # still inside step 0 on every slow rank?
+    inside = [not store.check([f"slow_done/{r}"]) for r in slow] if rank not in slow else []
+    metrics = agg.metrics()
+    agg.close()
+    dist.barrier()
+    return {"inside": inside, "received": received, "metrics": metrics}
+
+
+@pytest.mark.parametrize("pattern", sorted(SLOW_PATTERNS))
+def test_wait_avoiding_never_waits_for_any_set_of_slow_ranks(pattern):
+    slow = SLOW_PATTERNS[pattern]
+    traces = run_world(_slow_pattern_world, 4, slow)
+    fast = [r for r in range(4) if r not in slow]
+    for r in fast:
+        # every group round done while each slow rank was still inside its first step
+        assert traces[r]["inside"] == [True] * len(slow), (r, traces[r]["inside"])
+        assert traces[r]["metrics"]["rounds"] == WA_STEPS
+        # ... so every contribution of a slow partner was its initial deposit (version 0)
+        for step, versions in enumerate(traces[r]["received"]):
+            for peer, version in versions.items():
+                if peer in slow:
+                    assert version == 0, (r, step, peer, version)
+                else:  # a fast rank's runner may also start a round a step ahead of it
+                    assert version <= step, (r, step, peer, version)
+    for r in slow:  # the slow ranks' runners were driven by peers, not by their compute
+        m = traces[r]["metrics"]
+        assert m["rounds"] == WA_STEPS and m["activated_by_peer"] >= WA_STEPS - 1
+        assert m["pending"] == 0  # every kept result was popped
+
+
+# -- idle is not failure ----------------------------------------------------------------------
+TIMEOUT_S = 1.0
+GAP_S = 3.2  # more than 3 x the timeout
+
+
+def _idle_world(rank, world):
+    import torch.distributed as dist
+
+    task = get_task("digits")(SEED)
+    out = {}
+    runs = {"wagma": {"group_size": 2, "period": 4, "timeout": TIMEOUT_S},
+            "easgd": {"period": 2, "asynchronous": True, "weighting": "dynamic",
+                      "timeout": TIMEOUT_S}}
+    for name, hp in runs.items():
+        model = task.build_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        agg = accord.build(name, model.parameters(), **hp)
+        stream = task.train_stream(rank, BATCH)
+        if rank == 0:
+            time.sleep(GAP_S)  # a slow start
+        for step in range(8):
+            if step == 4:
+                time.sleep(GAP_S)  # every rank idle: a long evaluation, a long period
+            if name == "wagma" and step == 2 and rank == 0:
+                time.sleep(GAP_S)  # rank 0 late for the global average at step 3
+            opt.zero_grad()
+            task.loss(model, next(stream)).backward()
+            agg.after_backward(accord.StepContext(step))
+            opt.step()
+            agg.after_step(accord.StepContext(step))
+        out[name] = agg.metrics()
+        agg.close()
+        dist.barrier()
+    return out
+
+
+def test_idle_gaps_longer_than_the_timeout_pass():
+    traces = run_world(_idle_world, 4)
+    for t in traces:
+        assert t["wagma"]["rounds"] == 6 and t["wagma"]["global_steps"] == 2
+        assert t["easgd"]["exchanges"] == 4
+
+
+# -- bounded memory, clean shutdown -----------------------------------------------------------
+def _memory_world(rank, world):
+    import threading
+
+    import torch.distributed as dist
+
+    task = get_task("digits")(SEED)
+    out = {}
+    for name, hp, steps in [("easgd", {"period": 1, "asynchronous": True}, 24),
+                            ("wagma", {"group_size": 2, "period": 5, "self_weight": "mean"},
+                             24)]:
+        model = task.build_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        agg = accord.build(name, model.parameters(), **hp)
+        stream = task.train_stream(rank, BATCH)
+        pending = []
+        for step in range(steps):
+            opt.zero_grad()
+            task.loss(model, next(stream)).backward()
+            if rank == 3:
+                time.sleep(0.05)  # persistently slow
+            agg.after_backward(accord.StepContext(step))
+            opt.step()
+            agg.after_step(accord.StepContext(step))
+            pending.append(agg.engine.pending())
+        out[name] = {"pending": pending, "metrics": agg.metrics()}
+        agg.close()
+        dist.barrier()
+    # an idle engine closed with abort: both threads leave at once
+    model = task.build_model()
+    agg = accord.build("wagma", model.parameters(), group_size=2, period=5)
+    agg.engine.close(abort=True)
+    agg.engine = None
+    out["threads"] = [t.name for t in threading.enumerate() if t.name.startswith("accord-")]
+    dist.barrier()
+    return out
+
+
+def test_engine_memory_is_bounded_and_close_leaves_no_thread():
+    traces = run_world(_memory_world, 4)
+    for t in traces:
+        assert max(t["easgd"]["pending"]) == 0  # asynchronous EASGD keeps no results
+        assert max(t["wagma"]["pending"]) <= 5 - 1  # at most period - 1 rounds kept
+        assert t["threads"] == []
+    # the slow rank really was behind: its runner ran rounds before its compute asked
+    assert traces[3]["easgd"]["metrics"]["activated_by_peer"] > 0
+
+
+def _peer_leaves_world(rank, world):
+    import threading
+
+    task = get_task("digits")(SEED)
+    model = task.build_model()
+    agg = accord.build("wagma", model.parameters(), group_size=2, period=100,
+                       timeout=TIMEOUT_S)
+    error = None
+    if rank == 1:  # fails locally and leaves the exchange without finishing anything
+        agg.engine.close(abort=True)
+    else:
+        try:
+            for step in range(3):
+                agg.after_backward(accord.StepContext(step))
+                agg.after_step(accord.StepContext(step))
+        except RuntimeError as exc:
+            error = str(exc)
+        agg.engine.close()
+    agg.engine = None
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("accord-")]
+    return {"error": error, "threads": threads}
+
+
+def test_a_peer_that_leaves_fails_the_round_within_the_timeout_and_no_thread_is_left():
+    out = run_world(_peer_leaves_world, 2)
+    assert out[0]["error"] is not None and "background exchange failed in round 0" in \
+        out[0]["error"]
+    assert out[0]["threads"] == [] and out[1]["threads"] == []
+
+
+def test_kill_under_wait_avoiding_wagma_with_three_workers_names_the_rank(tmp_path):
+    cmd = [sys.executable, "-m", "accord", "train", "--algo", "wagma", "--workers", "3",
+           "--steps", "12", "--out", str(tmp_path / "run"), "--no-progress",
+           "--fault", "kill:rank=1,step=5", "--timeout", "10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "worker rank 1" in proc.stderr

@@ -1,44 +1,94 @@
 """The background exchange engine: group rounds that never wait for a slow worker's compute.
 
-Wait-avoiding WAGMA and asynchronous EASGD share one mechanism. Each worker runs one
-communication thread on process groups of its own (never the training loop's), which
-executes numbered *rounds*. Round ``k`` is a weighted mean over a group of ranks (the
-world, or a WAGMA butterfly group) of the model each member last *deposited*::
+Wait-avoiding WAGMA and asynchronous EASGD share one mechanism. Each worker runs a
+*runner* thread that executes numbered rounds on process groups of its own (never the
+training loop's), and a *listener* thread that receives activation messages. Round ``k``
+is a weighted mean, over a group of ranks (the world, or a WAGMA butterfly group), of the
+model each member last *deposited*::
 
-    compute thread                           communication thread
-    --------------                           --------------------
-    engine.deposit(x, version=step)          wait until round k is activated:
-    engine.request(k)        ---- token -->    by a local request, or by a token
-    r = engine.wait(k)  (or newest result)     from any member of round k's group
-                                             send a token to every other member
-                                             snapshot the newest deposit
-                                             all-gather (version, fingerprint, finite)
-                                             weights w_j (uniform or dynamic)
-                                             allreduce of w_own * deposit -> mean
-                                             publish the result of round k
+    compute thread                        runner thread (rounds 0, 1, 2, ... in order)
+    --------------                        -------------------------------------------
+    engine.deposit(x, version, healthy)   wait until target >= k      (never times out)
+    engine.request(k)   -> target >= k    activate k: a message to every member of
+    r = engine.wait(k)                      round k's group that has not started it
+                                          snapshot the newest deposit
+                                          all-gather (version, progress, finite, rank)
+                                          weights w_j (uniform or dynamic)
+                                          allreduce of w_own * deposit  -> mean
+                                          hand the result to the algorithm
 
-The first member whose compute reaches a round activates it for the whole group (the
-activation tokens play the role of fflib's activation messages); a member still
-computing takes part through its thread with the model it deposited last, so its
-contribution is stale, never lost and never waited for. The thread blocks only on the
-other *threads*, which respond within a message round trip. Rounds run in order on every
-rank, and the members of a round's group all run it, so the engine cannot deadlock.
+Activation rule: a rank's *target* is the highest round that its own compute requested
+or that any peer has started (a peer that starts round j sends j to the members of its
+round-j group). The runner executes every round up to its target, in order, and when it
+starts a round it activates that round for its whole group. So a thread that must get
+past round k activates every round before k for the groups it meets on the way, whatever
+the number and placement of slow ranks.
 
-Staleness is measured per contribution: the round's time is the newest version among its
-contributions (versions are the compute step of the deposit), and a contribution's
-staleness is that time minus the step at which the contributor's model last changed
-(detected with a fingerprint, so a frozen worker that keeps re-depositing the same model
-counts as stale too). Results carry every member's staleness and weight.
+Why it cannot deadlock (and never waits for compute). Claim: a runner that starts round
+k completes it, given live peers. By induction on k. The runner of rank r starting round
+k has sent k to every member m of its group G; so m's target is >= k. m's runner executes
+rounds in order up to its target; each earlier round j < k that m starts completes by
+the induction hypothesis, so m starts round k too, and the collective over G has all its
+members. A group's collectives on its own process group happen in increasing round order
+on every member (each runner runs every round, in order), so they match. No step of this
+argument involves a compute thread: a member still computing takes part through its
+runner with the model it deposited last (stale, never lost, never waited for). The
+compute thread's ``wait(k)`` therefore waits only for runner threads, which answer within
+a few message round trips; the one place where everyone waits for everyone's compute is
+the algorithm's blocking global step (WAGMA's global average), which uses
+:meth:`ExchangeEngine.arrive` first.
 
-Shutdown: :meth:`ExchangeEngine.close` is collective like the rest of the run. Every rank
-requests one final round that carries only tokens flagged final; each thread leaves after
-it, with no receive left pending, and the engine's process groups are destroyed. When a
-worker fails the process exits and the daemon thread goes with it; a failed exchange in the
-thread is re-raised in the compute thread at its next wait, naming the round.
+Idle is not failure. The listener's wait for messages and the runner's wait for
+activation never time out: a long period, a long evaluation or a slow start are idle
+gaps, not faults. Activation messages travel through the job's key-value store (the
+TCPStore that torchrun or ``init_process_group`` set up), on a connection of the
+engine's own with no timeout, because a gloo receive cannot be polled, woken, or told
+that its peer died. A collective that has started (the round's all-gather and
+allreduce, on gloo groups created with the run's ``timeout``) does time out: a peer that
+dies mid-round fails the run within ``timeout``. :meth:`ExchangeEngine.arrive` (a barrier
+on a group created with ``idle_timeout``) bounds a wait for a peer's compute instead.
+
+Failure signals (what each worker publishes in every round, and how weights follow):
+
+* ``version``: the compute step at which it deposited the model it contributes.
+* ``progress``: the last round whose contribution was *fresh progress*: a deposit made
+  after at least one healthy step (``healthy=True``: the loop did not exclude the step's
+  gradient as non-finite) and different from the previous deposit. A frozen worker
+  re-depositing the same model, a worker whose gradients are all excluded, and a worker
+  whose compute hangs (no new deposit) all stop making progress, whatever the optimizer
+  (momentum or weight decay still move an unhealthy worker's model, which is why health
+  is reported by the worker itself and not inferred from the model).
+* ``finite``: whether the deposit is finite.
+
+A member's staleness is ``(k - progress) * steps_per_round`` steps. ``uniform`` weighs
+every member 1/S; ``dynamic`` weighs member j by ``finite_j * 2 ** (-(s_j / half_life)
+** 2)``, renormalised over the members with a nonzero weight (all zero: the round keeps
+the local model). The Gaussian fall-off (designed here; arXiv 2409.09242 motivates
+dynamic weighting but gives no formula we could verify) keeps the ordinary jitter of a
+slow-but-alive worker (s below half_life: weight above one half) nearly unpenalised and
+cuts a failed one fast: at 2 half-lives its raw weight is 1/16, at 3 half-lives 1/512.
+
+Memory. The engine holds two model-size buffers (the deposit and the round's snapshot)
+plus what the algorithm keeps per round through ``on_round``: results nobody collects
+are never stored (asynchronous EASGD keeps none; WAGMA keeps one or two model-size
+tensors per round until its compute pops it, at most ``period - 1`` rounds, because the
+blocking global average stops any runner from running more than one period ahead of its
+compute).
+
+Shutdown. :meth:`ExchangeEngine.close` is local: the runner finishes every round up to
+its target (every rank runs exactly the rounds the computes requested, so no peer needs
+it afterwards), then both threads leave; the listener is woken by a stop message the
+engine sends itself. ``close(abort=True)`` (also chosen automatically when an exception
+is propagating) stops without finishing rounds: the runner leaves at once unless it is
+inside a collective, which ends within ``timeout`` (done, or failed because the peer is
+gone). No thread is left blocked on a process group after close returns (the engine's
+groups are destroyed with the default group). A failure in a thread is re-raised in the
+compute thread at its next call, naming the round.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import threading
@@ -46,6 +96,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,16 +105,13 @@ from .comm import CommStats, Communicator
 
 log = logging.getLogger(__name__)
 
-TOKEN_TAG = 7
-#: meta columns gathered per member: version, fingerprint, finite, global rank
+#: columns gathered per member: version, progress (round), finite, global rank
 META = 4
-
-
-def fingerprint_probe(numel: int, seed: int = 0x5EED) -> torch.Tensor:
-    """A fixed random vector (identical on every rank): ``probe @ x`` changes whenever x
-    does, for all practical purposes."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(numel, generator=gen, dtype=torch.float64)
+#: a wait with "no" timeout: the store and gloo need a finite duration
+FOREVER = timedelta(days=365)
+_STOP = b"stop"
+#: engines created in this process; every rank creates them in the same order
+_engine_ids = itertools.count()
 
 
 @dataclass
@@ -74,55 +122,77 @@ class RoundResult:
     mean: torch.Tensor | None  # weighted mean of the deposits; None when every weight is 0
     ranks: list[int]  # global ranks of the group, ascending
     versions: list[int]  # deposit version (compute step) of each member's contribution
-    staleness: list[int]  # steps since each member's model last changed, at round time
+    progress: list[int]  # round of each member's last fresh progress
+    staleness: list[float]  # steps since that progress, at this round
     weights: list[float]  # weight of each member (sum 1 over the survivors)
     finite: list[bool]
-    own_deposit: torch.Tensor  # the deposit this rank contributed
+    own_deposit: torch.Tensor | None  # the deposit this rank contributed
     own_version: int
     own_weight: float
-    final: bool = False
+
+    def light(self) -> RoundResult:
+        """The same record without its model-size tensors (for metrics and tests)."""
+        return RoundResult(self.round, None, self.ranks, self.versions, self.progress,
+                           self.staleness, self.weights, self.finite, None,
+                           self.own_version, self.own_weight)
 
 
 class Weighting:
-    """Weights of a group's contributions; ``"uniform"`` or ``"dynamic"``.
+    """Weights of a group's contributions, ``"uniform"`` or ``"dynamic"`` (see the module
+    docstring). Stateless: every member computes the same weights from the gathered meta.
+    ``steps_per_round`` converts staleness in rounds to steps (EASGD: its period)."""
 
-    dynamic (designed here; the paper that motivates it, arXiv 2409.09242, does not give
-    a formula we could verify):  w_j ∝ finite_j * 2 ** (-staleness_j / half_life)
-    renormalised over the members with a nonzero weight. A worker that crashes, freezes or
-    falls behind sees its staleness grow every round and its pull on the consensus fade
-    with half-life ``half_life`` steps; a non-finite contribution weighs 0. uniform weighs
-    every member 1/S (non-finite members included: the training loop's non-finite guard
-    keeps NaN out of the models, and uniform means the textbook rule).
-
-    The object keeps, per global rank, the fingerprint of its last contribution and the
-    version at which it last changed, so it must see every round of its owner in order.
-    """
-
-    def __init__(self, mode: str, half_life: float) -> None:
+    def __init__(self, mode: str, half_life: float, steps_per_round: float = 1.0) -> None:
         if mode not in ("uniform", "dynamic"):
             raise ValueError(f"weighting: got {mode!r}, allowed: 'uniform', 'dynamic'")
+        if not half_life > 0:
+            raise ValueError(f"half_life: got {half_life!r}, allowed: a number > 0")
         self.mode = mode
         self.half_life = float(half_life)
-        self.last_print: dict[int, float] = {}
-        self.changed_at: dict[int, int] = {}
+        self.steps_per_round = float(steps_per_round)
 
-    def __call__(self, meta: torch.Tensor) -> tuple[list[float], list[int]]:
-        """``meta`` rows: (version, fingerprint, finite, rank). Returns weights, staleness."""
-        now = int(meta[:, 0].max())
-        staleness = []
-        for version, prt, _finite, rank in meta.tolist():
-            rank, version = int(rank), int(version)
-            if rank not in self.last_print or self.last_print[rank] != prt:
-                self.last_print[rank] = prt
-                self.changed_at[rank] = version
-            staleness.append(max(0, now - self.changed_at[rank]))
-        finite = [bool(f) for f in meta[:, 2].tolist()]
+    def raw(self, staleness: float, finite: bool) -> float:
+        return 2.0 ** (-((staleness / self.half_life) ** 2)) if finite else 0.0
+
+    def __call__(self, meta: torch.Tensor, round_index: int) -> tuple[list[float], list[float]]:
+        """``meta`` rows (version, progress, finite, rank) -> (weights, staleness in steps)."""
+        rows = meta.tolist()
+        staleness = [max(0.0, (round_index - p) * self.steps_per_round) for _, p, _, _ in rows]
         if self.mode == "uniform":
-            return [1.0 / len(staleness)] * len(staleness), staleness
-        raw = [(2.0 ** (-s / self.half_life)) if ok else 0.0
-               for s, ok in zip(staleness, finite, strict=True)]
+            return [1.0 / len(rows)] * len(rows), staleness
+        raw = [self.raw(s, bool(f)) for s, (_, _, f, _) in zip(staleness, rows, strict=True)]
         total = sum(raw)
         return ([w / total for w in raw] if total > 0 else raw), staleness
+
+
+class Progress:
+    """Fresh-progress bookkeeping of one worker (see the module docstring): ``note`` every
+    step's health, ``observe`` the model contributed to round ``k``; returns the round of
+    the last fresh progress. ``track=False`` (uniform weighting) skips the model-size
+    comparison and calls every contribution fresh."""
+
+    def __init__(self, like: torch.Tensor, track: bool) -> None:
+        self.previous = like.detach().clone() if track else None
+        self.round = 0
+        self._healthy = False
+
+    def note(self, healthy: bool) -> None:
+        self._healthy = self._healthy or bool(healthy)
+
+    def changed(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` differs from the previous contribution (and remember it)."""
+        if self.previous is None:
+            return True
+        if torch.equal(x, self.previous):
+            return False
+        self.previous.copy_(x)
+        return True
+
+    def observe(self, x: torch.Tensor, k: int) -> int:
+        if self.changed(x) and (self._healthy or self.previous is None):
+            self.round = k
+        self._healthy = False
+        return self.round
 
 
 @torch.no_grad()
@@ -130,35 +200,34 @@ def group_round(
     comm: Communicator | None,
     deposit: torch.Tensor,
     version: int,
+    progress: int,
     global_rank: int,
     weighting: Weighting,
-    probe: torch.Tensor,
     round_index: int,
 ) -> RoundResult:
     """One weighted-mean round over ``comm``'s group (collective on that group): gather the
-    members' (version, fingerprint, finite, rank), weigh them identically on every member,
+    members' (version, progress, finite, rank), weigh them identically on every member,
     then allreduce the weighted deposits. Used inline by the synchronous variants and by
-    the engine thread. ``comm=None``: a group of this rank alone (no communication)."""
+    the engine's runner. ``comm=None``: a group of this rank alone (no communication)."""
     if comm is None:
         comm = _SelfComm()
     finite = bool(torch.isfinite(deposit).all())
-    prt = float(probe @ deposit.double()) if finite else float("nan")
-    mine = torch.tensor([float(version), prt, float(finite), float(global_rank)],
+    mine = torch.tensor([float(version), float(progress), float(finite), float(global_rank)],
                         dtype=torch.float64)
     meta = comm.all_gather(mine, kind="meta")
-    order = sorted(range(meta.shape[0]), key=lambda i: int(meta[i, 3]))
-    meta = meta[order]
-    weights, staleness = weighting(meta)
+    meta = meta[meta[:, 3].argsort()]
+    weights, staleness = weighting(meta, round_index)
     ranks = [int(r) for r in meta[:, 3].tolist()]
     own_weight = weights[ranks.index(global_rank)]
     mean = None
     if sum(weights) > 0:
+        # a non-finite deposit always weighs 0 under dynamic weighting; multiplying it by 0
+        # would still give NaN, so a zero-weight contribution is an explicit zero
         mean = deposit * own_weight if own_weight != 0 else torch.zeros_like(deposit)
-        if not finite and own_weight == 0:
-            mean.zero_()
         comm.all_reduce_(mean, op="sum")
     return RoundResult(round=round_index, mean=mean, ranks=ranks,
-                       versions=[int(v) for v in meta[:, 0].tolist()], staleness=staleness,
+                       versions=[int(v) for v in meta[:, 0].tolist()],
+                       progress=[int(p) for p in meta[:, 1].tolist()], staleness=staleness,
                        weights=weights, finite=[bool(f) for f in meta[:, 2].tolist()],
                        own_deposit=deposit, own_version=version, own_weight=own_weight)
 
@@ -175,6 +244,25 @@ def subgroups(groups: Sequence[Sequence[int]], timeout: timedelta) -> dict[tuple
     return out
 
 
+def _engine_store(engine_id: int) -> tuple[dist.Store, dist.Store]:
+    """Two connections of the engine's own to the job's store (one for the listener's
+    blocking pops, one for sends), with no timeout, under a prefix unique to the engine."""
+    try:
+        base = dist.distributed_c10d._get_default_store()
+        conns = []
+        for _ in range(2):
+            conn = base.clone()
+            conn.set_timeout(FOREVER)
+            conns.append(dist.PrefixStore(f"accord/engine/{engine_id}/", conn))
+        conns[1].queue_len("probe")
+    except (AttributeError, RuntimeError, NotImplementedError) as exc:
+        raise RuntimeError(
+            "the background exchange engine needs a process group whose store supports "
+            "clone() and queues (the TCPStore of torchrun, env:// or tcp:// "
+            f"initialisation); this one does not ({type(exc).__name__}: {exc})") from None
+    return conns[0], conns[1]
+
+
 @dataclass
 class _Stats:
     rounds: int = 0
@@ -182,16 +270,19 @@ class _Stats:
     stale_received: int = 0  # other members' contributions older than the round's time
     received: int = 0
     staleness_sum: float = 0.0
-    activated_by_peer: int = 0
+    activated_by_peer: int = 0  # rounds run before this rank's own compute asked for them
+    messages: int = 0  # activation messages sent
     wait_s: float = 0.0  # compute-thread seconds spent waiting for round results
 
 
 class ExchangeEngine:
-    """Rounds of weighted group means on a background thread (see the module docstring).
+    """Rounds of weighted group means on background threads (see the module docstring).
 
     ``group_of(k)`` gives the global ranks of this rank's group in round ``k`` (identical
-    on every member); ``on_round(result)`` runs on the thread after each round (EASGD
-    moves its centre there). Everything published is read under ``self.lock``.
+    on every member). ``on_round(result)`` runs on the runner after each round and returns
+    what :meth:`wait` / :meth:`pop` hand to the compute thread for that round (``None``:
+    nothing is kept; without ``on_round`` the result itself is kept). ``weighting`` is
+    used by the runner only. Everything shared is read under ``self.lock``.
     """
 
     def __init__(
@@ -203,7 +294,8 @@ class ExchangeEngine:
         stats: CommStats,
         *,
         timeout: float = 60.0,
-        on_round: Callable[[RoundResult], None] | None = None,
+        idle_timeout: float = 1800.0,
+        on_round: Callable[[RoundResult], Any] | None = None,
     ) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -214,68 +306,104 @@ class ExchangeEngine:
         self.group_of = group_of
         self.weighting = weighting
         self.on_round = on_round
-        self.timeout = timeout
-        td = timedelta(seconds=timeout)
-        # the thread's own world group (tokens) and one group per distinct round group
-        self.token_pg = dist.new_group(list(range(self.world_size)), timeout=td,
-                                       backend="gloo")
-        self.pgs = subgroups(all_groups, td)
+        self.timeout = float(timeout)
+        self.pgs = subgroups(all_groups, timedelta(seconds=timeout))
         self.comms = {g: Communicator(pg, stats) for g, pg in self.pgs.items()}
+        self._idle_pg = dist.new_group(list(range(self.world_size)),
+                                       timeout=timedelta(seconds=idle_timeout), backend="gloo")
         self.stats = stats
-        self.probe = fingerprint_probe(initial.numel())
+        self._inbox, self._outbox = _engine_store(next(_engine_ids))
+        self._send_lock = threading.Lock()
         self.lock = threading.Condition()
-        # the first deposit exists before the thread starts: a peer's round 0 may come at once
+        # the first deposit exists before the threads start: a peer's round 0 may come at once
         self._deposit = initial.detach().clone()
         self._version = 0
+        self._fresh = False  # a deposit of fresh progress since the runner's last snapshot
+        self._healthy = True  # health of the steps since the last deposit (initial: fresh)
+        self._progress = 0
         self._requested = -1
-        self._final: int | None = None
-        self._results: dict[int, RoundResult] = {}
+        self._target = -1
+        self._started: dict[int, int] = {}  # peer -> highest round it told us it started
+        self._results: dict[int, Any] = {}
         self._done = -1  # last completed round
         self._error: BaseException | None = None
-        self._tokens: dict[int, int] = {}  # round -> activation tokens received
-        self._final_tokens: dict[int, int] = {}
+        self._error_round: int | None = None
+        self._stopping = False
+        self._abort = False
         self.counters = _Stats()
-        self._listener = threading.Thread(target=self._listen, daemon=True,
-                                          name=f"accord-tokens-{self.rank}")
+        self._listener: threading.Thread | None = threading.Thread(
+            target=self._listen, daemon=True, name=f"accord-listener-{self.rank}")
+        self._runner: threading.Thread | None = threading.Thread(
+            target=self._run, daemon=True, name=f"accord-runner-{self.rank}")
         self._listener.start()
-        self._thread = threading.Thread(target=self._run, name=f"accord-exchange-{self.rank}",
-                                        daemon=True)
-        self._thread.start()
+        self._runner.start()
 
     # -- compute-thread side ------------------------------------------------------------
-    def deposit(self, x: torch.Tensor, version: int) -> None:
-        """Offer ``x`` (copied) as this rank's contribution from now on."""
+    def note(self, healthy: bool) -> None:
+        """Record the health of one compute step (see ``progress`` in the module docstring)."""
+        if healthy:
+            self._healthy = True
+
+    def deposit(self, x: torch.Tensor, version: int, healthy: bool | None = None) -> None:
+        """Offer ``x`` (copied) as this rank's contribution from now on. ``healthy``: the
+        health of the steps since the previous deposit (default: what :meth:`note` saw)."""
         with self.lock:
+            healthy = self._healthy if healthy is None else healthy
+            if healthy and not torch.equal(x, self._deposit):
+                self._fresh = True
             self._deposit.copy_(x)
             self._version = version
+            self._healthy = False
 
     def request(self, k: int) -> None:
         """Activate every round up to ``k`` (no-op for rounds already run)."""
         with self.lock:
-            if k > self._requested:
-                self._requested = k
+            self._raise_if_failed()
+            self._requested = max(self._requested, k)
+            if k > self._target:
+                self._target = k
                 self.lock.notify_all()
 
-    def wait(self, k: int) -> RoundResult:
-        """Block until round ``k`` is complete; returns its result (kept until popped)."""
+    def wait(self, k: int) -> Any:
+        """Block until round ``k`` is complete; returns what ``on_round`` kept for it (kept
+        until popped). Waits only for runner threads: fails when the runner failed, or
+        when no round completed for ``2 * timeout`` seconds."""
         start = time.perf_counter()
         with self.lock:
+            last, since = self._done, time.monotonic()
             while self._done < k:
                 self._raise_if_failed()
-                if not self.lock.wait(timeout=self.timeout):
-                    self._raise_if_failed()
+                self.lock.wait(timeout=1.0)
+                if self._done != last:
+                    last, since = self._done, time.monotonic()
+                elif time.monotonic() - since > 2 * self.timeout:
                     raise RuntimeError(
-                        f"rank {self.rank}: background round {k} not complete after "
-                        f"{self.timeout:g} s (a peer stopped exchanging)")
+                        f"rank {self.rank}: background round {k} not complete: no round "
+                        f"finished in {2 * self.timeout:g} s (a peer's exchange thread "
+                        "stopped)")
+            self._raise_if_failed()
             self.counters.wait_s += time.perf_counter() - start
-            return self._results[k]
+            return self._results.get(k)
 
-    def pop(self, k: int) -> RoundResult:
+    def pop(self, k: int) -> Any:
+        """:meth:`wait`, then drop what was kept for every round up to ``k``."""
         result = self.wait(k)
         with self.lock:
             for old in [r for r in self._results if r <= k]:
                 del self._results[old]
         return result
+
+    def arrive(self) -> None:
+        """Wait until every rank's compute arrives here (a barrier bounded by
+        ``idle_timeout``, not by the collective timeout); call before a blocking collective
+        that waits for the slowest worker."""
+        self._raise_if_failed()
+        dist.barrier(group=self._idle_pg)
+
+    def pending(self) -> int:
+        """Results kept and not yet popped."""
+        with self.lock:
+            return len(self._results)
 
     def metrics(self) -> dict[str, float]:
         """Counters of this rank's rounds, for an algorithm's ``metrics()``."""
@@ -283,127 +411,114 @@ class ExchangeEngine:
             c = self.counters
             return {"own_stale": float(c.own_stale), "stale_received": float(c.stale_received),
                     "staleness_mean": c.staleness_sum / max(c.received, 1),
-                    "activated_by_peer": float(c.activated_by_peer), "wait_s": c.wait_s}
+                    "activated_by_peer": float(c.activated_by_peer), "wait_s": c.wait_s,
+                    "pending": float(len(self._results))}
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"rank {self.rank}: background exchange failed: "
+            where = f" in round {self._error_round}" if self._error_round is not None else ""
+            raise RuntimeError(f"rank {self.rank}: background exchange failed{where}: "
                                f"{type(self._error).__name__}: {self._error}") from self._error
 
     def close(self, abort: bool | None = None) -> None:
-        """Collective: run one final token-only round, then join the thread and free the
-        process groups. Safe to call twice. ``abort`` (default: whether an exception is
-        propagating, e.g. close() in a ``finally`` after a failure) skips the final round:
-        the peers may be gone, and the daemon threads end with the process."""
-        if self._thread is None:
+        """Stop both threads (local, see the module docstring); idempotent. ``abort``
+        (default: whether an exception is propagating) does not finish outstanding
+        rounds."""
+        if self._runner is None:
             return
         if abort is None:
             abort = sys.exc_info()[0] is not None
-        if abort:
-            self._thread = None
-            return
-        if self._thread.is_alive() and self._error is None:
+        with self.lock:
+            self._stopping = True
+            self._abort = abort or self._error is not None
+            self.lock.notify_all()
+        runner, self._runner = self._runner, None
+        last = -2
+        while runner.is_alive():  # finishing rounds: wait while they make progress
+            runner.join(timeout=self.timeout + 5.0)
             with self.lock:
-                self._final = max(self._requested, self._done) + 1
-                self._requested = self._final
-                self.lock.notify_all()
-            self._thread.join(timeout=self.timeout)
-        if self._thread.is_alive():
-            log.warning("rank %d: background exchange thread did not stop", self.rank)
-        else:
-            for pg in [*self.pgs.values(), self.token_pg]:
-                try:
-                    dist.destroy_process_group(pg)
-                except Exception:  # noqa: BLE001 - shutting down, nothing left to save
-                    pass
-        self._thread = None
-
-    # -- communication thread ------------------------------------------------------------
-    def _run(self) -> None:
+                done = self._done
+            if done == last:
+                log.warning("rank %d: background runner did not stop", self.rank)
+                break
+            last = done
         try:
-            k = 0
+            self._send(self.rank, _STOP)
+        except Exception as exc:  # noqa: BLE001 - the store is gone: the listener failed too
+            log.debug("rank %d: could not stop the listener: %s", self.rank, exc)
+        if self._listener is not None:
+            self._listener.join(timeout=self.timeout)
+            if self._listener.is_alive():
+                log.warning("rank %d: background listener did not stop", self.rank)
+        self._listener = None
+        with self.lock:
+            self._results.clear()
+
+    # -- runner and listener ---------------------------------------------------------
+    def _send(self, rank: int, message: bytes) -> None:
+        with self._send_lock:
+            self._outbox.queue_push(f"inbox/{rank}", message)
+
+    def _listen(self) -> None:
+        key = f"inbox/{self.rank}"
+        try:
             while True:
-                if self._round(k):
+                message = self._inbox.queue_pop(key, True)
+                if message == _STOP:
                     return
+                sender, _, k = message.partition(b":")
+                sender, k = int(sender), int(k)
+                with self.lock:
+                    self._started[sender] = max(self._started.get(sender, -1), k)
+                    if k > self._target:
+                        self._target = k
+                        self.lock.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the compute thread
+            with self.lock:
+                if not self._stopping:
+                    self._error = self._error or exc
+                self.lock.notify_all()
+
+    def _run(self) -> None:
+        k = 0
+        try:
+            while True:
+                with self.lock:
+                    # activation: never times out (idle is not failure)
+                    while self._target < k and not self._stopping:
+                        self.lock.wait()
+                    if self._abort or (self._stopping and self._target < k):
+                        return
+                self._round(k)
                 k += 1
         except BaseException as exc:  # noqa: BLE001 - handed to the compute thread
             with self.lock:
-                self._error = exc
-                self.lock.notify_all()
-
-    def _listen(self) -> None:
-        """Receive activation tokens from any rank (a gloo receive cannot be polled, so a
-        blocking any-source receive on this thread stands in for polling). Leaves after
-        the N - 1 final tokens: every rank's last message to this one."""
-        try:
-            finals = 0
-            while finals < self.world_size - 1:
-                token = torch.zeros(2, dtype=torch.int64)
-                dist.recv(token, src=None, group=self.token_pg, tag=TOKEN_TAG)
-                k, flag = int(token[0]), int(token[1])
-                with self.lock:
-                    if flag:
-                        finals += 1
-                        self._final_tokens[k] = self._final_tokens.get(k, 0) + 1
-                    else:
-                        self._tokens[k] = self._tokens.get(k, 0) + 1
-                    self.lock.notify_all()
-        except BaseException as exc:  # noqa: BLE001 - handed to the compute thread
-            with self.lock:
                 self._error = self._error or exc
+                self._error_round = k
                 self.lock.notify_all()
 
-    def _wait_for(self, predicate: Callable[[], bool], what: str) -> None:
-        """Under ``self.lock``: wait until ``predicate()``, failing after the timeout."""
-        deadline = time.monotonic() + self.timeout
-        while not predicate():
-            if self._error is not None:
-                raise RuntimeError(f"token listener failed: {self._error}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"{what} not received within {self.timeout:g} s")
-            self.lock.wait(timeout=min(remaining, 1.0))
-
-    def _send_tokens(self, k: int, final: bool, ranks: Sequence[int]) -> None:
-        token = torch.tensor([k, int(final)], dtype=torch.int64)
-        works = [dist.isend(token, dst=r, group=self.token_pg, tag=TOKEN_TAG) for r in ranks]
-        for w in works:
-            w.wait()
-        if ranks:
-            self.stats.record("activation", token.numel() * 8 * len(ranks), 0.0)
-
-    def _round(self, k: int) -> bool:
-        """Run round ``k``; True when it was the final round."""
-        with self.lock:
-            # activation: our own compute thread, or a token from any member of the round
-            self._wait_for_activation(k)
-            by_peer = self._requested < k
-            final = (self._final is not None and k >= self._final) or k in self._final_tokens
-        if final:  # a world-wide round of tokens only, then the thread leaves
-            everyone = [r for r in range(self.world_size) if r != self.rank]
-            self._send_tokens(k, True, everyone)
-            with self.lock:
-                self._wait_for(lambda: self._final_tokens.get(k, 0) == len(everyone),
-                               f"final tokens of round {k}")
-            self._listener.join(timeout=self.timeout)
-            return True
+    def _round(self, k: int) -> None:
         group = sorted(self.group_of(k))
-        others = [r for r in group if r != self.rank]
-        self._send_tokens(k, False, others)
         with self.lock:
-            self._wait_for(lambda: self._tokens.get(k, 0) == len(others),
-                           f"activation tokens of round {k}")
-            self._tokens.pop(k, None)
+            by_peer = self._requested < k
+            to_activate = [r for r in group if r != self.rank and self._started.get(r, -1) < k]
+            if self._fresh:
+                self._progress = k
+                self._fresh = False
             deposit = self._deposit.clone()
-            version = self._version
-        result = group_round(self.comms.get(tuple(group)), deposit, version, self.rank,
-                             self.weighting, self.probe, k)
-        if self.on_round is not None:
-            self.on_round(result)
+            version, progress = self._version, self._progress
+        for r in to_activate:
+            self._send(r, b"%d:%d" % (self.rank, k))
+        if to_activate:
+            self.stats.record("activation", 16 * len(to_activate), 0.0)
+        result = group_round(self.comms.get(tuple(group)), deposit, version, progress,
+                             self.rank, self.weighting, k)
+        kept = self.on_round(result) if self.on_round is not None else result
         now = max(result.versions)
-        c = self.counters
         with self.lock:
+            c = self.counters
             c.rounds += 1
+            c.messages += len(to_activate)
             c.activated_by_peer += int(by_peer)
             c.own_stale += int(version < now)
             for r, v, s in zip(result.ranks, result.versions, result.staleness, strict=True):
@@ -411,18 +526,10 @@ class ExchangeEngine:
                     c.received += 1
                     c.stale_received += int(v < now)
                     c.staleness_sum += s
-            self._results[k] = result
+            if kept is not None:
+                self._results[k] = kept
             self._done = k
             self.lock.notify_all()
-        return False
-
-    def _wait_for_activation(self, k: int) -> None:
-        # no timeout: a round waits as long as no member's compute reaches it
-        while (self._requested < k and not self._tokens.get(k)
-               and not self._final_tokens.get(k)):
-            if self._error is not None:
-                raise RuntimeError(f"token listener failed: {self._error}")
-            self.lock.wait(timeout=1.0)
 
 
 class _SelfComm:

@@ -42,7 +42,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every,
                    help="steps between metrics records (each evaluates on rank 0)")
     p.add_argument("--timeout", type=float, default=d.timeout,
-                   help="process-group timeout in seconds")
+                   help="seconds a started collective may take (process-group timeout)")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
+                   help="seconds a worker may wait for another worker's compute (a slow "
+                        "rank, rank 0 evaluating); >= --timeout")
     p.add_argument("--backend", default=d.backend, help="gloo (CPU) or nccl (GPU)")
     p.add_argument("--data-dir", default=None,
                    help="directory of the task's data files (default: the task's own)")
@@ -71,6 +74,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr, batch_size=args.batch_size, accum_steps=args.accum_steps,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
         oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
+        idle_timeout=args.idle_timeout,
         backend=args.backend, data_dir=args.data_dir, progress=not args.no_progress,
         label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault), nonfinite=args.nonfinite)

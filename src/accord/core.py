@@ -30,11 +30,14 @@ class StepContext:
     """What the training loop knows about the current optimizer step.
 
     ``step`` counts optimizer steps from 0; ``loss`` is this rank's training loss of the
-    step (a detached tensor or a float), used by loss-aware algorithms.
+    step (a detached tensor or a float), used by loss-aware algorithms. ``healthy`` is
+    False when this rank's step produced no usable update (its gradient was non-finite and
+    excluded); dynamic weighting counts only healthy steps as progress.
     """
 
     step: int
     loss: torch.Tensor | float | None = None
+    healthy: bool = True
 
 
 def due(step: int, period: int, warmup_steps: int = 0) -> bool:

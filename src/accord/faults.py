@@ -21,10 +21,12 @@ parsed and checked before any worker starts. Steps count optimizer steps from 0;
   are snapshot at the start of step A (before that step's forward); at every step of the
   window, after forward/backward and before ``after_backward``, its gradients are zeroed
   and the snapshot is copied back (undoing e.g. batch-norm statistics the forward
-  updated); after ``after_step`` the snapshot is copied back again, undoing the
-  optimizer step (momentum, weight decay) and whatever the aggregator mixed in. So it
-  offers the same stale model in every exchange of the window and starts step B from it.
-  Optimizer state and the aggregator's own state are not frozen.
+  updated); after ``optimizer.step()`` and before ``after_step`` it is copied back again
+  (undoing momentum, weight decay, Adam's step and whatever ``after_backward`` mixed in),
+  so the aggregator sees exactly the frozen model in both hooks whatever the optimizer;
+  after ``after_step`` it is copied back once more, undoing what the aggregator pulled
+  in. So it offers the same stale model in every exchange of the window and starts step
+  B from it. Optimizer state and the aggregator's own state are not frozen.
 * ``nan:rank=R,step=S[,value=nan|inf]`` -- after backward at step S, rank R's gradients
   are filled with NaN (or +inf). What happens next is the training loop's non-finite
   guard (``--nonfinite``).
@@ -206,8 +208,9 @@ class Injector:
       sleeps the delay and slow time owed; returns the seconds slept.
     * ``corrupt_grads(step, params)`` -- after backward: nan.
     * ``freeze_active(step)``; ``freeze_snapshot(step, tensors)`` before the forward,
-      ``freeze_grads(step, tensors, params)`` before ``after_backward`` and
-      ``restore(step, tensors)`` after ``after_step``, at every frozen step.
+      ``freeze_grads(step, tensors, params)`` before ``after_backward``,
+      ``hold(tensors)`` before ``after_step`` and ``restore(step, tensors)`` after it, at
+      every frozen step.
 
     Events accumulate in ``events`` until the loop takes them with :meth:`drain`.
     """
@@ -304,6 +307,13 @@ class Injector:
                 p.grad.zero_()
         for t, s in zip(tensors, self._snapshot, strict=True):
             t.copy_(s)
+
+    @torch.no_grad()
+    def hold(self, tensors: list[torch.Tensor]) -> None:
+        """At a frozen step, after the optimizer step: back to the snapshot."""
+        if self._snapshot is not None:
+            for t, s in zip(tensors, self._snapshot, strict=True):
+                t.copy_(s)
 
     @torch.no_grad()
     def restore(self, step: int, tensors: list[torch.Tensor]) -> None:

@@ -7,9 +7,12 @@ The loop is the same for every algorithm (no branching on algorithm type)::
         zero grads; accum_steps x (forward, backward of loss / accum_steps)
         faults: delay / slow sleep, nan gradients, frozen rank's gradients zeroed
         non-finite guard (``nonfinite``)
-        agg.after_backward(ctx); optimizer.step(); agg.after_step(ctx)
+        agg.after_backward(ctx); optimizer.step()
+        faults: frozen rank back to its snapshot (the aggregator sees the frozen model)
+        agg.after_step(ctx)
         faults: frozen rank back to its snapshot
-        every log_every steps: metrics record, fault events gathered to rank 0
+        every log_every steps: metrics record, fault events gathered to rank 0, then a
+        barrier bounded by ``idle_timeout`` (rank 0's evaluation is idle time for others)
 
 Gradients of the ``accum_steps`` micro-batches are averaged locally without
 communication before the aggregator sees them.
@@ -20,8 +23,9 @@ gradient after backward and before the aggregator's first hook:
 * ``exclude`` (default): a rank whose gradient holds a NaN or Inf zeroes it for this step
   and takes part as usual (its model is finite, its gradient contributes zero, so an
   allreduce average is scaled by (n-1)/n that step; the optimizer still applies momentum
-  and weight decay). Purely local: no extra communication, fine for asynchronous
-  algorithms.
+  and weight decay). The step is passed to the aggregator as ``StepContext(healthy=False)``
+  (dynamic weighting does not count it as progress). Purely local: no extra
+  communication, fine for asynchronous algorithms.
 * ``skip``: one 1-number MAX allreduce on the loop's own communicator (not counted as the
   algorithm's traffic) per step; if any rank's gradient is non-finite, every rank skips
   the whole step (no aggregator hook, no optimizer step).
@@ -79,7 +83,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     oracle_lr: bool = False
     log_every: int = 10
-    timeout: float = 60.0  # process-group timeout in seconds
+    timeout: float = 60.0  # process-group timeout in seconds: a started collective
+    idle_timeout: float = 1800.0  # seconds a worker may wait for another's compute
     backend: str = "gloo"
     data_dir: str | None = None  # where a task looks for its data files (task default if None)
     progress: bool = True
@@ -91,7 +96,7 @@ class TrainConfig:
 
     # -- settings reachable with --set key=value when the algorithm has no such key --------
     SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
-                "oracle_lr", "log_every", "timeout", "nonfinite")
+                "oracle_lr", "log_every", "timeout", "idle_timeout", "nonfinite")
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else get_task(self.task).default_lr
@@ -114,7 +119,8 @@ class TrainConfig:
                 "--steps", str(self.steps), "--seed", str(self.seed), "--out", self.out,
                 "--accum-steps", str(self.accum_steps), "--optimizer", self.optimizer,
                 "--weight-decay", repr(self.weight_decay), "--log-every", str(self.log_every),
-                "--timeout", repr(self.timeout), "--backend", self.backend,
+                "--timeout", repr(self.timeout), "--idle-timeout", repr(self.idle_timeout),
+                "--backend", self.backend,
                 "--nonfinite", self.nonfinite]
         if self.lr is not None:
             argv += ["--lr", repr(self.lr)]
@@ -219,6 +225,8 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     need(cfg.weight_decay >= 0.0, "weight_decay", "a number >= 0", cfg.weight_decay)
     need(cfg.log_every >= 1, "log_every", "an integer >= 1", cfg.log_every)
     need(cfg.timeout > 0, "timeout", "seconds > 0", cfg.timeout)
+    need(cfg.idle_timeout >= cfg.timeout, "idle_timeout",
+         f"seconds >= timeout ({cfg.timeout:g})", cfg.idle_timeout)
     need(cfg.backend in BACKENDS, "backend", ", ".join(BACKENDS), cfg.backend)
     need(cfg.nonfinite in NONFINITE, "nonfinite", ", ".join(NONFINITE), cfg.nonfinite)
     need(not cfg.tensorboard or tensorboard_available(), "tensorboard",
@@ -361,8 +369,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     optimizer = make_optimizer(cfg, model.parameters())
     hp = dict(cfg.hyperparameters)
     spec = algorithms.get(cfg.algo).hyperparameters
-    if "timeout" in spec and "timeout" not in hp:  # background rounds follow the run's timeout
-        hp["timeout"] = cfg.timeout
+    for key in ("timeout", "idle_timeout"):  # background rounds follow the run's timeouts
+        if key in spec and key not in hp:
+            hp[key] = getattr(cfg, key)
     agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(), **hp)
     injector = faults.Injector([faults.parse(s, world, cfg.steps) for s in cfg.faults], rank,
                                world, cfg.seed)
@@ -372,6 +381,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     pending = 0
     stream = task.train_stream(rank, cfg.resolved_batch_size())
     loop_comm = Communicator()  # for logging only; not counted as the algorithm's traffic
+    # waits for another rank's compute (rank 0 evaluating, a straggler finishing its last
+    # steps) are idle, not failures: they get a barrier bounded by idle_timeout first
+    idle = dist.new_group(list(range(world)), timeout=timedelta(seconds=cfg.idle_timeout),
+                          backend="gloo") if world > 1 else None
     probe = ConsensusProbe(model, loop_comm)
     bar = None
     if rank == 0 and cfg.progress:
@@ -397,13 +410,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
             injector.corrupt_grads(step, params)
             if frozen:
                 injector.freeze_grads(step, state, params)
-            ctx = StepContext(step=step, loss=loss_sum / cfg.accum_steps)
-            if _guard(cfg.nonfinite, params, loop_comm, injector, step, rank):
+            proceed, healthy = _guard(cfg.nonfinite, params, loop_comm, injector, step, rank)
+            ctx = StepContext(step=step, loss=loss_sum / cfg.accum_steps, healthy=healthy)
+            if proceed:
                 agg.after_backward(ctx)
                 if cfg.oracle_lr:
                     for group in optimizer.param_groups:
                         group["lr"] = task.oracle_lr(model)
                 optimizer.step()
+                if frozen:  # the aggregator sees the frozen model, whatever the optimizer did
+                    injector.hold(state)
                 agg.after_step(ctx)
             if frozen:
                 injector.restore(step, state)
@@ -436,9 +452,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                                   "comm_s": stats.seconds, "events": pending,
                                   "algo": {k: _finite(v) for k, v in agg.metrics().items()}})
                     writer.last_eval = {k: _finite(v) for k, v in evaluation.items()}
+                if idle is not None:  # nobody enters a timed collective while rank 0 evaluates
+                    dist.barrier(group=idle)
                 if bar is not None:
                     bar.set_postfix(loss=f"{running:.4g}", refresh=False)
         elapsed = time.perf_counter() - start
+        if idle is not None:  # fast workers of an asynchronous run wait for the slow ones
+            dist.barrier(group=idle)
         # rank 0's bytes are not every worker's (a broadcast counts on the sender only)
         stats = agg.comm.stats
         mean_bytes = loop_comm.all_reduce_(torch.tensor([float(stats.bytes)],
@@ -464,12 +484,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
 
 
 def _guard(mode: str, params, comm: Communicator, injector: faults.Injector, step: int,
-           rank: int) -> bool:
-    """The non-finite gradient guard; False when this step must be skipped (every rank
-    then skips it). exclude: a rank with a non-finite gradient zeroes it (local);
+           rank: int) -> tuple[bool, bool]:
+    """The non-finite gradient guard: (proceed, healthy). ``proceed`` is False when this
+    step must be skipped (every rank then skips it); ``healthy`` is False when this rank's
+    gradient was excluded. exclude: a rank with a non-finite gradient zeroes it (local);
     skip: one 1-number MAX allreduce, and all ranks skip if any had one; off: nothing."""
     if mode == "off":
-        return True
+        return True, True
     bad = nonfinite_grads(params)
     if mode == "exclude":
         if bad:
@@ -478,14 +499,14 @@ def _guard(mode: str, params, comm: Communicator, injector: faults.Injector, ste
                     p.grad.zero_()
             injector.events.append({"step": step, "rank": rank, "kind": "nonfinite_grad",
                                     "action": "excluded"})
-        return True
+        return True, not bad
     flag = comm.all_reduce_(torch.tensor([float(bad)]), op="max")
     if bool(flag[0] > 0):
         if bad:
             injector.events.append({"step": step, "rank": rank, "kind": "nonfinite_grad",
                                     "action": "skipped step"})
-        return False
-    return True
+        return False, not bad
+    return True, True
 
 
 def _gather_events(mine: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:

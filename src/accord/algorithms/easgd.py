@@ -34,14 +34,22 @@ every worker on time the rounds and values are exactly the synchronous ones.
 
 ``weighting=dynamic`` (the failure mitigation of Xu and Carr, arXiv 2409.09242; their
 formula is not available, the rule here is designed for this library): the centre update
-weighs worker j by w_j proportional to 2 ** (-s_j / half_life), where s_j is the number of
-steps since j's contributed model last changed (a fingerprint detects a frozen worker
-that keeps sending the same model; in asynchronous mode a stale deposit ages the same
-way), and by 0 if its model is not finite; weights are renormalised over the survivors.
+weighs worker j by w_j proportional to 2 ** (-(s_j / half_life) ** 2), where s_j is the
+number of steps since j's last *fresh progress*: a contribution that differs from j's
+previous one and follows at least one healthy step (a step whose gradient the loop did
+not exclude as non-finite, ``StepContext.healthy``); 0 if its model is not finite;
+weights are renormalised over the survivors (see :mod:`accord.background`). Staleness
+is counted in exchanges times ``period``. A frozen worker (same model every exchange), a
+worker whose gradients are all excluded, and, asynchronously, one whose deposit stops
+being renewed all fade, whatever the local optimizer (momentum, Nesterov, Adam and weight
+decay move a failed worker's model, which is why health is reported, not inferred).
 Uniform weights w_j = 1/N are the paper's EASGD. Dynamic weighting costs one extra
-4-number all-gather per exchange. A crashed worker ends the run in both modes (the
-launcher stops the world and names the rank); a frozen or slow one is what the weighting
-is for.
+4-number all-gather per exchange and, synchronously, one model-size copy to tell whether
+the model changed. A crashed worker ends the run in both modes (the launcher stops the
+world and names the rank); a frozen or slow one is what the weighting is for.
+
+Memory, asynchronous: the engine keeps no per-round results (the centre moves on the
+runner thread), so a persistently slow worker costs nothing that grows.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from typing import Any
 
 import torch
 
-from ..background import ExchangeEngine, RoundResult, Weighting, fingerprint_probe, group_round
+from ..background import ExchangeEngine, Progress, RoundResult, Weighting, group_round
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -110,8 +118,9 @@ class ElasticAveraging(ModelAggregator):
         self.mean = self.flat.new_buffer()
         self._distance = 0.0
         half_life = self.hp["half_life"] or 2.0 * self.hp["period"]
-        self.weighting = Weighting(self.hp["weighting"], half_life)
-        self.probe = fingerprint_probe(self.flat.numel)
+        self.weighting = Weighting(self.hp["weighting"], half_life,
+                                   steps_per_round=self.hp["period"])
+        self.progress: Progress | None = None
         self.exchanges = 0
         self._last: RoundResult | None = None
         self.engine: ExchangeEngine | None = None
@@ -119,14 +128,21 @@ class ElasticAveraging(ModelAggregator):
         self._centre_lock = threading.Lock()
         if self.hp["asynchronous"] and n > 1:
             everyone = [self.comm.global_rank(r) for r in range(n)]
-            self._round_centre: tuple[int, torch.Tensor] | None = None
+            # the centre the newest completed round started from
+            self._round_centre = self.centre.clone()
             self.engine = ExchangeEngine(
                 self.centre, lambda k: everyone, [everyone],
                 self.weighting, self.comm.stats, timeout=self.hp["timeout"],
                 on_round=self._move_centre)
+        elif self.hp["weighting"] == "dynamic" and n > 1:
+            self.progress = Progress(self.centre, track=True)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
+        if self.engine is not None:
+            self.engine.note(ctx.healthy)
+        elif self.progress is not None:
+            self.progress.note(ctx.healthy)
         if not due(ctx.step, self.hp["period"]):
             return
         x = self.load_state()
@@ -138,9 +154,10 @@ class ElasticAveraging(ModelAggregator):
             self._distance = float((x - self.centre).norm())
             elastic_exchange(x, self.centre, self.mean, self.alpha, self.beta)
         else:
-            result = group_round(self.comm, x.clone(), ctx.step, self.comm.global_rank(self.rank),
-                                 self.weighting, self.probe, self.exchanges)
-            self._last = result
+            k = self.exchanges
+            result = group_round(self.comm, x.clone(), ctx.step, self.progress.observe(x, k),
+                                 self.comm.global_rank(self.rank), self.weighting, k)
+            self._last = result.light()
             self._distance = float((x - self.centre).norm())
             if result.mean is not None:
                 elastic_exchange(x, self.centre, result.mean, self.alpha, self.beta)
@@ -148,21 +165,22 @@ class ElasticAveraging(ModelAggregator):
         self.store_state(x)
 
     def _move_centre(self, result: RoundResult) -> None:
-        """On the engine thread after each round: c <- c + beta (weighted mean - c)."""
+        """On the engine thread after each round: c <- c + beta (weighted mean - c).
+        Keeps nothing for the compute thread (it reads the centre the round started from)."""
         with self._centre_lock:
-            before = self.centre.clone()
+            self._round_centre.copy_(self.centre)
             if result.mean is not None:
                 self.centre.add_(result.mean - self.centre, alpha=self.beta)
-            self._round_centre = (result.round, before)
-            self._last = result
+            self._last = result.light()
+        return None
 
     def _exchange_async(self, x: torch.Tensor, step: int) -> None:
         engine = self.engine
         engine.deposit(x, version=step)
         engine.request(self.exchanges)
-        engine.pop(self.exchanges)  # waits for our round's communication only
+        engine.wait(self.exchanges)  # our round's communication only
         with self._centre_lock:
-            _, centre = self._round_centre  # the newest round, which may be later than ours
+            centre = self._round_centre  # the newest round, which may be later than ours
             self._distance = float((x - centre).norm())
             x.sub_(x - centre, alpha=self.alpha)
 
@@ -177,6 +195,8 @@ class ElasticAveraging(ModelAggregator):
             last = self._last
         if last is not None:
             out["weight_min"] = float(min(last.weights))
+            # this worker's own weight relative to uniform (1: uniform; 0: faded out)
+            out["weight_own_rel"] = last.own_weight * len(last.ranks)
             out["staleness_max"] = float(max(last.staleness))
         if self.engine is not None:
             out.update(self.engine.metrics())

@@ -41,18 +41,29 @@ group steps, the reference's ``LIMITER 10``; it bounds staleness.
 ``wait_avoiding=True`` (default) runs the group rounds on the background engine
 (:mod:`accord.background`): after each optimizer step the worker deposits its model; at
 the next step the first member of the round's group to get there activates the round for
-the group; a member still computing contributes its last deposit (stale, counted in
+the group, and a runner that must get past a round activates it for that round's group
+too, so any set of slow ranks (a whole group, a chain of slow groups, every rank but one)
+is covered. A member still computing contributes its last deposit (stale, counted in
 ``stale_received`` / ``own_stale``) and finds the round complete when it gets there. The
-fast members wait for the group's communication threads only, never for a slow member's
-compute. ``wait_avoiding=False`` is the deterministic synchronous variant (every member
+fast members wait for the group's runner threads only, never for a slow member's
+compute. The global average is the one place where everyone waits for the slowest
+worker: an arrival barrier bounded by ``idle_timeout`` (default 30 min), then the
+allreduce bounded by ``timeout``. A runner is never more than one period ahead of its
+own compute, so at most ``period - 1`` round results wait to be popped, each one
+model-size tensor (``self_weight=reference``) or two (``mean``: the own deposit too).
+``wait_avoiding=False`` is the deterministic synchronous variant (every member
 contributes its current model; replicas are reproducible bit for bit).
 
-``weighting=dynamic`` weighs the group's contributions by freshness (see
-:class:`accord.background.Weighting`); global averages stay uniform.
+``weighting=dynamic`` weighs the group's contributions by fresh progress (see
+:mod:`accord.background`: a member whose model has not changed after a healthy step for
+s steps weighs ``2 ** (-(s / half_life) ** 2)`` before renormalisation); global averages
+stay uniform. A frozen worker, or one whose gradients are excluded as non-finite, fades
+out under any local optimizer.
 
 Communication: per group round one model-size allreduce within the group plus a
-4-number all-gather of (version, fingerprint, finite, rank) and, when wait-avoiding, one
-2-integer activation token to each other member; per global step one model-size
+4-number all-gather of (version, progress, finite, rank) and, when wait-avoiding, one
+short activation message through the job's store to each member that has not started
+the round; per global step one model-size
 allreduce. Float buffers are mixed with the parameters; optimizer state stays local.
 """
 
@@ -66,9 +77,9 @@ import torch
 
 from ..background import (
     ExchangeEngine,
+    Progress,
     RoundResult,
     Weighting,
-    fingerprint_probe,
     group_round,
     subgroups,
 )
@@ -154,8 +165,11 @@ class WAGMA(ModelAggregator):
                            choices=("uniform", "dynamic")),
         "half_life": Hyper(None, float, "dynamic weighting: staleness (steps) that halves "
                            "a contribution's weight (default: period)", low=0.0, low_open=True),
-        "timeout": Hyper(60.0, float, "seconds a background round may take before the "
-                         "worker fails", low=0.0, low_open=True),
+        "timeout": Hyper(60.0, float, "seconds a started background round may take before "
+                         "the worker fails", low=0.0, low_open=True),
+        "idle_timeout": Hyper(1800.0, float, "wait-avoiding: seconds a worker may wait at the "
+                              "global average for the slowest worker's compute",
+                              low=0.0, low_open=True),
     }
 
     @classmethod
@@ -176,22 +190,32 @@ class WAGMA(ModelAggregator):
         all_groups = [[self.global_ranks[r] for r in g]
                       for k in range(self.k_phases)
                       for g in butterfly_groups(n, self.group_size, k)]
-        self.probe = fingerprint_probe(self.flat.numel)
         self.engine: ExchangeEngine | None = None
         self.comms = {}
+        self.progress: Progress | None = None
         # used by one thread only: the engine's when wait-avoiding, else the compute thread's
         self.weighting = Weighting(hp["weighting"], hp["half_life"] or float(self.period))
         if hp["wait_avoiding"] and self.period > 1 and n > 1:
             self.engine = ExchangeEngine(self.load_state(), self._group_global, all_groups,
                                          self.weighting, self.comm.stats,
-                                         timeout=hp["timeout"])
+                                         timeout=hp["timeout"],
+                                         idle_timeout=max(hp["idle_timeout"], hp["timeout"]),
+                                         on_round=self._keep)
         elif n > 1:
+            self.progress = Progress(self.load_state(), track=hp["weighting"] == "dynamic")
             pgs = subgroups(all_groups, timedelta(seconds=hp["timeout"]))
             self.comms = {g: Communicator(pg, self.comm.stats) for g, pg in pgs.items()}
         self.rounds = 0
         self.global_steps = 0
         self._use_staleness = 0.0
         self._last: RoundResult | None = None
+
+    def _keep(self, result: RoundResult) -> RoundResult:
+        """What a wait-avoiding round keeps until popped: the reference mix needs the mean
+        only, the ``mean`` mix the own deposit too."""
+        if self.hp["self_weight"] == "reference":
+            result.own_deposit = None
+        return result
 
     def _group_global(self, k: int) -> list[int]:
         g = group_of(self.world_size, self.group_size, k, self.rank)
@@ -210,6 +234,8 @@ class WAGMA(ModelAggregator):
         if self.world_size == 1:
             return
         if due(ctx.step, self.period):
+            if self.engine is not None:
+                self.engine.arrive()  # the one place that waits for the slowest compute
             self.average_state()
             self.global_steps += 1
             return
@@ -220,18 +246,22 @@ class WAGMA(ModelAggregator):
             result = self.engine.pop(k)
         else:
             comm = self.comms.get(tuple(self._group_global(k)))  # None: a group of one
-            result = group_round(comm, x.clone(), ctx.step, self.comm.global_rank(self.rank),
-                                 self.weighting, self.probe, k)
+            result = group_round(comm, x.clone(), ctx.step, self.progress.observe(x, k),
+                                 self.comm.global_rank(self.rank), self.weighting, k)
         self._use_staleness = float(ctx.step - min(result.versions))
         mix(x, result, self.hp["self_weight"])
         self.store_state(x)
         self.rounds += 1
-        self._last = result
+        self._last = result.light()
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
+        # the model after this step is what the next round contributes
         if self.engine is not None:
+            self.engine.note(ctx.healthy)
             self.engine.deposit(self.load_state(), version=ctx.step + 1)
+        elif self.progress is not None:
+            self.progress.note(ctx.healthy)
 
     def metrics(self) -> dict[str, float]:
         out = {"group_size": float(self.group_size), "rounds": float(self.rounds),
@@ -239,6 +269,9 @@ class WAGMA(ModelAggregator):
                "use_staleness": self._use_staleness}
         if self._last is not None:
             out["weight_min"] = float(min(self._last.weights))
+            # this worker's own weight relative to uniform (1: uniform; 0: faded out)
+            out["weight_own_rel"] = self._last.own_weight * len(self._last.ranks)
+            out["staleness_max"] = float(max(self._last.staleness))
         if self.engine is not None:
             out.update(self.engine.metrics())
         return out
