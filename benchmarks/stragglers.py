@@ -1,6 +1,7 @@
 """Decentralized and wait-avoiding algorithms under stragglers and frozen workers.
 
-    .venv/bin/python benchmarks/stragglers.py [--out runs/bench] [--skip-failures]
+    .venv/bin/python benchmarks/stragglers.py [--out runs/bench]
+        [--only stragglers|scaling|failures]
 
 Runs three presets of ``accord bench`` (finished runs are reused, so the script resumes
 after an interruption) and prints three tables:
@@ -11,14 +12,17 @@ after an interruption) and prints three tables:
    step compute is emulated by a 40 ms sleep (8 processes share 2 cores; a sleep lets
    them "compute" side by side like 8 machines) and a straggler sleeps 120 ms more, i.e.
    takes 4x as long: *transient* = one rank drawn per step from a seeded generator,
-   *persistent* = rank 3 throughout. For each: steps per second of the mean worker
-   (each worker's steps over its own wall time) relative to allreduce under the same
-   pattern, the same for the slowest worker, the consensus model's final test accuracy,
-   and payload bytes sent per worker per step.
+   *persistent* = rank 3 throughout, *pair* = ranks 2 and 3 (one WAGMA group in phase 0)
+   throughout, with allreduce and wagma only (wait-avoiding, synchronous, and
+   wait-avoiding with period 1000, i.e. no global average in the run). For each: steps
+   per second of the mean worker (each worker's steps over its own wall time) relative to
+   allreduce under the same pattern, the same for the slowest worker, for the fast and
+   the slow ranks separately, the consensus model's final test accuracy, and payload
+   bytes sent per worker per step.
 2. ``scaling``: bytes per worker per step at 2, 4 and 8 workers (24-step runs).
 3. ``failures``: easgd with uniform and with dynamic weighting, 8 workers, ranks 2 and 5
-   frozen for the middle third of 300 steps, 3 seeds; final centre test accuracy and the
-   gap between the two.
+   frozen for the middle third of 300 steps, 3 seeds, under SGD, Nesterov momentum 0.9
+   and Adam; final centre test accuracy and the gap between the two, per seed.
 """
 
 from __future__ import annotations
@@ -50,30 +54,48 @@ def _worker_rates(summary: dict) -> list[float]:
     return [summary["steps"] / t for t in times]
 
 
+def _relative(rates: list[float], base: list[float], ranks) -> float:
+    """Mean rate of ``ranks`` relative to their mean rate in ``base``."""
+    return statistics.mean(rates[r] for r in ranks) / statistics.mean(base[r] for r in ranks)
+
+
 def stragglers(out: Path) -> None:
     groups = _summaries("stragglers", out)
     print("\n== stragglers: digits, 8 workers, 200 steps, compute emulated as 40 ms/step, "
-          "one 4x straggler ==")
+          "4x slow ranks ==")
     for pattern in bench.PATTERNS:
         base = groups.get((8, f"{pattern}-allreduce"))
         if not base:
             print(f"{pattern}: allreduce run missing")
             continue
-        base_mean = statistics.mean(_worker_rates(base[0]))
-        base_min = min(_worker_rates(base[0]))
-        print(f"\n{pattern} straggler (allreduce: {base_mean:.2f} steps/s)")
+        slow = bench.SLOW_RANKS[pattern]
+        base_rates = _worker_rates(base[0])
+        base_mean = statistics.mean(base_rates)
+        base_min = min(base_rates)
+        what = {"transient": "one random rank per step", "persistent": "rank 3 throughout",
+                "pair": "ranks 2 and 3 (one WAGMA group) throughout"}[pattern]
+        print(f"\n{pattern}: 4x slow {what} (allreduce: {base_mean:.2f} steps/s)")
+        split = f"{'fast ranks':>11} {'slow ranks':>11}" if slow else ""
         print(f"{'algorithm':<16} {'steps/s mean worker':>20} {'slowest worker':>15} "
-              f"{'test acc':>9} {'KB/worker/step':>15}")
-        for label, _, _, _ in bench._decentralized_arms():
+              f"{split} {'test acc':>9} {'KB/worker/step':>15}")
+        arms = bench._pair_arms() if pattern == "pair" else bench._decentralized_arms()
+        for label, _, _, _ in arms:
             runs = groups.get((8, f"{pattern}-{label}"))
             if not runs:
                 print(f"{label:<16} (missing)")
                 continue
             s = runs[0]
             rates = _worker_rates(s)
+            cells = ""
+            if slow:  # each group's mean rate relative to the same group under allreduce
+                fast = [r for r in range(len(rates)) if r not in slow]
+                cells = (f"{_relative(rates, base_rates, fast):>10.2f}x "
+                         f"{_relative(rates, base_rates, slow):>10.2f}x")
             print(f"{label:<16} {statistics.mean(rates) / base_mean:>19.2f}x "
-                  f"{min(rates) / base_min:>14.2f}x {s['eval_acc']:>9.4f} "
+                  f"{min(rates) / base_min:>14.2f}x {cells} {s['eval_acc']:>9.4f} "
                   f"{s['comm_bytes_mean'] / s['steps'] / 1e3:>15.1f}")
+    print("steps/s: each worker's steps over its own wall time, relative to allreduce under "
+          "the same pattern (fast / slow ranks: the mean over that group of ranks)")
 
 
 def scaling(out: Path) -> None:
@@ -95,20 +117,24 @@ def scaling(out: Path) -> None:
 def failures(out: Path) -> None:
     groups = _summaries("failures", out)
     print("\n== easgd, 8 workers, ranks 2 and 5 frozen for steps 100-199 of 300 ==")
-    accs = {}
-    for label in ("easgd-uniform", "easgd-dynamic"):
-        runs = groups.get((8, label), [])
-        accs[label] = [r["eval_acc"] for r in runs]
-        if accs[label]:
-            std = statistics.stdev(accs[label]) if len(accs[label]) > 1 else 0.0
-            print(f"{label:<16} centre test acc {statistics.mean(accs[label]):.4f} "
-                  f"+- {std:.4f} over {len(runs)} seeds: "
-                  + ", ".join(f"{a:.4f}" for a in accs[label]))
-    if accs.get("easgd-uniform") and accs.get("easgd-dynamic"):
-        gaps = [d - u for u, d in zip(accs["easgd-uniform"], accs["easgd-dynamic"],
-                                      strict=False)]
-        print(f"gap dynamic - uniform: {statistics.mean(gaps):+.4f} (per seed: "
-              + ", ".join(f"{g:+.4f}" for g in gaps) + ")")
+    names = {"": "SGD lr 0.05", "-nesterov": "Nesterov 0.9, lr 0.05", "-adam": "Adam lr 3e-3"}
+    for suffix in bench.FAILURE_OPTIMIZERS:
+        print(f"\n{names[suffix]}")
+        accs = {}
+        for weighting in ("uniform", "dynamic"):
+            label = f"easgd-{weighting}{suffix}"
+            runs = groups.get((8, label), [])  # in seed order
+            accs[weighting] = [r["eval_acc"] for r in runs]
+            if accs[weighting]:
+                values = accs[weighting]
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                print(f"{label:<24} centre test acc {statistics.mean(values):.4f} "
+                      f"+- {std:.4f} over {len(values)} seeds: "
+                      + ", ".join(f"{a:.4f}" for a in values))
+        if accs.get("uniform") and accs.get("dynamic"):
+            gaps = [d - u for u, d in zip(accs["uniform"], accs["dynamic"], strict=False)]
+            print(f"gap dynamic - uniform: {statistics.mean(gaps):+.4f} (per seed: "
+                  + ", ".join(f"{g:+.4f}" for g in gaps) + ")")
 
 
 def main() -> int:

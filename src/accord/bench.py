@@ -18,11 +18,13 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
 * ``stragglers`` -- allreduce, wagma (wait-avoiding and synchronous), gossip,
   elastic_gossip, dpsgd, local_sgd and asynchronous easgd on digits with 8 workers, each
   worker's compute emulated as a 40 ms sleep, under a transient 4x straggler (one random
-  rank per step) and a persistent one (rank 3).
+  rank per step) and a persistent one (rank 3); and allreduce against wagma
+  (wait-avoiding, synchronous, and wait-avoiding with no global average) with two 4x slow
+  ranks in one group (ranks 2 and 3).
 * ``scaling`` -- the same algorithms at 2, 4 and 8 workers, short runs, for bytes per
   worker per step.
 * ``failures`` -- easgd with uniform and with dynamic weighting, 8 workers, ranks 2 and 5
-  frozen for the middle third of 300 steps, 3 seeds.
+  frozen for the middle third of 300 steps, 3 seeds, under SGD, Nesterov 0.9 and Adam.
 * ``all`` -- every preset above.
 """
 
@@ -110,9 +112,13 @@ def _elastic() -> list[RunSpec]:
 COMPUTE_S = 0.04
 STRAGGLER_STEPS = 200
 PATTERNS = {
-    "transient": f"delay:rank=random,seconds={3 * COMPUTE_S:g}",
-    "persistent": f"delay:rank=3,seconds={3 * COMPUTE_S:g}",
+    "transient": [f"delay:rank=random,seconds={3 * COMPUTE_S:g}"],
+    "persistent": [f"delay:rank=3,seconds={3 * COMPUTE_S:g}"],
+    # two slow ranks in one WAGMA group (ranks 2 and 3 pair up in phase 0 with 8 workers)
+    "pair": [f"delay:rank={r},seconds={3 * COMPUTE_S:g}" for r in (2, 3)],
 }
+#: the ranks each pattern slows down throughout (the transient straggler moves)
+SLOW_RANKS = {"transient": (), "persistent": (3,), "pair": (2, 3)}
 
 
 def _decentralized_arms() -> list[tuple[str, str, dict, dict]]:
@@ -126,16 +132,27 @@ def _decentralized_arms() -> list[tuple[str, str, dict, dict]]:
             ("easgd-async", "easgd", {"period": 4, "asynchronous": True}, {})]
 
 
+def _pair_arms() -> list[tuple[str, str, dict, dict]]:
+    """The arms of the two-slow-ranks pattern: WAGMA against allreduce, with and without
+    its blocking global average (which waits for the slowest worker every period)."""
+    return [("allreduce", "allreduce", {}, {}),
+            ("wagma", "wagma", {"wait_avoiding": True}, {}),
+            ("wagma-sync", "wagma", {"wait_avoiding": False}, {}),
+            ("wagma-p1000", "wagma", {"wait_avoiding": True, "period": 1000}, {})]
+
+
 def _stragglers() -> list[RunSpec]:
-    """8 workers on digits under a transient (one random rank per step) and a persistent
-    (rank 3 throughout) 4x straggler; only the final record is logged, because a metrics
-    record synchronises all workers."""
+    """8 workers on digits under a transient (one random rank per step), a persistent
+    (rank 3 throughout) 4x straggler, and two 4x slow ranks in one WAGMA group (ranks 2
+    and 3); only the final record is logged, because a metrics record synchronises all
+    workers."""
     specs = []
-    for pattern, fault in PATTERNS.items():
-        faults = [f"delay:rank=all,seconds={COMPUTE_S:g}", fault]
+    for pattern, slow in PATTERNS.items():
+        faults = [f"delay:rank=all,seconds={COMPUTE_S:g}", *slow]
         arms = [(f"{pattern}-{label}", algo, hp, {"faults": faults,
                                                   "log_every": STRAGGLER_STEPS})
-                for label, algo, hp, _ in _decentralized_arms()]
+                for label, algo, hp, _ in (_pair_arms() if pattern == "pair"
+                                           else _decentralized_arms())]
         specs += _matrix(arms, [("digits", STRAGGLER_STEPS, {"lr": 0.05, "batch_size": 16})],
                          [8], [0])
     return specs
@@ -148,15 +165,21 @@ def _scaling() -> list[RunSpec]:
     return _matrix(arms, [("digits", 24, {"lr": 0.05, "batch_size": 16})], [2, 4, 8], [0])
 
 
+#: local optimizers of the failures preset: label suffix -> training settings
+FAILURE_OPTIMIZERS = {"": {}, "-nesterov": {"optimizer": "nesterov", "momentum": 0.9},
+                      "-adam": {"optimizer": "adam", "lr": 3e-3}}
+
+
 def _failures() -> list[RunSpec]:
     """EASGD with uniform vs dynamic weighting, two of 8 workers frozen for the middle
-    third of training."""
+    third of training, under SGD, Nesterov momentum 0.9 and Adam."""
     steps = 300
     third = steps // 3
     faults = [f"freeze:rank={r},start={third},end={2 * third}" for r in (2, 5)]
-    arms = [("easgd-uniform", "easgd", {"period": 4, "weighting": "uniform"}, {}),
-            ("easgd-dynamic", "easgd", {"period": 4, "weighting": "dynamic"}, {})]
-    arms = [(label, algo, hp, {"faults": faults}) for label, algo, hp, _ in arms]
+    arms = [(f"easgd-{weighting}{suffix}", "easgd", {"period": 4, "weighting": weighting},
+             {"faults": faults, **settings})
+            for suffix, settings in FAILURE_OPTIMIZERS.items()
+            for weighting in ("uniform", "dynamic")]
     return _matrix(arms, [("digits", steps, {"lr": 0.05, "batch_size": 16})], [8],
                    [0, 1, 2])
 
