@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from accord.config import TrainConfig, validate  # noqa: E402
 from accord.launch import launch  # noqa: E402
 from accord.metrics import read_metrics  # noqa: E402
-from accord.train import TrainConfig, validate  # noqa: E402
 
 
 def run(cfg: TrainConfig, label: str, resume: bool = True) -> list[dict] | None:

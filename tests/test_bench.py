@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from accord import bench, cli
+from accord.config import ConfigError
 from accord.metrics import read_metrics
-from accord.train import ConfigError
 
 ARGS = ["bench", "--algos", "allreduce,acga", "--tasks", "digits", "--workers", "2",
         "--seeds", "0", "--steps", "4", "--no-progress"]

@@ -63,7 +63,8 @@ def test_train_writes_metrics(tmp_path):
 
 def _train_every_algorithm(rank, world, out):
     from accord import algorithms
-    from accord.train import TrainConfig, run_worker
+    from accord.config import TrainConfig
+    from accord.train import run_worker
 
     for algo, cls in algorithms.REGISTRY.items():
         # a short period, so every algorithm communicates within the 6 steps

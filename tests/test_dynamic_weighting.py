@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 from worlds import run_world
 
+from accord.config import TrainConfig
 from accord.metrics import read_metrics
-from accord.train import TrainConfig, run_worker
+from accord.train import run_worker
 
 HALF_LIFE = 4.0
 START = 2  # the failure starts at this step and lasts to the end

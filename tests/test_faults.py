@@ -14,8 +14,9 @@ import torch
 from worlds import run_world
 
 from accord import cli, faults
+from accord.config import ConfigError, TrainConfig, validate
 from accord.metrics import read_metrics
-from accord.train import ConfigError, TrainConfig, nonfinite_grads, run_worker, validate
+from accord.train import nonfinite_grads, run_worker
 
 
 @pytest.mark.parametrize("spec", [

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError, TrainConfig, apply_settings, validate
 from .launch import launch
 from .metrics import read_metrics
-from .train import ConfigError, TrainConfig, apply_settings, validate
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from . import algorithms, bench, report
+from .config import ConfigError, TrainConfig, apply_settings, validate
 from .launch import launch, under_torchrun
 from .metrics import read_metrics
 from .tasks import TASKS
-from .train import ConfigError, TrainConfig, apply_settings, run_worker, validate
+from .train import run_worker
 
 PROG = "accord"
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train import TrainConfig
+from .config import TrainConfig
 
 GRACE_S = 3.0  # after the first failure, time the others get to exit on their own
 
