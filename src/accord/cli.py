@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
-from . import algorithms, bench, report
+from . import algorithms, bench, report, rundir
 from .config import ConfigError, TrainConfig, apply_settings, validate
-from .launch import launch, under_torchrun
+from .launch import launch, launched_here, under_torchrun
 from .metrics import read_metrics
 from .tasks import TASKS
 from .train import run_worker
@@ -55,6 +57,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files to OUT/tensorboard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out may hold an earlier run: remove its metrics.jsonl, logs/ and "
+                        "tensorboard/ first")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm hyperparameter, or a training setting the algorithm does "
                         "not define; prefix algo. or train. to choose")
@@ -95,28 +100,88 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+#: exit status of `accord train` per run status
+EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "interrupted": 130}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", "0")) if under_torchrun() else 0
+    driver = rank == 0 and not launched_here()  # checks and locks the run directory
     try:
         cfg = _config_from_args(args)
         validate(cfg)
+        if driver:
+            rundir.prepare(cfg.out, args.overwrite)
     except ConfigError as e:
-        print(f"{PROG} train: error: {e}", file=sys.stderr)
+        if rank == 0:  # under torchrun every rank validates; one line is enough
+            print(f"{PROG} train: error: {e}", file=sys.stderr)
         return 2
     if under_torchrun():
-        run_worker(cfg)
-        # The run is complete and its files are closed. Leave without the interpreter's
-        # teardown: C++ destructors of finished gloo threads can abort there ("terminate
-        # called without an active exception"), rarely, turning a good run into a failure.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        os._exit(_torchrun_worker(cfg, rank, driver))
     result = launch(cfg)
+    path = Path(cfg.out) / "metrics.jsonl"
+    records = read_metrics(path) if path.exists() else []
+    summary = records[-1] if records and records[-1].get("type") == "summary" else None
     if result.returncode != 0:
         print(f"{PROG} train: error: {result.message}", file=sys.stderr)
         return result.returncode
-    summary = read_metrics(Path(cfg.out) / "metrics.jsonl")[-1]
+    if summary is None:
+        print(f"{PROG} train: error: the run left no summary in {path}", file=sys.stderr)
+        return 1
+    if summary["status"] == "diverged":
+        print(f"{PROG} train: diverged at step {summary.get('diverged_step')}: "
+              f"{summary.get('diverged_reason')} (metrics: {path})", file=sys.stderr)
+        return EXIT_CODES["diverged"]
     print(_format_summary(cfg, summary))
     return 0
+
+
+def _torchrun_worker(cfg: TrainConfig, rank: int, driver: bool) -> int:
+    """One worker under torchrun: its exit status, with one line on the terminal from a
+    failing rank (the traceback is in its logs/rank<r>.traceback) and the same line in
+    torchrun's error file, which torchrun prints as the root cause."""
+    lock = rundir.RunLock(cfg.out) if driver else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        summary = run_worker(cfg)
+        code = EXIT_CODES.get((summary or {}).get("status", "ok"), 0)
+    except ConfigError as e:
+        print(f"{PROG} train: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = EXIT_CODES["interrupted"]
+    except BaseException as exc:  # noqa: BLE001 - reported in one line, traceback on disk
+        message = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+        line = (f"{PROG} train: error: rank {rank}: {message} (traceback: "
+                f"{Path(cfg.out) / 'logs' / f'rank{rank}.traceback'})")
+        if not launched_here():  # the local launcher prints the run's one line itself
+            print(line, file=sys.stderr)
+        _torchrun_error_file(line)
+        code = EXIT_CODES["failed"]
+    finally:
+        if lock is not None:
+            lock.release()
+    # Leave without the interpreter's teardown: C++ destructors of finished gloo threads
+    # can abort there ("terminate called without an active exception"), rarely, turning
+    # a good run into a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def _torchrun_error_file(message: str) -> None:
+    """torchrun's error file (TORCHELASTIC_ERROR_FILE), which it prints as the failure's
+    message instead of "<N/A>"."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message,
+                                   "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass
 
 
 def _format_summary(cfg: TrainConfig, s: dict) -> str:

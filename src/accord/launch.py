@@ -5,9 +5,17 @@ RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ... set), so a run start
 and one started with ``torchrun --nproc_per_node=N -m accord train ...`` execute the same
 code. Rank 0 writes to the terminal; other ranks to ``OUT/logs/rank<r>.log``.
 
-Failure: when a worker exits with an error the launcher stops the others and reports the
-rank that failed first (workers write ``OUT/logs/rank<r>.error`` with a timestamp), so a
-run never hangs on a dead worker.
+The launcher hosts the job's key-value store itself (a TCPStore bound to a port the
+operating system picks, which the workers join as clients, as under torchrun's agent), so
+no port can be taken between choosing and binding it, and the store outlives any worker.
+It holds ``OUT/.accord.lock`` while the run lives.
+
+Failure: when a worker exits with an error the launcher stops the others (after a short
+grace period in which they leave their own reports), names the rank that failed first
+and its cause, lists the other ranks' errors as consequences (:mod:`accord.failures`),
+and writes that as the final summary of ``metrics.jsonl``, so a run never hangs on a dead
+worker and its record blames the right rank. Exit codes of the workers: 0 (ok) and 3
+(diverged, see :func:`accord.train.run_worker`) are clean ends.
 """
 
 from __future__ import annotations
@@ -15,17 +23,28 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
-from .config import TrainConfig
+import torch.distributed as dist
+
+from .config import ConfigError, TrainConfig
+from .failures import Exit, Failure, attribute
+from .rundir import RunLock
 
 GRACE_S = 3.0  # after the first failure, time the others get to exit on their own
+CLEAN_EXITS = (0, 3)  # ok, diverged
+LAUNCHED = "ACCORD_LAUNCHED"  # set in workers started by this launcher
+
+
+def launched_here() -> bool:
+    """True in a worker started by this launcher (not by torchrun)."""
+    return os.environ.get(LAUNCHED) == "1"
 
 
 @dataclass
@@ -40,12 +59,6 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
@@ -53,7 +66,12 @@ def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
         "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "ROLE_WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
         "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+        # the store is the launcher's: every rank joins it as a client
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        # the launcher already checked and locked the run directory
+        LAUNCHED: "1",
     })
+    env.pop("TORCHELASTIC_ERROR_FILE", None)
     # Oversubscribed cores make intra-op threads a net loss; torchrun does the same.
     env.setdefault("OMP_NUM_THREADS", "1")
     src = str(Path(__file__).resolve().parent.parent)
@@ -68,10 +86,17 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
     """
     out = Path(cfg.out)
     logs = out / "logs"
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        return LaunchResult(2, None, str(e))
     logs.mkdir(parents=True, exist_ok=True)
-    for stale in logs.glob("rank*.error"):
-        stale.unlink()
-    port = free_port()
+    for pattern in ("rank*.error", "rank*.traceback", "rank*.heartbeat"):
+        for stale in logs.glob(pattern):
+            stale.unlink()
+    store = dist.TCPStore("127.0.0.1", 0, cfg.workers + 1, is_master=True,
+                          timeout=timedelta(seconds=cfg.timeout), wait_for_workers=False)
     cmd = [sys.executable, "-m", "accord", "train", *cfg.to_argv()]
     procs: list[subprocess.Popen] = []
     files = []
@@ -85,16 +110,18 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
                 f = (logs / f"rank{rank}.log").open("wb")
                 files.append(f)
                 stdout, stderr = f, subprocess.STDOUT
-            procs.append(subprocess.Popen(cmd, env=worker_env(rank, cfg.workers, port),
+            procs.append(subprocess.Popen(cmd, env=worker_env(rank, cfg.workers, store.port),
                                           stdout=stdout, stderr=stderr,
                                           preexec_fn=_die_with_parent))
-        result = _wait(procs, logs, cfg.timeout)
-        if result.returncode:
+        result, failure = _wait(procs, logs, cfg.timeout)
+        if failure is not None:
             _stop(procs)
-            _record_failure(out / "metrics.jsonl", result)
+            finish_summary(out / "metrics.jsonl", "failed", failure.record())
         return result
     except KeyboardInterrupt:
         _stop(procs)
+        finish_summary(out / "metrics.jsonl", "interrupted",
+                       {"error": "interrupted (SIGINT or SIGTERM)"}, keep=("interrupted",))
         return LaunchResult(130, None, "interrupted")
     finally:
         if previous is not None:
@@ -102,6 +129,8 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
         _stop(procs)
         for f in files:
             f.close()
+        del store
+        lock.release()
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -119,39 +148,43 @@ def _die_with_parent() -> None:
         pass
 
 
-def _wait(procs: list[subprocess.Popen], logs: Path, timeout: float) -> LaunchResult:
-    first: tuple[int, int] | None = None  # (rank, returncode) of the first failure seen
-    failed_at = 0.0
+def _wait(procs: list[subprocess.Popen], logs: Path,
+          timeout: float) -> tuple[LaunchResult, Failure | None]:
+    exits: dict[int, Exit] = {}
+    failed_at: float | None = None
+    stopped = False
     while True:
-        codes = [p.poll() for p in procs]
-        if first is None:
-            for rank, code in enumerate(codes):
-                if code not in (None, 0):
-                    first, failed_at = (rank, code), time.monotonic()
-                    break
-        if all(c is not None for c in codes):
+        now = time.time()
+        for rank, p in enumerate(procs):
+            code = p.poll()
+            if code is not None and rank not in exits:
+                exits[rank] = Exit(code, now, stopped=stopped)
+                if code not in CLEAN_EXITS and failed_at is None:
+                    failed_at = time.monotonic()
+        if len(exits) == len(procs):
             break
-        if first is not None and time.monotonic() - failed_at > min(GRACE_S, timeout):
+        if failed_at is not None and time.monotonic() - failed_at > min(GRACE_S, timeout):
+            stopped = True  # whatever ends from here on was stopped by us
             _stop(procs)
-            break
         time.sleep(0.05)
-    if first is None:
-        return LaunchResult(0)
-    rank, code = _root_cause(logs, first)
-    reason = _error_line(logs, rank)
-    if not reason:
-        reason = (f"killed by signal {signal.Signals(-code).name}" if code < 0
-                  else f"exit code {code}")
-    log_hint = logs / f"rank{rank}.log" if rank else None
-    message = f"worker rank {rank} failed: {reason}"
-    if log_hint is not None:
-        message += f" (log: {log_hint})"
-    return LaunchResult(1, rank, message)
+    if failed_at is None:
+        return LaunchResult(0), None
+    failure = attribute(logs, len(procs), exits)
+    message = f"worker rank {failure.rank} failed"
+    if failure.step is not None:
+        message += f" at step {failure.step}"
+    message += f": {failure.error}"
+    if failure.rank:
+        message += f" (log: {logs / f'rank{failure.rank}.log'})"
+    elif failure.rank == 0:
+        message += f" (traceback: {logs / 'rank0.traceback'})"
+    return LaunchResult(1, failure.rank, message), failure
 
 
-def _record_failure(path: Path, result: LaunchResult) -> None:
-    """Close ``metrics.jsonl`` with a failed summary when rank 0 could not write one
-    (it was stopped while waiting on a peer that had died)."""
+def finish_summary(path: Path, status: str, fields: dict, keep: tuple[str, ...] = ()) -> None:
+    """Make the last record of ``metrics.jsonl`` a summary with ``status`` and ``fields``
+    (replacing a summary rank 0 wrote, unless its status is in ``keep``), keeping the
+    last evaluation. Written to a temporary file and renamed: never half a file."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -162,41 +195,22 @@ def _record_failure(path: Path, result: LaunchResult) -> None:
             records.append(json.loads(line))
         except ValueError:
             continue
-    if not records or records[-1].get("type") == "summary":
+    if not records:
         return
+    old = records[-1] if records[-1].get("type") == "summary" else None
+    if old is not None and old.get("status") in keep:
+        return
+    if old is not None:
+        records.pop()
     evals = [r for r in records if r.get("type") == "step"]
-    last = {k: v for k, v in (evals[-1] if evals else {}).items()
-            if k.startswith("eval_")}
-    record = {"type": "summary", "status": "failed", "failed_rank": result.failed_rank,
-              "error": result.message, **last}
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _root_cause(logs: Path, first: tuple[int, int]) -> tuple[int, int]:
-    """The earliest reported error wins; a worker that died without a report (killed)
-    is the root cause if it was seen first, since the others' errors follow from it."""
-    rank, code = first
-    if code < 0:
-        return first
-    reports = []
-    for path in logs.glob("rank*.error"):
-        try:
-            rec = json.loads(path.read_text())
-            reports.append((float(rec["time"]), int(rec["rank"])))
-        except (ValueError, KeyError, OSError):
-            continue
-    if reports:
-        return min(reports)[1], code
-    return first
-
-
-def _error_line(logs: Path, rank: int) -> str:
-    path = logs / f"rank{rank}.error"
-    try:
-        return json.loads(path.read_text())["error"]
-    except (OSError, ValueError, KeyError):
-        return ""
+    last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
+    kept = {k: v for k, v in (old or {}).items()
+            if k not in ("type", "status", "error", "failed_rank", "failed_step",
+                         "consequences")}
+    records.append({"type": "summary", "status": status, **last, **kept, **fields})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -39,8 +39,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
+import signal
+import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,7 @@ from . import algorithms, faults
 from .comm import Communicator, FlatBuffer
 from .config import ConfigError, TrainConfig
 from .core import Aggregator, StepContext
+from .failures import Heartbeat, attribute, is_consequence, wait_for_reports
 from .metrics import MetricsWriter, run_environment
 from .tasks import get_task
 
@@ -118,7 +123,14 @@ def _state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
     """The per-process entry: join the process group from the torchrun environment, train,
-    and (on rank 0) write ``metrics.jsonl``. Returns the summary record on rank 0."""
+    and (on rank 0) write ``metrics.jsonl``. Returns the summary record on rank 0.
+
+    The run's status (the summary's ``status``): ``ok``; ``diverged`` (the replicas'
+    parameters or the consensus model's evaluation became non-finite: every rank stops at
+    that record, ``diverged_step`` says where); ``failed`` (an exception; rank 0 names the
+    rank that failed first, see :mod:`accord.failures`); ``interrupted`` (SIGINT or
+    SIGTERM). On an exception every rank leaves ``logs/rank<r>.error`` (one line) and
+    ``logs/rank<r>.traceback`` before re-raising."""
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     if world != cfg.workers:
@@ -129,36 +141,83 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
     logs.mkdir(parents=True, exist_ok=True)
     writer = None
     owns_group = False
+    heartbeat = None
+    previous = _interrupt_on_sigterm()
     try:
         # a caller that already joined a process group (a test world) keeps it
         owns_group = not dist.is_initialized()
         if owns_group:
             dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
+        heartbeat = Heartbeat(logs, rank)
+        heartbeat.beat(0, "start")
         if rank == 0:
             writer = MetricsWriter(out / "metrics.jsonl",
                                    out / "tensorboard" if cfg.tensorboard else None)
             writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
                           "hyperparameters": cfg.hyperparameters, "world_size": world,
                           **run_environment()})
-        summary = _train(cfg, rank, world, writer)
+        summary = _train(cfg, rank, world, writer, heartbeat)
+        heartbeat.beat(cfg.steps, "done")
         return summary
     except BaseException as exc:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else \
-            type(exc).__name__
-        (logs / f"rank{rank}.error").write_text(
-            json.dumps({"rank": rank, "time": time.time(), "error": message}) + "\n")
-        if writer is not None:
-            writer.write({"type": "summary", "status": "failed", "error": message,
-                          "failed_rank": rank, **writer.last_eval})
+        _report(exc, cfg, rank, world, logs, heartbeat, writer)
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if heartbeat is not None:
+            heartbeat.close()
         if writer is not None:
             writer.close()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None):
+def _report(exc: BaseException, cfg: TrainConfig, rank: int, world: int, logs: Path,
+            heartbeat: Heartbeat | None, writer: MetricsWriter | None) -> None:
+    """What a failing worker leaves behind: its error and traceback files and, on rank 0,
+    the summary naming the rank that failed first. An interruption (SIGINT, SIGTERM) is
+    recorded as ``interrupted`` unless another rank's failure explains it (torchrun
+    stops every worker when one dies)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the report first
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    step = heartbeat.step if heartbeat is not None else None
+    if not interrupted:
+        message = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+        if heartbeat is not None:
+            heartbeat.beat(heartbeat.step, "failed")
+        (logs / f"rank{rank}.traceback").write_text(traceback.format_exc())
+        (logs / f"rank{rank}.error").write_text(json.dumps(
+            {"rank": rank, "time": time.time(), "error": message, "step": step}) + "\n")
+    if writer is None:
+        return
+    if interrupted or is_consequence(message):  # give the root cause time to report
+        wait_for_reports(logs, world, rank, min(5.0, cfg.timeout))
+    failure = attribute(logs, world, ignore=rank)
+    if interrupted and (failure.rank is None or failure.rank == rank):
+        writer.write({"type": "summary", "status": "interrupted",
+                      "error": "interrupted (SIGINT or SIGTERM)", "interrupted_step": step,
+                      **writer.last_eval})
+    else:
+        writer.write({"type": "summary", "status": "failed", **failure.record(),
+                      **writer.last_eval})
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM (torchrun or the launcher stopping the run) ends the run like Ctrl-C, so
+    rank 0 closes ``metrics.jsonl`` with an ``interrupted`` summary."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None,
+           heartbeat: Heartbeat):
     task = get_task(cfg.task)(cfg.seed, cfg.data_dir)
     model = task.build_model()
     optimizer = make_optimizer(cfg, model.parameters())
@@ -188,8 +247,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                    dynamic_ncols=True)
     start = time.perf_counter()
     running = None
+    diverged: dict[str, Any] | None = None
+    steps_done = 0
     try:
         for step in range(cfg.steps):
+            heartbeat.beat(step, "compute")
             injector.before_step(step)
             frozen = injector.freeze_active(step)
             if frozen:
@@ -202,6 +264,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 (loss / cfg.accum_steps).backward()
                 loss_sum += loss.detach()
             injector.after_compute(step, time.perf_counter() - compute_start)
+            heartbeat.beat(step, "aggregate")
             injector.corrupt_grads(step, params)
             if frozen:
                 injector.freeze_grads(step, state, params)
@@ -224,8 +287,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
             running = value if running is None else 0.9 * running + 0.1 * value
             if bar is not None:
                 bar.update(1)
+            steps_done = step + 1
             last = step == cfg.steps - 1
             if (step + 1) % cfg.log_every == 0 or last:
+                heartbeat.beat(step, "record")
                 mean_loss = loop_comm.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
                 consensus_model, distance = probe.measure(agg)
                 new_events = _gather_events(injector.drain(), world)
@@ -247,13 +312,20 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                                   "comm_s": stats.seconds, "events": pending,
                                   "algo": {k: _finite(v) for k, v in agg.metrics().items()}})
                     writer.last_eval = {k: _finite(v) for k, v in evaluation.items()}
-                if idle is not None:  # nobody enters a timed collective while rank 0 evaluates
-                    dist.barrier(group=idle)
+                # diverged: non-finite parameters anywhere, or a non-finite evaluation; the
+                # flag is agreed on by an allreduce that is also the barrier after rank 0's
+                # evaluation (nobody enters a timed collective while rank 0 evaluates)
+                reason = _divergence(distance, evaluation if writer is not None else {})
+                if _agree(reason is not None, idle):
+                    diverged = {"diverged_step": step + 1,
+                                "diverged_reason": reason or "non-finite on another rank"}
+                    break
                 if bar is not None:
                     bar.set_postfix(loss=f"{running:.4g}", refresh=False)
         elapsed = time.perf_counter() - start
         if idle is not None:  # fast workers of an asynchronous run wait for the slow ones
             dist.barrier(group=idle)
+        heartbeat.beat(steps_done, "summary")
         # rank 0's bytes are not every worker's (a broadcast counts on the sender only)
         stats = agg.comm.stats
         mean_bytes = loop_comm.all_reduce_(torch.tensor([float(stats.bytes)],
@@ -263,8 +335,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                                                          dtype=torch.float64))
         summary = None
         if writer is not None:
-            summary = {"type": "summary", "status": "ok", "steps": cfg.steps,
-                       "time_s": elapsed, "steps_per_s": cfg.steps / elapsed,
+            summary = {"type": "summary", "status": "ok" if diverged is None else "diverged",
+                       **(diverged or {}), "steps": steps_done,
+                       "time_s": elapsed, "steps_per_s": steps_done / elapsed,
                        "comm_bytes": stats.bytes, "comm_bytes_mean": float(mean_bytes),
                        "comm_calls": stats.calls,
                        "comm_s": stats.seconds, "comm": stats.as_dict(),
@@ -276,6 +349,26 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         if bar is not None:
             bar.close()
         agg.close()
+
+
+def _divergence(distance: float, evaluation: dict[str, float]) -> str | None:
+    """Why this record shows a diverged run, or None (the training loss alone does not
+    count: a rank's non-finite loss is what the non-finite guard handles)."""
+    if not math.isfinite(distance):
+        return "non-finite parameters"
+    for key, value in evaluation.items():
+        if not math.isfinite(value):
+            return f"non-finite {key} of the consensus model"
+    return None
+
+
+def _agree(flag: bool, group) -> bool:
+    """Whether any rank raised ``flag`` (a MAX allreduce on ``group``, also a barrier)."""
+    if group is None:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t[0] > 0)
 
 
 def _guard(mode: str, params, comm: Communicator, injector: faults.Injector, step: int,
