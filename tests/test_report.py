@@ -56,27 +56,48 @@ def step_record(algo: str, task: str, seed: int, step: int) -> dict:
 def write_run(root: Path, rel: str, *, algo: str, seed: int, task: str = "digits",
               workers: int = 2, steps: int = 60, log_every: int = 5, label: str | None = None,
               fail_at: int | None = None, stop_at: int | None = None,
-              garbage: bool = False) -> list[dict]:
-    """A run directory as ``accord train`` leaves it; returns the records written."""
+              garbage: bool = False, diverge_at: int | None = None,
+              legacy_nan_at: int | None = None, events: int = 0,
+              summary: dict | None = None) -> list[dict]:
+    """A run directory as ``accord train`` leaves it; returns the records written.
+
+    diverge_at: the loss is NaN from that logged step on (null in the file) and the run
+    ends with status "diverged"; legacy_nan_at: the same values, but the run ends "ok" with
+    null eval values, as files written before the "diverged" status; events: event records
+    written before each step record; summary: keys added to (or replacing) the summary."""
     run_dir = root / rel
     (run_dir / "logs").mkdir(parents=True)
     records = [header(algo, task, workers, seed, steps, log_every, label, str(run_dir))]
-    last = min(x for x in (fail_at, stop_at, steps) if x is not None)
+    last = min(x for x in (fail_at, stop_at, diverge_at, steps) if x is not None)
     logged = [s for s in range(log_every, steps + 1, log_every)]
     if logged[-1] != steps:
         logged.append(steps)
-    records += [step_record(algo, task, seed, s) for s in logged if s <= last]
+    for s in logged:
+        if s > last:
+            break
+        records += [{"type": "event", "step": s - 1, "rank": i % workers, "kind": "delay",
+                     "seconds": 0.04} for i in range(events)]
+        rec = step_record(algo, task, seed, s)
+        nan_from = diverge_at if diverge_at is not None else legacy_nan_at
+        if nan_from is not None and s >= nan_from:
+            rec.update({k: None for k in rec if k == "loss" or "eval_" in k})
+        records.append(rec)
     evals = {k: v for k, v in records[-1].items() if k in ("eval_loss", "eval_acc")}
-    if fail_at is not None:
+    if diverge_at is not None:
+        records.append({"type": "summary", "status": "diverged", "diverged_step": diverge_at,
+                        "diverged_reason": "non-finite eval_loss of the consensus model",
+                        "steps": diverge_at, "time_s": records[-1]["time_s"],
+                        "comm_bytes": records[-1]["comm_bytes"], **evals, **(summary or {})})
+    elif fail_at is not None:
         records.append({"type": "summary", "status": "failed", "error": ERROR,
-                        "failed_rank": 1, **evals})
+                        "failed_rank": 1, **evals, **(summary or {})})
     elif stop_at is None:
         comm = BYTES_PER_STEP[algo] * steps
         t = records[-1]["time_s"] + 0.001
         records.append({"type": "summary", "status": "ok", "steps": steps, "time_s": t,
                         "steps_per_s": steps / t, "comm_bytes": comm,
                         "comm_bytes_mean": float(comm), "comm_calls": steps,
-                        "comm_s": steps * 0.001, "comm": {}, **evals})
+                        "comm_s": steps * 0.001, "comm": {}, **evals, **(summary or {})})
     lines = [json.dumps(r) for r in records]
     if garbage:
         lines.insert(2, '{"type": "step", "step": 7, "loss": ')  # a torn line
@@ -126,15 +147,16 @@ def test_report_files_and_numbers(runs, tmp_path):
     # every label, the failed run with its error, the incomplete run, the environment
     for label in ("allreduce", "acga-fast", "linreg-allreduce", "linreg-acga"):
         assert label in text
-    problems = text.split("## Failed and incomplete runs")[1]
+    problems = text.split("## Failed, interrupted and incomplete runs")[1]
     assert "broken/crash" in problems and ERROR in problems and "failed" in problems
     assert "broken/cut" in problems and "incomplete" in problems
     for value in ("2.13.0+cpu", "3.11.7", "testhost", "abc1230", "abc1231", "0.1.0"):
         assert value in text.split("## digits")[0]
-    # the malformed lines are skipped with a warning, the run still counts
-    assert sum("malformed JSON" in w for w in warnings) == 2
+    # the malformed lines are skipped with one warning for the file, the run still counts
+    assert [w for w in warnings if "malformed JSON" in w] == [
+        "digits/allreduce/seed1/metrics.jsonl: 2 malformed JSON lines skipped (lines 3, 4)"]
     assert not any("differ" in w for w in warnings)  # the groups' runs share their settings
-    assert "## Warnings" in text and "digits/allreduce/seed1/metrics.jsonl:3" in text
+    assert "## Warnings" in text and "digits/allreduce/seed1/metrics.jsonl: 2 malformed" in text
 
     # every referenced figure exists and is a real PNG
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -267,3 +289,159 @@ def test_cli_writes_the_report(tmp_path, capsys):
     assert str(tmp_path / "r" / "report.md") in out.out and "malformed" in out.err
     assert "eval_acc >= 0.5 (given (--target-acc))" in \
         (tmp_path / "r" / "report.md").read_text(encoding="utf-8").replace("`", "")
+
+
+# -- every status: diverged runs apart, causes of failures, events, unreadable files ----------
+
+def test_diverged_runs_are_listed_apart_and_never_averaged(tmp_path):
+    """A diverged seed (new status, and an old file marked ok with nulls) enters no mean,
+    no to-target number, no point and no figure; it is listed with its step."""
+    root = tmp_path / "runs"
+    finished = {s: write_run(root, f"allreduce/seed{s}", algo="allreduce", seed=s)
+                for s in (0, 1)}
+    # finite values up to the divergence, all different from the finished seeds'
+    write_run(root, "allreduce/seed2", algo="allreduce", seed=2, diverge_at=25)
+    write_run(root, "allreduce/seed3", algo="allreduce", seed=3, legacy_nan_at=40)
+    write_run(root, "acga/seed0", algo="acga", seed=0, diverge_at=10)  # a whole group
+    warnings: list[str] = []
+    path = report.write_report(root, target_acc=0.5, warn=warnings.append)
+    text = path.read_text(encoding="utf-8")
+    assert warnings == []
+
+    rows = {row["label"]: row for row in read_csv(root / "summary.csv")}
+    assert set(rows) == {"allreduce"}  # the all-diverged acga group has no numbers
+    row = rows["allreduce"]
+    assert row["n_seeds"] == "2" and row["seeds"] == "0;1"
+    for key, rec in (("eval_acc", -1), ("eval_loss", -1), ("time_s", -1)):
+        assert float(row[f"{key}_mean"]) == pytest.approx(
+            statistics.mean(finished[s][rec][key] for s in (0, 1))), key
+    assert float(row["mb_sent_mean"]) == pytest.approx(BYTES_PER_STEP["allreduce"] * 60 / 1e6)
+    hits = [first_reach(finished[s], 0.5) for s in (0, 1)]
+    assert row["n_reached"] == "2"
+    assert float(row["steps_to_target_mean"]) == statistics.mean(h["step"] for h in hits)
+    assert float(row["time_to_target_mean"]) == pytest.approx(
+        statistics.mean(h["time_s"] for h in hits))
+    assert {(r["label"], r["seed"]) for r in read_csv(root / "points.csv")} == {
+        ("allreduce", "0"), ("allreduce", "1")}
+    assert "2 finished, 3 diverged, 0 failed" in text
+
+    digits = text.split("## digits")[1].split("## Diverged runs")[0]
+    assert ("Not in these numbers: acga seed 0 (diverged at step 10), allreduce seed 2 "
+            "(diverged at step 25), allreduce seed 3 (diverged at step 40)") in digits
+    diverged = text.split("## Diverged runs")[1].split("\n## ")[0]
+    lines = {line.split("|")[1].strip(" `"): line for line in diverged.splitlines()
+             if line.startswith("| `")}
+    assert set(lines) == {"allreduce/seed2", "allreduce/seed3", "acga/seed0"}
+    assert lines["allreduce/seed2"].endswith(
+        "| 25 | non-finite eval_loss of the consensus model |")
+    assert "| 10 |" in lines["acga/seed0"]
+    assert "| 40 |" in lines["allreduce/seed3"] and "inferred" in lines["allreduce/seed3"]
+    assert "## Failed, interrupted and incomplete runs" not in text
+
+
+def test_failed_and_interrupted_runs_show_their_cause(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "ok", algo="allreduce", seed=0)
+    consequences = [{"rank": 0, "error": "ConnectionResetError: peer closed"},
+                    {"rank": 3, "error": "ConnectionResetError: peer closed"}]
+    write_run(root, "crash", algo="acga", seed=0, fail_at=12,
+              summary={"failed_rank": 2, "error": "InjectedFault: crash on rank 2",
+                       "consequences": consequences})
+    # rank 0's error file came first, but the summary names the root cause
+    (root / "crash" / "logs" / "rank0.error").write_text(
+        json.dumps({"rank": 0, "time": 1.0, "error": "ConnectionResetError: peer closed"}))
+    write_run(root, "stopped", algo="acga", seed=1, stop_at=20)
+    with (root / "stopped" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"type": "summary", "status": "interrupted", "steps": 20}) + "\n")
+    text = report.write_report(root, figures=False, warn=lambda m: None).read_text()
+    problems = text.split("## Failed, interrupted and incomplete runs")[1]
+    rows = {line.split("|")[1].strip(" `"): line.split("|") for line in problems.splitlines()
+            if line.startswith("| `")}
+    assert set(rows) == {"crash", "stopped"}
+    assert rows["crash"][2].strip() == "failed"
+    assert rows["crash"][-2].strip() == ("rank 2: InjectedFault: crash on rank 2 (then rank 0: "
+                                         "ConnectionResetError: peer closed; +1 more)")
+    assert rows["stopped"][2].strip() == "interrupted"
+    assert rows["stopped"][-2].strip() == "interrupted (SIGINT or SIGTERM)"
+    assert "1 finished, 0 diverged, 1 failed, 1 interrupted" in text
+
+
+def test_event_records_are_normal_and_unknown_types_warn_once(tmp_path):
+    root = tmp_path / "runs"
+    plain = write_run(root, "plain/seed0", algo="allreduce", seed=0, steps=60, log_every=1)
+    write_run(root, "delayed/seed0", algo="allreduce", seed=0, steps=60, log_every=1,
+              label="delayed", events=3)
+    events = sum('"type": "event"' in line for line in
+                 (root / "delayed/seed0/metrics.jsonl").read_text().splitlines())
+    assert events == 180
+    warnings: list[str] = []
+    report.write_report(root, figures=False, warn=warnings.append)
+    assert warnings == []
+    rows = {row["label"]: row for row in read_csv(root / "summary.csv")}
+    assert float(rows["delayed"]["eval_acc_mean"]) == plain[-1]["eval_acc"]
+    assert rows["delayed"]["steps_to_target_mean"] == rows["allreduce"]["steps_to_target_mean"]
+
+    path = root / "plain/seed0/metrics.jsonl"
+    lines = path.read_text().splitlines()
+    extra = [json.dumps({"type": kind, "x": 1}) for kind in ("mystery", "mystery", "later")]
+    path.write_text("\n".join(lines[:5] + extra + lines[5:]) + "\n")
+    warnings.clear()
+    report.write_report(root, figures=False, warn=warnings.append)
+    assert warnings == ["plain/seed0/metrics.jsonl: 3 records of unknown type skipped "
+                        "('later', 'mystery')"]
+
+
+def random_bytes(n: int) -> bytes:
+    import random
+
+    return random.Random(0).randbytes(n)
+
+
+def test_a_file_of_random_bytes_is_one_line_and_no_readable_run_fails(tmp_path, capsys):
+    root = tmp_path / "runs"
+    (root / "noise").mkdir(parents=True)
+    (root / "noise" / "metrics.jsonl").write_bytes(random_bytes(30_000))
+    assert (root / "noise" / "metrics.jsonl").read_bytes().count(b"\n") > 100
+    assert report.run(parse([str(root)])) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].startswith("accord report: warning: noise/metrics.jsonl: ")
+    assert "not a metrics file (none of its 132 lines is a JSON record); skipped" in err[0]
+    assert err[1].startswith("accord report: error: no readable run")
+    assert not (root / "report.md").exists()
+
+    # beside a good run: still one line for the bad file, and the report is written
+    write_run(root, "good", algo="allreduce", seed=0)
+    assert report.run(parse([str(root), "--target-acc", "0.5"])) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "noise/metrics.jsonl" in err[0]
+    text = (root / "report.md").read_text(encoding="utf-8")
+    problems = text.split("## Failed, interrupted and incomplete runs")[1]
+    assert "`noise`" in problems and "unreadable" in problems
+    assert [r["label"] for r in read_csv(root / "summary.csv")] == ["allreduce"]
+
+
+def test_binary_metrics_file_is_one_line(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "good", algo="allreduce", seed=0)
+    (root / "torn").mkdir()
+    (root / "torn" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00\n" * 50 + b'{"type": ')
+    warnings: list[str] = []
+    report.write_report(root, figures=False, warn=warnings.append)
+    assert warnings == ["torn/metrics.jsonl: not a metrics file (none of its 51 lines is a "
+                        "JSON record); skipped"]
+
+
+def test_a_null_training_loss_alone_is_not_divergence(tmp_path):
+    """One rank's NaN loss makes the logged mean loss null while the non-finite guard keeps
+    the run healthy (finite evaluation): an ok run, in the numbers."""
+    root = tmp_path / "runs"
+    records = write_run(root, "guarded", algo="allreduce", seed=0)
+    path = root / "guarded" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[3] = json.dumps({**json.loads(lines[3]), "loss": None})
+    path.write_text("\n".join(lines) + "\n")
+    text = report.write_report(root, figures=False, warn=lambda m: None).read_text()
+    assert "## Diverged runs" not in text and "1 finished, 0 diverged" in text
+    row = read_csv(root / "summary.csv")[0]
+    assert float(row["eval_acc_mean"]) == records[-1]["eval_acc"]

@@ -2,9 +2,28 @@
 
 Each run is a normal ``accord train`` run (same launcher, same ``metrics.jsonl``) in its
 own directory ``OUT/<preset>/<task>/w<workers>/<label>/seed<k>`` (``custom`` for a matrix
-given on the command line). Runs whose directory already holds
-a finished run are skipped, so an interrupted bench resumes where it stopped; a run that
-fails is recorded in ``OUT/bench.jsonl`` with its error and the bench goes on.
+given on the command line). A label is one directory name: letters, digits, ``.``, ``_``
+and ``-``, not ``.`` or ``..``; any other label is refused (ConfigError) before any run
+starts.
+
+**Reuse.** A run directory is reused, not run again, when its ``metrics.jsonl`` ended with
+status ``ok`` or ``diverged`` (a diverged run is a result: rerunning it would diverge
+again) *and* its header's ``config`` equals the requested ``TrainConfig.to_json()`` in
+every field except those in ``IGNORED_FIELDS``, which do not change what a run computes:
+``out`` (the bench chooses the path), ``progress``, ``tensorboard``, ``timeout`` and
+``idle_timeout``. So an interrupted bench resumes where it stopped, and a bench with
+other ``--steps``, ``--set`` or presets reruns exactly the runs whose config changed,
+saying why on one line each (``bench: rerunning LABEL TASK xN seed K: the config changed
+(steps 10 -> 30)``). A run that failed, was interrupted or has no summary is rerun too.
+A field missing from an older header counts as changed. Before a run starts, its
+directory is removed, so no file of an earlier attempt is mixed in.
+
+**Outcomes.** Each run's outcome is appended to ``OUT/bench.jsonl``: ``ok``, ``diverged``
+(with ``diverged_step``), ``failed`` (with ``error``) or ``interrupted``; the bench goes
+on after a failed or diverged run and stops (resumably) when interrupted. The summary
+table (:func:`summary_table`) averages only the seeds that ended ok under the requested
+config; a diverged seed is never averaged but named in the row's note ("seed 2 diverged
+at step 40"), as are failed runs and runs not done; a missing value is shown as ``-``.
 
 Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
 
@@ -31,7 +50,11 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
 from __future__ import annotations
 
 import json
+import math
+import re
+import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +62,8 @@ from typing import Any
 
 from .config import ConfigError, TrainConfig, apply_settings, validate
 from .launch import launch
-from .metrics import read_metrics
+from .metrics import Outcome, run_outcome, scan_metrics
+from .rundir import holder
 
 
 @dataclass(frozen=True)
@@ -222,6 +246,8 @@ def custom(algos: list[str], variants: list[str], tasks: list[str], workers: lis
         arms.append((label, algo, hp, {}))
     if not arms:
         raise ConfigError("bench: give --preset, --algos or --variant")
+    for label, *_ in arms:
+        check_label(label)
     return _matrix(arms, [(t, steps, {}) for t in tasks], workers, seeds)
 
 
@@ -240,11 +266,25 @@ def apply_overrides(specs: list[RunSpec], settings: list[str]) -> list[RunSpec]:
     return out
 
 
+
+#: a label is one directory name: these characters only, and neither "." nor ".."
+SAFE_LABEL = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_label(label: str, what: str = "label") -> None:
+    """ConfigError (one line) unless ``label`` is a safe directory name."""
+    if not isinstance(label, str) or not SAFE_LABEL.fullmatch(label) or label in (".", ".."):
+        raise ConfigError(f"bench: {what} {label!r} is not a safe directory name; allowed: "
+                          "letters, digits, '.', '_' and '-' (not '.' or '..')")
+
+
 def plan(specs: list[RunSpec], out: Path) -> list[TrainConfig]:
     """Validate every run before any starts; ConfigError names the run and the field."""
     configs = []
     labels: dict[tuple, RunSpec] = {}
     for spec in specs:
+        check_label(spec.label)
+        check_label(spec.group, "preset directory")
         key = (spec.group, spec.task, spec.workers, spec.label, spec.seed)
         if key in labels and labels[key] != spec:
             raise ConfigError(f"bench: two different runs share the label {spec.label!r}")
@@ -266,38 +306,152 @@ def plan(specs: list[RunSpec], out: Path) -> list[TrainConfig]:
     return configs
 
 
-def finished(cfg: TrainConfig) -> bool:
-    path = Path(cfg.out) / "metrics.jsonl"
-    if not path.exists():
-        return False
-    try:
-        records = read_metrics(path)
-    except (OSError, ValueError):
-        return False
-    return bool(records) and records[-1].get("status") == "ok"
+# -- reuse ------------------------------------------------------------------------------------
 
+#: TrainConfig fields that do not change a run's results, ignored when deciding reuse: where
+#: the run is written (bench puts it at its own path anyway), the progress bar, TensorBoard
+#: files, and the timeouts (they decide whether a run fails, not what a finished run computed)
+IGNORED_FIELDS = ("out", "progress", "tensorboard", "timeout", "idle_timeout")
+_ABSENT = object()
+
+
+def _short(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def config_changes(requested: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """The fields (``hyperparameters.key`` inside dicts) whose recorded value differs from
+    the requested one, as "field old -> new", fields of IGNORED_FIELDS left out. A field
+    the record lacks (written by an older accord) counts as changed."""
+    requested = json.loads(json.dumps(requested))  # tuples -> lists, as in the file
+    changes = []
+    for key in sorted(set(requested) | set(recorded)):
+        if key in IGNORED_FIELDS:
+            continue
+        new, old = requested.get(key, _ABSENT), recorded.get(key, _ABSENT)
+        if isinstance(new, dict) and isinstance(old, dict):
+            changes += [f"{key}.{k} {_short(old.get(k, _ABSENT))} -> "
+                        f"{_short(new.get(k, _ABSENT))}"
+                        for k in sorted(set(new) | set(old))
+                        if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+        elif new != old:
+            changes.append(f"{key} {_short(old)} -> {_short(new)}")
+    return changes
+
+
+@dataclass(frozen=True)
+class Previous:
+    """What a run directory holds for a requested config, and what bench does with it.
+
+    ``action``: ``reuse`` (a run that ended ok or diverged under the same config), ``run``
+    (nothing there yet) or ``rerun`` (``reason`` says why). ``state``: ``absent``,
+    ``unreadable`` (no metrics.jsonl or no header in it), ``stale`` (another config), or the
+    run's outcome status (ok, diverged, failed, interrupted, incomplete)."""
+
+    action: str
+    state: str
+    reason: str = ""
+    outcome: Outcome | None = None
+    summary: dict[str, Any] | None = None
+
+
+def previous(cfg: TrainConfig) -> Previous:
+    """See :class:`Previous`; never raises on a damaged file (that run is rerun)."""
+    run_dir = Path(cfg.out)
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            return Previous("rerun", "unreadable", "the last attempt left no metrics.jsonl")
+        return Previous("run", "absent")
+    try:
+        scan = scan_metrics(path)
+    except OSError as e:
+        return Previous("rerun", "unreadable",
+                        f"its metrics.jsonl cannot be read ({e.strerror or e})")
+    header = next((r for r in scan.records if r.get("type") == "header"), None)
+    recorded = header.get("config") if header is not None else None
+    if not isinstance(recorded, dict):
+        return Previous("rerun", "unreadable", "its metrics.jsonl has no header record")
+    changes = config_changes(cfg.to_json(), recorded)
+    if changes:
+        more = f", +{len(changes) - 3} more" if len(changes) > 3 else ""
+        return Previous("rerun", "stale", f"the config changed ({', '.join(changes[:3])}{more})")
+    outcome = run_outcome(scan.records)
+    summary = next((r for r in reversed(scan.records) if r.get("type") == "summary"), None)
+    if outcome.status in ("ok", "diverged"):
+        return Previous("reuse", outcome.status, "", outcome, summary)
+    return Previous("rerun", outcome.status, f"the last attempt {_past(outcome)}", outcome,
+                    summary)
+
+
+def _past(outcome: Outcome) -> str:
+    if outcome.status == "failed":
+        cause = outcome.cause()
+        return "failed" + (f" ({cause})" if cause else "")
+    if outcome.status == "interrupted":
+        return "was interrupted"
+    return "is incomplete" + (f" ({outcome.error})" if outcome.error else
+                              " (no summary record)")
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """True when the run directory holds a run that ended ok under this very config (its
+    numbers can be used); a diverged run is reused by the bench but is not ``finished``."""
+    prev = previous(cfg)
+    return prev.action == "reuse" and prev.outcome is not None and prev.outcome.status == "ok"
+
+
+def _clear(run_dir: Path, out: Path) -> None:
+    """Remove a previous attempt before rerunning, so no old file is mixed in; only ever a
+    directory strictly inside the bench's output folder, and never one a live run holds
+    (the launcher then refuses the run, and the bench records that as a failure)."""
+    try:
+        inside = run_dir.resolve().is_relative_to(out.resolve()) and \
+            run_dir.resolve() != out.resolve()
+    except OSError:
+        inside = False
+    if inside and run_dir.exists() and holder(run_dir) is None:
+        shutil.rmtree(run_dir)
+
+
+# -- running ----------------------------------------------------------------------------------
 
 @dataclass
 class BenchResult:
-    ran: int = 0
-    skipped: int = 0
+    ran: int = 0  # runs that ended (ok or diverged) in this bench
+    skipped: int = 0  # reused from an earlier bench
     failed: list[tuple[str, str]] = field(default_factory=list)
+    diverged: list[tuple[str, int | None]] = field(default_factory=list)
+    rerun: list[tuple[str, str]] = field(default_factory=list)  # (run, why not reused)
+
+
+def _name(cfg: TrainConfig) -> str:
+    return f"{cfg.label} {cfg.task} x{cfg.workers} seed {cfg.seed}"
 
 
 def run_bench(configs: list[TrainConfig], out: Path, *, progress: bool = True,
               echo: Callable[[str], None] = print) -> BenchResult:
-    """Run every config not finished yet, one after another; failures are recorded."""
+    """Run every config not reusable yet, one after another; outcomes go to bench.jsonl."""
     from tqdm import tqdm
 
     result = BenchResult()
     todo = []
     for cfg in configs:
-        if finished(cfg):
+        prev = previous(cfg)
+        if prev.action == "reuse":
             result.skipped += 1
-        else:
-            todo.append(cfg)
+            continue
+        if prev.action == "rerun":
+            result.rerun.append((_name(cfg), prev.reason))
+        todo.append(cfg)
     if result.skipped:
-        echo(f"bench: {result.skipped} of {len(configs)} runs already finished, skipping them")
+        echo(f"bench: {result.skipped} of {len(configs)} runs already finished under the same "
+             "config, reusing them")
+    for name, reason in result.rerun:
+        echo(f"bench: rerunning {name}: {reason}")
     # weight runs by steps x workers so the time estimate follows the work, not the count
     weights = [c.steps * c.workers for c in todo]
     bar = tqdm(total=sum(weights), disable=not progress, unit="work", dynamic_ncols=True,
@@ -305,20 +459,26 @@ def run_bench(configs: list[TrainConfig], out: Path, *, progress: bool = True,
     log = (out / "bench.jsonl").open("a", encoding="utf-8")
     try:
         for i, (cfg, weight) in enumerate(zip(todo, weights, strict=True)):
-            name = f"{cfg.label} {cfg.task} x{cfg.workers} seed {cfg.seed}"
+            name = _name(cfg)
             bar.set_description(f"[{i + 1}/{len(todo)}] {name}")
+            _clear(Path(cfg.out), out)
             start = time.time()
             launched = launch(cfg, quiet=True)
             record = {"run": cfg.out, "label": cfg.label, "task": cfg.task,
                       "workers": cfg.workers, "seed": cfg.seed,
-                      "seconds": time.time() - start,
-                      "status": "ok" if launched.returncode == 0 else "failed"}
-            if launched.returncode:
-                record["error"] = launched.message
-                result.failed.append((name, launched.message))
-                bar.write(f"bench: {name} failed: {launched.message}")
-            else:
+                      "seconds": time.time() - start}
+            record.update(_launch_outcome(cfg, launched.returncode, launched.message))
+            if record["status"] == "diverged":
                 result.ran += 1
+                result.diverged.append((name, record.get("diverged_step")))
+                step = record.get("diverged_step")
+                bar.write(f"bench: {name} diverged "
+                          f"{'(step unknown)' if step is None else f'at step {step}'}")
+            elif record["status"] == "ok":
+                result.ran += 1
+            elif record["status"] == "failed":
+                result.failed.append((name, record["error"]))
+                bar.write(f"bench: {name} failed: {record['error']}")
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(weight)
@@ -330,25 +490,68 @@ def run_bench(configs: list[TrainConfig], out: Path, *, progress: bool = True,
     return result
 
 
+def _launch_outcome(cfg: TrainConfig, returncode: int, message: str) -> dict[str, Any]:
+    """status (ok, diverged, failed, interrupted) and its details for bench.jsonl: the run's
+    own summary record when it has one, else the launcher's exit status and message."""
+    try:
+        outcome = run_outcome(scan_metrics(Path(cfg.out) / "metrics.jsonl").records)
+    except OSError:
+        outcome = Outcome("incomplete")
+    if returncode == 130 or outcome.status == "interrupted":
+        return {"status": "interrupted"}
+    if outcome.status == "diverged":
+        return {"status": "diverged", "diverged_step": outcome.diverged_step}
+    if returncode == 0 and outcome.status == "ok":
+        return {"status": "ok"}
+    error = message or outcome.cause() or (
+        f"exit status {returncode}, {outcome.describe()}")
+    return {"status": "failed", "error": error}
+
+
+# -- the table --------------------------------------------------------------------------------
+
+def _cell(value: float | None, spec: str, width: int) -> str:
+    return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
 def summary_table(configs: list[TrainConfig]) -> str:
-    """Final metrics per (task, workers, label), mean over the finished seeds."""
-    groups: dict[tuple, list[dict]] = {}
+    """Final metrics per (task, workers, label), the mean over the seeds that ended ok under
+    the requested config; diverged seeds are never averaged but named in the last column
+    ("seed 2 diverged at step 40"), as are the runs that failed or did not end."""
+    groups: dict[tuple, dict[str, list]] = {}
     for cfg in configs:
-        if finished(cfg):
-            summary = read_metrics(Path(cfg.out) / "metrics.jsonl")[-1]
-            groups.setdefault((cfg.task, cfg.workers, cfg.label), []).append(summary)
+        g = groups.setdefault((cfg.task, cfg.workers, cfg.label),
+                              {"ok": [], "diverged": [], "other": []})
+        prev = previous(cfg)
+        if prev.action == "reuse" and prev.state == "ok":
+            g["ok"].append(prev.summary or {})
+        elif prev.action == "reuse":  # diverged
+            g["diverged"].append((cfg.seed, prev.outcome.diverged_step))
+        else:
+            g["other"].append({"absent": "not run", "stale": "run with another config",
+                               "unreadable": "failed"}.get(prev.state, prev.state))
     lines = [f"{'task':<12} {'workers':>7} {'label':<16} {'seeds':>5} {'eval_loss':>10} "
-             f"{'eval_acc':>8} {'time_s':>7} {'MB/worker':>9}"]
-    for (task, workers, label), runs in groups.items():
-        acc = _mean(runs, "eval_acc")
-        mb = _mean(runs, "comm_bytes_mean") or _mean(runs, "comm_bytes") or 0.0
+             f"{'eval_acc':>8} {'time_s':>7} {'MB/worker':>9}  note"]
+    for (task, workers, label), g in groups.items():
+        runs = g["ok"]
+        mb = _mean(runs, "comm_bytes_mean")
+        if mb is None:
+            mb = _mean(runs, "comm_bytes")
+        notes = [f"seed {seed} diverged " + ("(step unknown)" if step is None
+                                            else f"at step {step}")
+                 for seed, step in g["diverged"]]
+        notes += [f"{n} {what}" for what, n in Counter(g["other"]).items()]
         lines.append(f"{task:<12} {workers:>7} {label:<16} {len(runs):>5} "
-                     f"{_mean(runs, 'eval_loss'):>10.4g} "
-                     f"{'-' if acc is None else f'{acc:.4f}':>8} "
-                     f"{_mean(runs, 'time_s'):>7.1f} {mb / 1e6:>9.2f}")
+                     f"{_cell(_mean(runs, 'eval_loss'), '.4g', 10)} "
+                     f"{_cell(_mean(runs, 'eval_acc'), '.4f', 8)} "
+                     f"{_cell(_mean(runs, 'time_s'), '.1f', 7)} "
+                     f"{_cell(None if mb is None else mb / 1e6, '.2f', 9)}  "
+                     f"{'; '.join(notes)}".rstrip())
     return "\n".join(lines)
 
 
 def _mean(records: list[dict], key: str) -> float | None:
-    values = [r[key] for r in records if r.get(key) is not None]
+    values = [r[key] for r in records
+              if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool)
+              and math.isfinite(r[key])]
     return sum(values) / len(values) if values else None

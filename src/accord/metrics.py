@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +95,140 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# -- reading runs back: shared by ``accord bench`` (reuse, its table) and ``accord report`` --
+
+#: the summary's ``status``; a file without a summary record is "incomplete"
+STATUSES = ("ok", "diverged", "failed", "interrupted")
+
+
+@dataclass
+class MetricsScan:
+    """A tolerant read of ``metrics.jsonl``: the JSON object lines, and what was not one."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    lines: int = 0  # non-blank lines
+    malformed: list[int] = field(default_factory=list)  # line numbers: not a JSON object
+
+    @property
+    def readable(self) -> bool:
+        """True when at least one line is a JSON object (random bytes are not)."""
+        return bool(self.records)
+
+
+def scan_metrics(path: str | Path) -> MetricsScan:
+    """Every line of ``path`` that is a JSON object, in order, plus the numbers of the
+    lines that are not (torn, binary). Undecodable bytes never raise; OSError does."""
+    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    scan = MetricsScan()
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        scan.lines += 1
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            scan.records.append(record)
+        else:
+            scan.malformed.append(number)
+    return scan
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _bad_values(record: dict[str, Any]) -> bool:
+    """A consensus-model evaluation or the consensus distance present but not finite (null
+    or NaN/Inf). A null training ``loss`` alone is not divergence: one rank's non-finite
+    loss makes the mean null while the non-finite guard keeps the run healthy."""
+    return any(not _finite_number(v) for k, v in record.items()
+               if k == "consensus_distance" or k.startswith("eval_"))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, from its records (see :func:`run_outcome`)."""
+
+    status: str  # one of STATUSES, or "incomplete" (no summary record)
+    diverged_step: int | None = None
+    failed_rank: int | None = None
+    error: str | None = None
+    consequences: tuple[tuple[Any, str], ...] = ()  # (rank, error) secondary failures
+    inferred: bool = False  # diverged inferred from values in a file marked "ok"
+    reason: str | None = None  # diverged_reason
+    failed_step: int | None = None
+
+    def describe(self, width: int = 300) -> str:
+        """One line: "ok", "diverged at step 40", "failed: rank 1: ... (then rank 0: ...)"."""
+        if self.status == "diverged":
+            where = f"at step {self.diverged_step}" if self.diverged_step is not None \
+                else "(step unknown)"
+            return f"diverged {where}"
+        if self.status == "ok":
+            return "ok"
+        text = self.status
+        cause = self.cause()
+        if cause:
+            text += f": {cause}"
+        elif self.status == "incomplete":
+            text += ": no summary record (killed, or still running)"
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    def cause(self) -> str:
+        """failed_rank and error, then the secondary failures briefly ('' if none)."""
+        text = ""
+        if self.error:
+            where = f"rank {self.failed_rank}" if self.failed_rank is not None else ""
+            if self.failed_step is not None:
+                where += (" " if where else "") + f"at step {self.failed_step}"
+            text = (f"{where}: " if where else "") + self.error
+        if self.consequences:
+            rank, error = self.consequences[0]
+            more = len(self.consequences) - 1
+            text += f" (then rank {rank}: {error}" + (f"; +{more} more" if more else "") + ")"
+        return text
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _line(value: Any) -> str | None:
+    return (str(value).splitlines() or [""])[0] if value not in (None, "") else None
+
+
+def run_outcome(records: list[dict[str, Any]]) -> Outcome:
+    """The outcome of a run from its records: the last summary record's ``status`` with its
+    details (``diverged_step``, ``diverged_reason``; ``failed_rank``, ``failed_step``,
+    ``error``, ``consequences``). No summary: "incomplete"; an unknown status too.
+
+    Files written before the "diverged" status existed mark a diverged run "ok" with null
+    values; a run marked "ok" whose step records or summary hold a null or non-finite
+    ``eval_*`` or ``consensus_distance`` (what makes a run diverged today) is reported as
+    diverged at the first such step (``inferred``)."""
+    summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
+    if summary is None:
+        return Outcome("incomplete")
+    status = summary.get("status")
+    status = status if status in STATUSES else "incomplete"
+    error = _line(summary.get("error"))
+    if status == "incomplete":
+        error = error or f"unknown summary status {summary.get('status')!r}"
+    consequences = tuple((item.get("rank"), _line(item.get("error")) or "?")
+                         for item in summary.get("consequences") or []
+                         if isinstance(item, dict))
+    step = _int_or_none(summary.get("diverged_step"))
+    inferred = False
+    if status == "ok":
+        bad = next((r for r in records if r.get("type") == "step" and _bad_values(r)), None)
+        if bad is not None or _bad_values(summary):
+            status, inferred = "diverged", True
+            step = _int_or_none(bad.get("step")) if bad is not None else None
+    return Outcome(status, step, _int_or_none(summary.get("failed_rank")), error,
+                   consequences, inferred, _line(summary.get("diverged_reason")),
+                   _int_or_none(summary.get("failed_step")))

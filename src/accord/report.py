@@ -4,13 +4,32 @@
 
 **Runs.** Every directory under ``RUNS_DIR`` (recursively) holding a ``metrics.jsonl`` is a
 run (a directory holding only ``logs/rank*.error`` is a run that failed before rank 0 wrote
-its header). A run is *finished* when its last summary record has ``status: ok``, *failed*
-when it has ``status: failed`` and *incomplete* when it has no summary (killed, or still
-running). Only finished runs enter the numbers and figures; failed and incomplete ones are
-listed in their own section with their error: the earliest ``logs/rank*.error`` (the root
-cause; the other ranks usually only report a closed connection), else the summary's
-``error``. A line that is not a JSON object is skipped with a warning, as is a step record
-without an integer ``step``.
+its header). A run's status is its last summary record's ``status``:
+
+* ``ok`` -- *finished*; only finished runs enter the numbers, tables, figures, CSV files
+  and targets;
+* ``diverged`` -- non-finite parameters or evaluation metrics (``diverged_step``, and
+  ``diverged_reason`` when given, say where and why). Never averaged into anything (not
+  into one metric and out of another: out of all of them); each section names its
+  diverged runs in one line, and the section "Diverged runs" lists them with the step
+  and the reason. A file written before this status existed marks such a run ``ok``
+  with null values; a run marked ``ok`` with a null or non-finite ``eval_*`` or
+  ``consensus_distance`` in a step record (or ``eval_*`` in its summary) is taken as
+  diverged at the first such step, and the table says it was inferred (a null training
+  ``loss`` alone is not divergence: the non-finite guard handles one rank's NaN);
+* ``failed``, ``interrupted`` and *incomplete* (no summary: killed, or still running) and
+  *unreadable* -- listed in "Failed, interrupted and incomplete runs" with their cause:
+  the summary's ``failed_rank`` and ``error`` and briefly its ``consequences`` (the
+  secondary failures) when the summary has them; else the earliest ``logs/rank*.error``
+  (the root cause; the other ranks usually only report a closed connection), else the
+  summary's ``error``.
+
+**Reading.** ``event`` records are normal (injected faults, excluded gradients): counted,
+never warned about. Each problem of a file is one warning line for that file, however
+many lines it affects: malformed (non-JSON) lines, step records without an integer
+``step``, records of an unknown type. A file in which no line is a JSON record (binary,
+random bytes) or that cannot be read is one warning and an *unreadable* run; when no run
+under ``RUNS_DIR`` can be read at all, the report is an error (exit status 2).
 
 **Grouping.** A group is (task, workers, label), where label is ``config.label`` of the
 header or else the algorithm; the runs of a group are its repetitions, one per seed
@@ -55,8 +74,8 @@ default target is drawn as a dashed line on the test-metric panels.
 * ``report.md`` -- environment (accord, torch and Python versions, CPU count, host names,
   git revisions, as recorded in the runs' headers; the run start dates and the report's
   date), then per section: the groups' settings, the final-metrics table, the
-  communication and time-to-target table and the figures; then failed and incomplete runs
-  and the warnings;
+  communication and time-to-target table and the figures; then diverged runs, failed,
+  interrupted and incomplete runs, and the warnings;
 * ``figures/<task>_w<workers>_{step,time,mb}.png``;
 * ``points.csv`` -- every plotted point of every finished seed: task, workers, label,
   seed, run, step, time_s, mb_sent, loss and the evaluation columns;
@@ -65,7 +84,7 @@ default target is drawn as a dashed line on the test-metric panels.
 
 From Python: ``write_report(runs_dir, out_dir=None, target_acc=None, target_loss=None,
 figures=True, warn=None)`` returns the path of ``report.md`` and raises
-:class:`ReportError` (one line) when ``RUNS_DIR`` does not exist or holds no run;
+:class:`ReportError` (one line) when ``RUNS_DIR`` does not exist or holds no readable run;
 ``add_parser(subparsers)`` and ``run(args)`` are the ``accord report`` command. Figures
 need matplotlib (the ``plots`` extra, imported only when drawing); without it the report
 is written without figures.
@@ -87,6 +106,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .metrics import Outcome, run_outcome, scan_metrics
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +158,28 @@ class Run:
     steps: list[dict[str, Any]] = field(default_factory=list)  # step records, in file order
     summary: dict[str, Any] | None = None
     first_error: str | None = None  # the earliest logs/rank*.error
+    outcome: Outcome = field(default_factory=lambda: Outcome("incomplete"))
+    events: int = 0  # event records (normal: faults, excluded gradients)
+    unreadable: str | None = None  # why metrics.jsonl could not be read at all
 
     @property
     def status(self) -> str:
-        if self.summary is not None and self.summary.get("status") == "ok":
+        """ok, diverged, failed, interrupted, incomplete or unreadable."""
+        status = self.outcome.status
+        if status == "ok":
             return "ok" if self.header is not None else "unreadable"
-        if (self.summary is not None and self.summary.get("status") == "failed") or \
-                self.first_error:
+        if status in ("diverged", "failed", "interrupted"):
+            return status
+        if self.first_error:
             return "failed"
-        return "incomplete"
+        return "unreadable" if self.unreadable else "incomplete"
+
+    @property
+    def readable(self) -> bool:
+        """Something of the run could be read: a record of its metrics.jsonl or an error
+        report in logs/."""
+        return self.header is not None or self.summary is not None or bool(self.steps) \
+            or self.first_error is not None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -179,12 +213,21 @@ class Run:
 
     @property
     def error(self) -> str:
+        """The cause of a run that did not end ok, in one line (see the module docstring)."""
+        outcome = self.outcome
+        if self.status == "diverged":
+            return outcome.describe() + (" (inferred from null values)" if outcome.inferred
+                                         else "")
+        if self.status == "interrupted":
+            return outcome.cause() or "interrupted (SIGINT or SIGTERM)"
+        if outcome.consequences and outcome.error:  # the summary names the root cause
+            return outcome.cause()
         if self.first_error:
             return self.first_error
-        if self.summary is not None and self.summary.get("error"):
-            rank = self.summary.get("failed_rank")
-            prefix = f"rank {rank}: " if rank is not None else ""
-            return prefix + str(self.summary["error"])
+        if outcome.error:
+            return outcome.cause()
+        if self.unreadable:
+            return f"metrics.jsonl: {self.unreadable}"
         if self.header is None:
             return "no header record"
         return "no summary record (killed, or still running)"
@@ -211,27 +254,41 @@ def _first_error(run_dir: Path) -> str | None:
     return min(found)[1] if found else None
 
 
+def _lines(numbers: list[int], shown: int = 5) -> str:
+    text = ", ".join(str(n) for n in numbers[:shown])
+    more = len(numbers) - shown
+    return f"line{'s' * (len(numbers) != 1)} {text}" + (f" and {more} more" if more > 0 else "")
+
+
 def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
+    """Read one run; at most one warning per kind of problem in its metrics.jsonl (event
+    records are normal and never warned about)."""
     run = Run(path=run_dir, name=_relative(run_dir, root))
     run.first_error = _first_error(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return run
+    where = f"{run.name}/metrics.jsonl"
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        scan = scan_metrics(path)
     except OSError as e:
-        warn(f"{run.name}/metrics.jsonl: cannot read ({e.strerror or e}); skipped")
+        run.unreadable = f"cannot be read ({e.strerror or e})"
+        warn(f"{where}: {run.unreadable}; skipped")
         return run
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{run.name}/metrics.jsonl:{number}"
-        try:
-            record = json.loads(line)
-        except ValueError:
-            warn(f"{where}: malformed JSON line skipped")
-            continue
-        kind = record.get("type") if isinstance(record, dict) else None
+    if scan.lines and not scan.readable:
+        run.unreadable = (f"not a metrics file (none of its {scan.lines} "
+                          f"line{'s' * (scan.lines != 1)} is a JSON record)")
+        warn(f"{where}: {run.unreadable}; skipped")
+        return run
+    if scan.malformed:
+        n = len(scan.malformed)
+        warn(f"{where}: {n} malformed JSON line{'s' * (n != 1)} skipped "
+             f"({_lines(scan.malformed)})")
+    bad_steps: list[int] = []
+    unknown: Counter[str] = Counter()
+    records = []
+    for record in scan.records:
+        kind = record.get("type")
         if kind == "header":
             run.header = record
         elif kind == "step":
@@ -239,11 +296,24 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
             if isinstance(step, int) and not isinstance(step, bool):
                 run.steps.append(record)
             else:
-                warn(f"{where}: step record without an integer 'step' skipped")
+                bad_steps.append(step)
+                continue
         elif kind == "summary":
             run.summary = record
+        elif kind == "event":
+            run.events += 1
         else:
-            warn(f"{where}: not a header, step or summary record; skipped")
+            unknown[str(kind)] += 1
+            continue
+        records.append(record)
+    if bad_steps:
+        n = len(bad_steps)
+        warn(f"{where}: {n} step record{'s' * (n != 1)} without an integer 'step' skipped")
+    if unknown:
+        n = sum(unknown.values())
+        kinds = ", ".join(repr(k) for k in sorted(unknown)[:5])
+        warn(f"{where}: {n} record{'s' * (n != 1)} of unknown type skipped ({kinds})")
+    run.outcome = run_outcome(records)
     return run
 
 
@@ -577,16 +647,41 @@ def _target_table(section: Section) -> list[str]:
                    f"time vs {BASELINE}"], rows)
 
 
+def _who(r: Run) -> list[str]:
+    return [_md(r.label) if r.header else "-", _md(r.task) if r.header else "-",
+            str(r.workers) if r.header else "-", str(r.seed) if r.header else "-"]
+
+
 def _problems_table(problems: list[Run]) -> list[str]:
     rows = []
     for r in problems:
         last = r.steps[-1]["step"] if r.steps else "-"
         error = r.error if len(r.error) <= 300 else r.error[:297] + "..."
-        rows.append([f"`{_md(r.name)}`", r.status,
-                     _md(r.label) if r.header else "-", _md(r.task) if r.header else "-",
-                     str(r.workers) if r.header else "-", str(r.seed) if r.header else "-",
-                     str(last), _md(error)])
-    return _table(["run", "status", "label", "task", "workers", "seed", "last step", "error"],
+        rows.append([f"`{_md(r.name)}`", r.status, *_who(r), str(last), _md(error)])
+    return _table(["run", "status", "label", "task", "workers", "seed", "last step",
+                   "cause"], rows, numeric=False)
+
+
+def _left_out(section: Section, diverged: list[Run]) -> list[str]:
+    """A line naming the section's diverged runs, which its numbers leave out."""
+    mine = [r for r in diverged if (r.task, r.workers) == (section.task, section.workers)]
+    if not mine:
+        return []
+    names = ", ".join(f"{_md(r.label)} seed {r.seed} (diverged at step {_diverged_step(r)})"
+                      for r in mine)
+    return [f"Not in these numbers: {names}; see Diverged runs.", ""]
+
+
+def _diverged_step(r: Run) -> str:
+    step = r.outcome.diverged_step
+    return "unknown" if step is None else str(step)
+
+
+def _diverged_table(diverged: list[Run]) -> list[str]:
+    rows = [[f"`{_md(r.name)}`", *_who(r), _diverged_step(r),
+             "inferred: null evaluation values in a file marked ok" if r.outcome.inferred
+             else _md(r.outcome.reason or "-")] for r in diverged]
+    return _table(["run", "label", "task", "workers", "seed", "diverged at step", "reason"],
                   rows, numeric=False)
 
 
@@ -612,6 +707,11 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     runs = [load_run(d, root, note) for d in find_runs(root)]
     if not runs:
         raise ReportError(f"no runs (no metrics.jsonl) under {str(root)!r}")
+    if not any(r.readable for r in runs):
+        raise ReportError(f"no readable run under {str(root)!r}: {len(runs)} run "
+                          f"director{'ies' if len(runs) != 1 else 'y'} and none holds a "
+                          f"metrics record (first: {runs[0].name}: "
+                          f"{runs[0].error})")
     out = Path(out_dir) if out_dir is not None else root
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -621,7 +721,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
         raise ReportError(f"cannot write to {str(out)!r} ({e.strerror or e})") from None
 
     finished = [r for r in runs if r.status == "ok"]
-    problems = [r for r in runs if r.status != "ok"]
+    diverged = [r for r in runs if r.status == "diverged"]
+    problems = [r for r in runs if r.status not in ("ok", "diverged")]
     sections = build_sections(finished, target_acc, target_loss, note)
     labels = sorted({g.label for s in sections for g in s.groups})
     styles = {label: (PALETTE[i % len(PALETTE)], LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
@@ -644,8 +745,11 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     counts = Counter(r.status for r in runs)
     lines = [f"# accord report: {_md(root.resolve().name or root)}", "",
              f"{len(runs)} runs under `{_md(root)}`: {counts['ok']} finished, "
-             f"{counts['failed']} failed, {counts['incomplete'] + counts['unreadable']} "
-             "incomplete or unreadable. Only finished runs enter the numbers; groups are "
+             f"{counts['diverged']} diverged, {counts['failed']} failed, "
+             f"{counts['interrupted']} interrupted, "
+             f"{counts['incomplete'] + counts['unreadable']} incomplete or unreadable. "
+             "Only finished runs (status ok) enter the numbers, tables and figures; "
+             "diverged runs are listed apart with the step they diverged at. Groups are "
              "(task, workers, label) and their seeds are the repetitions. Final metrics are "
              "mean ± sample std over seeds. Files: `points.csv` (every plotted point), "
              "`summary.csv` (these tables at full precision).", "", "## Environment", "",
@@ -657,7 +761,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                   else f"none ({_md(section.target_rule)})")
         lines += [f"## {_md(section.title)}", "",
                   f"Test metric: `{section.metric}` ({'higher' if section.higher else 'lower'} "
-                  f"is better). Target: {target}.", "", "### Groups", "",
+                  f"is better). Target: {target}.", "",
+                  *_left_out(section, diverged), "### Groups", "",
                   *_settings_table(section), "",
                   "### Final metrics (mean ± std over seeds)", "", *_final_table(section), "",
                   "### Communication and time to target", "",
@@ -671,8 +776,13 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                       for (_, xlabel), name in zip(X_AXES, drawn[section.slug], strict=True)]
     if not sections:
         lines += ["No finished run.", ""]
+    if diverged:
+        lines += ["## Diverged runs", "",
+                  "Non-finite parameters or evaluation metrics: not averaged into any "
+                  "number, table or figure above.", "", *_diverged_table(diverged), ""]
     if problems:
-        lines += ["## Failed and incomplete runs", "", *_problems_table(problems), ""]
+        lines += ["## Failed, interrupted and incomplete runs", "",
+                  *_problems_table(problems), ""]
     if collected:
         shown = collected[:50]
         lines += ["## Warnings", "", *[f"- {_md(w)}" for w in shown]]
