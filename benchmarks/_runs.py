@@ -8,20 +8,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from accord import bench, rundir  # noqa: E402
 from accord.config import TrainConfig, validate  # noqa: E402
 from accord.launch import launch  # noqa: E402
 from accord.metrics import read_metrics  # noqa: E402
 
 
 def run(cfg: TrainConfig, label: str, resume: bool = True) -> list[dict] | None:
-    """Run ``cfg`` (skipped if its directory already holds a finished run) and return the
-    records of metrics.jsonl, or None if it failed (the reason is printed)."""
+    """Run ``cfg`` (skipped if its directory already holds a run that ended ok under the same
+    config) and return the records of metrics.jsonl, or None if it failed (the reason is
+    printed)."""
     path = Path(cfg.out) / "metrics.jsonl"
-    if resume and path.exists():
-        records = read_metrics(path)
-        if records and records[-1].get("status") == "ok":
-            return records
+    if resume and bench.finished(cfg):  # ended ok under this very config
+        return read_metrics(path)
     validate(cfg)
+    rundir.clear(cfg.out)  # a failed attempt or another config: start clean
     start = time.time()
     result = launch(cfg, quiet=True)
     if result.returncode:

@@ -275,7 +275,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print()
     print(bench.summary_table(configs))
     groups = sorted({Path(c.out).parents[3] for c in configs})
-    print(f"\n{result.ran} runs done, {result.skipped} reused, {len(result.failed)} failed"
+    print(f"\n{result.ran} runs done ({len(result.diverged)} diverged), {result.skipped} "
+          f"reused, {len(result.failed)} failed"
           f" (log: {out / 'bench.jsonl'})")
     for g in groups:
         print(f"report: accord report {g}")
@@ -293,9 +294,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad command-line syntax is one line too (argparse prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog=PROG, description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     p = sub.add_parser("list", help="list algorithms with a one-line description")
     p.add_argument("-v", "--verbose", action="store_true", help="also list hyperparameters")

@@ -187,9 +187,9 @@ MAX_SEED = 2**63 - 1  # seeds go to torch.manual_seed / numpy SeedSequence as in
 MAX_LR = 1e6
 MAX_WEIGHT_DECAY = 1e6
 MAX_ACCUM_STEPS = 1024  # micro-batches per optimizer step
-# The process-group timeout also bounds the group's setup, where workers that started
-# seconds apart meet: at 1 s two workers on a busy 2-core machine fail there.
-MIN_TIMEOUT_S = 10.0
+# A started collective's timeout; workers meet first in the job's store, bounded by the
+# idle timeout (see accord.train), so a slow start does not need a long timeout.
+MIN_TIMEOUT_S = 1.0
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # one week
 
 
@@ -270,7 +270,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
             return
         if path and isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if not isinstance(value, str) or not value or "\n" in value:
+        if not isinstance(value, str) or not value.strip() or "\n" in value:
             what = "a directory path" if path else "a non-empty name on one line"
             fail(name, value, what + (" or None" if optional else ""),
                  kind=ConfigTypeError if not isinstance(value, str) else ConfigError)

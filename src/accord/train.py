@@ -147,6 +147,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
         # a caller that already joined a process group (a test world) keeps it
         owns_group = not dist.is_initialized()
         if owns_group:
+            _arrive(cfg, world)
             dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
         heartbeat = Heartbeat(logs, rank)
         heartbeat.beat(0, "start")
@@ -171,6 +172,21 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
             writer.close()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _arrive(cfg: TrainConfig, world: int) -> None:
+    """Wait, bounded by ``idle_timeout``, until every worker has started, in the store of
+    the local launcher or of torchrun's agent: workers that start seconds apart (a busy
+    machine, a slow import) are idle, not failed, and the process group's setup that
+    follows, bounded by ``timeout``, then finds every peer there."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return  # rank 0 hosts the store inside init_process_group: nothing to meet in yet
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timedelta(seconds=cfg.idle_timeout))
+    key = f"accord/arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if store.add(key, 1) == world:
+        store.set(f"{key}/all", "1")
+    store.wait([f"{key}/all"])
 
 
 def _report(exc: BaseException, cfg: TrainConfig, rank: int, world: int, logs: Path,
