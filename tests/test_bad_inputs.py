@@ -104,6 +104,9 @@ CLI_CASES = [
     ("nccl-too-few-gpus", ["--backend", "nccl", "--workers", "2"], "backend: got 'nccl'",
      "at most one worker per GPU (1 here)"),
     ("backend-mpi", ["--backend", "mpi"], "backend: got 'mpi'", "gloo, nccl"),
+    ("device-cuda-no-gpu", ["--device", "cuda"], "device: got 'cuda'",
+     "is_available() is False"),
+    ("device-tpu", ["--device", "tpu"], "device: got 'tpu'", "auto, cpu, cuda"),
     ("linreg-batch-400GB", ["--task", "linreg", "--batch-size", "100000000"],
      "batch_size: got 100000000", "<= 16384 (task 'linreg': 64 MB"),
     ("digits-batch", ["--batch-size", "1438"], "batch_size: got 1438", "<= 1437"),
@@ -163,7 +166,7 @@ CLI_CASES = [
                          ids=[c[0] for c in CLI_CASES])
 def test_bad_cli_input_is_one_line_before_any_worker(tmp_path, capsys, monkeypatch, no_launch,
                                                      data, args, start, needle):
-    if "--backend" in args and "nccl" in args:
+    if ("--backend" in args and "nccl" in args) or "cuda" in args:
         gpus = 0 if "--workers" not in args else 1
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)

@@ -47,7 +47,7 @@ def test_bench_resumes_without_rerunning(tiny_bench, capsys):
     before = {p: p.stat().st_mtime_ns for p in _runs(out)}
     lines = len((out / "bench.jsonl").read_text().splitlines())
     assert cli.main([*ARGS, "--out", str(out)]) == 0
-    assert "0 runs done, 2 reused" in capsys.readouterr().out
+    assert "0 runs done (0 diverged), 2 reused" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in _runs(out)} == before
     assert len((out / "bench.jsonl").read_text().splitlines()) == lines
 

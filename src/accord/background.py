@@ -68,6 +68,11 @@ dynamic weighting but gives no formula we could verify) keeps the ordinary jitte
 slow-but-alive worker (s below half_life: weight above one half) nearly unpenalised and
 cuts a failed one fast: at 2 half-lives its raw weight is 1/16, at 3 half-lives 1/512.
 
+Devices. The runner works on host copies over gloo, whatever the model's device: a
+deposit is copied to (pinned) host memory, round results stay there, and the algorithm
+moves what it uses back to the parameters' device. A GPU model therefore pays one
+device-to-host copy per deposit and one host-to-device copy per result it uses.
+
 Memory. The engine holds two model-size buffers (the deposit and the round's snapshot)
 plus what the algorithm keeps per round through ``on_round``: results nobody collects
 are never stored (asynchronous EASGD keeps none; WAGMA keeps one or two model-size
@@ -213,7 +218,7 @@ def group_round(
         comm = _SelfComm()
     finite = bool(torch.isfinite(deposit).all())
     mine = torch.tensor([float(version), float(progress), float(finite), float(global_rank)],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=deposit.device)
     meta = comm.all_gather(mine, kind="meta")
     meta = meta[meta[:, 3].argsort()]
     weights, staleness = weighting(meta, round_index)
@@ -232,15 +237,15 @@ def group_round(
                        own_deposit=deposit, own_version=version, own_weight=own_weight)
 
 
-def subgroups(groups: Sequence[Sequence[int]], timeout: timedelta) -> dict[tuple[int, ...],
-                                                                          dist.ProcessGroup]:
-    """A gloo process group for every distinct group (collective: every rank must pass the
-    same list). Groups of one rank get no process group."""
+def subgroups(groups: Sequence[Sequence[int]], timeout: timedelta,
+              backend: str | None = None) -> dict[tuple[int, ...], dist.ProcessGroup]:
+    """A process group for every distinct group (collective: every rank must pass the same
+    list), on ``backend`` (default: the world's). Groups of one rank get none."""
     out: dict[tuple[int, ...], dist.ProcessGroup] = {}
     for g in sorted({tuple(sorted(g)) for g in groups}):
         if len(g) < 2:
             continue
-        out[g] = dist.new_group(list(g), timeout=timeout, backend="gloo")
+        out[g] = dist.new_group(list(g), timeout=timeout, backend=backend)
     return out
 
 
@@ -307,7 +312,9 @@ class ExchangeEngine:
         self.weighting = weighting
         self.on_round = on_round
         self.timeout = float(timeout)
-        self.pgs = subgroups(all_groups, timedelta(seconds=timeout))
+        # the runner's collectives are gloo on host copies: a thread of its own cannot share
+        # a GPU stream safely, and gloo is what can wait for a peer without a kernel
+        self.pgs = subgroups(all_groups, timedelta(seconds=timeout), backend="gloo")
         self.comms = {g: Communicator(pg, stats) for g, pg in self.pgs.items()}
         self._idle_pg = dist.new_group(list(range(self.world_size)),
                                        timeout=timedelta(seconds=idle_timeout), backend="gloo")
@@ -315,8 +322,11 @@ class ExchangeEngine:
         self._inbox, self._outbox = _engine_store(next(_engine_ids))
         self._send_lock = threading.Lock()
         self.lock = threading.Condition()
-        # the first deposit exists before the threads start: a peer's round 0 may come at once
-        self._deposit = initial.detach().clone()
+        # the first deposit exists before the threads start: a peer's round 0 may come at once;
+        # deposits live in host memory (pinned for a GPU model), results come back there too
+        self._deposit = initial.detach().to("cpu", copy=True)
+        if initial.is_cuda:
+            self._deposit = self._deposit.pin_memory()
         self._version = 0
         self._fresh = False  # a deposit of fresh progress since the runner's last snapshot
         self._healthy = True  # health of the steps since the last deposit (initial: fresh)
@@ -347,11 +357,12 @@ class ExchangeEngine:
     def deposit(self, x: torch.Tensor, version: int, healthy: bool | None = None) -> None:
         """Offer ``x`` (copied) as this rank's contribution from now on. ``healthy``: the
         health of the steps since the previous deposit (default: what :meth:`note` saw)."""
+        staged = x.detach().to("cpu")  # the same tensor on the CPU; a copy from a GPU
         with self.lock:
             healthy = self._healthy if healthy is None else healthy
-            if healthy and not torch.equal(x, self._deposit):
+            if healthy and not torch.equal(staged, self._deposit):
                 self._fresh = True
-            self._deposit.copy_(x)
+            self._deposit.copy_(staged)
             self._version = version
             self._healthy = False
 

@@ -322,11 +322,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """``device`` and ``backend`` as the run uses them (``auto`` resolved on this machine; a
+    record from before they existed ran on the CPU with gloo)."""
+    out = dict(config)
+    probe = TrainConfig(device=out.get("device", "cpu"), backend=out.get("backend", "gloo"))
+    out["device"], out["backend"] = probe.resolved_device(), probe.resolved_backend()
+    return out
+
+
 def config_changes(requested: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
     """The fields (``hyperparameters.key`` inside dicts) whose recorded value differs from
     the requested one, as "field old -> new", fields of IGNORED_FIELDS left out. A field
     the record lacks (written by an older accord) counts as changed."""
-    requested = json.loads(json.dumps(requested))  # tuples -> lists, as in the file
+    requested = _resolved(json.loads(json.dumps(requested)))  # tuples -> lists, as in the file
+    recorded = _resolved(recorded)
     changes = []
     for key in sorted(set(requested) | set(recorded)):
         if key in IGNORED_FIELDS:

@@ -49,7 +49,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
                    help="seconds a worker may wait for another worker's compute (a slow "
                         "rank, rank 0 evaluating); >= --timeout")
-    p.add_argument("--backend", default=d.backend, help="gloo (CPU) or nccl (GPU)")
+    p.add_argument("--backend", default=d.backend,
+                   help="auto (nccl on GPUs, gloo on the CPU), gloo or nccl")
+    p.add_argument("--device", default=d.device,
+                   help="auto (cuda when available), cpu or cuda: one process per GPU")
     p.add_argument("--data-dir", default=None,
                    help="directory of the task's data files (default: the task's own)")
     p.add_argument("--label", default=None,
@@ -81,7 +84,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
         oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
         idle_timeout=args.idle_timeout,
-        backend=args.backend, data_dir=args.data_dir, progress=not args.no_progress,
+        backend=args.backend, device=args.device, data_dir=args.data_dir,
+        progress=not args.no_progress,
         label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault), nonfinite=args.nonfinite)
     if under_torchrun():

@@ -22,7 +22,8 @@ from .metrics import tensorboard_available
 from .tasks import get_task
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
-BACKENDS = ("gloo", "nccl")
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("exclude", "skip", "off")
 
 
@@ -48,7 +49,8 @@ class TrainConfig:
     log_every: int = 10
     timeout: float = 60.0  # process-group timeout in seconds: a started collective
     idle_timeout: float = 1800.0  # seconds a worker may wait for another's compute
-    backend: str = "gloo"
+    backend: str = "auto"  # auto: nccl on CUDA devices, gloo on the CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
     data_dir: str | None = None  # where a task looks for its data files (task default if None)
     progress: bool = True
     label: str | None = None  # name of this variant in reports (default: the algorithm)
@@ -68,6 +70,20 @@ class TrainConfig:
         return self.batch_size if self.batch_size is not None else \
             get_task(self.task).default_batch_size
 
+    def resolved_device(self) -> str:
+        """``cpu`` or ``cuda`` (auto: cuda when this machine has it)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_backend(self) -> str:
+        """The process group's backend: nccl for CUDA tensors, gloo for CPU ones."""
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.resolved_device() == "cuda" else "gloo"
+
     def resolved_momentum(self) -> float:
         if self.momentum is not None:
             return self.momentum
@@ -83,7 +99,7 @@ class TrainConfig:
                 "--accum-steps", str(self.accum_steps), "--optimizer", self.optimizer,
                 "--weight-decay", repr(self.weight_decay), "--log-every", str(self.log_every),
                 "--timeout", repr(self.timeout), "--idle-timeout", repr(self.idle_timeout),
-                "--backend", self.backend,
+                "--backend", self.backend, "--device", self.device,
                 "--nonfinite", self.nonfinite]
         if self.lr is not None:
             argv += ["--lr", repr(self.lr)]
@@ -225,6 +241,7 @@ def _allowed(name: str, cfg: TrainConfig | None = None) -> str:
                     f"({MAX_TIMEOUT_S / 86400:g} days)"),
         "optimizer": ", ".join(OPTIMIZERS),
         "backend": ", ".join(BACKENDS),
+        "device": ", ".join(DEVICES),
         "nonfinite": ", ".join(NONFINITE),
         "oracle_lr": "true or false",
         "progress": "true or false",
@@ -333,6 +350,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     real("timeout", lambda x: MIN_TIMEOUT_S <= x <= MAX_TIMEOUT_S)
     real("idle_timeout", lambda x: cfg.timeout <= x <= MAX_TIMEOUT_S)
     choice("backend", BACKENDS)
+    choice("device", DEVICES)
     text("data_dir", optional=True, path=True)
     flag("progress")
     text("label", optional=True)
@@ -360,8 +378,10 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
                               f"{MIN_TIMEOUT_S:g} and <= {MAX_TIMEOUT_S:g}")
     need(not cfg.tensorboard or tensorboard_available(), "tensorboard", cfg.tensorboard,
          "only with the tensorboard package installed (pip install tensorboard)")
-    if cfg.backend == "nccl":
+    if cfg.device == "cuda" or cfg.backend == "nccl":
         _check_gpus(cfg)
+    need(not (cfg.resolved_backend() == "nccl" and cfg.resolved_device() == "cpu"),
+         "backend", cfg.backend, "gloo or auto with --device cpu (nccl needs CUDA tensors)")
     if cfg.oracle_lr:
         need(task.has_oracle_lr, "oracle_lr", cfg.oracle_lr,
              "only with a task that has an oracle step size (linreg)")
@@ -385,15 +405,17 @@ def _check_gpus(cfg: TrainConfig) -> None:
     after every worker has started and waited on the others."""
     import torch
 
+    field, value = ("device", cfg.device) if cfg.device == "cuda" else ("backend", "nccl")
     if not torch.cuda.is_available():
-        raise ConfigError("backend: got 'nccl', allowed: gloo (nccl needs CUDA GPUs and "
+        other = "auto or cpu" if field == "device" else "auto or gloo"
+        raise ConfigError(f"{field}: got {value!r}, allowed: {other} (no CUDA device: "
                           "torch.cuda.is_available() is False here)")
     gpus = torch.cuda.device_count()
     torchrun = _under_torchrun()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.workers)) if torchrun else cfg.workers
     if local > gpus:
-        raise ConfigError(f"backend: got 'nccl' for {local} local workers, allowed: gloo, or "
-                          f"nccl with at most one worker per GPU ({gpus} here)")
+        raise ConfigError(f"{field}: got {value!r} for {local} local workers, allowed: at "
+                          f"most one worker per GPU ({gpus} here), or the CPU")
 
 
 def _check_writable(out: str) -> None:

@@ -58,7 +58,7 @@ from .config import ConfigError, TrainConfig
 from .core import Aggregator, StepContext
 from .failures import Heartbeat, attribute, is_consequence, wait_for_reports
 from .metrics import MetricsWriter, run_environment
-from .tasks import get_task
+from .tasks import get_task, to_device
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,14 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
     try:
         # a caller that already joined a process group (a test world) keeps it
         owns_group = not dist.is_initialized()
+        device = torch.device(cfg.resolved_device())
+        if device.type == "cuda":  # one process per GPU, as torchrun's LOCAL_RANK says
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
         if owns_group:
             _arrive(cfg, world)
-            dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
+            dist.init_process_group(cfg.resolved_backend(),
+                                    timeout=timedelta(seconds=cfg.timeout))
         heartbeat = Heartbeat(logs, rank)
         heartbeat.beat(0, "start")
         if rank == 0:
@@ -157,7 +162,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
             writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
                           "hyperparameters": cfg.hyperparameters, "world_size": world,
                           **run_environment()})
-        summary = _train(cfg, rank, world, writer, heartbeat)
+        summary = _train(cfg, rank, world, writer, heartbeat, device)
         heartbeat.beat(cfg.steps, "done")
         return summary
     except BaseException as exc:
@@ -233,9 +238,9 @@ def _interrupt_on_sigterm():
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None,
-           heartbeat: Heartbeat):
-    task = get_task(cfg.task)(cfg.seed, cfg.data_dir)
-    model = task.build_model()
+           heartbeat: Heartbeat, device: torch.device):
+    task = get_task(cfg.task)(cfg.seed, cfg.data_dir).to(device)
+    model = task.build_model().to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     hp = dict(cfg.hyperparameters)
     spec = algorithms.get(cfg.algo).hyperparameters
@@ -273,10 +278,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
             if frozen:
                 injector.freeze_snapshot(step, state)
             optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros(())
+            loss_sum = torch.zeros((), device=device)
             compute_start = time.perf_counter()
             for _ in range(cfg.accum_steps):
-                loss = task.loss(model, next(stream))
+                loss = task.loss(model, to_device(next(stream), device))
                 (loss / cfg.accum_steps).backward()
                 loss_sum += loss.detach()
             injector.after_compute(step, time.perf_counter() - compute_start)
@@ -299,8 +304,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 injector.restore(step, state)
             train_end = time.perf_counter()  # before the record's collectives wait for others
 
-            value = float(ctx.loss)
-            running = value if running is None else 0.9 * running + 0.1 * value
+            # the running loss stays on the device; it is read at records only
+            running = ctx.loss.clone() if running is None else running.lerp_(ctx.loss, 0.1)
             if bar is not None:
                 bar.update(1)
             steps_done = step + 1
@@ -337,7 +342,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                                 "diverged_reason": reason or "non-finite on another rank"}
                     break
                 if bar is not None:
-                    bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+                    bar.set_postfix(loss=f"{float(running):.4g}", refresh=False)
         elapsed = time.perf_counter() - start
         if idle is not None:  # fast workers of an asynchronous run wait for the slow ones
             dist.barrier(group=idle)
@@ -345,10 +350,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         # rank 0's bytes are not every worker's (a broadcast counts on the sender only)
         stats = agg.comm.stats
         mean_bytes = loop_comm.all_reduce_(torch.tensor([float(stats.bytes)],
-                                                        dtype=torch.float64), op="avg")
+                                                        dtype=torch.float64, device=device),
+                                           op="avg")
         # each worker's own wall time: asynchronous algorithms let fast workers finish first
         worker_times = loop_comm.all_gather(torch.tensor([train_end - start],
-                                                         dtype=torch.float64))
+                                                         dtype=torch.float64, device=device))
         summary = None
         if writer is not None:
             summary = {"type": "summary", "status": "ok" if diverged is None else "diverged",
@@ -382,7 +388,7 @@ def _agree(flag: bool, group) -> bool:
     """Whether any rank raised ``flag`` (a MAX allreduce on ``group``, also a barrier)."""
     if group is None:
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)])  # host: the idle group is gloo, on the CPU
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t[0] > 0)
 
@@ -404,7 +410,7 @@ def _guard(mode: str, params, comm: Communicator, injector: faults.Injector, ste
             injector.events.append({"step": step, "rank": rank, "kind": "nonfinite_grad",
                                     "action": "excluded"})
         return True, not bad
-    flag = comm.all_reduce_(torch.tensor([float(bad)]), op="max")
+    flag = comm.all_reduce_(torch.tensor([float(bad)], device=params[0].device), op="max")
     if bool(flag[0] > 0):
         if bad:
             injector.events.append({"step": step, "rank": rank, "kind": "nonfinite_grad",

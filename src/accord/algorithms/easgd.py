@@ -169,8 +169,9 @@ class ElasticAveraging(ModelAggregator):
         Keeps nothing for the compute thread (it reads the centre the round started from)."""
         with self._centre_lock:
             self._round_centre.copy_(self.centre)
-            if result.mean is not None:
-                self.centre.add_(result.mean - self.centre, alpha=self.beta)
+            if result.mean is not None:  # the round's mean is in host memory
+                self.centre.add_(result.mean.to(self.centre.device) - self.centre,
+                                 alpha=self.beta)
             self._last = result.light()
         return None
 

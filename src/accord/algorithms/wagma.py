@@ -140,11 +140,12 @@ def mix(x: torch.Tensor, result: RoundResult, self_weight: str) -> None:
     """In place: x <- the round's mix of x (see the module docstring)."""
     if result.mean is None:
         return  # every contribution weighed 0: keep the local model
+    mean = result.mean.to(x.device)  # a wait-avoiding round's result is in host memory
     if self_weight == "reference":
         s = len(result.ranks)
-        x.mul_(1.0 / (s + 1)).add_(result.mean, alpha=s / (s + 1))
+        x.mul_(1.0 / (s + 1)).add_(mean, alpha=s / (s + 1))
     else:
-        x.sub_(result.own_deposit).mul_(result.own_weight).add_(result.mean)
+        x.sub_(result.own_deposit.to(x.device)).mul_(result.own_weight).add_(mean)
 
 
 @register

@@ -34,6 +34,9 @@ class Task:
     #: the error message of a larger --batch-size
     max_batch_size: ClassVar[int | None] = None
     max_batch_note: ClassVar[str] = ""
+    #: attributes holding the evaluation data, moved by :meth:`to` (training batches are
+    #: moved by the loop, one at a time)
+    eval_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, seed: int, data_dir: str | None = None) -> None:
         self.seed = seed
@@ -44,6 +47,12 @@ class Task:
         """Raise ValueError (one line: what is missing or broken and how to get it) if the
         task's data cannot be found or its content cannot be trained on. Called before any
         worker starts."""
+
+    def to(self, device: torch.device | str) -> Task:
+        """Move the evaluation data to ``device`` (the model's); returns the task."""
+        for name in self.eval_tensors:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
     def build_model(self) -> nn.Module:
         """The initial model, identical on every rank for a given seed."""
@@ -66,6 +75,15 @@ class Task:
 
     def oracle_lr(self, model: nn.Module) -> float:
         raise ValueError(f"task {self.name!r} has no oracle step size")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, or a tuple or list of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple | list):
+        return type(batch)(to_device(b, device) for b in batch)
+    return batch
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int, rank: int) -> Iterator[torch.Tensor]:

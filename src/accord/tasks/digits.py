@@ -34,6 +34,7 @@ def _load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 @register_task
 class Digits(ClassificationTask):
     name = "digits"
+    eval_tensors = ("x_test", "y_test")
     description = "MLP 64-128-10 on sklearn load_digits, 20% held-out test split"
     has_accuracy = True
     default_lr = 0.1

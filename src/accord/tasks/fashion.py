@@ -227,6 +227,7 @@ class _CNN(nn.Module):
 @register_task
 class FashionMNIST(ClassificationTask):
     name = "fashion"
+    eval_tensors = ("x_test", "y_test")
     description = ("CNN (2 conv + linear, 9k params) on Fashion-MNIST from disk, official "
                    "split, fixed 2,000-image test subset")
     has_accuracy = True

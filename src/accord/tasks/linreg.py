@@ -37,6 +37,7 @@ class _Linear(nn.Module):
 @register_task
 class LinReg(Task):
     name = "linreg"
+    eval_tensors = ("eval_x",)
     description = "AdaCons toy: 0.5 (w.x)^2, dimension 1000, w0 ~ U[-5, 5], x ~ U[0, 1]"
     has_accuracy = False
     has_oracle_lr = True

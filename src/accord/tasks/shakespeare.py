@@ -216,6 +216,7 @@ class CharTransformer(nn.Module):
 @register_task
 class Shakespeare(Task):
     name = "shakespeare"
+    eval_tensors = ("eval_x", "eval_y")
     description = ("char-level transformer (2 layers, d 64, context 64) on 37 Shakespeare "
                    "plays, last 10% of each play held out")
     has_accuracy = False
