@@ -416,7 +416,8 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _real(group, per_layer, rank):
     """A small MLP, identical start on every rank, own data per rank, a few SGD steps."""
     model = _model()
-    agg = accord.build("adasum", model.parameters(), group=group, per_layer=per_layer)
+    agg = accord.build("adasum", model.parameters(), group=group, per_layer=per_layer,
+                       broadcast=False)
     trace = {"local": [], "agg": [], "params": [], "metrics": []}
     for step in range(STEPS):
         model.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ def _trace(rank, world, configs):
             for p in model.parameters():
                 p.add_(opts.get("spread", 0.1) * torch.randn(p.shape, generator=gen))
         opt = torch.optim.SGD(model.parameters(), lr=lr)
-        agg = accord.build(algo, model.parameters(), **hp)
+        agg = accord.build(algo, model.parameters(), broadcast=False, **hp)
         stream = task.train_stream(rank, BATCH)
         push = algo == "gossip" and hp.get("variant") == "push_sum"
         tr = {k: [] for k in ("pre", "grad", "mixed", "post_opt", "after", "metrics", "x",

@@ -76,7 +76,7 @@ def _trace(rank, world, extra_configs):
     # consensus probe on a local_sgd run between syncs
     model = task.build_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    agg = accord.build("local_sgd", model.parameters(), period=100)
+    agg = accord.build("local_sgd", model.parameters(), period=100, broadcast=False)
     stream = task.train_stream(rank, BATCH)
     for step in range(2):
         opt.zero_grad()
@@ -285,7 +285,8 @@ def _grawa_zero_gradient(rank, world):
         params = [torch.nn.Parameter(v.clone()) for v in values]
         for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else (torch.zeros_like(g) if zero_all else g.clone())
-        agg = accord.build("grawa", params, period=1, pull=0.5, per_layer=per_layer)
+        agg = accord.build("grawa", params, period=1, pull=0.5, per_layer=per_layer,
+                           broadcast=False)
         agg.after_backward(accord.StepContext(step=0))
         agg.after_step(accord.StepContext(step=0))
         out[name] = {"before": torch.cat([v.reshape(-1) for v in values]),

@@ -42,7 +42,7 @@ def _train_trace(rank, world):
         algo = variant.split("_")[0]
         model = task.build_model()
         opt = torch.optim.SGD(model.parameters(), lr=LR)
-        agg = accord.build(algo, model.parameters(), **hp)
+        agg = accord.build(algo, model.parameters(), broadcast=False, **hp)
         stream = task.train_stream(rank, BATCH)
         trace = {"local": [], "agg": [], "params": [], "momentum": []}
         for step in range(STEPS):

@@ -7,6 +7,12 @@ Public API::
     agg.after_backward(accord.StepContext(step=step, loss=loss.detach()))
     opt.step()
     agg.after_step(ctx)
+
+or, the same two hooks inside an optimizer::
+
+    opt = accord.wrap(torch.optim.AdamW(model.parameters()), "acga", momentum=0.99)
+    ...
+    opt.step(loss=loss.detach())
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from __future__ import annotations
 from .algorithms import REGISTRY, build, list_algorithms
 from .comm import CommStats, Communicator, FlatBuffer
 from .core import Aggregator, Hyper, StepContext, due
+from .wrap import AggregatedOptimizer, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",
+    "AggregatedOptimizer",
     "Aggregator",
     "CommStats",
     "Communicator",
@@ -28,4 +36,5 @@ __all__ = [
     "build",
     "due",
     "list_algorithms",
+    "wrap",
 ]

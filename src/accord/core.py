@@ -208,6 +208,13 @@ class Aggregator:
     constructor validates keyword hyperparameters against that declaration and exposes
     them as ``self.hp`` (a dict). ``group=None`` means the default process group, so a
     user's own ``torchrun`` script can use an aggregator directly.
+
+    ``broadcast=True`` (the default) makes the replicas start identical, as
+    ``DistributedDataParallel`` does: the constructor copies every given parameter
+    (frozen ones too) and floating-point buffer from the group's rank 0, one flat buffer
+    per dtype and device, through ``self.comm`` (counted as ``initial_broadcast``; nothing
+    in a group of one). ``broadcast=False`` keeps each rank's own values (replicas that
+    are meant to differ, or a caller that already synchronised them).
     """
 
     name: ClassVar[str] = ""
@@ -222,10 +229,13 @@ class Aggregator:
         *,
         group: dist.ProcessGroup | None = None,
         buffers: Iterable[torch.Tensor] | None = None,
+        broadcast: bool = True,
         **hyperparameters: Any,
     ) -> None:
+        if not isinstance(broadcast, bool):
+            raise TypeError(f"broadcast: got {broadcast!r}, allowed: True or False")
         self.hp = resolve_hyperparameters(self.name, self.hyperparameters, hyperparameters)
-        given = _tensors("params", params, "model.parameters()")
+        given = given_params = _tensors("params", params, "model.parameters()")
         self.params = [p for p in given if p.requires_grad]
         if not self.params:
             raise ValueError("params: got no tensors that require gradients; allowed: leaf "
@@ -256,6 +266,19 @@ class Aggregator:
         self.world_size = self.comm.world_size
         self.check(self.hp, self.world_size)
         self._closed = False
+        if broadcast and self.world_size > 1:
+            # before a subclass snapshots anything (EASGD's centre, LSGD's leader copy), so
+            # every snapshot starts from rank 0's model too
+            by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+            for t in [*given_params, *self.buffers]:
+                by_kind.setdefault((t.dtype, t.device), []).append(t)
+            with torch.no_grad():
+                for tensors in by_kind.values():
+                    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+                    self.comm.broadcast_(flat, src=0, kind="initial_broadcast")
+                    for t, v in zip(tensors, flat.split([t.numel() for t in tensors]),
+                                    strict=True):
+                        t.copy_(v.view_as(t))
 
     @classmethod
     def check(cls, hp: Mapping[str, Any], world_size: int) -> None:
