@@ -72,6 +72,13 @@ class CommStats:
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of sums that must not round at a narrow parameter precision (dots, norms,
+    running means, push-sum weights, an outer model): float64 for float64 tensors, float32
+    for every narrower float (float32, bfloat16, float16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -188,6 +195,10 @@ class Communicator:
 
 class FlatBuffer:
     """One preallocated contiguous buffer mirroring a list of tensors of one dtype/device.
+
+    The buffer lives on the tensors' device and has their dtype; ``split`` and the
+    ``store_*`` methods also accept a buffer of another (wider) dtype with the same
+    layout, which ``copy_`` rounds into the tensors.
 
     ``load_grads`` / ``load_values`` copy the tensors in, ``store_grads`` /
     ``store_values`` copy back; ``split`` gives the per-tensor views of a buffer.

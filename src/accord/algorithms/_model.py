@@ -5,6 +5,11 @@ floating-point buffer passed as ``buffers=`` (BatchNorm statistics). Buffers fol
 the rule the algorithm applies to parameters, so a BatchNorm layer's statistics stay
 consistent with its weights. Optimizer state (momentum, Adam moments) is never
 communicated: it stays local to each worker, as in the reference implementations.
+
+The flat state buffer lives on the parameters' device, in their dtype; an algorithm that
+accumulates across steps (an outer model, push-sum numerators, running losses) keeps its
+own copy in :func:`accord.comm.accumulation_dtype` (fp32, float64 for float64 models) on
+that device, and ``store_state`` rounds it into the model.
 """
 
 from __future__ import annotations

@@ -57,7 +57,11 @@ Decisions where the sources are silent or disagree (all options):
   tuned for averaging do not transfer. ``none`` (default, as the paper) leaves d as is;
   ``mean_norm`` multiplies d by mean_i ||g_i||; ``avg_norm`` by ||mean_i g_i||. Both are
   available without extra communication.
-* Dots and norms are computed in fp32 whatever the parameter dtype.
+* Dots and norms are computed in fp32 whatever the parameter dtype (float64 for float64
+  parameters' observables).
+* No host sync on any step: coefficients, momentum and guard counts stay tensors on the
+  parameters' device. ``metrics()`` computes the observables when it is called, from the
+  coefficients kept from the step and the two flat buffers, which still hold d and s.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ from typing import Any
 
 import torch
 
-from ..comm import FlatBuffer
+from ..comm import FlatBuffer, accumulation_dtype
 from ..core import Aggregator, Hyper, StepContext
 from . import register
 
@@ -214,7 +218,7 @@ class ACGA(Aggregator):
         self.layers = len(self.params) if self.hp["per_layer"] else 1
         self.momentum: torch.Tensor | None = None
         self.guard_hits: torch.Tensor | int = 0
-        self._observed: dict[str, torch.Tensor] = {}
+        self._coefficients: torch.Tensor | None = None  # c of the last step, (L, N)
 
     def _segments(self, buf: torch.Tensor) -> list[torch.Tensor]:
         return [v.reshape(-1) for v in self.flat.split(buf)] if self.hp["per_layer"] else [buf]
@@ -259,25 +263,24 @@ class ACGA(Aggregator):
                 scale = all_norms[l].mean() if mode == "mean_norm" else tot.float().norm() / n
                 seg.mul_(scale)
         self.flat.store_grads(local)
+        self._coefficients = c  # metrics() reads it back when it is called
 
-        d, s = local.float(), self.total.float()
-        d_norm, s_norm = d.norm(), s.norm()
-        # tensors only: metrics() reads them back when it is called
-        self._observed = {
-            "coef_min": c.min(),
-            "coef_max": c.max(),
-            "grad_norm": d_norm,
-            "cos_mean": torch.dot(d, s) / (d_norm * s_norm + 1e-30),
-        }
-
+    @torch.no_grad()
     def metrics(self) -> dict[str, float]:
         """Coefficient range, norm of the written gradient, its cosine with the mean
-        gradient (last step), and the number of coefficient rows that fell back to 1/N."""
-        if not self._observed:
+        gradient (last step), and the number of coefficient rows that fell back to 1/N.
+        Computed here, at log steps: the flat buffers still hold the last d and s."""
+        c = self._coefficients
+        if c is None:
             return {}
-        out = {k: float(v) for k, v in self._observed.items()}
-        out["guard_hits"] = float(self.guard_hits)
-        return out
+        d, s = self.flat.buffer, self.total
+        acc = accumulation_dtype(d.dtype)
+        d_norm = torch.linalg.vector_norm(d, dtype=acc)
+        s_norm = torch.linalg.vector_norm(s, dtype=acc)
+        dot = torch.dot(d.to(acc), s.to(acc))
+        return {"coef_min": float(c.min()), "coef_max": float(c.max()),
+                "grad_norm": float(d_norm), "cos_mean": float(dot / (d_norm * s_norm + 1e-30)),
+                "guard_hits": float(self.guard_hits)}
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

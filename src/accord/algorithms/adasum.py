@@ -64,6 +64,9 @@ Decisions where the sources are silent or where accord differs from Horovod:
   dtype. For fp32 this means a coefficient must fit fp32: two partners whose gradient
   norms differ by a factor beyond about 1e38 overflow. Float64 pieces whose squared norm
   underflows float64 (every element below about 1e-154) count as zero pieces.
+* No host sync on any step: the coefficients stay tensors on the gradients' device, and
+  ``metrics()`` computes their range and the result's norm (the flat buffer still holds
+  it) when it is called.
 * No hyperparameter beyond ``per_layer`` and no state. The result's scale lies between
   the mean (agreeing workers) and the sum (orthogonal workers) of the gradients, so a
   learning rate tuned for averaging may be too large while gradients are nearly
@@ -283,8 +286,9 @@ class AdaSum(Aggregator):
         self.segments = list(self.flat.sizes) if self.hp["per_layer"] else None
         self._sizes = _check_segments(self.flat.numel, self.segments)
         self.power = largest_power_of_two(self.world_size)
-        self._grad_norm: torch.Tensor | None = None
-        self._coef_range: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._stepped = False
+        # per combination of the last step: (c_a, c_b, pieces non-zero on both sides)
+        self._coefs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @torch.no_grad()
     def _fold_in(self, buf: torch.Tensor, mine_first: bool) -> None:
@@ -294,17 +298,13 @@ class AdaSum(Aggregator):
         c_a, c_b = _coefficients(dot, na, nb)
         _combine(a, b, c_a, c_b, self._sizes, buf)
         # pieces that are zero on either side say nothing about agreement
-        both = (na > 0) & (nb > 0)
-        inf = torch.full_like(c_a, float("inf"))
-        lo = torch.minimum(torch.where(both, c_a, inf), torch.where(both, c_b, inf)).min()
-        hi = torch.maximum(torch.where(both, c_a, -inf), torch.where(both, c_b, -inf)).max()
-        self._coef_range.append((lo, hi))
+        self._coefs.append((c_a, c_b, (na > 0) & (nb > 0)))
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
         buf = self.flat.load_grads()
         rank, n, p = self.rank, self.world_size, self.power
-        self._coef_range = []
+        self._coefs = []
         if rank >= p:
             self.comm.send(buf, rank - p)
             self.comm.recv_(buf, rank - p)
@@ -322,19 +322,28 @@ class AdaSum(Aggregator):
             if has_extra:
                 self.comm.send(buf, rank + p)
         self.flat.store_grads(buf)
-        self._grad_norm = torch.linalg.vector_norm(buf, dtype=_compute_dtype(buf.dtype))
+        self._stepped = True
 
+    @torch.no_grad()
     def metrics(self) -> dict[str, float]:
         """``grad_norm`` of the combined gradient; ``coef_min`` / ``coef_max``: range of the
         pair coefficients this rank computed in the step (0.5 for agreeing pieces, 1 for
         orthogonal ones, above 1 for opposed ones); absent on ranks that combined nothing
         (ranks >= P, N = 1) or only pieces that were zero on one side."""
-        if self._grad_norm is None:
+        if not self._stepped:
             return {}
-        out = {"grad_norm": float(self._grad_norm)}
-        if self._coef_range:
-            lo = float(torch.stack([r[0] for r in self._coef_range]).min())
-            hi = float(torch.stack([r[1] for r in self._coef_range]).max())
+        buf = self.flat.buffer  # the combined gradient of the last step
+        out = {"grad_norm": float(torch.linalg.vector_norm(buf,
+                                                           dtype=_compute_dtype(buf.dtype)))}
+        if self._coefs:
+            c_a = torch.cat([c[0] for c in self._coefs])
+            c_b = torch.cat([c[1] for c in self._coefs])
+            both = torch.cat([c[2] for c in self._coefs])
+            inf = torch.full_like(c_a, math.inf)
+            lo = float(torch.minimum(torch.where(both, c_a, inf),
+                                     torch.where(both, c_b, inf)).min())
+            hi = float(torch.maximum(torch.where(both, c_a, -inf),
+                                     torch.where(both, c_b, -inf)).max())
             if math.isfinite(lo):
                 out["coef_min"], out["coef_max"] = lo, hi
         return out

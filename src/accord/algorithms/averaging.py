@@ -10,9 +10,13 @@ ACGA's per-worker normalisation from its consensus weighting::
     d = (1/N) sum_i g_i / (||g_i|| + eps)
 
 It is ACGA with every coefficient fixed to 1/N. ``restore_scale=mean_norm`` multiplies d by
-mean_i ||g_i||, carried as one extra element of the same allreduce.
+mean_i ||g_i||, carried as one extra element of the same allreduce (in the gradient dtype:
+with bfloat16 gradients the scale is rounded to 8 bits, one rounding of d itself).
 
-Hook: ``after_backward``. Communication per step: one model-size allreduce.
+Hook: ``after_backward``. Communication per step: one model-size allreduce. No host sync:
+norms and scales stay tensors on the gradients' device (norms accumulated in fp32, float64
+for float64 gradients); ``metrics()`` takes the norm of the last aggregated gradient, which
+the flat buffer still holds, when it is called.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..comm import FlatBuffer
+from ..comm import FlatBuffer, accumulation_dtype
 from ..core import Aggregator, Hyper, StepContext
 from . import register
 
@@ -36,17 +40,20 @@ class GradientAveraging(Aggregator):
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.flat = FlatBuffer(self.params)
-        self._grad_norm = 0.0
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
         buf = self.flat.load_grads()
         self.comm.all_reduce_(buf, op="avg")
         self.flat.store_grads(buf)
-        self._grad_norm = float(buf.float().norm())
 
+    @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        return {"grad_norm": self._grad_norm}
+        """Norm of the last averaged gradient (the flat buffer holds it until the next step;
+        0 before the first)."""
+        buf = self.flat.buffer
+        return {"grad_norm": float(torch.linalg.vector_norm(
+            buf, dtype=accumulation_dtype(buf.dtype)))}
 
 
 @register
@@ -63,20 +70,23 @@ class NormalizedAveraging(Aggregator):
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.flat = FlatBuffer(self.params, extra=1)
-        self._grad_norm = 0.0
+        self.acc = accumulation_dtype(self.flat.buffer.dtype)
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
         buf = self.flat.load_grads()
         n = self.world_size
-        norm = float(buf[:-1].float().norm())
-        buf[:-1].mul_(1.0 / (n * (norm + self.hp["eps"])))
+        grads = buf[:-1]
+        norm = torch.linalg.vector_norm(grads, dtype=self.acc)  # a tensor: no host sync
+        grads.mul_((n * (norm + self.hp["eps"])).reciprocal())
         buf[-1] = norm / n
         self.comm.all_reduce_(buf)
         if self.hp["restore_scale"] == "mean_norm":
-            buf[:-1].mul_(float(buf[-1]))
+            grads.mul_(buf[-1])
         self.flat.store_grads(buf)
-        self._grad_norm = float(buf[:-1].float().norm())
 
+    @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        return {"grad_norm": self._grad_norm}
+        """Norm of the last aggregated gradient (0 before the first step)."""
+        return {"grad_norm": float(torch.linalg.vector_norm(self.flat.buffer[:-1],
+                                                            dtype=self.acc))}

@@ -17,6 +17,12 @@ optimizer state stays local, as in the paper. Float buffers are averaged plainly
 outer step (no outer optimizer on statistics). With ``outer_lr=1`` and
 ``outer_momentum=0`` this is local SGD with the same period. The paper's defaults:
 outer lr 0.7, outer Nesterov momentum 0.9, inner AdamW, period 500.
+
+Precision and host syncs: theta and v are kept in fp32 (float64 for float64 parameters),
+a master copy on the parameters' device, so outer steps much smaller than a bfloat16
+parameter's rounding step are not lost; the model receives theta rounded to its dtype.
+No step reads a value back to the host: ``outer_delta_norm`` stays a tensor until
+``metrics()``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..comm import accumulation_dtype
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -46,9 +53,10 @@ class DiLoCo(ModelAggregator):
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.n_params = sum(p.numel() for p in self.params)
-        self.theta = self.load_state().clone()
+        x = self.load_state()
+        self.theta = x.to(accumulation_dtype(x.dtype), copy=True)
         self.velocity = torch.zeros_like(self.theta[: self.n_params])
-        self._delta_norm = 0.0
+        self._delta_norm = self.theta.new_zeros(())
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
@@ -64,10 +72,11 @@ class DiLoCo(ModelAggregator):
         self.theta[:k].sub_(step, alpha=lr)
         self.theta[k:].copy_(mean[k:])
         self.store_state(self.theta)
-        self._delta_norm = float(delta.norm())
+        self._delta_norm = torch.linalg.vector_norm(delta)  # a tensor: no host sync
 
     def metrics(self) -> dict[str, float]:
-        return {"outer_delta_norm": self._delta_norm}
+        """Norm of the last outer pseudo-gradient (0 before the first outer step)."""
+        return {"outer_delta_norm": float(self._delta_norm)}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "theta": self.theta.clone(),

@@ -12,7 +12,8 @@ Update rule, every ``period`` steps (default every step), in ``after_backward``:
 the gradient applied after mixing, as in the WAGMA repository's D-PSGD baseline. On 3
 workers the ring is the full mean. Communication: the model to both neighbours and from
 both, one batch per step, blocking (a slow neighbour delays its neighbours, and through
-them everyone). Float buffers mix with the parameters; optimizer state stays local.
+them everyone). Float buffers mix with the parameters; optimizer state stays local. The
+mix is summed in fp32 (float64 for float64 parameters) and rounded once into the model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..comm import accumulation_dtype
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -47,6 +49,8 @@ class DPSGD(ModelAggregator):
         super().__init__(params, **kwargs)
         self.neighbours = ring_neighbours(self.rank, self.world_size)
         self.incoming = [self.flat.new_buffer() for _ in self.neighbours]
+        buf = self.flat.buffer
+        self.total = buf.new_zeros(buf.shape, dtype=accumulation_dtype(buf.dtype))
         self.exchanges = 0
 
     @torch.no_grad()
@@ -61,10 +65,10 @@ class DPSGD(ModelAggregator):
         # ascending rank order, so the three ranks of a 3-ring sum identically
         parts = sorted([(self.rank, x), *zip(self.neighbours, self.incoming, strict=True)],
                        key=lambda item: item[0])
-        total = torch.zeros_like(x)
+        total = self.total.zero_()
         for _, t in parts:
             total.add_(t)
-        self.store_state(total / len(parts))
+        self.store_state(total.div_(len(parts)))
         self.exchanges = len(self.neighbours)
 
     def metrics(self) -> dict[str, float]:

@@ -39,6 +39,14 @@ draws every rank's choice, so everybody knows who pulls from whom without commun
 model-size message per (puller, peer) pair, all of a step posted together; push-sum: k
 model-size (+1) messages sent and k received per mixing step. Float buffers mix with the
 parameters; optimizer state stays local.
+
+Precision and host syncs. Push-sum keeps the numerator and its weight in fp32 (float64 for
+float64 parameters): with bfloat16 or float16 parameters the weight would drift from 1
+(a third is not a bfloat16 number) and the numerator would lose the optimizer's small
+steps, so its messages are then twice the parameter bytes; the model holds z rounded to
+the parameters' dtype. No step reads a device value back to the host: the peer choices
+are drawn on the host from a CPU generator (metadata, identical on every rank), and the
+push-sum weight is read only by ``metrics()``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from typing import Any
 
 import torch
 
+from ..comm import accumulation_dtype
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -63,14 +72,17 @@ def random_pulls(world_size: int, p: float, seed: int, step: int) -> list[int | 
     if world_size < 2:
         return [None] * world_size
     gen = step_generator(seed, step)
-    coins = torch.rand(world_size, generator=gen)
-    picks = torch.randint(world_size - 1, (world_size,), generator=gen)
+    # peer choices are host metadata from a CPU generator shared by all ranks: they never
+    # touch the parameters' device, so reading them (through numpy) syncs nothing
+    coins = torch.rand(world_size, generator=gen).numpy().tolist()  # host: CPU generator
+    picks = torch.randint(world_size - 1, (world_size,),  # host: CPU generator
+                          generator=gen).numpy().tolist()
     out: list[int | None] = []
     for r in range(world_size):
-        if float(coins[r]) >= p:
+        if coins[r] >= p:
             out.append(None)
         else:
-            j = int(picks[r])
+            j = picks[r]
             out.append(j + 1 if j >= r else j)  # uniform over the others
     return out
 
@@ -111,15 +123,19 @@ class Gossip(ModelAggregator):
         self.peer_buf = self.flat.new_buffer()
         self.sent = self.received = 0
         if self.hp["variant"] == "push_sum":
-            # message = numerator then weight; z (the model) = x / w
-            self.x = torch.zeros(self.flat.numel + 1, dtype=self.flat.buffer.dtype,
-                                 device=self.flat.buffer.device)
-            self.x[:-1].copy_(self.load_state())
+            # message = numerator then weight, in fp32 at least; z (the model, in the
+            # parameters' dtype) = x / w
+            buf = self.flat.buffer
+            self.x = buf.new_zeros(self.flat.numel + 1, dtype=accumulation_dtype(buf.dtype))
+            self.z = self.load_state().clone()
+            self.x[:-1].copy_(self.z)
             self.x[-1] = 1.0
-            self.z = self.x[:-1].clone()
+            self.share = torch.empty_like(self.x)
+            self.incoming = [torch.empty_like(self.x) for _ in range(self.hp["peers"])]
 
     @property
     def weight(self) -> float:
+        """The push-sum weight (a host read: for ``metrics()``, not the step)."""
         return float(self.x[-1]) if self.hp["variant"] == "push_sum" else 1.0
 
     @torch.no_grad()
@@ -145,7 +161,8 @@ class Gossip(ModelAggregator):
         if self.hp["variant"] != "push_sum" or self.world_size == 1:
             return
         now = self.load_state()
-        self.x[:-1].add_(now - self.z)  # the optimizer's step, applied to the numerator
+        acc = self.x.dtype
+        self.x[:-1].add_(now.to(acc) - self.z.to(acc))  # the optimizer's step, on x
         if not due(ctx.step, self.hp["period"]):
             self.z.copy_(self.x[:-1] / self.x[-1])
             self.store_state(self.z)
@@ -153,8 +170,8 @@ class Gossip(ModelAggregator):
             return
         n = self.world_size
         offsets = exponential_peers(n, ctx.step // self.hp["period"], self.hp["peers"])
-        share = self.x / (len(offsets) + 1)
-        incoming = [torch.empty_like(self.x) for _ in offsets]
+        share = torch.div(self.x, len(offsets) + 1, out=self.share)
+        incoming = self.incoming[: len(offsets)]
         sends = [(share, (self.rank + off) % n) for off in offsets]
         recvs = [(buf, (self.rank - off) % n) for buf, off in zip(incoming, offsets,
                                                                    strict=True)]

@@ -32,8 +32,12 @@ Decisions where the paper summary is silent:
   vanishing but non-zero gradients.
 * Float buffers get the whole-model weight (per-layer mode: uniform weights, as they have
   no gradient).
-* Norms and weights are computed in float64; the weights are cast to the parameter dtype
-  for the weighted sum.
+* Norms and weights are computed in float64; the weights multiply the model as fp32
+  (float64 for float64 parameters) scalars, so with bfloat16 parameters they still sum
+  to one to fp32 precision (bfloat16 weights would scale the centre by up to 1 + N/256),
+  and each product is rounded once to the parameters' dtype.
+* No host sync on any step: norms, weights and their observables stay tensors on the
+  parameters' device until ``metrics()``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ..comm import accumulation_dtype
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -85,8 +90,7 @@ class GRAWA(ModelAggregator):
         self.norm_sum = torch.zeros(self.layers, dtype=torch.float64, device=device)
         self.norm_count = 0
         #: this rank's weight per layer (one entry in whole-model mode) at the last pull
-        self.weights = torch.full((self.layers,), float("nan"), dtype=torch.float64,
-                                  device=device)
+        self.weights = self.norm_sum.new_full((self.layers,), float("nan"))
         # per state tensor, the index of its multiplier in the vector built at each pull:
         # per-layer params their own weight, buffers (no gradient) the uniform weight in
         # the last slot; whole-model mode slot 0 for all
@@ -120,7 +124,7 @@ class GRAWA(ModelAggregator):
         weights = grawa_weights(self.comm.all_gather(norms))  # (N, L), same on every rank
         mine = weights[self.rank]
         mult = torch.cat([mine, mine.new_full((1,), 1.0 / self.world_size)])
-        mult = mult.to(self.centre.dtype)
+        mult = mult.to(accumulation_dtype(self.centre.dtype))
         x = self.load_state()
         self.centre.copy_(x)
         for v, slot in zip(self.flat.split(self.centre), self.slots, strict=True):

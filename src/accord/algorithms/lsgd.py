@@ -28,19 +28,25 @@ buffers follow the parameters' rule; optimizer state stays local.
 Hook: ``after_step``. Communication per local communication: all-gather of one float per
 worker and a model-size broadcast from the leader within the group; per global
 communication the same over the world.
+
+Device and host syncs: the last ``avg_size`` losses stay on the parameters' device, in a
+ring of fp32 (float64 for float64 parameters) that every step writes without reading
+anything back. The one host synchronisation is the leader choice at a communication
+step, because the broadcast needs its source rank as a host integer: one read per
+communication step (local and global leaders of a multi-leader step are read together),
+none at other steps. ``leader_loss`` stays a tensor until ``metrics()``.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..comm import Communicator
+from ..comm import Communicator, accumulation_dtype
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -48,8 +54,18 @@ from ._model import ModelAggregator
 
 def elect_leader(losses: torch.Tensor) -> int:
     """Index of the smallest running loss; NaN counts as +inf; ties go to the lowest index."""
+    return elect_leaders(losses, [range(losses.numel())])[0]
+
+
+def elect_leaders(losses: torch.Tensor, candidates: Sequence[range]) -> list[int]:
+    """For each range of consecutive indices, the index (within it) of its smallest running
+    loss; NaN counts as +inf, ties go to the lowest index. One host read for all ranges:
+    the leader is a broadcast source, which must be a host integer (the algorithm's one
+    host sync)."""
     clean = torch.where(torch.isnan(losses), torch.full_like(losses, math.inf), losses)
-    return int(torch.argmin(clean))  # argmin returns the first minimum
+    # argmin returns the first minimum
+    picks = torch.stack([torch.argmin(clean[r.start:r.stop]) for r in candidates])
+    return picks.tolist()
 
 
 def make_groups(world_size: int, group_size: int) -> list[list[int]]:
@@ -90,7 +106,12 @@ class LeaderSGD(ModelAggregator):
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         hp = self.hp
-        self.losses: deque[float] = deque(maxlen=hp["avg_size"] or hp["period"])
+        # the last `window` losses (non-finite ones as +inf), a ring on the parameters'
+        # device: recording a step's loss reads nothing back to the host
+        self.window = hp["avg_size"] or hp["period"]
+        self.loss_ring = self.flat.buffer.new_full(
+            (self.window,), math.inf, dtype=accumulation_dtype(self.flat.buffer.dtype))
+        self.recorded = 0  # losses recorded so far (the ring holds the last `window`)
         self.multi = 0 < hp["group_size"] < self.world_size
         self.global_period = hp["global_period"] or 4 * hp["period"]
         self.local_comm: Communicator | None = None
@@ -108,17 +129,35 @@ class LeaderSGD(ModelAggregator):
         self.have_global = False
         self.leader = -1
         self.global_leader = -1
-        self.leader_loss = math.nan
-
-    def _running_loss(self) -> float:
-        return sum(self.losses) / len(self.losses) if self.losses else math.inf
+        self._gathered: torch.Tensor | None = None  # running losses of the last election
 
     @torch.no_grad()
-    def _follow(self, comm: Communicator, members: list[int], losses: torch.Tensor,
+    def _record(self, loss: torch.Tensor | float | None) -> None:
+        slot = self._slot(self.recorded)
+        if loss is None:
+            slot.fill_(math.inf)
+        elif isinstance(loss, torch.Tensor):
+            slot.copy_(loss.detach().reshape(()))  # device to device: no host read
+            slot.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
+        else:
+            slot.fill_(loss if math.isfinite(loss) else math.inf)
+        self.recorded += 1
+
+    def _slot(self, i: int) -> torch.Tensor:
+        return self.loss_ring[i % self.window]
+
+    def _running_loss(self) -> torch.Tensor:
+        """Mean of the recorded losses in the window (+inf before any), a 0-dim tensor."""
+        count = min(self.recorded, self.window)
+        if count == 0:
+            return self.loss_ring.new_full((), math.inf)
+        return self.loss_ring[:count].sum() / count
+
+    @torch.no_grad()
+    def _follow(self, comm: Communicator, members: list[int], idx: int,
                 copy: torch.Tensor, pull: float) -> int:
-        """Elect the leader among ``members`` (ranks of ``self.comm``), broadcast its state
-        over ``comm`` into ``copy`` and pull toward it; returns the leader's rank."""
-        idx = elect_leader(losses[members])
+        """Broadcast the state of ``members[idx]`` (ranks of ``self.comm``, the elected
+        leader) over ``comm`` into ``copy`` and pull toward it; returns the leader's rank."""
         x = self.load_state()
         if comm.rank == idx:
             copy.copy_(x)
@@ -130,25 +169,29 @@ class LeaderSGD(ModelAggregator):
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
-        loss = float(ctx.loss) if ctx.loss is not None else math.inf
-        self.losses.append(loss if math.isfinite(loss) else math.inf)
+        self._record(ctx.loss)
         hp = self.hp
         if due(ctx.step, hp["period"]):
-            losses = self.comm.all_gather(torch.tensor([self._running_loss()],
-                                                       dtype=torch.float64)).reshape(-1)
+            losses = self.comm.all_gather(self._running_loss().reshape(1)).reshape(-1)
+            self._gathered = losses
+            members = self.group_ranks  # consecutive ranks
+            everyone = list(range(self.world_size))
+            global_due = self.multi and due(ctx.step, self.global_period)
+            ranges = [range(members[0], members[-1] + 1)]
+            if global_due:
+                ranges.append(range(self.world_size))
+            picks = elect_leaders(losses, ranges)  # the one host sync of this step
             if self.multi:
-                self.leader = self._follow(self.local_comm, self.group_ranks, losses,
+                self.leader = self._follow(self.local_comm, members, picks[0],
                                            self.leader_copy, hp["pull"])
-                if due(ctx.step, self.global_period):
-                    everyone = list(range(self.world_size))
-                    self.global_leader = self._follow(self.comm, everyone, losses,
+                if global_due:
+                    self.global_leader = self._follow(self.comm, everyone, picks[1],
                                                       self.global_copy, hp["global_pull"])
                     self.have_global = True
             else:
-                self.leader = self._follow(self.comm, self.group_ranks, losses,
+                self.leader = self._follow(self.comm, members, picks[0],
                                            self.leader_copy, hp["pull"])
                 self.global_leader = self.leader
-            self.leader_loss = float(losses[self.leader])
             self.have_leader = True
         self._proximal()
 
@@ -168,19 +211,31 @@ class LeaderSGD(ModelAggregator):
         self.store_state(x)
 
     def metrics(self) -> dict[str, float]:
+        """Leader ranks of the last communication (-1 before the first) and the leader's
+        running loss (NaN before the first)."""
+        loss = math.nan if self._gathered is None else float(self._gathered[self.leader])
         return {"leader": float(self.leader), "global_leader": float(self.global_leader),
-                "leader_loss": self.leader_loss}
+                "leader_loss": loss}
+
+    def recent_losses(self) -> list[float]:
+        """The recorded losses of the window, oldest first (a host read: not per step)."""
+        count = min(self.recorded, self.window)
+        order = [(self.recorded - count + i) % self.window for i in range(count)]
+        return self.loss_ring[order].tolist() if order else []
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "losses": list(self.losses),
+        return {**super().state_dict(), "losses": self.recent_losses(),
                 "leader_copy": self.leader_copy.clone(), "have_leader": self.have_leader,
                 "global_copy": None if self.global_copy is None else self.global_copy.clone(),
                 "have_global": self.have_global}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.losses.clear()
-        self.losses.extend(state["losses"])
+        losses = [float(v) for v in state["losses"]][-self.window:]
+        self.loss_ring.fill_(math.inf)
+        self.recorded = 0
+        for v in losses:
+            self._record(v)
         self.leader_copy.copy_(state["leader_copy"])
         self.have_leader = state["have_leader"]
         if self.global_copy is not None and state.get("global_copy") is not None:
