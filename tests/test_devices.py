@@ -73,14 +73,10 @@ SYNC_BUDGET: dict[str, tuple[int, ...]] = {
     # (a multi-leader step reads its local and global leaders together)
     "lsgd": (0, 1, 0),
     "lsgd_multi": (1, 1, 1),
-    # owned elsewhere (easgd.py, wagma.py, background.py); the numbers they have today:
-    # EASGD reads its distance to the centre at every exchange (and the asynchronous one
-    # compares the deposit with the previous one), the synchronous WAGMA round reads the
-    # gathered metadata back, the wait-avoiding one compares each deposit
-    "easgd": (0, 1, 0),
-    "easgd_async": (0, 2, 0),
+    # the background engine compares each deposit with the previous one, on its host copy
+    # (the deposit is staged to host memory for the engine's gloo groups anyway)
+    "easgd_async": (0, 1, 0),
     "wagma": (1, 1, 1),
-    "wagma_sync": (6, 0, 6),
 }
 
 
@@ -250,6 +246,9 @@ def drive(rank: int, world: int, labels: list[str], dtypes: list[str], steps: in
                             agg.after_step(ctx)
                         syncs.append(dict(counter.take()))
                         metrics.append(agg.metrics())  # a log step: not counted
+                        # every deposit is in before the next step's round (wait-avoiding
+                        # wagma is then deterministic; outside the counted windows)
+                        dist.barrier()
                     state = [(path, str(t.device), str(t.dtype), engine)
                              for path, t, engine in reachable_tensors(agg)]
                 finally:
@@ -321,8 +320,9 @@ def test_accumulators_are_wider_than_narrow_parameters(runs, label, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("label", list(CONFIGS))
+@pytest.mark.parametrize("label", [c for c in CONFIGS if c != "easgd_async"])
 def test_narrow_parameters_follow_the_float32_run(runs, label, dtype):
+    # (asynchronous EASGD is left out: which deposit its round takes depends on timing)
     # same initial model and data, rounded: a narrow run ends near the float32 one (a
     # weight that drifted, a scale rounded to nothing or an overflow would not)
     for per_rank in runs:

@@ -121,31 +121,61 @@ _engine_ids = itertools.count()
 
 @dataclass
 class RoundResult:
-    """What one round produced, identical on every member except ``own_*``."""
+    """What one round produced, identical on every member except ``own_*``.
+
+    The tensors stay where the round ran (the parameters' device inline, host memory on the
+    engine's runner); the list views (``ranks``, ``versions``, ...) read them back to the
+    host only when asked, for metrics and bookkeeping, never on the step path."""
 
     round: int
-    mean: torch.Tensor | None  # weighted mean of the deposits; None when every weight is 0
-    ranks: list[int]  # global ranks of the group, ascending
-    versions: list[int]  # deposit version (compute step) of each member's contribution
-    progress: list[int]  # round of each member's last fresh progress
-    staleness: list[float]  # steps since that progress, at this round
-    weights: list[float]  # weight of each member (sum 1 over the survivors)
-    finite: list[bool]
+    mean: torch.Tensor | None  # weighted sum of the deposits (0 when ``valid`` is False)
+    meta: torch.Tensor  # (S, 4): version, progress, finite, global rank; rank-ascending rows
+    weight: torch.Tensor  # (S,) float64: each member's weight (sum 1, or all 0)
+    stale: torch.Tensor  # (S,) float64: steps since each member's last fresh progress
+    valid: torch.Tensor  # 0-dim bool: some member has a nonzero weight
+    own_index: int
     own_deposit: torch.Tensor | None  # the deposit this rank contributed
     own_version: int
-    own_weight: float
+
+    @property
+    def ranks(self) -> list[int]:
+        return [int(r) for r in self.meta[:, 3].tolist()]
+
+    @property
+    def versions(self) -> list[int]:
+        return [int(v) for v in self.meta[:, 0].tolist()]
+
+    @property
+    def progress(self) -> list[int]:
+        return [int(p) for p in self.meta[:, 1].tolist()]
+
+    @property
+    def finite(self) -> list[bool]:
+        return [bool(f) for f in self.meta[:, 2].tolist()]
+
+    @property
+    def weights(self) -> list[float]:
+        return self.weight.tolist()
+
+    @property
+    def staleness(self) -> list[float]:
+        return self.stale.tolist()
+
+    @property
+    def own_weight(self) -> float:
+        return float(self.weight[self.own_index])
 
     def light(self) -> RoundResult:
         """The same record without its model-size tensors (for metrics and tests)."""
-        return RoundResult(self.round, None, self.ranks, self.versions, self.progress,
-                           self.staleness, self.weights, self.finite, None,
-                           self.own_version, self.own_weight)
+        return RoundResult(self.round, None, self.meta, self.weight, self.stale, self.valid,
+                           self.own_index, None, self.own_version)
 
 
 class Weighting:
     """Weights of a group's contributions, ``"uniform"`` or ``"dynamic"`` (see the module
-    docstring). Stateless: every member computes the same weights from the gathered meta.
-    ``steps_per_round`` converts staleness in rounds to steps (EASGD: its period)."""
+    docstring). Stateless: every member computes the same weights from the gathered meta,
+    with tensor operations on the meta's device (no host read). ``steps_per_round``
+    converts staleness in rounds to steps (EASGD: its period)."""
 
     def __init__(self, mode: str, half_life: float, steps_per_round: float = 1.0) -> None:
         if mode not in ("uniform", "dynamic"):
@@ -156,46 +186,41 @@ class Weighting:
         self.half_life = float(half_life)
         self.steps_per_round = float(steps_per_round)
 
-    def raw(self, staleness: float, finite: bool) -> float:
-        return 2.0 ** (-((staleness / self.half_life) ** 2)) if finite else 0.0
-
-    def __call__(self, meta: torch.Tensor, round_index: int) -> tuple[list[float], list[float]]:
+    def __call__(self, meta: torch.Tensor,
+                 round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``meta`` rows (version, progress, finite, rank) -> (weights, staleness in steps)."""
-        rows = meta.tolist()
-        staleness = [max(0.0, (round_index - p) * self.steps_per_round) for _, p, _, _ in rows]
+        stale = (round_index - meta[:, 1]).clamp(min=0) * self.steps_per_round
         if self.mode == "uniform":
-            return [1.0 / len(rows)] * len(rows), staleness
-        raw = [self.raw(s, bool(f)) for s, (_, _, f, _) in zip(staleness, rows, strict=True)]
-        total = sum(raw)
-        return ([w / total for w in raw] if total > 0 else raw), staleness
+            return torch.full_like(stale, 1.0 / stale.numel()), stale
+        raw = meta[:, 2] * torch.exp2(-(stale / self.half_life) ** 2)
+        total = raw.sum()
+        return raw / torch.where(total > 0, total, torch.ones_like(total)), stale
 
 
 class Progress:
     """Fresh-progress bookkeeping of one worker (see the module docstring): ``note`` every
     step's health, ``observe`` the model contributed to round ``k``; returns the round of
-    the last fresh progress. ``track=False`` (uniform weighting) skips the model-size
-    comparison and calls every contribution fresh."""
+    the last fresh progress, as a 0-dim tensor on the model's device (no host read).
+    ``track=False`` (uniform weighting) skips the comparison and calls every contribution
+    fresh."""
 
     def __init__(self, like: torch.Tensor, track: bool) -> None:
         self.previous = like.detach().clone() if track else None
-        self.round = 0
+        self.round = torch.zeros((), dtype=torch.float64, device=like.device)
         self._healthy = False
 
     def note(self, healthy: bool) -> None:
         self._healthy = self._healthy or bool(healthy)
 
-    def changed(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` differs from the previous contribution (and remember it)."""
+    def observe(self, x: torch.Tensor, k: int) -> torch.Tensor:
         if self.previous is None:
-            return True
-        if torch.equal(x, self.previous):
-            return False
-        self.previous.copy_(x)
-        return True
-
-    def observe(self, x: torch.Tensor, k: int) -> int:
-        if self.changed(x) and (self._healthy or self.previous is None):
-            self.round = k
+            self.round.fill_(k)
+        else:
+            if self._healthy:
+                changed = (x != self.previous).any()
+                self.round.copy_(torch.where(changed, torch.full_like(self.round, k),
+                                             self.round))
+            self.previous.copy_(x)
         self._healthy = False
         return self.round
 
@@ -205,7 +230,7 @@ def group_round(
     comm: Communicator | None,
     deposit: torch.Tensor,
     version: int,
-    progress: int,
+    progress: int | torch.Tensor,
     global_rank: int,
     weighting: Weighting,
     round_index: int,
@@ -213,28 +238,24 @@ def group_round(
     """One weighted-mean round over ``comm``'s group (collective on that group): gather the
     members' (version, progress, finite, rank), weigh them identically on every member,
     then allreduce the weighted deposits. Used inline by the synchronous variants and by
-    the engine's runner. ``comm=None``: a group of this rank alone (no communication)."""
+    the engine's runner; no value is read back to the host. ``comm=None``: a group of
+    this rank alone (no communication). A group's rows come in group-rank order, which is
+    ascending global rank (process groups sort their ranks)."""
     if comm is None:
         comm = _SelfComm()
-    finite = bool(torch.isfinite(deposit).all())
-    mine = torch.tensor([float(version), float(progress), float(finite), float(global_rank)],
+    mine = torch.tensor([float(version), 0.0, 0.0, float(global_rank)],
                         dtype=torch.float64, device=deposit.device)
+    mine[1] = progress
+    mine[2] = torch.isfinite(deposit).all()
     meta = comm.all_gather(mine, kind="meta")
-    meta = meta[meta[:, 3].argsort()]
-    weights, staleness = weighting(meta, round_index)
-    ranks = [int(r) for r in meta[:, 3].tolist()]
-    own_weight = weights[ranks.index(global_rank)]
-    mean = None
-    if sum(weights) > 0:
-        # a non-finite deposit always weighs 0 under dynamic weighting; multiplying it by 0
-        # would still give NaN, so a zero-weight contribution is an explicit zero
-        mean = deposit * own_weight if own_weight != 0 else torch.zeros_like(deposit)
-        comm.all_reduce_(mean, op="sum")
-    return RoundResult(round=round_index, mean=mean, ranks=ranks,
-                       versions=[int(v) for v in meta[:, 0].tolist()],
-                       progress=[int(p) for p in meta[:, 1].tolist()], staleness=staleness,
-                       weights=weights, finite=[bool(f) for f in meta[:, 2].tolist()],
-                       own_deposit=deposit, own_version=version, own_weight=own_weight)
+    weight, stale = weighting(meta, round_index)
+    own = weight[comm.rank].to(deposit.dtype)
+    # a zero-weight contribution is an explicit zero: 0 times a non-finite deposit is NaN
+    mean = torch.where(own != 0, deposit * own, torch.zeros_like(deposit))
+    comm.all_reduce_(mean, op="sum")
+    return RoundResult(round=round_index, mean=mean, meta=meta, weight=weight, stale=stale,
+                       valid=weight.sum() > 0, own_index=comm.rank, own_deposit=deposit,
+                       own_version=version)
 
 
 def subgroups(groups: Sequence[Sequence[int]], timeout: timedelta,
@@ -545,6 +566,8 @@ class ExchangeEngine:
 
 class _SelfComm:
     """A group of one: the round is this rank's own deposit."""
+
+    rank = 0
 
     def all_gather(self, t: torch.Tensor, kind: str = "") -> torch.Tensor:
         return t.reshape(1, *t.shape).clone()

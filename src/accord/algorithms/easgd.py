@@ -116,7 +116,7 @@ class ElasticAveraging(ModelAggregator):
             self.alpha = self.beta / n
         self.centre = self.load_state().clone()
         self.mean = self.flat.new_buffer()
-        self._distance = 0.0
+        self._distance = self.centre.new_zeros(())  # read in metrics(), not per exchange
         half_life = self.hp["half_life"] or 2.0 * self.hp["period"]
         self.weighting = Weighting(self.hp["weighting"], half_life,
                                    steps_per_round=self.hp["period"])
@@ -151,16 +151,17 @@ class ElasticAveraging(ModelAggregator):
         elif self.hp["weighting"] == "uniform":
             self.mean.copy_(x)
             self.comm.all_reduce_(self.mean, op="avg")
-            self._distance = float((x - self.centre).norm())
+            self._distance = (x - self.centre).norm()
             elastic_exchange(x, self.centre, self.mean, self.alpha, self.beta)
         else:
             k = self.exchanges
             result = group_round(self.comm, x.clone(), ctx.step, self.progress.observe(x, k),
                                  self.comm.global_rank(self.rank), self.weighting, k)
             self._last = result.light()
-            self._distance = float((x - self.centre).norm())
-            if result.mean is not None:
-                elastic_exchange(x, self.centre, result.mean, self.alpha, self.beta)
+            self._distance = (x - self.centre).norm()
+            # no surviving contribution (every model non-finite): the centre stays put
+            mean = torch.where(result.valid, result.mean, self.centre)
+            elastic_exchange(x, self.centre, mean, self.alpha, self.beta)
         self.exchanges += 1
         self.store_state(x)
 
@@ -169,9 +170,11 @@ class ElasticAveraging(ModelAggregator):
         Keeps nothing for the compute thread (it reads the centre the round started from)."""
         with self._centre_lock:
             self._round_centre.copy_(self.centre)
-            if result.mean is not None:  # the round's mean is in host memory
-                self.centre.add_(result.mean.to(self.centre.device) - self.centre,
-                                 alpha=self.beta)
+            # the round's mean is in host memory; no surviving contribution: no move
+            mean = result.mean.to(self.centre.device)
+            valid = result.valid.to(self.centre.device)
+            self.centre.add_(torch.where(valid, mean, self.centre) - self.centre,
+                             alpha=self.beta)
             self._last = result.light()
         return None
 
@@ -182,7 +185,7 @@ class ElasticAveraging(ModelAggregator):
         engine.wait(self.exchanges)  # our round's communication only
         with self._centre_lock:
             centre = self._round_centre  # the newest round, which may be later than ours
-            self._distance = float((x - centre).norm())
+            self._distance = (x - centre).norm()
             x.sub_(x - centre, alpha=self.alpha)
 
     def consensus_params(self) -> list[torch.Tensor]:
@@ -190,7 +193,7 @@ class ElasticAveraging(ModelAggregator):
             return self.flat.split(self.centre.clone())
 
     def metrics(self) -> dict[str, float]:
-        out = {"alpha": self.alpha, "beta": self.beta, "distance_to_centre": self._distance,
+        out = {"alpha": self.alpha, "beta": self.beta, "distance_to_centre": float(self._distance),
                "exchanges": float(self.exchanges)}
         with self._centre_lock:
             last = self._last

@@ -137,15 +137,17 @@ def group_of(world_size: int, group_size: int, round_index: int, rank: int) -> l
 
 
 def mix(x: torch.Tensor, result: RoundResult, self_weight: str) -> None:
-    """In place: x <- the round's mix of x (see the module docstring)."""
-    if result.mean is None:
-        return  # every contribution weighed 0: keep the local model
-    mean = result.mean.to(x.device)  # a wait-avoiding round's result is in host memory
+    """In place: x <- the round's mix of x (see the module docstring); unchanged when every
+    contribution weighed 0. Tensor operations only (a wait-avoiding round's result is in
+    host memory and comes to the parameters' device here)."""
+    mean = result.mean.to(x.device)
     if self_weight == "reference":
-        s = len(result.ranks)
-        x.mul_(1.0 / (s + 1)).add_(mean, alpha=s / (s + 1))
+        s = result.meta.shape[0]
+        mixed = x.mul(1.0 / (s + 1)).add_(mean, alpha=s / (s + 1))
     else:
-        x.sub_(result.own_deposit.to(x.device)).mul_(result.own_weight).add_(mean)
+        own = result.weight[result.own_index].to(device=x.device, dtype=x.dtype)
+        mixed = x.sub(result.own_deposit.to(x.device)).mul_(own).add_(mean)
+    x.copy_(torch.where(result.valid.to(x.device), mixed, x))
 
 
 @register
@@ -208,7 +210,7 @@ class WAGMA(ModelAggregator):
             self.comms = {g: Communicator(pg, self.comm.stats) for g, pg in pgs.items()}
         self.rounds = 0
         self.global_steps = 0
-        self._use_staleness = 0.0
+        self._last_step = 0
         self._last: RoundResult | None = None
 
     def _keep(self, result: RoundResult) -> RoundResult:
@@ -249,7 +251,7 @@ class WAGMA(ModelAggregator):
             comm = self.comms.get(tuple(self._group_global(k)))  # None: a group of one
             result = group_round(comm, x.clone(), ctx.step, self.progress.observe(x, k),
                                  self.comm.global_rank(self.rank), self.weighting, k)
-        self._use_staleness = float(ctx.step - min(result.versions))
+        self._last_step = ctx.step
         mix(x, result, self.hp["self_weight"])
         self.store_state(x)
         self.rounds += 1
@@ -267,8 +269,10 @@ class WAGMA(ModelAggregator):
     def metrics(self) -> dict[str, float]:
         out = {"group_size": float(self.group_size), "rounds": float(self.rounds),
                "global_steps": float(self.global_steps),
-               "use_staleness": self._use_staleness}
+               "use_staleness": 0.0}
         if self._last is not None:
+            # steps between this step and the oldest contribution of its last round
+            out["use_staleness"] = float(self._last_step - min(self._last.versions))
             out["weight_min"] = float(min(self._last.weights))
             # this worker's own weight relative to uniform (1: uniform; 0: faded out)
             out["weight_own_rel"] = self._last.own_weight * len(self._last.ranks)
