@@ -71,7 +71,11 @@ cuts a failed one fast: at 2 half-lives its raw weight is 1/16, at 3 half-lives 
 Devices. The runner works on host copies over gloo, whatever the model's device: a
 deposit is copied to (pinned) host memory, round results stay there, and the algorithm
 moves what it uses back to the parameters' device. A GPU model therefore pays one
-device-to-host copy per deposit and one host-to-device copy per result it uses.
+device-to-host copy per deposit and one host-to-device copy per result it uses; the
+freshness comparison of a deposit runs on its host copy. Inline (the synchronous
+variants), :func:`group_round` reads nothing back to the host: weights, staleness and
+validity stay tensors on the round's device, and a result's lists are read only when
+asked for (metrics).
 
 Memory. The engine holds two model-size buffers (the deposit and the round's snapshot)
 plus what the algorithm keeps per round through ``on_round``: results nobody collects
