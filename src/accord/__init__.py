@@ -20,6 +20,7 @@ from __future__ import annotations
 from .algorithms import REGISTRY, build, list_algorithms
 from .comm import CommStats, Communicator, FlatBuffer
 from .core import Aggregator, Hyper, StepContext, due
+from .ddp_hooks import ddp_hook
 from .wrap import AggregatedOptimizer, wrap
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "Hyper",
     "StepContext",
     "build",
+    "ddp_hook",
     "due",
     "list_algorithms",
     "wrap",

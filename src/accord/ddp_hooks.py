@@ -1,0 +1,339 @@
+"""DDP communication-hook forms of the gradient-phase algorithms.
+
+For users who keep ``torch.nn.parallel.DistributedDataParallel``::
+
+    ddp = DistributedDataParallel(model)
+    agg, hook = accord.ddp_hook("acga", ddp, momentum=0.99)
+    ddp.register_comm_hook(agg, hook)
+    ...
+    loss.backward()      # DDP calls the hook per gradient bucket; p.grad is aggregated
+    opt.step()
+    torch.save(agg.state_dict(), ...)   # ACGA's momentum lives in the aggregator
+
+The hook's state is the aggregator ``accord.build`` returns (same class, same
+hyperparameters, same ``state_dict`` / ``metrics`` / ``comm.stats``); every collective goes
+through its communicator and is counted there. The hook object only keeps what one
+backward pass needs. Algorithms: ``allreduce``, ``normalized``, ``acga`` (global and
+``per_layer``) and ``adasum``; they give the gradients ``after_backward`` gives, up to
+the floating-point order of the sums.
+
+When the work happens. DDP calls the hook once per bucket, in bucket order, on the thread
+that runs the backward pass, on every rank alike; ``bucket.is_last()`` marks the last
+bucket of the step. gloo matches collectives by their issue order, so every collective
+is issued from that call, never from a future's callback:
+
+* ``allreduce`` averages each bucket as it comes (an asynchronous allreduce; backward
+  goes on computing the next buckets meanwhile), exactly as DDP's own hook.
+* ``acga`` starts the allreduce of each bucket's raw gradients as it comes (the sum s).
+  Everything that needs the whole gradient -- <g_i, s> and ||g_i|| over all buckets, the
+  all-gather of the coefficients, the weighted second allreduce, the norm limit -- runs
+  once, in the call for the last bucket, after waiting for the bucket sums.
+* ``normalized`` (the global norm) and ``adasum`` (exchanges of the whole vector) have
+  nothing to start per bucket; they run in the call for the last bucket.
+
+For the non-last buckets the hook returns a future that the last call completes, after
+the final computation has written the result into every bucket's buffer. The final
+computation works on the aggregator's own flat buffers (the bucket gradients are copied
+in, in parameter order, and the result copied back), so it is the aggregator's maths on
+the aggregator's layout and ``metrics()`` reads the last step as after ``after_backward``
+(except ``allreduce``, which keeps no copy: its ``metrics()`` does not see hook steps).
+
+The per-bucket allreduce is asynchronous, which ``Communicator`` has no method for yet;
+``_all_reduce_async`` issues it on the communicator's group and records it in its
+``stats`` under the same kind (``allreduce``), with the seconds from issue to completion.
+
+Not supported: algorithms of the model phase (they do not act on gradients), DDP's
+``no_sync`` steps are fine (the hook is not called), and unused parameters count as zero
+gradients as in ``after_backward``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .algorithms import build
+from .algorithms.acga import (
+    consensus_coefficients,
+    limit_norm_,
+    normalize_coefficients,
+    sorted_momentum,
+)
+from .comm import Communicator
+from .core import Aggregator
+
+#: registry names that have a DDP communication-hook form
+HOOK_ALGORITHMS = ("allreduce", "normalized", "acga", "adasum")
+
+
+def _done_future(value: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _all_reduce_async(
+    comm: Communicator, t: torch.Tensor, op: str = "sum", kind: str = "allreduce"
+) -> torch.futures.Future:
+    """Start an in-place sum (or ``avg``) allreduce of ``t`` on ``comm``'s group; the future
+    gives ``t`` once reduced. Counted in ``comm.stats`` when it completes."""
+    if not t.is_contiguous():
+        raise ValueError("Communicator operations take one contiguous tensor (a flat buffer)")
+    nbytes = t.numel() * t.element_size()
+    start = time.perf_counter()
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        fut.wait()  # re-raises the collective's error, if any
+        if op == "avg":
+            t.div_(comm.world_size)
+        comm.stats.record(kind, nbytes, time.perf_counter() - start)
+        return t
+
+    if comm.world_size == 1:
+        return _done_future(t).then(finish)
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=comm.group, async_op=True)
+    return work.get_future().then(finish)
+
+
+class CommHook:
+    """The hook callable for ``register_comm_hook(aggregator, hook)``; one per aggregator.
+
+    ``buckets`` is the number of buckets of the last completed step (DDP rebuilds its
+    buckets after the first step, so it may change once).
+    """
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
+        self.comm = aggregator.comm
+        # DDP reads the hook's __name__ and __qualname__ (checks, logging)
+        self.__name__ = self.__qualname__ = f"accord_{aggregator.name}_hook"
+        self.buckets = 0
+        self._index = {id(p): i for i, p in enumerate(aggregator.params)}
+
+    def _param_indices(self, bucket: dist.GradBucket) -> list[int]:
+        try:
+            return [self._index[id(p)] for p in bucket.parameters()]
+        except KeyError:
+            raise ValueError(
+                f"{self.__name__}: a parameter of the DDP model is not among the "
+                "aggregator's parameters; build the hook from the DDP model itself "
+                "(accord.ddp_hook(name, ddp_model, ...))") from None
+
+    # no annotations: DDP compares them with dist.GradBucket / Future as objects, and this
+    # module's annotations are strings
+    def __call__(self, state, bucket):
+        if state is not self.aggregator:
+            raise ValueError(f"{self.__name__}: register it with its own aggregator as the "
+                             "state: ddp.register_comm_hook(agg, hook)")
+        return self._bucket(bucket)
+
+    def _bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        raise NotImplementedError
+
+
+class AllReduceHook(CommHook):
+    """Each bucket averaged as it comes (DDP's default behaviour, counted)."""
+
+    def _bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        if bucket.is_last():
+            self.buckets = bucket.index() + 1
+        return _all_reduce_async(self.comm, bucket.buffer(), op="avg")
+
+
+class WholeGradientHook(CommHook):
+    """Per-bucket work as buckets come (``_start``), the rest once, in the call for the
+    last bucket (``_finish``), on the aggregator's flat buffer in parameter order."""
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        super().__init__(aggregator)
+        flat = aggregator.flat  # type: ignore[attr-defined]
+        self._views = [v.reshape(-1) for v in flat.split(flat.buffer)]
+        # this step's buckets: (buffer, its per-parameter pieces, parameter indices, future)
+        self._pending: list[tuple[torch.Tensor, list[torch.Tensor], list[int],
+                                  torch.futures.Future]] = []
+
+    def _bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        if bucket.index() == 0:
+            self._fail(RuntimeError("the previous backward pass ended before its last bucket"))
+        buf = bucket.buffer()
+        indices = self._param_indices(bucket)
+        pieces = list(buf.split([self._views[i].numel() for i in indices]))
+        fut: torch.futures.Future = torch.futures.Future()
+        self._pending.append((buf, pieces, indices, fut))
+        try:
+            self._start(bucket.index(), buf)
+            if bucket.is_last():
+                with torch.no_grad():
+                    for _, parts, idx, _ in self._pending:
+                        for piece, i in zip(parts, idx, strict=True):
+                            self._views[i].copy_(piece)
+                    self._finish()
+                    for _, parts, idx, _ in self._pending:
+                        for piece, i in zip(parts, idx, strict=True):
+                            piece.copy_(self._views[i])
+                self.buckets = len(self._pending)
+                for b, _, _, f in self._pending:
+                    f.set_result(b)
+                self._pending = []
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        return fut
+
+    def _fail(self, exc: BaseException) -> None:
+        for _, _, _, f in self._pending:
+            if not f.done():
+                f.set_exception(exc)
+        self._pending = []
+
+    def _start(self, index: int, buf: torch.Tensor) -> None:
+        """Work on one bucket's local gradients as it comes (default: none)."""
+
+    def _finish(self) -> None:
+        """The aggregation of the aggregator's flat buffer (all local gradients, in
+        parameter order), in place."""
+        raise NotImplementedError
+
+
+class NormalizedHook(WholeGradientHook):
+    def _finish(self) -> None:
+        agg = self.aggregator
+        buf = agg.flat.buffer  # type: ignore[attr-defined]
+        n = agg.world_size
+        grads = buf[:-1]
+        norm = torch.linalg.vector_norm(grads, dtype=agg.acc)  # type: ignore[attr-defined]
+        grads.mul_((n * (norm + agg.hp["eps"])).reciprocal())
+        buf[-1] = norm / n
+        self.comm.all_reduce_(buf)
+        if agg.hp["restore_scale"] == "mean_norm":
+            grads.mul_(buf[-1])
+
+
+class ACGAHook(WholeGradientHook):
+    def __init__(self, aggregator: Aggregator) -> None:
+        super().__init__(aggregator)
+        self._totals: dict[int, torch.Tensor] = {}  # per bucket index, reused every step
+        self._sums: list[torch.futures.Future] = []
+
+    def _start(self, index: int, buf: torch.Tensor) -> None:
+        if index == 0:
+            self._sums = []
+        total = self._totals.get(index)
+        if total is None or total.shape != buf.shape or total.dtype != buf.dtype:
+            total = self._totals[index] = torch.empty_like(buf)
+        total.copy_(buf)
+        self._sums.append(_all_reduce_async(self.comm, total))  # s, bucket by bucket
+
+    def _finish(self) -> None:
+        agg = self.aggregator
+        hp = agg.hp
+        eps, n = hp["eps"], agg.world_size
+        local, total = agg.flat.buffer, agg.total  # type: ignore[attr-defined]
+        tot_views = [v.reshape(-1) for v in agg.flat.split(total)]  # type: ignore[attr-defined]
+        for fut, (_, _, idx, _) in zip(self._sums, self._pending, strict=True):
+            parts = fut.wait().split([tot_views[i].numel() for i in idx])
+            for piece, i in zip(parts, idx, strict=True):
+                tot_views[i].copy_(piece)
+        self._sums = []
+
+        # from here on, ACGA.after_backward on the same buffers
+        loc_segs, tot_segs = agg._segments(local), agg._segments(total)  # type: ignore[attr-defined]
+        pairs = zip(loc_segs, tot_segs, strict=True)
+        dots = torch.stack([torch.dot(g.float(), s.float()) for g, s in pairs])
+        norms = torch.stack([g.float().norm() for g in loc_segs])
+        a_local = consensus_coefficients(dots, norms, n, eps)
+
+        layers = agg.layers  # type: ignore[attr-defined]
+        gathered = self.comm.all_gather(torch.cat([a_local, norms]))  # (N, 2L)
+        a = gathered[:, :layers].T.contiguous()  # (L, N)
+        all_norms = gathered[:, layers:].T.contiguous()
+        momentum = agg.momentum  # type: ignore[attr-defined]
+        if momentum is not None and momentum.shape != a.shape:
+            momentum = None
+        momentum, c = sorted_momentum(a, momentum, hp["momentum"], hp["reference_order"])
+        agg.momentum = momentum  # type: ignore[attr-defined]
+        c = torch.where(all_norms > 0, c, torch.zeros_like(c))
+        c, hits = normalize_coefficients(c, hp["guard"])
+        agg.guard_hits = agg.guard_hits + hits  # type: ignore[attr-defined]
+
+        weights = c[:, agg.rank] / (all_norms[:, agg.rank] + eps)
+        for seg, w in zip(loc_segs, weights.unbind(), strict=True):
+            seg.mul_(w)
+        self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
+        limit_norm_(loc_segs)
+        mode = hp["restore_scale"]
+        if mode != "none":
+            for l, (seg, tot) in enumerate(zip(loc_segs, tot_segs, strict=True)):
+                scale = all_norms[l].mean() if mode == "mean_norm" else tot.float().norm() / n
+                seg.mul_(scale)
+        agg._coefficients = c  # type: ignore[attr-defined]
+
+
+class AdaSumHook(WholeGradientHook):
+    def _finish(self) -> None:
+        # AdaSum.after_backward on the aggregator's buffer: its exchanges are blocking
+        # point-to-point calls, so nothing is started per bucket
+        agg = self.aggregator
+        buf = agg.flat.buffer  # type: ignore[attr-defined]
+        rank, n, p = agg.rank, agg.world_size, agg.power  # type: ignore[attr-defined]
+        agg._coefs = []  # type: ignore[attr-defined]
+        if rank >= p:
+            self.comm.send(buf, rank - p)
+            self.comm.recv_(buf, rank - p)
+        else:
+            has_extra = rank + p < n
+            if has_extra:
+                self.comm.recv_(agg.peer, rank + p)  # type: ignore[attr-defined]
+                agg._fold_in(buf, True)  # type: ignore[attr-defined]
+            distance = 1
+            while distance < p:
+                partner = rank ^ distance
+                self.comm.exchange_(buf, agg.peer, partner)  # type: ignore[attr-defined]
+                agg._fold_in(buf, rank < partner)  # type: ignore[attr-defined]
+                distance *= 2
+            if has_extra:
+                self.comm.send(buf, rank + p)
+        agg._stepped = True  # type: ignore[attr-defined]
+
+
+_HOOKS: dict[str, type[CommHook]] = {
+    "allreduce": AllReduceHook,
+    "normalized": NormalizedHook,
+    "acga": ACGAHook,
+    "adasum": AdaSumHook,
+}
+
+
+def ddp_hook(
+    name: str,
+    model: torch.nn.Module | Iterable[torch.Tensor],
+    *,
+    group: dist.ProcessGroup | None = None,
+    broadcast: bool = False,
+    **hyperparameters: Any,
+) -> tuple[Aggregator, CommHook]:
+    """``(aggregator, hook)`` for ``ddp_model.register_comm_hook(aggregator, hook)``.
+
+    ``model``: the ``DistributedDataParallel`` model (its process group is then the
+    aggregator's unless ``group`` is given), the module it wraps, or its parameters.
+    ``broadcast`` defaults to False: DDP already makes the replicas identical. Collective:
+    call on every rank, like ``accord.build``.
+    """
+    if name not in _HOOKS:
+        raise ValueError(f"algorithm {name!r} has no DDP communication hook; allowed: "
+                         f"{', '.join(HOOK_ALGORITHMS)} (the gradient-phase algorithms)")
+    params: Iterable[torch.Tensor]
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if group is None:
+            group = model.process_group
+        params = model.module.parameters()
+    elif isinstance(model, torch.nn.Module):
+        params = model.parameters()
+    else:
+        params = model
+    agg = build(name, params, group=group, broadcast=broadcast, **hyperparameters)
+    return agg, _HOOKS[name](agg)
