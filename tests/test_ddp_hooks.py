@@ -22,13 +22,16 @@ import accord
 STEPS = 3
 LR = 0.1
 BUCKET_MB = 0.002  # ~500 floats per bucket: three buckets on the model below
+# name -> (algorithm, hyperparameters, DDP options)
 VARIANTS = {
-    "allreduce": ("allreduce", {}),
-    "normalized": ("normalized", {}),
-    "normalized_scale": ("normalized", {"restore_scale": "mean_norm"}),
-    "acga": ("acga", {"momentum": 0.9}),
-    "acga_layer": ("acga", {"per_layer": True, "momentum": 0.9}),
-    "adasum": ("adasum", {}),
+    "allreduce": ("allreduce", {}, {}),
+    "normalized": ("normalized", {}, {}),
+    "normalized_scale": ("normalized", {"restore_scale": "mean_norm"}, {}),
+    "acga": ("acga", {"momentum": 0.9}, {}),
+    "acga_layer": ("acga", {"per_layer": True, "momentum": 0.9}, {}),
+    "acga_view": ("acga", {"momentum": 0.9}, {"gradient_as_bucket_view": True}),
+    "adasum": ("adasum", {}, {}),
+    "adasum_static": ("adasum", {"per_layer": False}, {"static_graph": True}),
 }
 
 
@@ -54,10 +57,10 @@ def _params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
-def _run_variant(rank: int, algo: str, hp: dict) -> dict:
+def _run_variant(rank: int, algo: str, hp: dict, options: dict) -> dict:
     ref_model = _model()
     model = copy.deepcopy(ref_model)
-    ddp = DistributedDataParallel(model, bucket_cap_mb=BUCKET_MB)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=BUCKET_MB, **options)
     agg, hook = accord.ddp_hook(algo, ddp, **hp)
     ddp.register_comm_hook(agg, hook)
     ref = accord.build(algo, ref_model.parameters(), broadcast=False, **hp)
@@ -87,10 +90,48 @@ def _run_variant(rank: int, algo: str, hp: dict) -> dict:
     return out
 
 
+def _resume(rank: int) -> dict:
+    """ACGA under DDP for STEPS steps, checkpointed after the first: a fresh DDP model,
+    optimizer and hook loaded from the checkpoint continue with the same gradients."""
+    hp = {"momentum": 0.9, "per_layer": True}
+    ddp = DistributedDataParallel(_model(), bucket_cap_mb=BUCKET_MB)
+    agg, hook = accord.ddp_hook("acga", ddp, **hp)
+    ddp.register_comm_hook(agg, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    out: dict = {"straight": [], "resumed": []}
+    for step in range(STEPS):
+        x, y = _batch(rank, step)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        out["straight"].append(_grads(ddp.module))
+        opt.step()
+        if step == 0:
+            saved = copy.deepcopy({"model": ddp.module.state_dict(), "opt": opt.state_dict(),
+                                   "agg": agg.state_dict()})
+    model = _model()
+    model.load_state_dict(saved["model"])
+    ddp2 = DistributedDataParallel(model, bucket_cap_mb=BUCKET_MB)
+    agg2, hook2 = accord.ddp_hook("acga", ddp2, **hp)
+    agg2.load_state_dict(saved["agg"])
+    ddp2.register_comm_hook(agg2, hook2)
+    opt2 = torch.optim.SGD(ddp2.parameters(), lr=LR)
+    opt2.load_state_dict(saved["opt"])
+    for step in range(1, STEPS):
+        x, y = _batch(rank, step)
+        opt2.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(ddp2(x), y).backward()
+        out["resumed"].append(_grads(ddp2.module))
+        opt2.step()
+    out["momentum"], out["momentum_resumed"] = agg.momentum, agg2.momentum
+    del ddp, ddp2, model  # before run_world destroys the process group
+    return out
+
+
 def _world(rank: int, world: int) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = {v: _run_variant(rank, algo, hp) for v, (algo, hp) in VARIANTS.items()}
+        out = {v: _run_variant(rank, *spec) for v, spec in VARIANTS.items()}
+        out["resume"] = _resume(rank)
     out["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught
                        if issubclass(w.category, FutureWarning | DeprecationWarning)]
     return out
@@ -124,7 +165,7 @@ def test_ddp_replicas_identical(results, variant):
         assert torch.equal(per_rank[r][variant]["params"], first), (variant, r)
 
 
-@pytest.mark.parametrize("variant", ["acga", "acga_layer"])
+@pytest.mark.parametrize("variant", ["acga", "acga_layer", "acga_view"])
 def test_acga_momentum_state_equals_aggregator(results, variant):
     world, per_rank = results
     layers = 8 if variant == "acga_layer" else 1
@@ -158,6 +199,16 @@ def test_every_collective_counted(results, variant):
         else:
             for kind in got:
                 assert got[kind]["calls"] == ref[kind]["calls"], (variant, kind)
+
+
+def test_acga_hook_resumes_from_its_aggregator_state_dict(results):
+    world, per_rank = results
+    for r in range(world):
+        got = per_rank[r]["resume"]
+        for step in range(1, STEPS):
+            torch.testing.assert_close(got["resumed"][step - 1], got["straight"][step],
+                                       atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got["momentum_resumed"], got["momentum"])
 
 
 def test_no_deprecation_warnings(results):
