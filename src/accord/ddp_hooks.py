@@ -42,13 +42,15 @@ The per-bucket allreduce is asynchronous, which ``Communicator`` has no method f
 ``_all_reduce_async`` issues it on the communicator's group and records it in its
 ``stats`` under the same kind (``allreduce``), with the seconds from issue to completion.
 
-Not supported: algorithms of the model phase (they do not act on gradients), DDP's
-``no_sync`` steps are fine (the hook is not called), and unused parameters count as zero
-gradients as in ``after_backward``.
+Only gradient-phase algorithms have a hook (model-phase ones do not act on gradients;
+use ``accord.build`` for them). Under DDP's ``no_sync`` the hook is not called, so
+gradient accumulation works as with DDP; unused parameters count as zero gradients, as
+in ``after_backward``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -65,6 +67,8 @@ from .algorithms.acga import (
 )
 from .comm import Communicator
 from .core import Aggregator
+
+log = logging.getLogger(__name__)
 
 #: registry names that have a DDP communication-hook form
 HOOK_ALGORITHMS = ("allreduce", "normalized", "acga", "adasum")
@@ -253,6 +257,8 @@ class ACGAHook(WholeGradientHook):
         all_norms = gathered[:, layers:].T.contiguous()
         momentum = agg.momentum  # type: ignore[attr-defined]
         if momentum is not None and momentum.shape != a.shape:
+            log.warning("acga: momentum shape %s does not match %s; restarting it",
+                        tuple(momentum.shape), tuple(a.shape))
             momentum = None
         momentum, c = sorted_momentum(a, momentum, hp["momentum"], hp["reference_order"])
         agg.momentum = momentum  # type: ignore[attr-defined]
