@@ -114,6 +114,32 @@ class Communicator:
         self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
         return t
 
+    def all_reduce_async_(
+        self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce"
+    ) -> torch.futures.Future:
+        """Start an in-place allreduce of ``t`` (``op``: sum or avg); the future gives ``t``
+        once reduced, counted when it completes (seconds from issue to completion). Used
+        where communication overlaps computation (DDP communication hooks)."""
+        self._check(t)
+        if op not in ("sum", "avg"):
+            raise ValueError(f"op: got {op!r}, allowed: 'sum', 'avg'")
+        nbytes = _nbytes(t)
+        start = time.perf_counter()
+
+        def finish(fut: torch.futures.Future) -> torch.Tensor:
+            fut.wait()  # re-raises the collective's error, if any
+            if op == "avg":
+                t.div_(self.world_size)
+            self.stats.record(kind, nbytes, time.perf_counter() - start)
+            return t
+
+        if self.world_size == 1:
+            done: torch.futures.Future = torch.futures.Future()
+            done.set_result(t)
+            return done.then(finish)
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return work.get_future().then(finish)
+
     def all_gather(self, t: torch.Tensor, kind: str = "allgather") -> torch.Tensor:
         """Gather ``t`` from every rank into a new tensor of shape ``(world_size, *t.shape)``."""
         self._check(t)

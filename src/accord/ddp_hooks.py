@@ -38,9 +38,8 @@ in, in parameter order, and the result copied back), so it is the aggregator's m
 the aggregator's layout and ``metrics()`` reads the last step as after ``after_backward``
 (except ``allreduce``, which keeps no copy: its ``metrics()`` does not see hook steps).
 
-The per-bucket allreduce is asynchronous, which ``Communicator`` has no method for yet;
-``_all_reduce_async`` issues it on the communicator's group and records it in its
-``stats`` under the same kind (``allreduce``), with the seconds from issue to completion.
+The per-bucket allreduce is asynchronous (``Communicator.all_reduce_async_``), counted in
+the aggregator's ``stats`` under ``allreduce`` with the seconds from issue to completion.
 
 Only gradient-phase algorithms have a hook (model-phase ones do not act on gradients;
 use ``accord.build`` for them). Under DDP's ``no_sync`` the hook is not called, so
@@ -51,7 +50,6 @@ in ``after_backward``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,7 +63,6 @@ from .algorithms.acga import (
     normalize_coefficients,
     sorted_momentum,
 )
-from .comm import Communicator
 from .core import Aggregator
 
 log = logging.getLogger(__name__)
@@ -78,29 +75,6 @@ def _done_future(value: torch.Tensor) -> torch.futures.Future:
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(value)
     return fut
-
-
-def _all_reduce_async(
-    comm: Communicator, t: torch.Tensor, op: str = "sum", kind: str = "allreduce"
-) -> torch.futures.Future:
-    """Start an in-place sum (or ``avg``) allreduce of ``t`` on ``comm``'s group; the future
-    gives ``t`` once reduced. Counted in ``comm.stats`` when it completes."""
-    if not t.is_contiguous():
-        raise ValueError("Communicator operations take one contiguous tensor (a flat buffer)")
-    nbytes = t.numel() * t.element_size()
-    start = time.perf_counter()
-
-    def finish(fut: torch.futures.Future) -> torch.Tensor:
-        fut.wait()  # re-raises the collective's error, if any
-        if op == "avg":
-            t.div_(comm.world_size)
-        comm.stats.record(kind, nbytes, time.perf_counter() - start)
-        return t
-
-    if comm.world_size == 1:
-        return _done_future(t).then(finish)
-    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=comm.group, async_op=True)
-    return work.get_future().then(finish)
 
 
 class CommHook:
@@ -145,7 +119,7 @@ class AllReduceHook(CommHook):
     def _bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
         if bucket.is_last():
             self.buckets = bucket.index() + 1
-        return _all_reduce_async(self.comm, bucket.buffer(), op="avg")
+        return self.comm.all_reduce_async_(bucket.buffer(), op="avg")
 
 
 class WholeGradientHook(CommHook):
@@ -230,7 +204,7 @@ class ACGAHook(WholeGradientHook):
         if total is None or total.shape != buf.shape or total.dtype != buf.dtype:
             total = self._totals[index] = torch.empty_like(buf)
         total.copy_(buf)
-        self._sums.append(_all_reduce_async(self.comm, total))  # s, bucket by bucket
+        self._sums.append(self.comm.all_reduce_async_(total))  # s, bucket by bucket
 
     def _finish(self) -> None:
         agg = self.aggregator
