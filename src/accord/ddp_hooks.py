@@ -57,12 +57,6 @@ import torch
 import torch.distributed as dist
 
 from .algorithms import build
-from .algorithms.acga import (
-    consensus_coefficients,
-    limit_norm_,
-    normalize_coefficients,
-    sorted_momentum,
-)
 from .core import Aggregator
 
 log = logging.getLogger(__name__)
@@ -179,16 +173,7 @@ class WholeGradientHook(CommHook):
 
 class NormalizedHook(WholeGradientHook):
     def _finish(self) -> None:
-        agg = self.aggregator
-        buf = agg.flat.buffer  # type: ignore[attr-defined]
-        n = agg.world_size
-        grads = buf[:-1]
-        norm = torch.linalg.vector_norm(grads, dtype=agg.acc)  # type: ignore[attr-defined]
-        grads.mul_((n * (norm + agg.hp["eps"])).reciprocal())
-        buf[-1] = norm / n
-        self.comm.all_reduce_(buf)
-        if agg.hp["restore_scale"] == "mean_norm":
-            grads.mul_(buf[-1])
+        self.aggregator.combine_(self.aggregator.flat.buffer)  # type: ignore[attr-defined]
 
 
 class ACGAHook(WholeGradientHook):
@@ -208,76 +193,20 @@ class ACGAHook(WholeGradientHook):
 
     def _finish(self) -> None:
         agg = self.aggregator
-        hp = agg.hp
-        eps, n = hp["eps"], agg.world_size
-        local, total = agg.flat.buffer, agg.total  # type: ignore[attr-defined]
+        total = agg.total  # type: ignore[attr-defined]
         tot_views = [v.reshape(-1) for v in agg.flat.split(total)]  # type: ignore[attr-defined]
         for fut, (_, _, idx, _) in zip(self._sums, self._pending, strict=True):
             parts = fut.wait().split([tot_views[i].numel() for i in idx])
             for piece, i in zip(parts, idx, strict=True):
                 tot_views[i].copy_(piece)
         self._sums = []
-
-        # from here on, ACGA.after_backward on the same buffers
-        loc_segs, tot_segs = agg._segments(local), agg._segments(total)  # type: ignore[attr-defined]
-        pairs = zip(loc_segs, tot_segs, strict=True)
-        dots = torch.stack([torch.dot(g.float(), s.float()) for g, s in pairs])
-        norms = torch.stack([g.float().norm() for g in loc_segs])
-        a_local = consensus_coefficients(dots, norms, n, eps)
-
-        layers = agg.layers  # type: ignore[attr-defined]
-        gathered = self.comm.all_gather(torch.cat([a_local, norms]))  # (N, 2L)
-        a = gathered[:, :layers].T.contiguous()  # (L, N)
-        all_norms = gathered[:, layers:].T.contiguous()
-        momentum = agg.momentum  # type: ignore[attr-defined]
-        if momentum is not None and momentum.shape != a.shape:
-            log.warning("acga: momentum shape %s does not match %s; restarting it",
-                        tuple(momentum.shape), tuple(a.shape))
-            momentum = None
-        momentum, c = sorted_momentum(a, momentum, hp["momentum"], hp["reference_order"])
-        agg.momentum = momentum  # type: ignore[attr-defined]
-        c = torch.where(all_norms > 0, c, torch.zeros_like(c))
-        c, hits = normalize_coefficients(c, hp["guard"])
-        agg.guard_hits = agg.guard_hits + hits  # type: ignore[attr-defined]
-
-        weights = c[:, agg.rank] / (all_norms[:, agg.rank] + eps)
-        for seg, w in zip(loc_segs, weights.unbind(), strict=True):
-            seg.mul_(w)
-        self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
-        limit_norm_(loc_segs)
-        mode = hp["restore_scale"]
-        if mode != "none":
-            for l, (seg, tot) in enumerate(zip(loc_segs, tot_segs, strict=True)):
-                scale = all_norms[l].mean() if mode == "mean_norm" else tot.float().norm() / n
-                seg.mul_(scale)
-        agg._coefficients = c  # type: ignore[attr-defined]
+        agg.combine_(agg.flat.buffer, total)  # type: ignore[attr-defined]
 
 
 class AdaSumHook(WholeGradientHook):
+    # its exchanges are blocking point-to-point calls: nothing is started per bucket
     def _finish(self) -> None:
-        # AdaSum.after_backward on the aggregator's buffer: its exchanges are blocking
-        # point-to-point calls, so nothing is started per bucket
-        agg = self.aggregator
-        buf = agg.flat.buffer  # type: ignore[attr-defined]
-        rank, n, p = agg.rank, agg.world_size, agg.power  # type: ignore[attr-defined]
-        agg._coefs = []  # type: ignore[attr-defined]
-        if rank >= p:
-            self.comm.send(buf, rank - p)
-            self.comm.recv_(buf, rank - p)
-        else:
-            has_extra = rank + p < n
-            if has_extra:
-                self.comm.recv_(agg.peer, rank + p)  # type: ignore[attr-defined]
-                agg._fold_in(buf, True)  # type: ignore[attr-defined]
-            distance = 1
-            while distance < p:
-                partner = rank ^ distance
-                self.comm.exchange_(buf, agg.peer, partner)  # type: ignore[attr-defined]
-                agg._fold_in(buf, rank < partner)  # type: ignore[attr-defined]
-                distance *= 2
-            if has_extra:
-                self.comm.send(buf, rank + p)
-        agg._stepped = True  # type: ignore[attr-defined]
+        self.aggregator.combine_(self.aggregator.flat.buffer)  # type: ignore[attr-defined]
 
 
 _HOOKS: dict[str, type[CommHook]] = {

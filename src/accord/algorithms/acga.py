@@ -225,13 +225,20 @@ class ACGA(Aggregator):
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
-        eps = self.hp["eps"]
-        n = self.world_size
         local = self.flat.load_grads()
         self.total.copy_(local)
         self.comm.all_reduce_(self.total)  # s = sum_j g_j
+        self.combine_(local, self.total)
+        self.flat.store_grads(local)
 
-        loc_segs, tot_segs = self._segments(local), self._segments(self.total)
+    @torch.no_grad()
+    def combine_(self, local: torch.Tensor, total: torch.Tensor) -> None:
+        """In place: ``local`` (this rank's flat gradient) becomes d, given ``total`` = the
+        sum of every rank's gradient. Collective. Shared by ``after_backward`` and the DDP
+        hook (which sums the buckets as they come)."""
+        eps = self.hp["eps"]
+        n = self.world_size
+        loc_segs, tot_segs = self._segments(local), self._segments(total)
         pairs = zip(loc_segs, tot_segs, strict=True)
         dots = torch.stack([torch.dot(g.float(), s.float()) for g, s in pairs])
         norms = torch.stack([g.float().norm() for g in loc_segs])
@@ -262,7 +269,6 @@ class ACGA(Aggregator):
             for l, (seg, tot) in enumerate(zip(loc_segs, tot_segs, strict=True)):
                 scale = all_norms[l].mean() if mode == "mean_norm" else tot.float().norm() / n
                 seg.mul_(scale)
-        self.flat.store_grads(local)
         self._coefficients = c  # metrics() reads it back when it is called
 
     @torch.no_grad()

@@ -303,6 +303,14 @@ class AdaSum(Aggregator):
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
         buf = self.flat.load_grads()
+        self.combine_(buf)
+        self.flat.store_grads(buf)
+
+    @torch.no_grad()
+    def combine_(self, buf: torch.Tensor) -> None:
+        """In place: this rank's flat gradient becomes the AdaSum of every rank's.
+        Collective (blocking point-to-point); shared by ``after_backward`` and the DDP
+        hook."""
         rank, n, p = self.rank, self.world_size, self.power
         self._coefs = []
         if rank >= p:
@@ -321,7 +329,6 @@ class AdaSum(Aggregator):
                 distance *= 2
             if has_extra:
                 self.comm.send(buf, rank + p)
-        self.flat.store_grads(buf)
         self._stepped = True
 
     @torch.no_grad()

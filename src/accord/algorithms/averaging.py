@@ -75,6 +75,13 @@ class NormalizedAveraging(Aggregator):
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
         buf = self.flat.load_grads()
+        self.combine_(buf)
+        self.flat.store_grads(buf)
+
+    @torch.no_grad()
+    def combine_(self, buf: torch.Tensor) -> None:
+        """In place: the flat buffer of this rank's gradient (and one free trailing slot)
+        becomes the aggregate. Collective; shared by ``after_backward`` and the DDP hook."""
         n = self.world_size
         grads = buf[:-1]
         norm = torch.linalg.vector_norm(grads, dtype=self.acc)  # a tensor: no host sync
@@ -83,7 +90,6 @@ class NormalizedAveraging(Aggregator):
         self.comm.all_reduce_(buf)
         if self.hp["restore_scale"] == "mean_norm":
             grads.mul_(buf[-1])
-        self.flat.store_grads(buf)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
