@@ -8,7 +8,8 @@ model each member last *deposited*::
 
     compute thread                        runner thread (rounds 0, 1, 2, ... in order)
     --------------                        -------------------------------------------
-    engine.deposit(x, version, healthy)   wait until target >= k      (never times out)
+    engine.note(healthy) every step       wait until target >= k      (never times out)
+    engine.deposit(x, version)
     engine.request(k)   -> target >= k    activate k: a message to every member of
     r = engine.wait(k)                      round k's group that has not started it
                                           snapshot the newest deposit
@@ -379,13 +380,12 @@ class ExchangeEngine:
         if healthy:
             self._healthy = True
 
-    def deposit(self, x: torch.Tensor, version: int, healthy: bool | None = None) -> None:
-        """Offer ``x`` (copied) as this rank's contribution from now on. ``healthy``: the
-        health of the steps since the previous deposit (default: what :meth:`note` saw)."""
+    def deposit(self, x: torch.Tensor, version: int) -> None:
+        """Offer ``x`` (copied) as this rank's contribution from now on; it is fresh
+        progress if it changed and :meth:`note` saw a healthy step since the last one."""
         staged = x.detach().to("cpu")  # the same tensor on the CPU; a copy from a GPU
         with self.lock:
-            healthy = self._healthy if healthy is None else healthy
-            if healthy and not torch.equal(staged, self._deposit):
+            if self._healthy and not torch.equal(staged, self._deposit):
                 self._fresh = True
             self._deposit.copy_(staged)
             self._version = version

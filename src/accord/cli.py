@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import algorithms, bench, report, rundir
 from .config import ConfigError, TrainConfig, apply_settings, validate
+from .failures import one_line
 from .launch import launch, launched_here, under_torchrun
 from .metrics import read_metrics
 from .tasks import TASKS
@@ -156,7 +157,7 @@ def _torchrun_worker(cfg: TrainConfig, rank: int, driver: bool) -> int:
     except KeyboardInterrupt:
         code = EXIT_CODES["interrupted"]
     except BaseException as exc:  # noqa: BLE001 - reported in one line, traceback on disk
-        message = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+        message = one_line(exc)
         line = (f"{PROG} train: error: rank {rank}: {message} (traceback: "
                 f"{Path(cfg.out) / 'logs' / f'rank{rank}.traceback'})")
         if not launched_here():  # the local launcher prints the run's one line itself

@@ -43,6 +43,11 @@ CONSEQUENCES = ("connection closed by peer", "connection reset by peer", "broken
                 "stopped by the launcher")
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: how a failure is named everywhere."""
+    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+
+
 def is_consequence(message: str) -> bool:
     text = message.lower()
     return any(c in text for c in CONSEQUENCES)

@@ -56,7 +56,7 @@ from . import algorithms, faults
 from .comm import Communicator, FlatBuffer
 from .config import ConfigError, TrainConfig
 from .core import Aggregator, StepContext
-from .failures import Heartbeat, attribute, is_consequence, wait_for_reports
+from .failures import Heartbeat, attribute, is_consequence, one_line, wait_for_reports
 from .metrics import MetricsWriter, run_environment
 from .tasks import get_task, to_device
 
@@ -205,7 +205,7 @@ def _report(exc: BaseException, cfg: TrainConfig, rank: int, world: int, logs: P
     interrupted = isinstance(exc, KeyboardInterrupt)
     step = heartbeat.step if heartbeat is not None else None
     if not interrupted:
-        message = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+        message = one_line(exc)
         if heartbeat is not None:
             heartbeat.beat(heartbeat.step, "failed")
         (logs / f"rank{rank}.traceback").write_text(traceback.format_exc())
@@ -213,8 +213,9 @@ def _report(exc: BaseException, cfg: TrainConfig, rank: int, world: int, logs: P
             {"rank": rank, "time": time.time(), "error": message, "step": step}) + "\n")
     if writer is None:
         return
-    if interrupted or is_consequence(message):  # give the root cause time to report
-        wait_for_reports(logs, world, rank, min(5.0, cfg.timeout))
+    # give the root cause time to leave its report (an interruption from the user: briefly)
+    if interrupted or is_consequence(message):
+        wait_for_reports(logs, world, rank, min(1.0 if interrupted else 5.0, cfg.timeout))
     failure = attribute(logs, world, ignore=rank)
     if interrupted and (failure.rank is None or failure.rank == rank):
         writer.write({"type": "summary", "status": "interrupted",

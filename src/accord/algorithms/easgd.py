@@ -70,11 +70,13 @@ DEFAULT_BETA = 0.9
 
 def elastic_exchange(
     x: torch.Tensor, centre: torch.Tensor, mean: torch.Tensor, alpha: float, beta: float
-) -> None:
-    """In place, both from the old values: x -= alpha (x - c); c += beta (mean - c)."""
+) -> torch.Tensor:
+    """In place, both from the old values: x -= alpha (x - c); c += beta (mean - c).
+    Returns ||x - c|| before the exchange (a tensor)."""
     diff = x - centre
     centre.add_(mean - centre, alpha=beta)
     x.sub_(diff, alpha=alpha)
+    return diff.norm()
 
 
 @register
@@ -151,17 +153,16 @@ class ElasticAveraging(ModelAggregator):
         elif self.hp["weighting"] == "uniform":
             self.mean.copy_(x)
             self.comm.all_reduce_(self.mean, op="avg")
-            self._distance = (x - self.centre).norm()
-            elastic_exchange(x, self.centre, self.mean, self.alpha, self.beta)
+            self._distance = elastic_exchange(x, self.centre, self.mean, self.alpha,
+                                              self.beta)
         else:
             k = self.exchanges
-            result = group_round(self.comm, x.clone(), ctx.step, self.progress.observe(x, k),
+            result = group_round(self.comm, x, ctx.step, self.progress.observe(x, k),
                                  self.comm.global_rank(self.rank), self.weighting, k)
             self._last = result.light()
-            self._distance = (x - self.centre).norm()
             # no surviving contribution (every model non-finite): the centre stays put
             mean = torch.where(result.valid, result.mean, self.centre)
-            elastic_exchange(x, self.centre, mean, self.alpha, self.beta)
+            self._distance = elastic_exchange(x, self.centre, mean, self.alpha, self.beta)
         self.exchanges += 1
         self.store_state(x)
 
@@ -185,8 +186,9 @@ class ElasticAveraging(ModelAggregator):
         engine.wait(self.exchanges)  # our round's communication only
         with self._centre_lock:
             centre = self._round_centre  # the newest round, which may be later than ours
-            self._distance = (x - centre).norm()
-            x.sub_(x - centre, alpha=self.alpha)
+            diff = x - centre
+            self._distance = diff.norm()
+            x.sub_(diff, alpha=self.alpha)
 
     def consensus_params(self) -> list[torch.Tensor]:
         with self._centre_lock:

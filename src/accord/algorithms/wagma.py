@@ -249,7 +249,7 @@ class WAGMA(ModelAggregator):
             result = self.engine.pop(k)
         else:
             comm = self.comms.get(tuple(self._group_global(k)))  # None: a group of one
-            result = group_round(comm, x.clone(), ctx.step, self.progress.observe(x, k),
+            result = group_round(comm, x, ctx.step, self.progress.observe(x, k),
                                  self.comm.global_rank(self.rank), self.weighting, k)
         self._last_step = ctx.step
         mix(x, result, self.hp["self_weight"])
