@@ -79,6 +79,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _first(fut: torch.futures.Future) -> torch.Tensor:
+    return fut.value()[0]  # value() re-raises the collective's error, if any
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -94,6 +98,8 @@ class Communicator:
         self.world_size = dist.get_world_size(group)
         # communicators of one algorithm on several subgroups share one CommStats
         self.stats = CommStats() if stats is None else stats
+        # NCCL averages inside the collective (one pass); gloo has no AVG: sum, then divide
+        self._native_avg = dist.get_backend(group) == "nccl"
 
     def _check(self, t: torch.Tensor) -> None:
         if not t.is_contiguous():
@@ -106,10 +112,13 @@ class Communicator:
         self._check(t)
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
                      "min": dist.ReduceOp.MIN, "avg": dist.ReduceOp.SUM}[op]
+        native = op == "avg" and self._native_avg
+        if native:
+            reduce_op = dist.ReduceOp.AVG
         start = time.perf_counter()
         if self.world_size > 1:
             dist.all_reduce(t, op=reduce_op, group=self.group)
-        if op == "avg":
+        if op == "avg" and not native and self.world_size > 1:
             t.div_(self.world_size)
         self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
         return t
@@ -118,27 +127,30 @@ class Communicator:
         self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce"
     ) -> torch.futures.Future:
         """Start an in-place allreduce of ``t`` (``op``: sum or avg); the future gives ``t``
-        once reduced, counted when it completes (seconds from issue to completion). Used
-        where communication overlaps computation (DDP communication hooks)."""
+        once reduced. Used where communication overlaps computation (DDP communication
+        hooks, the native path's buckets). ``avg`` divides before the collective (as DDP's
+        own hook does; NCCL averages inside it). Counted when issued: the bytes, and as
+        seconds the time the calling thread spent issuing it; the wait for completion is
+        the caller's (and counted where the caller blocks on it, if anywhere)."""
         self._check(t)
         if op not in ("sum", "avg"):
             raise ValueError(f"op: got {op!r}, allowed: 'sum', 'avg'")
-        nbytes = _nbytes(t)
         start = time.perf_counter()
-
-        def finish(fut: torch.futures.Future) -> torch.Tensor:
-            fut.wait()  # re-raises the collective's error, if any
-            if op == "avg":
-                t.div_(self.world_size)
-            self.stats.record(kind, nbytes, time.perf_counter() - start)
-            return t
-
         if self.world_size == 1:
             done: torch.futures.Future = torch.futures.Future()
             done.set_result(t)
-            return done.then(finish)
-        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        return work.get_future().then(finish)
+            self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
+            return done
+        reduce_op = dist.ReduceOp.SUM
+        if op == "avg":
+            if self._native_avg:
+                reduce_op = dist.ReduceOp.AVG
+            else:
+                t.div_(self.world_size)
+        work = dist.all_reduce(t, op=reduce_op, group=self.group, async_op=True)
+        fut = work.get_future().then(_first)
+        self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
+        return fut
 
     def all_gather(self, t: torch.Tensor, kind: str = "allgather") -> torch.Tensor:
         """Gather ``t`` from every rank into a new tensor of shape ``(world_size, *t.shape)``."""
@@ -228,6 +240,16 @@ class FlatBuffer:
 
     ``load_grads`` / ``load_values`` copy the tensors in, ``store_grads`` /
     ``store_values`` copy back; ``split`` gives the per-tensor views of a buffer.
+
+    Gradients are zero-copy in steady state: ``store_grads()`` on the own buffer does not
+    copy, it makes every ``.grad`` a view of the buffer (as DDP's
+    ``gradient_as_bucket_view``). Autograd then accumulates the next backward pass into
+    the buffer in place when the loop zeroes gradients with ``zero_grad(set_to_none=False)``
+    (``accord train`` does), and ``load_grads()`` finds them already there; after
+    ``zero_grad()`` (``set_to_none=True``, PyTorch's default) autograd allocates fresh
+    gradients and ``load_grads()`` copies each one in once. The buffer keeps the last
+    result until the next ``load_grads()`` either way, except that a
+    ``zero_grad(set_to_none=False)`` zeroes it.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], extra: int = 0) -> None:
@@ -245,6 +267,7 @@ class FlatBuffer:
         # ``extra`` trailing slots carry scalars in the same collective as the tensors
         self.buffer = torch.zeros(self.numel + extra, dtype=t0.dtype, device=t0.device)
         self.sizes = [t.numel() for t in self.tensors]
+        self.views = self.split(self.buffer)  # per-tensor views of the own buffer
 
     def new_buffer(self) -> torch.Tensor:
         return torch.zeros_like(self.buffer)
@@ -254,35 +277,55 @@ class FlatBuffer:
         chunks = buffer[: self.numel].split(self.sizes)
         return [v.view_as(t) for v, t in zip(chunks, self.tensors, strict=True)]
 
+    def _views_of(self, buffer: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if buffer is None or buffer is self.buffer:
+            return self.buffer, self.views
+        return buffer, self.split(buffer)
+
+    @staticmethod
+    def _bound(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
+        """True if ``grad`` is ``view``'s memory (a gradient a previous store bound)."""
+        return (grad is not None and grad.data_ptr() == view.data_ptr()
+                and grad.shape == view.shape and grad.dtype == view.dtype
+                and grad.numel() > 0)
+
     @torch.no_grad()
     def load_grads(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Copy the tensors' ``.grad`` into the buffer (a missing grad counts as zero)."""
-        buf = self.buffer if buffer is None else buffer
-        for view, t in zip(self.split(buf), self.tensors, strict=True):
-            if t.grad is None:
+        """The tensors' ``.grad`` in the buffer (a missing grad counts as zero); a gradient
+        that already is a view of the buffer is not copied."""
+        buf, views = self._views_of(buffer)
+        for view, t in zip(views, self.tensors, strict=True):
+            grad = t.grad
+            if grad is None:
                 view.zero_()
-            else:
-                view.copy_(t.grad)
+            elif not self._bound(grad, view):
+                view.copy_(grad)
         return buf
 
     @torch.no_grad()
     def store_grads(self, buffer: torch.Tensor | None = None) -> None:
-        buf = self.buffer if buffer is None else buffer
-        for view, t in zip(self.split(buf), self.tensors, strict=True):
-            if t.grad is None:
-                t.grad = view.clone()
+        """The buffer's values as the tensors' ``.grad``: on the own buffer each ``.grad``
+        becomes a view of it (no copy); another buffer is copied (rounded) into them."""
+        buf, views = self._views_of(buffer)
+        own = buf is self.buffer
+        for view, t in zip(views, self.tensors, strict=True):
+            if own:
+                if not self._bound(t.grad, view):
+                    t.grad = view
+            elif t.grad is None:
+                t.grad = view.to(t.dtype, copy=True)
             else:
                 t.grad.copy_(view)
 
     @torch.no_grad()
     def load_values(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        buf = self.buffer if buffer is None else buffer
-        for view, t in zip(self.split(buf), self.tensors, strict=True):
+        buf, views = self._views_of(buffer)
+        for view, t in zip(views, self.tensors, strict=True):
             view.copy_(t)
         return buf
 
     @torch.no_grad()
     def store_values(self, buffer: torch.Tensor | None = None) -> None:
-        buf = self.buffer if buffer is None else buffer
-        for view, t in zip(self.split(buf), self.tensors, strict=True):
+        _, views = self._views_of(buffer)
+        for view, t in zip(views, self.tensors, strict=True):
             t.copy_(view)

@@ -281,7 +281,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
             frozen = injector.freeze_active(step)
             if frozen:
                 injector.freeze_snapshot(step, state)
-            optimizer.zero_grad(set_to_none=True)
+            # zeroed in place: gradient-phase aggregators bind .grad to their flat buffer,
+            # so backward accumulates straight into it (no copy in or out)
+            optimizer.zero_grad(set_to_none=False)
             loss_sum = torch.zeros((), device=device)
             compute_start = time.perf_counter()
             for _ in range(cfg.accum_steps):
