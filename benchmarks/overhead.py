@@ -10,8 +10,8 @@ steps in turn (interleaved, so a slow phase of the machine hits every arm alike)
 
 * ``compute``: the same loop with no communication;
 * ``ddp``: torch ``DistributedDataParallel`` (its own bucketed allreduce);
-* ``hook-<algo>``: DDP with ``accord.ddp_hook(<algo>)`` for allreduce, normalized, acga
-  and adasum;
+* ``hook-<algo>``: DDP with ``accord.ddp_hook(<algo>)`` for allreduce, normalized, acga,
+  acga-sketch (``coefficients=sketch``, default ``sketch_size``) and adasum;
 * ``<algo>``: accord's native path (``accord.wrap``) for the same algorithms.
 
 Printed per model and world size: the median step time of each arm over the rounds, its
@@ -36,8 +36,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-GRADIENT_ALGOS = ("allreduce", "normalized", "acga", "adasum")
+GRADIENT_ALGOS = ("allreduce", "normalized", "acga", "acga-sketch", "adasum")
 ARMS = ("compute", "ddp", *(f"hook-{a}" for a in GRADIENT_ALGOS), *GRADIENT_ALGOS)
+# arm name -> (algorithm, hyperparameters)
+SPECS = {a: (a, {}) for a in GRADIENT_ALGOS}
+SPECS["acga-sketch"] = ("acga", {"coefficients": "sketch"})
 MLP = (1024, 2304, 2304, 1024, 10)
 
 
@@ -74,10 +77,12 @@ def _arm(model_name: str, arm: str):
         net = torch.nn.parallel.DistributedDataParallel(model)
         agg = None
         if arm.startswith("hook-"):
-            agg, hook = accord.ddp_hook(arm[5:], net)
+            algo, hp = SPECS[arm[5:]]
+            agg, hook = accord.ddp_hook(algo, net, **hp)
             net.register_comm_hook(agg, hook)
         return net, inner, lambda loss: inner.step(), agg
-    opt = accord.wrap(inner, arm, broadcast=False)
+    algo, hp = SPECS[arm]
+    opt = accord.wrap(inner, algo, broadcast=False, **hp)
     return model, opt, lambda loss: opt.step(loss=loss), opt.aggregator
 
 

@@ -30,6 +30,12 @@ VARIANTS = {
     "acga": ("acga", {"momentum": 0.9}, {}),
     "acga_layer": ("acga", {"per_layer": True, "momentum": 0.9}, {}),
     "acga_view": ("acga", {"momentum": 0.9}, {"gradient_as_bucket_view": True}),
+    # 7460 parameters: a 256-number sketch; per layer, the three weight matrices are
+    # sketched to 128 numbers and the five smaller tensors sent exactly
+    "acga_sketch": ("acga", {"momentum": 0.9, "coefficients": "sketch", "sketch_size": 256},
+                    {}),
+    "acga_sketch_layer": ("acga", {"momentum": 0.9, "coefficients": "sketch",
+                                   "sketch_size": 128, "per_layer": True}, {}),
     "adasum": ("adasum", {}, {}),
     "adasum_static": ("adasum", {"per_layer": False}, {"static_graph": True}),
 }
@@ -165,10 +171,11 @@ def test_ddp_replicas_identical(results, variant):
         assert torch.equal(per_rank[r][variant]["params"], first), (variant, r)
 
 
-@pytest.mark.parametrize("variant", ["acga", "acga_layer", "acga_view"])
+@pytest.mark.parametrize("variant", ["acga", "acga_layer", "acga_view", "acga_sketch",
+                                     "acga_sketch_layer"])
 def test_acga_momentum_state_equals_aggregator(results, variant):
     world, per_rank = results
-    layers = 8 if variant == "acga_layer" else 1
+    layers = 8 if variant.endswith("layer") else 1
     for r in range(world):
         got = per_rank[r][variant]
         state, ref = got["state"], got["ref_state"]
@@ -193,6 +200,9 @@ def test_every_collective_counted(results, variant):
             assert got[kind]["bytes"] == ref[kind]["bytes"], (variant, kind)
         if variant == "allreduce":
             assert got["allreduce"]["calls"] == buckets
+        elif variant.startswith("acga_sketch"):  # no sum: the weighted allreduce only
+            assert got["allreduce"]["calls"] == STEPS
+            assert got["allgather"]["calls"] == STEPS
         elif variant.startswith("acga"):
             assert got["allreduce"]["calls"] == buckets + STEPS
             assert got["allgather"]["calls"] == STEPS

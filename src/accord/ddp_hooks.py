@@ -24,7 +24,8 @@ is issued from that call, never from a future's callback:
 
 * ``allreduce`` averages each bucket as it comes (an asynchronous allreduce; backward
   goes on computing the next buckets meanwhile), exactly as DDP's own hook.
-* ``acga`` starts the allreduce of each bucket's raw gradients as it comes (the sum s).
+* ``acga`` starts the allreduce of each bucket's raw gradients as it comes (the sum s;
+  with ``coefficients=sketch`` there is no sum, and the sketch is taken at the end).
   Everything that needs the whole gradient -- <g_i, s> and ||g_i|| over all buckets, the
   all-gather of the coefficients, the weighted second allreduce, the norm limit -- runs
   once, in the call for the last bucket, after waiting for the bucket sums.
@@ -185,6 +186,8 @@ class ACGAHook(WholeGradientHook):
     def _start(self, index: int, buf: torch.Tensor) -> None:
         if index == 0:
             self._sums = []
+        if self.aggregator.total is None:  # type: ignore[attr-defined]
+            return  # coefficients=sketch: no sum to start; the sketch runs in _finish
         total = self._totals.get(index)
         if total is None or total.shape != buf.shape or total.dtype != buf.dtype:
             total = self._totals[index] = torch.empty_like(buf)
@@ -194,6 +197,9 @@ class ACGAHook(WholeGradientHook):
     def _finish(self) -> None:
         agg = self.aggregator
         total = agg.total  # type: ignore[attr-defined]
+        if total is None:  # coefficients=sketch
+            agg.combine_(agg.flat.buffer, None)  # type: ignore[attr-defined]
+            return
         tot_views = [v.reshape(-1) for v in agg.flat.split(total)]  # type: ignore[attr-defined]
         for fut, (_, _, idx, _) in zip(self._sums, self._pending, strict=True):
             parts = fut.wait().split([tot_views[i].numel() for i in idx])
