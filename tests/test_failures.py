@@ -53,8 +53,9 @@ def test_a_signal_nobody_sent_is_the_root_cause(tmp_path):
 def test_a_rank_silent_inside_a_step_while_others_time_out_hung(tmp_path):
     _evidence(tmp_path, {0: (20.0, "RuntimeError: Timed out waiting 3000ms for recv"),
                          2: (20.1, "RuntimeError: Timed out waiting 3000ms for recv")},
-              {0: (10, 4, "aggregate", 16.9), 1: (11, 4, "compute", 16.8),
-               2: (12, 4, "aggregate", 16.9)})
+              # live pids (this process): a rank whose pid is gone reads as killed
+              {0: (os.getpid(), 4, "aggregate", 16.9), 1: (os.getpid(), 4, "compute", 16.8),
+               2: (os.getpid(), 4, "aggregate", 16.9)})
     f = failures.attribute(tmp_path, 3)
     assert f.rank == 1 and f.error.startswith("hung: no progress for 3 s inside step 4")
 

@@ -79,6 +79,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _backend(group: dist.ProcessGroup | None) -> str:
+    """The group's backend name; groups built outside ``new_group`` (the background engine
+    constructs its own gloo groups) are not registered, and are gloo."""
+    try:
+        return str(dist.get_backend(group))
+    except (ValueError, RuntimeError):
+        return "gloo"
+
+
 def _first(fut: torch.futures.Future) -> torch.Tensor:
     return fut.value()[0]  # value() re-raises the collective's error, if any
 
@@ -98,8 +107,9 @@ class Communicator:
         self.world_size = dist.get_world_size(group)
         # communicators of one algorithm on several subgroups share one CommStats
         self.stats = CommStats() if stats is None else stats
-        # NCCL averages inside the collective (one pass); gloo has no AVG: sum, then divide
-        self._native_avg = dist.get_backend(group) == "nccl"
+        #: True when the backend averages inside the collective (NCCL's AVG); gloo has no
+        #: AVG, so an average is a sum and one division pass
+        self.native_avg = _backend(group) == "nccl"
 
     def _check(self, t: torch.Tensor) -> None:
         if not t.is_contiguous():
@@ -112,7 +122,7 @@ class Communicator:
         self._check(t)
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
                      "min": dist.ReduceOp.MIN, "avg": dist.ReduceOp.SUM}[op]
-        native = op == "avg" and self._native_avg
+        native = op == "avg" and self.native_avg
         if native:
             reduce_op = dist.ReduceOp.AVG
         start = time.perf_counter()
@@ -143,7 +153,7 @@ class Communicator:
             return done
         reduce_op = dist.ReduceOp.SUM
         if op == "avg":
-            if self._native_avg:
+            if self.native_avg:
                 reduce_op = dist.ReduceOp.AVG
             else:
                 t.div_(self.world_size)
@@ -290,15 +300,22 @@ class FlatBuffer:
                 and grad.numel() > 0)
 
     @torch.no_grad()
-    def load_grads(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensors' ``.grad`` in the buffer (a missing grad counts as zero); a gradient
-        that already is a view of the buffer is not copied."""
+    def load_grads(self, buffer: torch.Tensor | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+        """The tensors' ``.grad`` in the buffer (a missing grad counts as zero), times
+        ``scale`` if given, in one pass: a gradient that already is a view of the buffer
+        is scaled in place (or left alone), any other is copied (and scaled) in."""
         buf, views = self._views_of(buffer)
         for view, t in zip(views, self.tensors, strict=True):
             grad = t.grad
             if grad is None:
                 view.zero_()
-            elif not self._bound(grad, view):
+            elif self._bound(grad, view):
+                if scale is not None:
+                    view.mul_(scale)
+            elif scale is not None:
+                torch.mul(grad, scale, out=view)
+            else:
                 view.copy_(grad)
         return buf
 

@@ -109,6 +109,11 @@ from . import register
 
 log = logging.getLogger(__name__)
 
+#: on the CPU, where reading a value back costs nothing, skip the norm limit's two passes
+#: when every coefficient is non-negative (the device-agnostic path never reads back; the
+#: host-sync test switches this off to check that path on the CPU)
+CPU_SHORTCUTS = True
+
 #: default ``sketch_size`` (see benchmarks/acga_sketch.py for the error study)
 SKETCH_SIZE = 65536
 
@@ -421,10 +426,10 @@ class ACGA(Aggregator):
             seg.mul_(w)
         self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
         # d is identical on every rank, so every rank computes the same divisors
-        if local.device.type == "cpu" and bool((c >= 0).all()):
+        if CPU_SHORTCUTS and local.device.type == "cpu" and bool((c >= 0).all()):
             # bounded by construction (a convex combination of vectors of norm < 1); on the
             # CPU reading c costs nothing, so the two passes over d are skipped
-            divisors = torch.ones(len(loc_segs), dtype=torch.float32)
+            divisors = torch.ones(len(loc_segs), dtype=torch.float32, device=local.device)
         else:
             divisors = limit_norm_(loc_segs)
 

@@ -13,7 +13,10 @@ It is ACGA with every coefficient fixed to 1/N. ``restore_scale=mean_norm`` mult
 mean_i ||g_i||, carried as one extra element of the same allreduce (in the gradient dtype:
 with bfloat16 gradients the scale is rounded to 8 bits, one rounding of d itself).
 
-Hook: ``after_backward``. Communication per step: one model-size allreduce. No host sync:
+Hook: ``after_backward``. Communication per step: one model-size allreduce. The gradients
+are bound to the flat buffer (zero-copy, see :class:`accord.comm.FlatBuffer`) and divided by
+N in the same pass that loads them (NCCL averages inside the collective instead). No host
+sync:
 norms and scales stay tensors on the gradients' device (norms accumulated in fp32, float64
 for float64 gradients); ``metrics()`` takes the norm of the last aggregated gradient, which
 the flat buffer still holds, when it is called.
@@ -43,9 +46,12 @@ class GradientAveraging(Aggregator):
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
-        buf = self.flat.load_grads()
-        self.comm.all_reduce_(buf, op="avg")
-        self.flat.store_grads(buf)
+        if self.comm.native_avg:  # NCCL: the collective averages
+            self.comm.all_reduce_(self.flat.load_grads(), op="avg")
+        else:  # gloo: divided by N as the gradients are loaded, one pass, then summed
+            buf = self.flat.load_grads(scale=1.0 / self.world_size)
+            self.comm.all_reduce_(buf, op="sum")
+        self.flat.store_grads()
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
