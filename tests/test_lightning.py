@@ -1,0 +1,128 @@
+"""accord.lightning.AccordStrategy under torchrun with 2 processes (tests/lightning_driver.py
+runs every scenario in one launch; each rank saves what it saw)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--master_port", str(_port()), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lightning")
+    proc = _torchrun(str(ROOT / "tests" / "lightning_driver.py"), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def test_allreduce_through_the_strategy_equals_lightning_ddp(ranks):
+    for r in ranks:
+        torch.testing.assert_close(r["allreduce"], r["ddp"], rtol=1e-6, atol=1e-7)
+    assert _diff(ranks[0]["allreduce"], ranks[1]["allreduce"]) == 0
+
+
+def test_acga_through_the_hook_equals_accord_build(ranks):
+    for r in ranks:
+        torch.testing.assert_close(r["acga"], r["acga_native"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("algo,period", [("local_sgd", 3), ("easgd", 2)])
+def test_model_phase_equals_the_native_loop_and_replicas_differ_between_syncs(ranks, algo,
+                                                                              period):
+    for r in ranks:
+        torch.testing.assert_close(r[algo], r[f"{algo}_native"], rtol=1e-6, atol=1e-7)
+    steps0, steps1 = ranks[0][f"{algo}_steps"], ranks[1][f"{algo}_steps"]
+    gaps = [_diff(a, b) for a, b in zip(steps0, steps1, strict=True)]
+    assert gaps[0] > 1e-3  # no gradient allreduce: different data, different replicas
+    if algo == "local_sgd":  # identical right after each averaging step, apart otherwise
+        for step, gap in enumerate(gaps):
+            assert (gap == 0) == ((step + 1) % period == 0), (step, gaps)
+    else:
+        assert all(g > 1e-3 for g in gaps), gaps  # elastic: pulled together, never equal
+
+
+def test_asynchronous_wagma_runs_and_validates(ranks):
+    assert ranks[0]["wagma_val"] == ranks[1]["wagma_val"] < 2.0
+
+
+def test_validation_runs_on_the_consensus_model(ranks):
+    mean = (ranks[0]["val_final"] + ranks[1]["val_final"]) / 2
+    assert _diff(ranks[0]["val_final"], ranks[1]["val_final"]) > 1e-3  # replicas differ
+    for r in ranks:
+        torch.testing.assert_close(r["val_seen"], mean, rtol=1e-6, atol=1e-7)
+
+
+def test_aggregator_metrics_reach_the_logger(ranks):
+    with open(ranks[0]["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    logged = [row for row in rows if row.get("accord/comm_bytes")]
+    assert len(logged) == 4  # every 2 of the 8 optimizer steps
+    # the model is 16 x 6 + 16 + 16 + 1 = 129 floats: the initial broadcast from rank 0,
+    # then local_sgd (period 3) averages after steps 3 and 6 of the 8
+    sent = [float(row["accord/comm_bytes"]) for row in logged]
+    assert sent == [1 * 129 * 4, 2 * 129 * 4, 3 * 129 * 4, 3 * 129 * 4]
+    assert "accord/syncs" in rows[0]
+
+
+def test_gradient_accumulation_calls_the_aggregator_once_per_optimizer_step(ranks):
+    for r in ranks:
+        assert r["accumulate_steps"] == 4  # 8 batches, accumulate 2
+        assert r["accumulate_acga_gathers"] == 4
+
+
+def test_resumed_run_equals_the_uninterrupted_one(ranks):
+    # the checkpoint was taken between syncs, so each rank had to get its own replica back
+    assert _diff(ranks[0]["at_checkpoint"], ranks[1]["at_checkpoint"]) > 1e-3
+    for r in ranks:
+        assert r["resumed_steps"] == 16
+        torch.testing.assert_close(r["resumed"], r["straight"], rtol=0, atol=0)
+        assert r["wrong_algo"].startswith("checkpoint") and "'easgd'" in r["wrong_algo"]
+
+
+def test_bad_strategy_arguments_are_one_line_errors():
+    from accord.lightning import AccordStrategy
+
+    with pytest.raises(ValueError, match="unknown hyperparameter 'momentun'"):
+        AccordStrategy("acga", momentun=0.9)
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        AccordStrategy("sgd")
+    with pytest.raises(ValueError, match="model-phase algorithm"):
+        AccordStrategy("easgd", ddp_kwargs={"static_graph": True})
+
+
+def test_the_example_runs():
+    proc = _torchrun("examples/lightning_train.py", "--algos", "ddp,acga,local_sgd",
+                     "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0] in ("ddp", "acga", "local_sgd")}
+    assert set(rows) == {"ddp", "acga", "local_sgd"}
+    assert all(acc > 0.5 for acc in rows.values()), rows  # one epoch: far above chance (0.1)
