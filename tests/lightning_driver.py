@@ -157,19 +157,20 @@ def main() -> None:
     res["accumulate_acga_gathers"] = strategy.aggregator.comm.stats.as_dict()["allgather"]["calls"]
 
     # checkpoint at the end of epoch 1 (replicas differ there), resume for epoch 2
-    hp = {"period": 3}
-    m, _ = fit(AccordStrategy("local_sgd", **hp), rank, out, epochs=2,
-               model=Net(momentum=0.9))
-    res["straight"] = flat(m)
-    strategy = AccordStrategy("local_sgd", **hp)
-    m, _ = fit(strategy, rank, out, epochs=1, model=Net(momentum=0.9))
-    ckpt = str(out / "mid.ckpt")
-    m.trainer_ref.save_checkpoint(ckpt)
-    res["at_checkpoint"] = flat(m)
-    resumed = AccordStrategy("local_sgd", **hp)
-    m, _ = fit(resumed, rank, out, epochs=2, model=Net(seed=5, momentum=0.9), ckpt_path=ckpt)
-    res["resumed"] = flat(m)
-    res["resumed_steps"] = resumed.accord_steps
+    for algo in ("local_sgd", "easgd"):
+        hp = {"period": 3}
+        m, _ = fit(AccordStrategy(algo, **hp), rank, out, epochs=2, model=Net(momentum=0.9))
+        res[f"straight_{algo}"] = flat(m)
+        m, _ = fit(AccordStrategy(algo, **hp), rank, out, epochs=1, model=Net(momentum=0.9))
+        ckpt = str(out / f"mid_{algo}.ckpt")
+        m.trainer_ref.save_checkpoint(ckpt)
+        res[f"at_checkpoint_{algo}"] = flat(m)
+        resumed = AccordStrategy(algo, **hp)
+        m, _ = fit(resumed, rank, out, epochs=2, model=Net(seed=5, momentum=0.9),
+                   ckpt_path=ckpt)
+        res[f"resumed_{algo}"] = flat(m)
+        res[f"resumed_steps_{algo}"] = resumed.accord_steps
+    ckpt = str(out / "mid_local_sgd.ckpt")
     try:
         fit(AccordStrategy("easgd"), rank, out, epochs=2, ckpt_path=ckpt)
         res["wrong_algo"] = "no error"

@@ -98,12 +98,18 @@ def test_gradient_accumulation_calls_the_aggregator_once_per_optimizer_step(rank
         assert r["accumulate_acga_gathers"] == 4
 
 
-def test_resumed_run_equals_the_uninterrupted_one(ranks):
+@pytest.mark.parametrize("algo", ["local_sgd", "easgd"])
+def test_resumed_run_equals_the_uninterrupted_one(ranks, algo):
     # the checkpoint was taken between syncs, so each rank had to get its own replica back
-    assert _diff(ranks[0]["at_checkpoint"], ranks[1]["at_checkpoint"]) > 1e-3
+    # (and EASGD its centre)
+    assert _diff(ranks[0][f"at_checkpoint_{algo}"], ranks[1][f"at_checkpoint_{algo}"]) > 1e-3
     for r in ranks:
-        assert r["resumed_steps"] == 16
-        torch.testing.assert_close(r["resumed"], r["straight"], rtol=0, atol=0)
+        assert r[f"resumed_steps_{algo}"] == 16
+        torch.testing.assert_close(r[f"resumed_{algo}"], r[f"straight_{algo}"], rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_another_algorithm_is_refused(ranks):
+    for r in ranks:
         assert r["wrong_algo"].startswith("checkpoint") and "'easgd'" in r["wrong_algo"]
 
 
