@@ -149,7 +149,7 @@ class _StepWithNotedLoss(AggregatedOptimizer):
                                  f"{tuple(loss.shape)}, allowed: one number")
             value = loss.detach().reshape(()).float()
         elif isinstance(loss, int | float) and not isinstance(loss, bool):
-            value = torch.tensor(float(loss))
+            value = torch.tensor(float(loss))  # host: a Python float; moved on first sum
         else:
             raise TypeError(f"accord.accelerate.note_loss: got {type(loss).__name__}, "
                             "allowed: a 1-element tensor or a float")
