@@ -103,7 +103,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -170,6 +170,19 @@ class RoundResult:
     def own_weight(self) -> float:
         return float(self.weight[self.own_index])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The light fields (what metrics read), for a checkpoint."""
+        return {"round": self.round, "meta": self.meta.clone(), "weight": self.weight.clone(),
+                "stale": self.stale.clone(), "valid": self.valid.clone(),
+                "own_index": self.own_index, "own_version": self.own_version}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None) -> RoundResult | None:
+        if state is None:
+            return None
+        return cls(int(state["round"]), None, state["meta"], state["weight"], state["stale"],
+                   state["valid"], int(state["own_index"]), None, int(state["own_version"]))
+
     def light(self) -> RoundResult:
         """The same record without its model-size tensors (for metrics and tests)."""
         return RoundResult(self.round, None, self.meta, self.weight, self.stale, self.valid,
@@ -216,6 +229,16 @@ class Progress:
 
     def note(self, healthy: bool) -> None:
         self._healthy = self._healthy or bool(healthy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": None if self.previous is None else self.previous.clone(),
+                "round": self.round.clone(), "healthy": self._healthy}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.previous is not None and state.get("previous") is not None:
+            self.previous.copy_(state["previous"])
+        self.round.copy_(state["round"])
+        self._healthy = bool(state["healthy"])
 
     def observe(self, x: torch.Tensor, k: int) -> torch.Tensor:
         if self.previous is None:
@@ -362,6 +385,7 @@ class ExchangeEngine:
         self._started: dict[int, int] = {}  # peer -> highest round it told us it started
         self._results: dict[int, Any] = {}
         self._done = -1  # last completed round
+        self._first = 0  # the first round this engine runs (resume_at)
         self._error: BaseException | None = None
         self._error_round: int | None = None
         self._stopping = False
@@ -390,6 +414,22 @@ class ExchangeEngine:
             self._deposit.copy_(staged)
             self._version = version
             self._healthy = False
+
+    def resume_at(self, k: int) -> None:
+        """Continue a checkpointed run: the first round this engine runs is ``k`` (rounds
+        before it ran in the run that was checkpointed). Call on every rank right after
+        construction, before any ``request``. The deposit counts as fresh progress at
+        round ``k``, so dynamic weighting does not take a resumed worker for a stale one."""
+        with self.lock:
+            if self._requested >= 0 or self._done >= 0:
+                raise RuntimeError("resume_at: rounds already ran; call it right after the "
+                                   "engine is built")
+            self._first = int(k)
+            self._done = self._requested = int(k) - 1
+            # a faster peer may already have started round k and told us
+            self._target = max(self._target, int(k) - 1)
+            self._progress = int(k)
+            self.lock.notify_all()
 
     def request(self, k: int) -> None:
         """Activate every round up to ``k`` (no-op for rounds already run)."""
@@ -521,8 +561,10 @@ class ExchangeEngine:
             while True:
                 with self.lock:
                     # activation: never times out (idle is not failure)
+                    k = max(k, self._first)
                     while self._target < k and not self._stopping:
                         self.lock.wait()
+                        k = max(k, self._first)
                     if self._abort or (self._stopping and self._target < k):
                         return
                 self._round(k)

@@ -211,8 +211,22 @@ class ElasticAveraging(ModelAggregator):
 
     def state_dict(self) -> dict[str, Any]:
         with self._centre_lock:
-            return {**super().state_dict(), "centre": self.centre.clone()}
+            last = None if self._last is None else self._last.state_dict()
+            return {**super().state_dict(), "centre": self.centre.clone(),
+                    "exchanges": self.exchanges, "distance": self._distance.clone(),
+                    "last_round": last,
+                    "progress": None if self.progress is None else self.progress.state_dict()}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.centre.copy_(state["centre"])
+        with self._centre_lock:
+            self.centre.copy_(state["centre"])
+            self.exchanges = int(state.get("exchanges", 0))
+            if "distance" in state:
+                self._distance = state["distance"].to(self.centre.device).clone()
+            self._last = RoundResult.from_state(state.get("last_round"))
+            if self.engine is not None:
+                self._round_centre.copy_(self.centre)
+                self.engine.resume_at(self.exchanges)
+        if self.progress is not None and state.get("progress") is not None:
+            self.progress.load_state_dict(state["progress"])

@@ -135,6 +135,18 @@ class GRAWA(ModelAggregator):
         self.weights = mine
         self.pulls += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "norm_sum": self.norm_sum.clone(),
+                "norm_count": self.norm_count, "weights": self.weights.clone(),
+                "pulls": self.pulls}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.norm_sum.copy_(state["norm_sum"])
+        self.norm_count = int(state["norm_count"])
+        self.weights = state["weights"].to(self.norm_sum.device).clone()
+        self.pulls = int(state["pulls"])
+
     def metrics(self) -> dict[str, float]:
         """This rank's weight (mean over layers), its smallest and largest layer weight at
         the last pull, and the number of pulls."""

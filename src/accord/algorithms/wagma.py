@@ -266,6 +266,23 @@ class WAGMA(ModelAggregator):
         elif self.progress is not None:
             self.progress.note(ctx.healthy)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rounds": self.rounds,
+                "global_steps": self.global_steps, "last_step": self._last_step,
+                "last_round": None if self._last is None else self._last.state_dict(),
+                "progress": None if self.progress is None else self.progress.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.rounds = int(state.get("rounds", 0))
+        self.global_steps = int(state.get("global_steps", 0))
+        self._last_step = int(state.get("last_step", 0))
+        self._last = RoundResult.from_state(state.get("last_round"))
+        if self.progress is not None and state.get("progress") is not None:
+            self.progress.load_state_dict(state["progress"])
+        if self.engine is not None:  # group rounds are numbered from the step count
+            self.engine.resume_at(self.rounds)
+
     def metrics(self) -> dict[str, float]:
         out = {"group_size": float(self.group_size), "rounds": float(self.rounds),
                "global_steps": float(self.global_steps),
