@@ -13,11 +13,17 @@ or, the same two hooks inside an optimizer::
     opt = accord.wrap(torch.optim.AdamW(model.parameters()), "acga", momentum=0.99)
     ...
     opt.step(loss=loss.detach())
+
+and checkpoints that keep every rank's replica::
+
+    accord.save("ckpt/step-100", model, opt, step=100)     # collective
+    accord.load("ckpt/step-100", model, opt)               # each rank its own file
 """
 
 from __future__ import annotations
 
 from .algorithms import REGISTRY, build, list_algorithms
+from .checkpoint import CheckpointError, load, save
 from .comm import CommStats, Communicator, FlatBuffer
 from .core import Aggregator, Hyper, StepContext, due
 from .ddp_hooks import ddp_hook
@@ -29,6 +35,7 @@ __all__ = [
     "REGISTRY",
     "AggregatedOptimizer",
     "Aggregator",
+    "CheckpointError",
     "CommStats",
     "Communicator",
     "FlatBuffer",
@@ -38,5 +45,7 @@ __all__ = [
     "ddp_hook",
     "due",
     "list_algorithms",
+    "load",
+    "save",
     "wrap",
 ]

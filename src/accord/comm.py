@@ -67,6 +67,12 @@ class CommStats:
         with self._lock:
             self.ops.clear()
 
+    def load(self, ops: dict[str, dict[str, float]]) -> None:
+        """Continue from counters saved with :meth:`as_dict` (a resumed run)."""
+        with self._lock:
+            self.ops = {k: OpStats(int(v["calls"]), int(v["bytes"]), float(v["seconds"]))
+                        for k, v in ops.items()}
+
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
