@@ -24,7 +24,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "acga": ("acga", {"momentum": 0.9}),
     "acga_sketch": ("acga", {"momentum": 0.9, "coefficients": "sketch", "sketch_size": 64}),
     "adasum": ("adasum", {}),
-    "local_sgd": ("local_sgd", {"period": 2, "warmup_steps": 2}),
+    "local_sgd": ("local_sgd", {"period": 2, "warmup_steps": 1}),
     "diloco": ("diloco", {"period": 2}),
     "lsgd": ("lsgd", {"period": 2}),
     "grawa": ("grawa", {"period": 2}),
@@ -91,6 +91,13 @@ def _disk(obj: Any) -> Any:
     return torch.load(buf, weights_only=False)
 
 
+def _close(agg) -> None:
+    """Every rank done before any closes: an engine's last round may still be completing
+    on a peer (the training loop has the same barrier before it closes)."""
+    torch.distributed.barrier()
+    agg.close()
+
+
 def _opt_state(opt) -> list[torch.Tensor]:
     return [s["momentum_buffer"].clone() for s in opt.state.values()]
 
@@ -101,7 +108,7 @@ def _world(rank: int, world: int, configs: dict) -> dict:
         model = _model(0)
         agg, opt = _build(algo, hp, model)
         straight = _steps(model, opt, agg, rank, range(2 * K))
-        agg.close()
+        _close(agg)
         res = {"straight": _flat(model), "straight_opt": _opt_state(opt),
                "straight_metrics": straight}
 
@@ -110,7 +117,7 @@ def _world(rank: int, world: int, configs: dict) -> dict:
         first = _steps(model, opt, agg, rank, range(K))
         saved = _disk({"model": model.state_dict(), "opt": opt.state_dict(),
                        "agg": agg.state_dict()})
-        agg.close()
+        _close(agg)
         del model, agg, opt
         model = _model(7)  # a different start: everything must come from the checkpoint
         model.load_state_dict(saved["model"])
@@ -118,7 +125,7 @@ def _world(rank: int, world: int, configs: dict) -> dict:
         opt.load_state_dict(saved["opt"])
         agg.load_state_dict(saved["agg"])
         second = _steps(model, opt, agg, rank, range(K, 2 * K))
-        agg.close()
+        _close(agg)
         res.update(resumed=_flat(model), resumed_opt=_opt_state(opt),
                    resumed_metrics=first + second, state_keys=sorted(saved["agg"]))
         out[label] = res

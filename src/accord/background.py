@@ -350,6 +350,7 @@ class ExchangeEngine:
         timeout: float = 60.0,
         idle_timeout: float = 1800.0,
         on_round: Callable[[RoundResult], Any] | None = None,
+        first_round: int = 0,
     ) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -379,13 +380,15 @@ class ExchangeEngine:
         self._version = 0
         self._fresh = False  # a deposit of fresh progress since the runner's last snapshot
         self._healthy = True  # health of the steps since the last deposit (initial: fresh)
-        self._progress = 0
-        self._requested = -1
-        self._target = -1
         self._started: dict[int, int] = {}  # peer -> highest round it told us it started
         self._results: dict[int, Any] = {}
-        self._done = -1  # last completed round
-        self._first = 0  # the first round this engine runs (resume_at)
+        # a resumed run's engine starts at the checkpoint's round (rounds before it ran in
+        # the checkpointed run); its deposit counts as fresh progress there, so dynamic
+        # weighting does not take a resumed worker for a stale one
+        self._first = int(first_round)
+        self._done = self._first - 1  # last completed round
+        self._requested = self._target = self._first - 1
+        self._progress = self._first
         self._error: BaseException | None = None
         self._error_round: int | None = None
         self._stopping = False
@@ -414,22 +417,6 @@ class ExchangeEngine:
             self._deposit.copy_(staged)
             self._version = version
             self._healthy = False
-
-    def resume_at(self, k: int) -> None:
-        """Continue a checkpointed run: the first round this engine runs is ``k`` (rounds
-        before it ran in the run that was checkpointed). Call on every rank right after
-        construction, before any ``request``. The deposit counts as fresh progress at
-        round ``k``, so dynamic weighting does not take a resumed worker for a stale one."""
-        with self.lock:
-            if self._requested >= 0 or self._done >= 0:
-                raise RuntimeError("resume_at: rounds already ran; call it right after the "
-                                   "engine is built")
-            self._first = int(k)
-            self._done = self._requested = int(k) - 1
-            # a faster peer may already have started round k and told us
-            self._target = max(self._target, int(k) - 1)
-            self._progress = int(k)
-            self.lock.notify_all()
 
     def request(self, k: int) -> None:
         """Activate every round up to ``k`` (no-op for rounds already run)."""
@@ -564,7 +551,6 @@ class ExchangeEngine:
                     k = max(k, self._first)
                     while self._target < k and not self._stopping:
                         self.lock.wait()
-                        k = max(k, self._first)
                     if self._abort or (self._stopping and self._target < k):
                         return
                 self._round(k)

@@ -255,6 +255,45 @@ def prune(root: str | os.PathLike, keep: int) -> list[Path]:
     return removed
 
 
+def read(path: str | os.PathLike, *, group: dist.ProcessGroup | None = None,
+         map_location: Any = "cpu") -> dict[str, Any]:
+    """This rank's part of the checkpoint at ``path``, checked against the manifest (size and
+    SHA-256) and the world size; :class:`CheckpointError` (one line) otherwise."""
+    path = Path(path)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank(group) if distributed else 0
+    world = dist.get_world_size(group) if distributed else 1
+    manifest = read_manifest(path)
+    _compare(path, manifest, world, None)
+    name = _rank_file(rank)
+    if name not in manifest["files"]:
+        raise CheckpointError(f"checkpoint {path}: the manifest lists no file for rank {rank}")
+    _check_file(path, name, manifest["files"][name])
+    return torch.load(path / name, map_location=map_location, weights_only=False)
+
+
+def restore(state: Mapping[str, Any], model: torch.nn.Module | None = None,
+            optimizer: torch.optim.Optimizer | None = None, aggregator: Any = None, *,
+            rng: bool = True) -> None:
+    """Put a state from :func:`read` back into the objects given (any subset: a loop may
+    restore the model and optimizer before it builds the aggregator)."""
+    if model is not None:
+        model.load_state_dict(state["model"])
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError("checkpoint: saved without an optimizer state")
+        optimizer.load_state_dict(state["optimizer"])
+    if aggregator is not None:
+        if "aggregator" not in state:
+            raise CheckpointError("checkpoint: saved without an aggregator state")
+        aggregator.load_state_dict(state["aggregator"])
+    counted = aggregator if aggregator is not None else getattr(optimizer, "aggregator", None)
+    if counted is not None and "comm" in state:
+        counted.comm.stats.load(state["comm"])
+    if rng:
+        set_rng_state(state["rng"])
+
+
 def load(
     path: str | os.PathLike,
     model: torch.nn.Module,
@@ -270,30 +309,7 @@ def load(
     default, its random generators. Local (no collective). Returns ``{"step", "extra"}``.
     Raises :class:`CheckpointError` (one line) for an incomplete or corrupt checkpoint, or one
     from another world size."""
-    path = Path(path)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank(group) if distributed else 0
-    world = dist.get_world_size(group) if distributed else 1
-    manifest = read_manifest(path)
-    _compare(path, manifest, world, None)
-    name = _rank_file(rank)
-    if name not in manifest["files"]:
-        raise CheckpointError(f"checkpoint {path}: the manifest lists no file for rank {rank}")
-    _check_file(path, name, manifest["files"][name])
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    state = torch.load(path / name, map_location=device, weights_only=False)
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        if "optimizer" not in state:
-            raise CheckpointError(f"checkpoint {path}: saved without an optimizer state")
-        optimizer.load_state_dict(state["optimizer"])
-    if aggregator is not None:
-        if "aggregator" not in state:
-            raise CheckpointError(f"checkpoint {path}: saved without an aggregator state")
-        aggregator.load_state_dict(state["aggregator"])
-    counted = aggregator if aggregator is not None else getattr(optimizer, "aggregator", None)
-    if counted is not None and "comm" in state:
-        counted.comm.stats.load(state["comm"])
-    if restore_rng:
-        set_rng_state(state["rng"])
+    state = read(path, group=group, map_location=device)
+    restore(state, model, optimizer, aggregator, rng=restore_rng)
     return {"step": int(state["step"]), "extra": state.get("extra", {})}

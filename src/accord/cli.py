@@ -16,7 +16,7 @@ from .failures import one_line
 from .launch import launch, launched_here, under_torchrun
 from .metrics import read_metrics
 from .tasks import TASKS
-from .train import run_worker
+from .train import resume_plan, run_worker
 
 PROG = "accord"
 
@@ -73,6 +73,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                         "freeze:rank=R,start=A,end=B; nan:rank=R,step=S[,value=inf]; "
                         "crash/kill:rank=R,step=S; delay/slow take start=A,end=B "
                         "(see accord.faults)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
+                   help="write a checkpoint to OUT/checkpoints/step-<S> every K steps (0: "
+                        "none)")
+    p.add_argument("--keep", type=int, default=d.keep,
+                   help="complete checkpoints to keep (older ones are deleted)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint in OUT/checkpoints "
+                        "(auto: start from step 0 if there is none) or from PATH")
     p.add_argument("--nonfinite", default=d.nonfinite,
                    help="a rank's NaN/Inf gradient: exclude (zero it, default), skip (every "
                         "rank skips the step) or off")
@@ -88,7 +96,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         backend=args.backend, device=args.device, data_dir=args.data_dir,
         progress=not args.no_progress,
         label=args.label, tensorboard=args.tensorboard,
-        faults=list(args.fault), nonfinite=args.nonfinite)
+        faults=list(args.fault), nonfinite=args.nonfinite,
+        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.workers is not None and args.workers != world:
@@ -116,7 +125,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _config_from_args(args)
         validate(cfg)
         if driver:
-            rundir.prepare(cfg.out, args.overwrite)
+            if cfg.resume is None:
+                rundir.prepare(cfg.out, args.overwrite)
+            else:  # the run directory holds the run to continue
+                note = resume_plan(cfg)
+                if note:
+                    print(f"{PROG} train: {note}", file=sys.stderr)
     except ConfigError as e:
         if rank == 0:  # under torchrun every rank validates; one line is enough
             print(f"{PROG} train: error: {e}", file=sys.stderr)

@@ -58,6 +58,9 @@ class TrainConfig:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
     nonfinite: str = "exclude"  # a rank's non-finite gradient: exclude it, skip the step, off
+    checkpoint_every: int = 0  # steps between checkpoints in OUT/checkpoints (0: none)
+    keep: int = 3  # complete checkpoints kept (older ones are deleted)
+    resume: str | None = None  # "auto" (newest complete checkpoint, if any) or a checkpoint
 
     # -- settings reachable with --set key=value when the algorithm has no such key --------
     SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
@@ -89,8 +92,18 @@ class TrainConfig:
             return self.momentum
         return 0.9 if self.optimizer == "nesterov" else 0.0
 
+    #: settings a resumed run may change; every other one must equal the checkpointed run's
+    RESUME_MAY_CHANGE = ("steps", "out", "log_every", "timeout", "idle_timeout", "progress",
+                         "label", "tensorboard", "data_dir", "faults", "checkpoint_every",
+                         "keep", "resume")
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint of this run records and a resumed run must match."""
+        out = {k: v for k, v in self.to_json().items() if k not in self.RESUME_MAY_CHANGE}
+        return json.loads(json.dumps(out))  # the JSON form, as the manifest stores it
 
     def to_argv(self) -> list[str]:
         """Arguments of ``accord train`` that rebuild this config (for worker processes)."""
@@ -124,6 +137,10 @@ class TrainConfig:
             argv += ["--set", f"algo.{key}={text}"]
         for spec in self.faults:
             argv += ["--fault", spec]
+        if self.checkpoint_every:
+            argv += ["--checkpoint-every", str(self.checkpoint_every), "--keep", str(self.keep)]
+        if self.resume is not None:
+            argv += ["--resume", self.resume]
         return argv
 
 
@@ -203,6 +220,7 @@ MAX_SEED = 2**63 - 1  # seeds go to torch.manual_seed / numpy SeedSequence as in
 MAX_LR = 1e6
 MAX_WEIGHT_DECAY = 1e6
 MAX_ACCUM_STEPS = 1024  # micro-batches per optimizer step
+MAX_KEEP = 10**6  # checkpoints kept
 # A started collective's timeout; workers meet first in the job's store, bounded by the
 # idle timeout (see accord.train), so a slow start does not need a long timeout.
 MIN_TIMEOUT_S = 1.0
@@ -246,6 +264,9 @@ def _allowed(name: str, cfg: TrainConfig | None = None) -> str:
         "oracle_lr": "true or false",
         "progress": "true or false",
         "tensorboard": "true or false",
+        "checkpoint_every": "an integer >= 0 (0: no checkpoints)",
+        "keep": f"an integer >= 1 and <= {MAX_KEEP}",
+        "resume": "auto or the path of a checkpoint directory (OUT/checkpoints/step-<S>)",
     }.get(name, "a valid value")
 
 
@@ -356,6 +377,9 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     text("label", optional=True)
     flag("tensorboard")
     choice("nonfinite", NONFINITE)
+    integer("checkpoint_every", 0)
+    integer("keep", 1, MAX_KEEP)
+    text("resume", optional=True, path=True)
     hp = cfg.hyperparameters
     if not isinstance(hp, Mapping) or not all(isinstance(k, str) for k in hp):
         fail("hyperparameters", hp, "a dict of hyperparameter name -> value",

@@ -52,6 +52,7 @@ import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -239,8 +240,11 @@ class Injector:
     """
 
     def __init__(self, faults: Iterable[Fault], rank: int, workers: int, seed: int = 0,
-                 sleep=time.sleep) -> None:
+                 sleep=time.sleep, fired_dir: Path | None = None) -> None:
         self.all = list(faults)
+        # crash and kill faults fire once per run directory: a marker left here before
+        # firing keeps a restarted or resumed run from dying again at the same step
+        self.fired_dir = None if fired_dir is None else Path(fired_dir)
         self.rank = rank
         self.workers = workers
         self.seed = seed
@@ -253,9 +257,14 @@ class Injector:
                 if f.kind in kinds and (f.rank == self.rank or f.rank in (RANDOM, ALL))]
 
     def before_step(self, step: int) -> None:
-        for _, f in self._mine(("crash", "kill")):
+        for i, f in self._mine(("crash", "kill")):
             if f.step != step:
                 continue
+            if self.fired_dir is not None:
+                marker = self.fired_dir / f"fault{i}-rank{self.rank}.fired"
+                if marker.exists():
+                    continue
+                marker.write_text(f"{f.spec}\n")
             self.events.append({"step": step, "rank": self.rank, "kind": f.kind})
             if f.kind == "crash":
                 raise InjectedFault(f"injected crash on rank {f.rank} at step {step}")

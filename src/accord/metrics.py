@@ -62,9 +62,10 @@ class MetricsWriter:
     With ``tensorboard_dir``, every number of a ``step`` record is also written as a
     TensorBoard scalar at that step (the algorithm's metrics under ``algo/``)."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None,
+                 append: bool = False) -> None:
         self.path = Path(path)
-        self.file = self.path.open("w", encoding="utf-8")
+        self.file = self.path.open("a" if append else "w", encoding="utf-8")
         self.last_eval: dict[str, Any] = {"eval_loss": None}  # until the first evaluation
         self.tb = None
         if tensorboard_dir is not None:

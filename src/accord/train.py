@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import algorithms, faults
+from . import algorithms, checkpoint, faults
 from .comm import Communicator, FlatBuffer
 from .config import ConfigError, TrainConfig
 from .core import Aggregator, StepContext
@@ -61,6 +61,61 @@ from .metrics import MetricsWriter, run_environment
 from .tasks import get_task, to_device
 
 log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"  # under the run directory
+
+
+def resolve_resume(cfg: TrainConfig, world: int) -> tuple[Path | None, list[str]]:
+    """The checkpoint a ``--resume`` run continues from (None: ``auto`` found none, start
+    from step 0) and one line per newer checkpoint skipped. A named checkpoint that cannot
+    be used raises :class:`accord.checkpoint.CheckpointError`."""
+    root = Path(cfg.out) / CHECKPOINTS
+    if cfg.resume == "auto":
+        return checkpoint.find(root, world, cfg.fingerprint())
+    path = Path(cfg.resume)
+    checkpoint.verify(path, world, cfg.fingerprint())
+    return path, []
+
+
+def resume_plan(cfg: TrainConfig) -> str:
+    """Check ``--resume`` before any worker starts; what the run will do, for the terminal.
+    ConfigError (one line) for a checkpoint that cannot be used."""
+    try:
+        path, skipped = resolve_resume(cfg, cfg.workers)
+    except checkpoint.CheckpointError as e:
+        hint = ""
+        if "allowed: the checkpointed run's value" in str(e):
+            hint = f" (a resumed run may change: {', '.join(TrainConfig.RESUME_MAY_CHANGE)})"
+        raise ConfigError(f"resume: {e}{hint}") from None
+    lines = [f"skipped {line}" for line in skipped]
+    if path is None:
+        lines.append(f"no complete checkpoint under {Path(cfg.out) / CHECKPOINTS}; "
+                     "starting from step 0")
+    else:
+        lines.append(f"resuming from {path}")
+    return "\n".join(lines)
+
+
+def _continue_metrics(path: Path, step: int, record: dict[str, Any]) -> None:
+    """Keep the records of ``metrics.jsonl`` up to checkpoint step ``step`` (a crashed run
+    wrote some past it), drop its summary, and add ``record`` (the resume): the file then
+    reads as one run."""
+    from .metrics import read_metrics
+
+    kept = []
+    for r in read_metrics(path) if path.exists() else []:
+        kind = r.get("type")
+        if kind == "summary":
+            continue
+        if kind == "step" and r.get("step", 0) > step:
+            continue
+        if kind == "event" and r.get("step", 0) >= step:
+            continue
+        kept.append(r)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in [*kept, record]), encoding="utf-8")
+    os.replace(tmp, path)
+
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     lr, wd, mom = cfg.resolved_lr(), cfg.weight_decay, cfg.resolved_momentum()
@@ -156,13 +211,31 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
                                     timeout=timedelta(seconds=cfg.timeout))
         heartbeat = Heartbeat(logs, rank)
         heartbeat.beat(0, "start")
+        resume = None
+        if cfg.resume is not None:  # rank 0 decides, every rank follows
+            choice: list[Any] = [None]
+            if rank == 0:
+                path, skipped = resolve_resume(cfg, world)
+                choice = [None if path is None else (str(path), skipped)]
+            if world > 1:
+                dist.broadcast_object_list(choice, src=0)
+            resume = choice[0]
         if rank == 0:
-            writer = MetricsWriter(out / "metrics.jsonl",
-                                   out / "tensorboard" if cfg.tensorboard else None)
-            writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
-                          "hyperparameters": cfg.hyperparameters, "world_size": world,
-                          **run_environment()})
-        summary = _train(cfg, rank, world, writer, heartbeat, device)
+            tb = out / "tensorboard" if cfg.tensorboard else None
+            if resume is None:
+                writer = MetricsWriter(out / "metrics.jsonl", tb)
+                writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
+                              "hyperparameters": cfg.hyperparameters, "world_size": world,
+                              **run_environment()})
+            else:
+                step = checkpoint.read_manifest(resume[0])["step"]
+                _continue_metrics(out / "metrics.jsonl", step, {
+                    "type": "resume", "step": step, "checkpoint": resume[0],
+                    "skipped": resume[1], "time": time.time(),
+                    "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
+                writer = MetricsWriter(out / "metrics.jsonl", tb, append=True)
+        summary = _train(cfg, rank, world, writer, heartbeat, device,
+                         None if resume is None else Path(resume[0]))
         heartbeat.beat(cfg.steps, "done")
         return summary
     except BaseException as exc:
@@ -239,10 +312,16 @@ def _interrupt_on_sigterm():
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None,
-           heartbeat: Heartbeat, device: torch.device):
+           heartbeat: Heartbeat, device: torch.device, resume: Path | None = None):
     task = get_task(cfg.task)(cfg.seed, cfg.data_dir).to(device)
     model = task.build_model().to(device)
     optimizer = make_optimizer(cfg, model.parameters())
+    saved = None
+    if resume is not None:
+        # the model and optimizer first: an aggregator snapshots the model when it is built
+        # (EASGD's centre, the background engine's first deposit)
+        saved = checkpoint.read(resume, map_location=device)
+        checkpoint.restore(saved, model, optimizer, rng=False)
     hp = dict(cfg.hyperparameters)
     spec = algorithms.get(cfg.algo).hyperparameters
     for key in ("timeout", "idle_timeout"):  # background rounds follow the run's timeouts
@@ -253,12 +332,20 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(),
                            broadcast=False, **hp)
     injector = faults.Injector([faults.parse(s, world, cfg.steps) for s in cfg.faults], rank,
-                               world, cfg.seed)
+                               world, cfg.seed, fired_dir=Path(cfg.out) / "logs")
+    first = 0
+    extra: dict[str, Any] = {}
+    if saved is not None:
+        checkpoint.restore(saved, aggregator=agg, rng=True)
+        first, extra = int(saved["step"]), saved.get("extra", {})
+        del saved
     state = _state_tensors(model)
     params = list(model.parameters())
-    events: dict[str, int] = {}
+    events: dict[str, int] = dict(extra.get("events", {}))
     pending = 0
     stream = task.train_stream(rank, cfg.resolved_batch_size())
+    for _ in range(first * cfg.accum_steps):  # the data stream continues where it stopped
+        next(stream)
     loop_comm = Communicator()  # for logging only; not counted as the algorithm's traffic
     # waits for another rank's compute (rank 0 evaluating, a straggler finishing its last
     # steps) are idle, not failures: they get a barrier bounded by idle_timeout first
@@ -268,14 +355,19 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, desc=f"{cfg.algo}/{cfg.task} x{world}", unit="step",
-                   dynamic_ncols=True)
-    start = time.perf_counter()
-    running = None
+        bar = tqdm(total=cfg.steps, initial=first, desc=f"{cfg.algo}/{cfg.task} x{world}",
+                   unit="step", dynamic_ncols=True)
+    # a resumed run's clock continues from the checkpoint's
+    start = time.perf_counter() - float(extra.get("elapsed", 0.0))
+    running = extra.get("running")
+    if running is not None:
+        running = running.to(device)
+    if writer is not None and extra.get("last_eval") is not None:
+        writer.last_eval = dict(extra["last_eval"])
     diverged: dict[str, Any] | None = None
-    steps_done = 0
+    steps_done = first
     try:
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             heartbeat.beat(step, "compute")
             injector.before_step(step)
             frozen = injector.freeze_active(step)
@@ -349,6 +441,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                     break
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(running):.4g}", refresh=False)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                heartbeat.beat(step, "checkpoint")
+                _checkpoint(cfg, step + 1, model, optimizer, agg, idle, writer, {
+                    "events": events, "elapsed": time.perf_counter() - start,
+                    "running": running,
+                    "last_eval": writer.last_eval if writer is not None else None})
         elapsed = time.perf_counter() - start
         if idle is not None:  # fast workers of an asynchronous run wait for the slow ones
             dist.barrier(group=idle)
@@ -377,6 +475,23 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         if bar is not None:
             bar.close()
         agg.close()
+
+
+def _checkpoint(cfg: TrainConfig, step: int, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, agg: Aggregator, group,
+                writer: MetricsWriter | None, extra: dict[str, Any]) -> None:
+    """Write ``OUT/checkpoints/step-<step>`` (collective over ``group``, the idle-bounded
+    group: a slow worker is waited for, not timed out), then on rank 0 delete all but the
+    newest ``keep`` and record what it cost."""
+    began = time.perf_counter()
+    root = Path(cfg.out) / CHECKPOINTS
+    path = checkpoint.save(root / f"step-{step}", model, optimizer, agg, step, extra=extra,
+                           config=cfg.fingerprint(), group=group)
+    if writer is not None:
+        checkpoint.prune(root, cfg.keep)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        writer.write({"type": "checkpoint", "step": step, "path": str(path),
+                      "seconds": time.perf_counter() - began, "bytes": size})
 
 
 def _divergence(distance: float, evaluation: dict[str, float]) -> str | None:

@@ -129,15 +129,17 @@ class ElasticAveraging(ModelAggregator):
         # the engine thread moves the centre; everything reading it takes this lock
         self._centre_lock = threading.Lock()
         if self.hp["asynchronous"] and n > 1:
-            everyone = [self.comm.global_rank(r) for r in range(n)]
             # the centre the newest completed round started from
             self._round_centre = self.centre.clone()
-            self.engine = ExchangeEngine(
-                self.centre, lambda k: everyone, [everyone],
-                self.weighting, self.comm.stats, timeout=self.hp["timeout"],
-                on_round=self._move_centre)
+            self.engine = self._make_engine(0)
         elif self.hp["weighting"] == "dynamic" and n > 1:
             self.progress = Progress(self.centre, track=True)
+
+    def _make_engine(self, first_round: int) -> ExchangeEngine:
+        everyone = [self.comm.global_rank(r) for r in range(self.world_size)]
+        return ExchangeEngine(self.centre, lambda k: everyone, [everyone], self.weighting,
+                              self.comm.stats, timeout=self.hp["timeout"],
+                              on_round=self._move_centre, first_round=first_round)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
@@ -227,6 +229,10 @@ class ElasticAveraging(ModelAggregator):
             self._last = RoundResult.from_state(state.get("last_round"))
             if self.engine is not None:
                 self._round_centre.copy_(self.centre)
-                self.engine.resume_at(self.exchanges)
+        if self.engine is not None:
+            # a new engine numbered from the checkpoint's round (collective: every rank
+            # loads its state at the same point); the old one never ran a round
+            self.engine.close()
+            self.engine = self._make_engine(self.exchanges)
         if self.progress is not None and state.get("progress") is not None:
             self.progress.load_state_dict(state["progress"])

@@ -62,3 +62,10 @@ class LocalSGD(ModelAggregator):
 
     def metrics(self) -> dict[str, float]:
         return {"syncs": float(self.syncs)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "syncs": self.syncs}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.syncs = int(state.get("syncs", 0))

@@ -198,12 +198,9 @@ class WAGMA(ModelAggregator):
         self.progress: Progress | None = None
         # used by one thread only: the engine's when wait-avoiding, else the compute thread's
         self.weighting = Weighting(hp["weighting"], hp["half_life"] or float(self.period))
+        self._all_groups = all_groups
         if hp["wait_avoiding"] and self.period > 1 and n > 1:
-            self.engine = ExchangeEngine(self.load_state(), self._group_global, all_groups,
-                                         self.weighting, self.comm.stats,
-                                         timeout=hp["timeout"],
-                                         idle_timeout=max(hp["idle_timeout"], hp["timeout"]),
-                                         on_round=self._keep)
+            self.engine = self._make_engine(0)
         elif n > 1:
             self.progress = Progress(self.load_state(), track=hp["weighting"] == "dynamic")
             pgs = subgroups(all_groups, timedelta(seconds=hp["timeout"]))
@@ -212,6 +209,13 @@ class WAGMA(ModelAggregator):
         self.global_steps = 0
         self._last_step = 0
         self._last: RoundResult | None = None
+
+    def _make_engine(self, first_round: int) -> ExchangeEngine:
+        hp = self.hp
+        return ExchangeEngine(self.load_state(), self._group_global, self._all_groups,
+                              self.weighting, self.comm.stats, timeout=hp["timeout"],
+                              idle_timeout=max(hp["idle_timeout"], hp["timeout"]),
+                              on_round=self._keep, first_round=first_round)
 
     def _keep(self, result: RoundResult) -> RoundResult:
         """What a wait-avoiding round keeps until popped: the reference mix needs the mean
@@ -280,8 +284,11 @@ class WAGMA(ModelAggregator):
         self._last = RoundResult.from_state(state.get("last_round"))
         if self.progress is not None and state.get("progress") is not None:
             self.progress.load_state_dict(state["progress"])
-        if self.engine is not None:  # group rounds are numbered from the step count
-            self.engine.resume_at(self.rounds)
+        if self.engine is not None:
+            # a new engine numbered from the checkpoint's round, with the loaded model as
+            # its first deposit (collective: every rank loads its state at the same point)
+            self.engine.close()
+            self.engine = self._make_engine(self.rounds)
 
     def metrics(self) -> dict[str, float]:
         out = {"group_size": float(self.group_size), "rounds": float(self.rounds),
