@@ -71,7 +71,17 @@ def resolve_resume(cfg: TrainConfig, world: int) -> tuple[Path | None, list[str]
     be used raises :class:`accord.checkpoint.CheckpointError`."""
     root = Path(cfg.out) / CHECKPOINTS
     if cfg.resume == "auto":
-        return checkpoint.find(root, world, cfg.fingerprint())
+        path, skipped = checkpoint.find(root, world, cfg.fingerprint())
+        if path is None:
+            # intact checkpoints of this directory's run, none matching this config: the
+            # config changed (starting over would discard the run), so name what differs
+            for d in checkpoint.step_dirs(root):
+                try:
+                    checkpoint.verify(d)
+                except checkpoint.CheckpointError:
+                    continue
+                checkpoint.verify(d, world, cfg.fingerprint())
+        return path, skipped
     path = Path(cfg.resume)
     checkpoint.verify(path, world, cfg.fingerprint())
     return path, []

@@ -1,0 +1,116 @@
+"""accord train --checkpoint-every / --resume: a resumed run is the uninterrupted one (bit
+for bit for synchronous algorithms), metrics.jsonl reads as one run, a crash costs only the
+steps since the last checkpoint, and unusable checkpoints are refused or skipped with one
+line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TIME_FIELDS = {"time_s", "comm_s", "seconds", "time", "steps_per_s", "worker_time_s",
+               "wait_s"}
+
+
+def _train(out: Path, *args: str, steps: int = 20) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accord", "train", "--task", "digits", "--workers", "2",
+           "--steps", str(steps), "--log-every", "5", "--out", str(out), "--no-progress",
+           "--timeout", "20", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strip(record: dict) -> dict:
+    out = {}
+    for k, v in record.items():
+        if k in TIME_FIELDS:
+            continue
+        if isinstance(v, dict):
+            v = {kk: (_strip(vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()
+                 if kk not in TIME_FIELDS}
+        out[k] = v
+    return out
+
+
+def _steps(out: Path) -> list[dict]:
+    return [_strip(r) for r in _records(out) if r["type"] == "step"]
+
+
+# (local_sgd: the crash test below)
+@pytest.mark.parametrize("algo,sets", [("acga", []), ("easgd", ["--set", "period=2"])])
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, algo, sets):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(straight, "--algo", algo, *sets).returncode == 0
+    first = _train(split, "--algo", algo, *sets, "--checkpoint-every", "10", steps=10)
+    assert first.returncode == 0, first.stderr
+    second = _train(split, "--algo", algo, *sets, "--checkpoint-every", "10", "--resume",
+                    "auto")
+    assert second.returncode == 0, second.stderr
+    assert f"resuming from {split / 'checkpoints' / 'step-10'}" in second.stderr
+    assert _steps(split) == _steps(straight)  # every step record, once, equal
+    records = _records(split)
+    assert [r["type"] for r in records].count("header") == 1
+    assert [r["type"] for r in records].count("summary") == 1
+    assert [r for r in records if r["type"] == "resume"][0]["step"] == 10
+    a, b = _strip(_records(straight)[-1]), _strip(records[-1])
+    assert a == b  # the summary too: steps, bytes, evaluation
+    assert records[-1]["time_s"] > 0
+
+
+def test_a_crash_costs_the_steps_since_the_last_checkpoint(tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert _train(straight, "--algo", "local_sgd").returncode == 0
+    args = ["--algo", "local_sgd", "--checkpoint-every", "5", "--fault", "crash:rank=1,step=13"]
+    failed = _train(crashed, *args)
+    assert failed.returncode == 1
+    assert _records(crashed)[-1]["status"] == "failed"
+    resumed = _train(crashed, *args, "--resume", "auto")  # the crash fired once: not again
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "step-10" in resumed.stderr
+    assert _steps(crashed) == _steps(straight)
+    kinds = [r["type"] for r in _records(crashed)]
+    assert kinds.count("summary") == 1 and kinds[-1] == "summary"
+    # the crash event (step 13, after the checkpoint at 10) was dropped with its records
+    assert [r.get("kind") for r in _records(crashed) if r["type"] == "event"] == []
+
+
+def test_resume_refuses_another_config_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "--algo", "allreduce", "--checkpoint-every", "10", steps=10).returncode == 0
+    bad = _train(out, "--algo", "acga", "--resume", "auto")
+    assert bad.returncode == 2
+    line = bad.stderr.strip().splitlines()[-1]
+    assert "algo was 'allreduce', this run has 'acga'" in line
+    assert "a resumed run may change: steps" in line
+    missing = _train(out, "--algo", "allreduce", "--resume", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert "incomplete (no manifest.json" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "--algo", "allreduce", "--checkpoint-every", "5", steps=10).returncode == 0
+    newest = out / "checkpoints" / "step-10" / "rank1.pt"
+    newest.write_bytes(newest.read_bytes()[:-10])
+    named = _train(out, "--algo", "allreduce", "--resume", str(newest.parent))
+    assert named.returncode == 2 and "truncated" in named.stderr.strip().splitlines()[-1]
+    auto = _train(out, "--algo", "allreduce", "--resume", "auto")
+    assert auto.returncode == 0, auto.stderr
+    assert "skipped checkpoint" in auto.stderr and "rank1.pt has" in auto.stderr
+    assert "resuming from" in auto.stderr and "step-5" in auto.stderr
+    assert [r["step"] for r in _records(out) if r["type"] == "step"] == [5, 10, 15, 20]
+
+
+def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path):
+    out = tmp_path / "run"
+    run = _train(out, "--algo", "allreduce", "--resume", "auto", steps=5)
+    assert run.returncode == 0, run.stderr
+    assert "no complete checkpoint" in run.stderr
+    assert [r["step"] for r in _records(out) if r["type"] == "step"] == [5]
