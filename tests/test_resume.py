@@ -114,3 +114,25 @@ def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "no complete checkpoint" in run.stderr
     assert [r["step"] for r in _records(out) if r["type"] == "step"] == [5]
+
+
+def test_max_restarts_survives_a_killed_worker_and_gives_up_after_r(tmp_path):
+    straight, survived, gave_up = tmp_path / "straight", tmp_path / "ok", tmp_path / "no"
+    assert _train(straight, "--algo", "local_sgd").returncode == 0
+    args = ["--algo", "local_sgd", "--checkpoint-every", "5", "--max-restarts", "1"]
+    run = _train(survived, *args, "--fault", "kill:rank=1,step=12")
+    assert run.returncode == 0, run.stderr
+    assert "restarting every worker from the newest checkpoint (restart 1 of 1)" in run.stderr
+    records = _records(survived)
+    restarts = [r for r in records if r["type"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["failed_rank"] == 1
+    assert [r["step"] for r in records if r["type"] == "resume"] == [10]
+    assert _steps(survived) == _steps(straight)  # bit for bit, no step record twice
+    assert records[-1]["status"] == "ok"
+    # a second death with one restart allowed: the run fails, once restarted
+    run = _train(gave_up, *args, "--fault", "kill:rank=1,step=12", "--fault",
+                 "kill:rank=0,step=17")
+    assert run.returncode == 1
+    records = _records(gave_up)
+    assert [r["type"] for r in records].count("restart") == 1
+    assert records[-1]["type"] == "summary" and records[-1]["status"] == "failed"

@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 import threading
 import time
@@ -307,7 +308,9 @@ def _engine_store(engine_id: int) -> tuple[dist.Store, dist.Store]:
         for _ in range(2):
             conn = base.clone()
             conn.set_timeout(FOREVER)
-            conns.append(dist.PrefixStore(f"accord/engine/{engine_id}/", conn))
+            # a restarted job (torchrun --max-restarts) keeps its store: a fresh namespace
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            conns.append(dist.PrefixStore(f"accord/engine/{attempt}/{engine_id}/", conn))
         conns[1].queue_len("probe")
     except (AttributeError, RuntimeError, NotImplementedError) as exc:
         raise RuntimeError(

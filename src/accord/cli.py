@@ -81,6 +81,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest complete checkpoint in OUT/checkpoints "
                         "(auto: start from step 0 if there is none) or from PATH")
+    p.add_argument("--max-restarts", type=int, default=d.max_restarts, metavar="R",
+                   help="when a worker dies, stop the others and restart all of them from the "
+                        "newest checkpoint, up to R times (under torchrun: torchrun's own "
+                        "--max-restarts with --resume auto)")
     p.add_argument("--nonfinite", default=d.nonfinite,
                    help="a rank's NaN/Inf gradient: exclude (zero it, default), skip (every "
                         "rank skips the step) or off")
@@ -97,7 +101,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         progress=not args.no_progress,
         label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault), nonfinite=args.nonfinite,
-        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume)
+        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
+        max_restarts=args.max_restarts)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.workers is not None and args.workers != world:

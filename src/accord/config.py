@@ -61,6 +61,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints in OUT/checkpoints (0: none)
     keep: int = 3  # complete checkpoints kept (older ones are deleted)
     resume: str | None = None  # "auto" (newest complete checkpoint, if any) or a checkpoint
+    max_restarts: int = 0  # the local launcher restarts every worker after a failure
 
     # -- settings reachable with --set key=value when the algorithm has no such key --------
     SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
@@ -95,7 +96,7 @@ class TrainConfig:
     #: settings a resumed run may change; every other one must equal the checkpointed run's
     RESUME_MAY_CHANGE = ("steps", "out", "log_every", "timeout", "idle_timeout", "progress",
                          "label", "tensorboard", "data_dir", "faults", "checkpoint_every",
-                         "keep", "resume")
+                         "keep", "resume", "max_restarts")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +142,8 @@ class TrainConfig:
             argv += ["--checkpoint-every", str(self.checkpoint_every), "--keep", str(self.keep)]
         if self.resume is not None:
             argv += ["--resume", self.resume]
+        if self.max_restarts:
+            argv += ["--max-restarts", str(self.max_restarts)]
         return argv
 
 
@@ -221,6 +224,7 @@ MAX_LR = 1e6
 MAX_WEIGHT_DECAY = 1e6
 MAX_ACCUM_STEPS = 1024  # micro-batches per optimizer step
 MAX_KEEP = 10**6  # checkpoints kept
+MAX_RESTARTS = 1000
 # A started collective's timeout; workers meet first in the job's store, bounded by the
 # idle timeout (see accord.train), so a slow start does not need a long timeout.
 MIN_TIMEOUT_S = 1.0
@@ -266,6 +270,7 @@ def _allowed(name: str, cfg: TrainConfig | None = None) -> str:
         "tensorboard": "true or false",
         "checkpoint_every": "an integer >= 0 (0: no checkpoints)",
         "keep": f"an integer >= 1 and <= {MAX_KEEP}",
+        "max_restarts": f"an integer >= 0 and <= {MAX_RESTARTS}",
         "resume": "auto or the path of a checkpoint directory (OUT/checkpoints/step-<S>)",
     }.get(name, "a valid value")
 
@@ -289,6 +294,12 @@ def _under_torchrun() -> bool:
     from .launch import under_torchrun  # launch imports this module
 
     return under_torchrun()
+
+
+def _launched_here() -> bool:
+    from .launch import launched_here
+
+    return launched_here()
 
 
 def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
@@ -380,6 +391,10 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     integer("checkpoint_every", 0)
     integer("keep", 1, MAX_KEEP)
     text("resume", optional=True, path=True)
+    integer("max_restarts", 0, MAX_RESTARTS)
+    if cfg.max_restarts and _under_torchrun() and not _launched_here():
+        fail("max_restarts", cfg.max_restarts, "0 under torchrun (use torchrun's own "
+             "--max-restarts with accord train --resume auto)")
     hp = cfg.hyperparameters
     if not isinstance(hp, Mapping) or not all(isinstance(k, str) for k in hp):
         fail("hyperparameters", hp, "a dict of hyperparameter name -> value",

@@ -20,6 +20,7 @@ worker and its record blames the right rank. Exit codes of the workers: 0 (ok) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -59,13 +60,15 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
+def worker_env(rank: int, world: int, port: int, restart: int = 0,
+               max_restarts: int = 0) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
         "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "ROLE_WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_RESTART_COUNT": str(restart),
+        "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
         # the store is the launcher's: every rank joins it as a client
         "TORCHELASTIC_USE_AGENT_STORE": "True",
         # the launcher already checked and locked the run directory
@@ -83,6 +86,11 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
     """Run ``cfg`` on ``cfg.workers`` local processes and wait for them.
 
     ``quiet`` sends rank 0's output to its log file as well (used by multi-run drivers).
+    With ``cfg.max_restarts`` R > 0, a failed attempt (a worker died or raised) stops every
+    worker, appends a ``restart`` record to ``metrics.jsonl`` and starts all of them again
+    with ``--resume auto`` (from the newest complete checkpoint; from step 0 without one),
+    up to R times; crash and kill faults fire once per run directory, so an injected death
+    does not repeat.
     """
     out = Path(cfg.out)
     logs = out / "logs"
@@ -91,46 +99,74 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
         lock.acquire()
     except ConfigError as e:
         return LaunchResult(2, None, str(e))
-    logs.mkdir(parents=True, exist_ok=True)
-    for pattern in ("rank*.error", "rank*.traceback", "rank*.heartbeat"):
-        for stale in logs.glob(pattern):
-            stale.unlink()
-    store = dist.TCPStore("127.0.0.1", 0, cfg.workers + 1, is_master=True,
-                          timeout=timedelta(seconds=cfg.timeout), wait_for_workers=False)
-    cmd = [sys.executable, "-m", "accord", "train", *cfg.to_argv()]
-    procs: list[subprocess.Popen] = []
-    files = []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        for rank in range(cfg.workers):
-            if rank == 0 and not quiet:
-                stdout = stderr = None
-            else:
-                f = (logs / f"rank{rank}.log").open("wb")
-                files.append(f)
-                stdout, stderr = f, subprocess.STDOUT
-            procs.append(subprocess.Popen(cmd, env=worker_env(rank, cfg.workers, store.port),
-                                          stdout=stdout, stderr=stderr,
-                                          preexec_fn=_die_with_parent))
-        result, failure = _wait(procs, logs, cfg.timeout)
-        if failure is not None:
-            _stop(procs)
-            finish_summary(out / "metrics.jsonl", "failed", failure.record())
-        return result
+        attempt_cfg = cfg
+        for restart in range(cfg.max_restarts + 1):
+            result, failure = _attempt(attempt_cfg, logs, quiet, restart)
+            if failure is None or restart == cfg.max_restarts:
+                if failure is not None:
+                    finish_summary(out / "metrics.jsonl", "failed", failure.record())
+                return result
+            _append(out / "metrics.jsonl", {
+                "type": "restart", "restart": restart + 1, "max_restarts": cfg.max_restarts,
+                "time": time.time(), **failure.record()})
+            print(f"accord train: {result.message}; restarting every worker from the newest "
+                  f"checkpoint (restart {restart + 1} of {cfg.max_restarts})", file=sys.stderr)
+            attempt_cfg = dataclasses.replace(cfg, resume="auto")
+        return result  # pragma: no cover - the loop always returns
     except KeyboardInterrupt:
-        _stop(procs)
         finish_summary(out / "metrics.jsonl", "interrupted",
                        {"error": "interrupted (SIGINT or SIGTERM)"}, keep=("interrupted",))
         return LaunchResult(130, None, "interrupted")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        lock.release()
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _attempt(cfg: TrainConfig, logs: Path, quiet: bool,
+             restart: int) -> tuple[LaunchResult, Failure | None]:
+    """One start of every worker, to the end or the first failure (every worker stopped)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    for pattern in ("rank*.error", "rank*.traceback", "rank*.heartbeat"):
+        for stale in logs.glob(pattern):
+            stale.unlink()
+    # a fresh store per attempt: nothing of a failed attempt's traffic is left in it
+    store = dist.TCPStore("127.0.0.1", 0, cfg.workers + 1, is_master=True,
+                          timeout=timedelta(seconds=cfg.timeout), wait_for_workers=False)
+    cmd = [sys.executable, "-m", "accord", "train", *cfg.to_argv()]
+    procs: list[subprocess.Popen] = []
+    files = []
+    try:
+        for rank in range(cfg.workers):
+            if rank == 0 and not quiet:
+                stdout = stderr = None
+            else:
+                f = (logs / f"rank{rank}.log").open("ab" if restart else "wb")
+                files.append(f)
+                stdout, stderr = f, subprocess.STDOUT
+            procs.append(subprocess.Popen(
+                cmd, env=worker_env(rank, cfg.workers, store.port, restart, cfg.max_restarts),
+                stdout=stdout, stderr=stderr, preexec_fn=_die_with_parent))
+        result, failure = _wait(procs, logs, cfg.timeout)
+        if failure is not None:
+            _stop(procs)
+        return result, failure
+    except KeyboardInterrupt:
+        _stop(procs)
+        raise
+    finally:
         _stop(procs)
         for f in files:
             f.close()
         del store
-        lock.release()
 
 
 def _terminated(signum: int, frame: object) -> None:
