@@ -136,3 +136,19 @@ def test_max_restarts_survives_a_killed_worker_and_gives_up_after_r(tmp_path):
     records = _records(gave_up)
     assert [r["type"] for r in records].count("restart") == 1
     assert records[-1]["type"] == "summary" and records[-1]["status"] == "failed"
+
+
+def test_torchrun_restarts_resume_from_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+           "-m", "accord", "train", "--algo", "local_sgd", "--task", "digits", "--steps", "20",
+           "--log-every", "5", "--checkpoint-every", "5", "--fault", "kill:rank=1,step=12",
+           "--resume", "auto", "--out", str(out), "--no-progress", "--timeout", "20"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = _records(out)
+    assert [r["step"] for r in records if r["type"] == "resume"] == [10]
+    assert [r["step"] for r in records if r["type"] == "step"] == [5, 10, 15, 20]
+    assert records[-1]["status"] == "ok"
