@@ -23,6 +23,14 @@ def _train(out: Path, *args: str, steps: int = 20) -> subprocess.CompletedProces
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -141,9 +149,10 @@ def test_max_restarts_survives_a_killed_worker_and_gives_up_after_r(tmp_path):
 def test_torchrun_restarts_resume_from_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    # torchrun's default (static) rendezvous keeps its store across the restart
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-           "-m", "accord", "train", "--algo", "local_sgd", "--task", "digits", "--steps", "20",
+           "--max-restarts", "1", "--master_port", str(_free_port()), "-m", "accord",
+           "train", "--algo", "local_sgd", "--task", "digits", "--steps", "20",
            "--log-every", "5", "--checkpoint-every", "5", "--fault", "kill:rank=1,step=12",
            "--resume", "auto", "--out", str(out), "--no-progress", "--timeout", "20"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -152,3 +161,22 @@ def test_torchrun_restarts_resume_from_the_checkpoint(tmp_path):
     assert [r["step"] for r in records if r["type"] == "resume"] == [10]
     assert [r["step"] for r in records if r["type"] == "step"] == [5, 10, 15, 20]
     assert records[-1]["status"] == "ok"
+
+
+def test_the_report_reads_a_restarted_run_as_one(tmp_path):
+    runs = tmp_path / "runs"
+    out = runs / "crashed"
+    args = ["--algo", "allreduce", "--checkpoint-every", "5", "--max-restarts", "1",
+            "--fault", "kill:rank=1,step=7"]
+    assert _train(out, *args, steps=10).returncode == 0
+    report = subprocess.run([sys.executable, "-m", "accord", "report", str(runs), "--out",
+                             str(tmp_path / "report")], capture_output=True, text=True,
+                            timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "unknown type" not in report.stderr
+    from accord.report import load_run
+
+    run = load_run(out, runs, lambda message: None)
+    assert run.status == "ok"
+    assert [r["step"] for r in run.steps] == [5, 10]
+    assert run.lifecycle == {"checkpoint": 2, "restart": 1, "resume": 1}

@@ -160,6 +160,8 @@ class Run:
     first_error: str | None = None  # the earliest logs/rank*.error
     outcome: Outcome = field(default_factory=lambda: Outcome("incomplete"))
     events: int = 0  # event records (normal: faults, excluded gradients)
+    #: checkpoint / resume / restart records (a resumed run continues in the same file)
+    lifecycle: dict[str, int] = field(default_factory=dict)
     unreadable: str | None = None  # why metrics.jsonl could not be read at all
 
     @property
@@ -302,6 +304,10 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
             run.summary = record
         elif kind == "event":
             run.events += 1
+        elif kind in ("checkpoint", "resume", "restart"):
+            # a resumed or restarted run is still one run: its step records continue
+            run.lifecycle[kind] = run.lifecycle.get(kind, 0) + 1
+            continue
         else:
             unknown[str(kind)] += 1
             continue

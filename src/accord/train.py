@@ -216,9 +216,14 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
             torch.cuda.set_device(device)
         if owns_group:
-            _arrive(cfg, world)
-            dist.init_process_group(cfg.resolved_backend(),
-                                    timeout=timedelta(seconds=cfg.timeout))
+            store = _arrive(cfg, world)
+            if store is None:
+                dist.init_process_group(cfg.resolved_backend(),
+                                        timeout=timedelta(seconds=cfg.timeout))
+            else:
+                dist.init_process_group(cfg.resolved_backend(), store=store, rank=rank,
+                                        world_size=world,
+                                        timeout=timedelta(seconds=cfg.timeout))
         heartbeat = Heartbeat(logs, rank)
         heartbeat.beat(0, "start")
         resume = None
@@ -262,19 +267,23 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
             dist.destroy_process_group()
 
 
-def _arrive(cfg: TrainConfig, world: int) -> None:
+def _arrive(cfg: TrainConfig, world: int) -> dist.Store | None:
     """Wait, bounded by ``idle_timeout``, until every worker has started, in the store of
     the local launcher or of torchrun's agent: workers that start seconds apart (a busy
     machine, a slow import) are idle, not failed, and the process group's setup that
-    follows, bounded by ``timeout``, then finds every peer there."""
+    follows, bounded by ``timeout``, then finds every peer there. Returns the store for the
+    process group, under a prefix of this attempt: torchrun keeps its store across
+    restarts, and a restarted worker must not read a dead worker's address from it."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return  # rank 0 hosts the store inside init_process_group: nothing to meet in yet
+        return None  # rank 0 hosts the store inside init_process_group
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=timedelta(seconds=cfg.idle_timeout))
-    key = f"accord/arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"accord/arrived/{attempt}"
     if store.add(key, 1) == world:
         store.set(f"{key}/all", "1")
     store.wait([f"{key}/all"])
+    return dist.PrefixStore(f"accord/attempt{attempt}", store)
 
 
 def _report(exc: BaseException, cfg: TrainConfig, rank: int, world: int, logs: Path,
