@@ -37,7 +37,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="per-worker micro-batch size (default: task's)")
     p.add_argument("--accum-steps", type=int, default=d.accum_steps,
                    help="micro-batches accumulated locally per optimizer step")
-    p.add_argument("--optimizer", default=d.optimizer, help="sgd, nesterov, adam or adamw")
+    p.add_argument("--optimizer", default=d.optimizer,
+                   help="sgd, nesterov, adam, adamw or adahessian (pytorch-optimizer's; "
+                        "model-phase algorithms only)")
     p.add_argument("--momentum", type=float, default=None,
                    help="optimizer momentum (default 0 for sgd, 0.9 for nesterov)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)

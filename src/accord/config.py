@@ -21,7 +21,9 @@ from . import algorithms, faults
 from .metrics import tensorboard_available
 from .tasks import get_task
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "adahessian")
+#: optimizers that need ``backward(create_graph=True)`` (a Hessian-vector product per step)
+SECOND_ORDER = ("adahessian",)
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("exclude", "skip", "off")
@@ -421,6 +423,8 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
         _check_gpus(cfg)
     need(not (cfg.resolved_backend() == "nccl" and cfg.resolved_device() == "cpu"),
          "backend", cfg.backend, "gloo or auto with --device cpu (nccl needs CUDA tensors)")
+    if cfg.optimizer in SECOND_ORDER:
+        _check_second_order(cfg)
     if cfg.oracle_lr:
         need(task.has_oracle_lr, "oracle_lr", cfg.oracle_lr,
              "only with a task that has an oracle step size (linreg)")
@@ -437,6 +441,27 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
         raise ConfigError(str(e)) from None
     if check_out:
         _check_writable(cfg.out)
+
+
+def _check_second_order(cfg: TrainConfig) -> None:
+    """AdaHessian estimates the Hessian diagonal from p.grad's graph (a Hessian-vector
+    product after ``backward(create_graph=True)``): a gradient-phase algorithm replaces
+    p.grad by a combination of every rank's gradients first, which has no local graph."""
+    from .ddp_hooks import HOOK_ALGORITHMS
+
+    gradient_phase = cfg.algo in HOOK_ALGORITHMS or (
+        cfg.algo == "local_sgd" and cfg.hyperparameters.get("warmup_steps", 0) > 0)
+    if gradient_phase:
+        raise ConfigError(
+            f"optimizer: got {cfg.optimizer!r} with {cfg.algo!r}, allowed: a model-phase "
+            "algorithm (a gradient-phase one rewrites p.grad before AdaHessian's Hessian-"
+            "vector product, which needs the local gradient's graph)")
+    try:
+        import pytorch_optimizer  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"optimizer: got {cfg.optimizer!r}, allowed: only with the "
+                          "pytorch-optimizer package installed (pip install "
+                          "'accord[adahessian]')") from None
 
 
 def _check_gpus(cfg: TrainConfig) -> None:

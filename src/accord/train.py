@@ -45,6 +45,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ import torch.distributed as dist
 
 from . import algorithms, checkpoint, faults
 from .comm import Communicator, FlatBuffer
-from .config import ConfigError, TrainConfig
+from .config import SECOND_ORDER, ConfigError, TrainConfig
 from .core import Aggregator, StepContext
 from .failures import Heartbeat, attribute, is_consequence, one_line, wait_for_reports
 from .metrics import MetricsWriter, run_environment
@@ -134,6 +135,11 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
                                nesterov=cfg.optimizer == "nesterov" and mom > 0)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if cfg.optimizer == "adahessian":  # pytorch-optimizer's (extra: adahessian)
+        from ._extras import require
+
+        return require("pytorch_optimizer", "adahessian").AdaHessian(params, lr=lr,
+                                                                       weight_decay=wd)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
@@ -377,6 +383,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         bar = tqdm(total=cfg.steps, initial=first, desc=f"{cfg.algo}/{cfg.task} x{world}",
                    unit="step", dynamic_ncols=True)
     # a resumed run's clock continues from the checkpoint's
+    second_order = cfg.optimizer in SECOND_ORDER
+    if second_order:  # torch warns of a .grad cycle that zero_grad(set_to_none) breaks
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph")
     start = time.perf_counter() - float(extra.get("elapsed", 0.0))
     running = extra.get("running")
     if running is not None:
@@ -394,12 +403,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 injector.freeze_snapshot(step, state)
             # zeroed in place: gradient-phase aggregators bind .grad to their flat buffer,
             # so backward accumulates straight into it (no copy in or out)
-            optimizer.zero_grad(set_to_none=False)
+            # (a second-order optimizer's gradients carry their graph: set to None, which
+            # frees it, as torch advises for create_graph=True)
+            optimizer.zero_grad(set_to_none=second_order)
             loss_sum = torch.zeros((), device=device)
             compute_start = time.perf_counter()
             for _ in range(cfg.accum_steps):
                 loss = task.loss(model, to_device(next(stream), device))
-                (loss / cfg.accum_steps).backward()
+                # a second-order optimizer differentiates the gradient again
+                (loss / cfg.accum_steps).backward(create_graph=second_order)
                 loss_sum += loss.detach()
             injector.after_compute(step, time.perf_counter() - compute_start)
             heartbeat.beat(step, "aggregate")
