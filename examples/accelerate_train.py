@@ -82,6 +82,8 @@ def main() -> None:
         print(f"{args.algo}: {steps} steps on {accelerator.num_processes} processes, "
               f"{sent / 1e6:.2f} MB sent per process by accord")
         print(f"final test_acc={acc:.4f}")
+    # the DDP model goes before the process group (torch can abort at exit otherwise)
+    del model, optimizer, consensus
     accelerator.end_training()
 
 

@@ -13,13 +13,13 @@ import copy
 import datetime
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from worlds import free_port
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -295,11 +295,6 @@ def _worker(out_dir: str) -> None:
 
 
 # -- the launches --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _torchrun(args: list[str], timeout: float) -> str:
     """Run a 2-process torchrun launch; its stdout. A launch that outlives ``timeout`` gets
@@ -307,7 +302,7 @@ def _torchrun(args: list[str], timeout: float) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

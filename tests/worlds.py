@@ -24,7 +24,7 @@ _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "accord", "worlds"])
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +56,7 @@ def run_world(fn, world: int, *args):
     """``fn(rank, world, *args)`` on each rank; returns the per-rank results in rank order.
     ``fn`` must be a module-level function; results must be picklable."""
     queue = _ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [_ctx.Process(target=_entry, args=(fn, r, world, port, args, queue))
              for r in range(world)]
     for p in procs:

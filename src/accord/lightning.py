@@ -61,6 +61,7 @@ from .algorithms import validate
 from .comm import Communicator, FlatBuffer
 from .core import Aggregator, StepContext
 from .ddp_hooks import HOOK_ALGORITHMS, ddp_hook
+from .train import state_tensors
 
 _pl = require("lightning.pytorch", "lightning")
 DDPStrategy = _pl.strategies.DDPStrategy
@@ -72,10 +73,6 @@ __all__ = ["AccordStrategy"]
 _STRATEGY_OPTIONS = ("accelerator", "parallel_devices", "cluster_environment",
                      "checkpoint_io", "precision_plugin", "process_group_backend", "timeout",
                      "start_method")
-
-
-def _state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
 
 
 class AccordStrategy(DDPStrategy):
@@ -172,7 +169,7 @@ class AccordStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         if trainer is None or trainer.state.fn != _pl.trainer.states.TrainerFn.FITTING:
             return
-        tensors = _state_tensors(self.lightning_module)
+        tensors = state_tensors(self.lightning_module)
         with torch.no_grad():
             self._own = [t.detach().clone() for t in tensors]
             centre = agg.consensus_params()
@@ -188,7 +185,7 @@ class AccordStrategy(DDPStrategy):
     def on_validation_end(self) -> None:
         if self._own is not None:
             with torch.no_grad():
-                for t, own in zip(_state_tensors(self.lightning_module), self._own, strict=True):
+                for t, own in zip(state_tensors(self.lightning_module), self._own, strict=True):
                     t.copy_(own)
             self._own = None
         super().on_validation_end()

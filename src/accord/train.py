@@ -163,10 +163,10 @@ class ConsensusProbe:
 
     def __init__(self, model: torch.nn.Module, comm: Communicator) -> None:
         self.comm = comm
-        self.flat = FlatBuffer(_state_tensors(model))
+        self.flat = FlatBuffer(state_tensors(model))
         self.mean = self.flat.new_buffer()
         self.model = copy.deepcopy(model) if comm.rank == 0 else None
-        self.target = FlatBuffer(_state_tensors(self.model)) if self.model is not None else None
+        self.target = FlatBuffer(state_tensors(self.model)) if self.model is not None else None
 
     @torch.no_grad()
     def measure(self, agg: Aggregator) -> tuple[torch.nn.Module | None, float]:
@@ -188,7 +188,8 @@ class ConsensusProbe:
         return self.model, distance
 
 
-def _state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+def state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """What a model-phase algorithm averages: the parameters and floating-point buffers."""
     return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
 
 
@@ -364,7 +365,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         checkpoint.restore(saved, aggregator=agg, rng=True)
         first, extra = int(saved["step"]), saved.get("extra", {})
         del saved
-    state = _state_tensors(model)
+    state = state_tensors(model)
     params = list(model.parameters())
     events: dict[str, int] = dict(extra.get("events", {}))
     pending = 0
