@@ -9,6 +9,7 @@ completes on every rank.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -454,7 +455,10 @@ def _peer_leaves_world(rank, world):
 
 def test_a_peer_that_leaves_fails_the_round_within_the_timeout_and_no_thread_is_left():
     out = run_world(_peer_leaves_world, 2)
-    assert out[0]["error"] is not None and "background exchange failed in round 0" in \
+    # round 0, or round 1 when rank 1's runner caught rank 0's activation for round 0
+    # before its close took effect (a race of the test, not of the engine)
+    assert out[0]["error"] is not None
+    assert re.search(r"background exchange failed in round [01]\b", out[0]["error"]), \
         out[0]["error"]
     assert out[0]["threads"] == [] and out[1]["threads"] == []
 
