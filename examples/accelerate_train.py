@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 from datetime import timedelta
 
 import torch
@@ -82,8 +83,12 @@ def main() -> None:
         print(f"{args.algo}: {steps} steps on {accelerator.num_processes} processes, "
               f"{sent / 1e6:.2f} MB sent per process by accord")
         print(f"final test_acc={acc:.4f}")
-    # the DDP model goes before the process group (torch can abort at exit otherwise)
-    del model, optimizer, consensus
+    # the DDP model goes before the process group (torch can abort at exit otherwise);
+    # the accelerator holds its own references to it, which free_memory drops
+    del model, optimizer, consensus, agg
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
