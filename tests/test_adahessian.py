@@ -82,7 +82,10 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_adahessian_trains_under_easgd_and_is_refused_for_gradient_phase(tmp_path):
+    # with a frozen window on rank 1 (a second-order step cannot run on its zeroed,
+    # graph-free gradient) and dynamic weighting, as in the dynamic-weighting preset
     run = _train("--algo", "easgd", "--lr", "0.01", "--steps", "40", "--log-every", "20",
+                 "--set", "weighting=dynamic", "--fault", "freeze:rank=1,start=5,end=25",
                  "--out", str(tmp_path / "ok"))
     assert run.returncode == 0, run.stderr
     import json
@@ -90,6 +93,8 @@ def test_adahessian_trains_under_easgd_and_is_refused_for_gradient_phase(tmp_pat
     records = [json.loads(line) for line in (tmp_path / "ok" / "metrics.jsonl").open()]
     evals = [r["eval_loss"] for r in records if r["type"] == "step"]
     assert evals[-1] < evals[0] < 2.4  # chance on 10 classes is ln 10 = 2.30
+    kinds = [r.get("kind") for r in records if r["type"] == "event"]
+    assert kinds.count("freeze") == 1 and kinds.count("unfreeze") == 1, kinds
     for algo in ("acga", "allreduce"):
         bad = _train("--algo", algo, "--steps", "5", "--out", str(tmp_path / algo))
         assert bad.returncode == 2

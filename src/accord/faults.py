@@ -28,7 +28,10 @@ parsed and checked before any worker starts. Steps count optimizer steps from 0;
   so the aggregator sees exactly the frozen model in both hooks whatever the optimizer;
   after ``after_step`` it is copied back once more, undoing what the aggregator pulled
   in. So it offers the same stale model in every exchange of the window and starts step
-  B from it. Optimizer state and the aggregator's own state are not frozen.
+  B from it. Optimizer state and the aggregator's own state are not frozen. Under a
+  second-order optimizer (``adahessian``) the zeroed gradient carries no graph for the
+  Hessian-vector product, so a frozen rank skips the optimizer step (its state does not
+  advance in the window); the optimizer keeps no collective, so ranks still match.
 * ``nan:rank=R,step=S[,value=nan|inf]`` -- after backward at step S, rank R's gradients
   are filled with NaN (or +inf). What happens next is the training loop's non-finite
   guard (``--nonfinite``).
@@ -335,7 +338,11 @@ class Injector:
         if self._snapshot is None:  # a caller that skipped freeze_snapshot
             self.freeze_snapshot(step, tensors)
         for p in params:
-            if p.grad is not None:
+            if p.grad is None:
+                continue
+            if p.grad.grad_fn is not None:  # a second-order step's gradient and its graph:
+                p.grad = torch.zeros_like(p)  # dropped, so the snapshot may be copied back
+            else:
                 p.grad.zero_()
         for t, s in zip(tensors, self._snapshot, strict=True):
             t.copy_(s)

@@ -426,7 +426,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 if cfg.oracle_lr:
                     for group in optimizer.param_groups:
                         group["lr"] = task.oracle_lr(model)
-                optimizer.step()
+                if not (frozen and second_order):
+                    # (a frozen rank's zeroed gradient has no graph for a Hessian-vector
+                    # product: no second-order step, which hold() would undo anyway)
+                    optimizer.step()
                 if frozen:  # the aggregator sees the frozen model, whatever the optimizer did
                     injector.hold(state)
                 agg.after_step(ctx)
