@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import algorithms, bench, report, rundir
-from .config import ConfigError, TrainConfig, apply_settings, validate
+from .config import EVAL_SPLITS, ConfigError, TrainConfig, apply_settings, validate
 from .failures import one_line
 from .launch import launch, launched_here, under_torchrun
 from .metrics import read_metrics
@@ -58,6 +58,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto (cuda when available), cpu or cuda: one process per GPU")
     p.add_argument("--data-dir", default=None,
                    help="directory of the task's data files (default: the task's own)")
+    p.add_argument("--eval-split", default=d.eval_split, metavar="{" + ",".join(EVAL_SPLITS) + "}",
+                   help="val evaluates on a held-out part of the training data (excluded "
+                        "from training), for tuning; test (default) on the test split")
     p.add_argument("--label", default=None,
                    help="name of this variant in reports (default: the algorithm)")
     p.add_argument("--tensorboard", action="store_true",
@@ -100,7 +103,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
         idle_timeout=args.idle_timeout,
         backend=args.backend, device=args.device, data_dir=args.data_dir,
-        progress=not args.no_progress,
+        eval_split=args.eval_split, progress=not args.no_progress,
         label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault), nonfinite=args.nonfinite,
         checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,

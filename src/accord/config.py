@@ -19,7 +19,7 @@ from typing import Any
 
 from . import algorithms, faults
 from .metrics import tensorboard_available
-from .tasks import get_task
+from .tasks import EVAL_SPLITS, get_task
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "adahessian")
 #: optimizers that need ``backward(create_graph=True)`` (a Hessian-vector product per step)
@@ -27,6 +27,8 @@ SECOND_ORDER = ("adahessian",)
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("exclude", "skip", "off")
+# EVAL_SPLITS (from accord.tasks): what evaluation measures, "test" (the test split) or
+# "val" (a held-out part of the training data, excluded from training; for tuning)
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,7 @@ class TrainConfig:
     backend: str = "auto"  # auto: nccl on CUDA devices, gloo on the CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     data_dir: str | None = None  # where a task looks for its data files (task default if None)
+    eval_split: str = "test"  # "test", or "val": a held-out part of the training data
     progress: bool = True
     label: str | None = None  # name of this variant in reports (default: the algorithm)
     tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
@@ -67,7 +70,7 @@ class TrainConfig:
 
     # -- settings reachable with --set key=value when the algorithm has no such key --------
     SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
-                "oracle_lr", "log_every", "timeout", "idle_timeout", "nonfinite")
+                "oracle_lr", "log_every", "timeout", "idle_timeout", "nonfinite", "eval_split")
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else get_task(self.task).default_lr
@@ -116,7 +119,7 @@ class TrainConfig:
                 "--weight-decay", repr(self.weight_decay), "--log-every", str(self.log_every),
                 "--timeout", repr(self.timeout), "--idle-timeout", repr(self.idle_timeout),
                 "--backend", self.backend, "--device", self.device,
-                "--nonfinite", self.nonfinite]
+                "--nonfinite", self.nonfinite, "--eval-split", self.eval_split]
         if self.lr is not None:
             argv += ["--lr", repr(self.lr)]
         if self.batch_size is not None:
@@ -245,9 +248,10 @@ def _allowed(name: str, cfg: TrainConfig | None = None) -> str:
                 f"os.cpu_count() = {os.cpu_count()})")
     if name == "batch_size":
         task = _task_or_none(cfg)
-        if task is not None and task.max_batch_size is not None:
-            return (f"an integer >= 1 and <= {task.max_batch_size} (task {task.name!r}: "
-                    f"{task.max_batch_note})")
+        limit, note = task.batch_limit(_split(cfg)) if task is not None else (None, "")
+        if limit is not None:
+            split = " with eval_split 'val'" if _split(cfg) == "val" else ""
+            return f"an integer >= 1 and <= {limit} (task {task.name!r}{split}: {note})"
         return "an integer >= 1"
     if name == "idle_timeout":
         timeout = cfg.timeout if cfg is not None and _is_real(cfg.timeout) else MIN_TIMEOUT_S
@@ -267,6 +271,7 @@ def _allowed(name: str, cfg: TrainConfig | None = None) -> str:
         "backend": ", ".join(BACKENDS),
         "device": ", ".join(DEVICES),
         "nonfinite": ", ".join(NONFINITE),
+        "eval_split": ", ".join(EVAL_SPLITS),
         "oracle_lr": "true or false",
         "progress": "true or false",
         "tensorboard": "true or false",
@@ -275,6 +280,12 @@ def _allowed(name: str, cfg: TrainConfig | None = None) -> str:
         "max_restarts": f"an integer >= 0 and <= {MAX_RESTARTS}",
         "resume": "auto or the path of a checkpoint directory (OUT/checkpoints/step-<S>)",
     }.get(name, "a valid value")
+
+
+def _split(cfg: TrainConfig | None) -> str:
+    """The config's evaluation split if it is a valid one, else "test"."""
+    split = getattr(cfg, "eval_split", "test")
+    return split if isinstance(split, str) and split in EVAL_SPLITS else "test"
 
 
 def _task_or_none(cfg: TrainConfig | None):
@@ -374,7 +385,8 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     integer("seed", 0, MAX_SEED)
     text("out", path=True)
     real("lr", lambda x: 0 < x <= MAX_LR, optional=True)
-    integer("batch_size", 1, task.max_batch_size or math.inf, optional=True)
+    choice("eval_split", EVAL_SPLITS)  # before batch_size, whose bound depends on it
+    integer("batch_size", 1, task.batch_limit(cfg.eval_split)[0] or math.inf, optional=True)
     integer("accum_steps", 1, MAX_ACCUM_STEPS)
     choice("optimizer", OPTIMIZERS)
     real("momentum", lambda x: 0 <= x < 1, optional=True)

@@ -339,7 +339,7 @@ def _interrupt_on_sigterm():
 
 def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None,
            heartbeat: Heartbeat, device: torch.device, resume: Path | None = None):
-    task = get_task(cfg.task)(cfg.seed, cfg.data_dir).to(device)
+    task = get_task(cfg.task)(cfg.seed, cfg.data_dir, split=cfg.eval_split).to(device)
     model = task.build_model().to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     saved = None

@@ -2,6 +2,18 @@
 
 Every worker builds the same initial model from the run seed, and draws its own training
 stream from a generator seeded by (seed, rank), so workers see different samples.
+
+Evaluation split (``split``, the run's ``eval_split``):
+
+* ``"test"`` (the default): the task evaluates on its test data; training data and
+  evaluation are exactly what they were before ``split`` existed (bit for bit).
+* ``"val"``: the task evaluates on a fixed held-out part of its *training* data, chosen
+  with a constant seed (the same for every run seed), and that part is excluded from every
+  worker's training stream; the test data is neither trained nor evaluated on. This is
+  the split to tune hyperparameters on before evaluating the chosen values on ``"test"``.
+
+:meth:`Task.split_ids` names the samples each side uses, in one id space per task
+(documented by each task), so that disjointness can be checked by index.
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ import torch
 from torch import nn
 
 TASKS: dict[str, type[Task]] = {}
+#: values of ``split`` (and of TrainConfig.eval_split)
+EVAL_SPLITS = ("test", "val")
 
 
 def stream_seed(*keys: int) -> int:
@@ -38,9 +52,27 @@ class Task:
     #: moved by the loop, one at a time)
     eval_tensors: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, seed: int, data_dir: str | None = None) -> None:
+    def __init__(self, seed: int, data_dir: str | None = None, split: str = "test") -> None:
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split: got {split!r}, allowed: {', '.join(EVAL_SPLITS)}")
         self.seed = seed
         self.data_dir = data_dir
+        #: what :meth:`evaluate` measures: "test" (the test data) or "val" (a held-out part
+        #: of the training data, excluded from the training stream)
+        self.split = split
+
+    @classmethod
+    def batch_limit(cls, split: str = "test") -> tuple[int | None, str]:
+        """The largest per-worker micro-batch the task serves under ``split`` (None:
+        unlimited) and why; a task whose training data shrinks under "val" overrides it."""
+        return cls.max_batch_size, cls.max_batch_note
+
+    def split_ids(self) -> dict[str, torch.Tensor | None]:
+        """``{"train": ids the training stream draws from, "eval": ids evaluate() uses}``,
+        as 1-D int64 tensors in the task's own id space (see the task's docstring), or None
+        for a task without a finite pool of samples. Under ``split="val"`` the two are
+        disjoint, and disjoint from the ids evaluated under ``split="test"``."""
+        raise NotImplementedError
 
     @classmethod
     def check_data(cls, data_dir: str | None) -> None:

@@ -3,6 +3,13 @@
 A fixed 20% of the images (chosen with a constant seed, the same for every run) is held
 out as the test set. Each worker draws shuffled epochs over the remaining training images
 from its own generator, so workers see i.i.d. but different mini-batches.
+
+Split: ``split="test"`` evaluates on the test set above. ``split="val"`` evaluates on a
+fixed 20% of the 1,438 training images (287 images, chosen by a permutation of the training
+images with its own constant seed VAL_SEED, the same for every run seed) and removes them
+from the training data, so every worker's stream draws from the remaining 1,151 images;
+the test set is not used. Ids (:meth:`Digits.split_ids`): row indices into
+``sklearn.datasets.load_digits()`` (0..1796).
 """
 
 from __future__ import annotations
@@ -17,23 +24,42 @@ from . import ClassificationTask, register_task, shuffled_batches
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
+VAL_SEED = 1  # fixes the validation rows; independent of the run seed on purpose
+VAL_FRACTION = 0.2  # of the training rows
+#: training rows under split="val" (1797 - 359 test rows - 287 validation rows)
+VAL_SPLIT_TRAIN_ROWS = 1151
 
 
-def _load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_rows(n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, evaluated rows) of ``n`` images under ``split``, as row indices.
+    Under "test" the training rows keep the order of the SPLIT_SEED permutation; under
+    "val" the validation rows are removed from them, the order of the rest unchanged."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test = int(n * TEST_FRACTION)
+    test, train = perm[:n_test], perm[n_test:]
+    if split == "test":
+        return train, test
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))
+    held = pick[:int(len(train) * VAL_FRACTION)]
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[held] = False
+    return train[keep], train[held]
+
+
+def _load(split: str = "test") -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_test = int(len(x) * TEST_FRACTION)
-    test, train = perm[:n_test], perm[n_test:]
-    return x[train], y[train], x[test], y[test]
+    train, held = split_rows(len(x), split)
+    return x[train], y[train], x[held], y[held], train, held
 
 
 @register_task
 class Digits(ClassificationTask):
     name = "digits"
+    #: the evaluated images: the test set, or the validation rows under split="val"
     eval_tensors = ("x_test", "y_test")
     description = "MLP 64-128-10 on sklearn load_digits, 20% held-out test split"
     has_accuracy = True
@@ -42,9 +68,19 @@ class Digits(ClassificationTask):
     max_batch_size = 1437
     max_batch_note = "its training split"
 
-    def __init__(self, seed: int, data_dir: str | None = None) -> None:
-        super().__init__(seed, data_dir)
-        self.x_train, self.y_train, self.x_test, self.y_test = _load()
+    def __init__(self, seed: int, data_dir: str | None = None, split: str = "test") -> None:
+        super().__init__(seed, data_dir, split)
+        (self.x_train, self.y_train, self.x_test, self.y_test, self.train_rows,
+         self.eval_rows) = _load(split)
+
+    @classmethod
+    def batch_limit(cls, split: str = "test") -> tuple[int | None, str]:
+        if split == "val":
+            return VAL_SPLIT_TRAIN_ROWS, "its training split without the validation rows"
+        return super().batch_limit(split)
+
+    def split_ids(self) -> dict[str, torch.Tensor | None]:
+        return {"train": self.train_rows.clone(), "eval": self.eval_rows.clone()}
 
     def _model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))

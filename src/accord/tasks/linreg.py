@@ -8,6 +8,13 @@ residual: averaging is dominated by the few samples with a large residual.
 The optional oracle step size lr = <d, w> / ||d||^2 (exact line search along d, valid
 only because the minimiser is w = 0) is what the reference uses; it hides any change
 of gradient scale, so it says nothing about a fixed learning rate.
+
+Split: the data are synthetic and unlimited (every training batch is a fresh draw), so there
+is no finite pool to hold out from. ``split="test"`` evaluates on EVAL_SAMPLES (4096) inputs
+drawn from the generator keyed (seed, TEST_KEY); ``split="val"`` on as many drawn from the
+generator keyed (seed, VAL_KEY), a stream distinct from the test sample's and from every
+rank's training stream (keyed (seed, rank)). :meth:`LinReg.split_ids` returns None for both
+sides: there are no sample ids to compare.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from . import Task, register_task, stream_seed
 
 DIM = 1000
 EVAL_SAMPLES = 4096
+#: generator keys of the evaluation samples, with the run seed (ranks key the training
+#: streams, so these are far above any rank)
+TEST_KEY = 1 << 20
+VAL_KEY = (1 << 20) + 1
 
 
 class _Linear(nn.Module):
@@ -47,10 +58,14 @@ class LinReg(Task):
     max_batch_size = 16384
     max_batch_note = "64 MB of inputs per worker and micro-batch"
 
-    def __init__(self, seed: int, data_dir: str | None = None) -> None:
-        super().__init__(seed, data_dir)
-        gen = torch.Generator().manual_seed(stream_seed(seed, 1 << 20))
+    def __init__(self, seed: int, data_dir: str | None = None, split: str = "test") -> None:
+        super().__init__(seed, data_dir, split)
+        key = VAL_KEY if split == "val" else TEST_KEY
+        gen = torch.Generator().manual_seed(stream_seed(seed, key))
         self.eval_x = torch.rand(EVAL_SAMPLES, DIM, generator=gen)
+
+    def split_ids(self) -> dict[str, torch.Tensor | None]:
+        return {"train": None, "eval": None}  # synthetic draws: no finite pool of samples
 
     def _model(self) -> nn.Module:
         return _Linear(DIM)

