@@ -24,6 +24,14 @@ its header). A run's status is its last summary record's ``status``:
   (the root cause; the other ranks usually only report a closed connection), else the
   summary's ``error``.
 
+**Tuning runs.** A run whose header ``config`` has ``"eval_split": "val"`` is a *tuning
+run* (``accord bench --tune``: evaluated on a held-out part of the training data, not on
+the test split); a config without ``eval_split`` means ``"test"``. Tuning runs are set
+aside whatever their status: they enter no section, table (not even the diverged and
+failed lists), figure, target, ``points.csv`` or ``summary.csv``, since their metric is
+measured on another split. The report says in one line how many were set aside (and by
+status), also when no ``tuning.json`` describes them; the section "Tuning" shows them.
+
 **Reading.** ``event`` records are normal (injected faults, excluded gradients): counted,
 never warned about. Each problem of a file is one warning line for that file, however
 many lines it affects: malformed (non-JSON) lines, step records without an integer
@@ -59,6 +67,51 @@ last step record; ``rank0_eval_*`` and ``consensus_distance`` from the last step
 over seeds. Bytes per step is rank 0's cumulative ``comm_bytes`` over ``steps``, and the
 same for the summary's ``comm_bytes_mean`` (mean over workers) when present.
 
+**Verdict.** Right after each section's time-to-target table, a short list:
+
+* which group reaches the target first in steps, in wall time and in megabytes (the group
+  with the lowest mean over its seeds that reached the target, with how many did; ties are
+  all named; "none reached the target" when no seed did);
+* for each group other than ``allreduce``: the difference of the mean final test metric,
+  group minus ``allreduce``, with its sign and which is better (accuracy higher, loss
+  lower), and whether the two are *separable*. The rule: two groups are separable when each
+  has at least 2 finished seeds with a final value of the metric and their seed ranges
+  ``[min, max]`` of that final value do not overlap (touching ends overlap); otherwise they
+  are "not separable at this scale" (the difference is within the spread of the seeds, or
+  there are too few seeds to know). Without an ``allreduce`` group the list says there is no
+  baseline. ``summary.csv`` has the same as ``final_diff_vs_allreduce`` and
+  ``separable_vs_allreduce`` (``yes`` / ``no``; empty for the baseline and without one).
+
+**Tuning.** ``accord bench --tune KEY=V1,V2,...`` runs each arm's grid on one tuning seed
+on the ``val`` split, picks each arm's best point, then runs the evaluation seeds on the
+test split at the chosen values; it writes a ``tuning.json`` in each bench group directory.
+Every file named ``tuning.json`` under ``RUNS_DIR`` (recursively) gives a subsection of
+"Tuning": its directory, the grid (several keys mean their cartesian product), the tuning
+seed, the split and the metric; then per (task, workers) a table with one row per arm and
+one column per grid point (in the grid's order): the final metric on the split, or
+``diverged`` / ``failed`` / ``not run``; the chosen point in bold and a "chosen" column.
+Its figure ``figures/tuning_<task>_w<workers>.png`` (``-2``, ``-3``, ... appended when
+several files tune the same task and workers) plots the metric against the tuned value, one
+line per arm in the arm's label colour, the chosen point as a star and the points without
+a value as crosses on the lower edge; the x axis is logarithmic when the values are all
+positive and span more than a factor 10, and categorical when they are not all numbers.
+With several keys there is one panel per key, and an arm's line in a panel holds only its
+points whose other keys are at that arm's chosen values (an arm with nothing chosen has no
+line there). Under a section's settings table, a note names the keys tuned for its labels
+(e.g. "lr chosen per arm on the val split, seed 1000: see Tuning"), and says so when the
+evaluation runs' config differs from the chosen value. A ``tuning.json`` that cannot be
+read or does not have this shape (version 1) is one warning line and is skipped.
+
+The format (version 1; ``run`` is relative to the file's directory, ``value`` is null
+unless ``status`` is ``ok``; ``status`` is ``ok``, ``diverged``, ``failed`` or ``not run``)::
+
+    {"version": 1, "grid": {"lr": [0.001, 0.003]}, "seed": 1000, "split": "val",
+     "arms": [{"task": "digits", "workers": 8, "label": "acga", "metric": "eval_acc",
+               "higher": true,
+               "points": [{"setting": {"lr": 0.001}, "value": 0.91, "status": "ok",
+                           "run": "digits/w8/acga/tune-lr-0.001/seed1000"}, ...],
+               "chosen": {"lr": 0.003}, "chosen_value": 0.93}]}
+
 **Figures.** For each section, three PNG files with two panels each (training ``loss``,
 the mean over workers, and the test metric): against ``step``, against wall time
 (``time_s``) and against megabytes sent by rank 0 (``comm_bytes / 1e6``). Each line is the
@@ -73,14 +126,15 @@ default target is drawn as a dashed line on the test-metric panels.
 
 * ``report.md`` -- environment (accord, torch and Python versions, CPU count, host names,
   git revisions, as recorded in the runs' headers; the run start dates and the report's
-  date), then per section: the groups' settings, the final-metrics table, the
-  communication and time-to-target table and the figures; then diverged runs, failed,
-  interrupted and incomplete runs, and the warnings;
-* ``figures/<task>_w<workers>_{step,time,mb}.png``;
+  date), then per section: the groups' settings (and the tuning note), the final-metrics
+  table, the communication and time-to-target table, the verdict and the figures; then
+  tuning, diverged runs, failed, interrupted and incomplete runs, and the warnings;
+* ``figures/<task>_w<workers>_{step,time,mb}.png`` and
+  ``figures/tuning_<task>_w<workers>.png``;
 * ``points.csv`` -- every plotted point of every finished seed: task, workers, label,
   seed, run, step, time_s, mb_sent, loss and the evaluation columns;
 * ``summary.csv`` -- one row per group: every number of the report's tables at full
-  precision.
+  precision, and the verdict against ``allreduce``.
 
 From Python: ``write_report(runs_dir, out_dir=None, target_acc=None, target_loss=None,
 figures=True, warn=None)`` returns the path of ``report.md`` and raises
@@ -187,6 +241,11 @@ class Run:
     def config(self) -> dict[str, Any]:
         config = (self.header or {}).get("config")
         return config if isinstance(config, dict) else {}
+
+    @property
+    def tuning(self) -> bool:
+        """A tuning run: evaluated on the val split (``accord bench --tune``), set aside."""
+        return self.config.get("eval_split") == "val"
 
     @property
     def task(self) -> str:
@@ -331,6 +390,180 @@ def _relative(path: Path, root: Path) -> str:
     return rel if rel != "." else path.name or "."
 
 
+# -- tuning.json ------------------------------------------------------------------------------
+
+TUNING_FILE = "tuning.json"
+TUNING_VERSION = 1
+
+
+class _Malformed(Exception):
+    """What is wrong with a tuning.json, in a few words."""
+
+
+@dataclass
+class TuningPoint:
+    setting: dict[str, Any]
+    value: float | None
+    status: str
+    run: str | None
+
+
+@dataclass
+class TuningArm:
+    task: str
+    workers: int
+    label: str
+    metric: str
+    higher: bool
+    points: list[TuningPoint]
+    chosen: dict[str, Any] | None
+    chosen_value: float | None
+
+
+@dataclass
+class Tuning:
+    name: str  # the directory holding tuning.json, relative to RUNS_DIR
+    grid: dict[str, list[Any]]
+    seed: int | None
+    split: str
+    arms: list[TuningArm]
+
+    def sections(self) -> list[tuple[str, int]]:
+        return sorted({(a.task, a.workers) for a in self.arms})
+
+    def arms_of(self, task: str, workers: int) -> list[TuningArm]:
+        arms = [a for a in self.arms if (a.task, a.workers) == (task, workers)]
+        return sorted(arms, key=lambda a: (a.label != BASELINE, a.label))
+
+    def columns(self) -> list[dict[str, Any]]:
+        """The grid's points in its order (cartesian product, first key slowest), then any
+        setting of a point that is not one of them, in file order."""
+        columns: list[dict[str, Any]] = [{}]
+        for key, values in self.grid.items():
+            columns = [{**c, key: v} for c in columns for v in values]
+        seen = {_setting_key(c) for c in columns}
+        for arm in self.arms:
+            for point in arm.points:
+                if _setting_key(point.setting) not in seen:
+                    seen.add(_setting_key(point.setting))
+                    columns.append(point.setting)
+        return columns
+
+
+def _scalar_key(value: Any) -> Any:
+    """A value compared as a number when it is one or spells one ("1e-3" is 0.001)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return ("n", float(value))
+    return ("s", json.dumps(value, sort_keys=True))
+
+
+def _setting_key(setting: dict[str, Any]) -> tuple:
+    """A setting compared by value: 0.001, 1e-3 and 1 / 1.0 are the same."""
+    return tuple(sorted((k, _scalar_key(v)) for k, v in setting.items()))
+
+
+def _fmt_value(value: Any) -> str:
+    """A grid value: 0.001, 3e-05, 0.9, 128, sgd."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _fmt_setting(setting: dict[str, Any] | None) -> str:
+    if not setting:
+        return "none"
+    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in setting.items())
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise _Malformed(what)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_tuning(data: Any, name: str) -> Tuning:
+    _need(isinstance(data, dict), "not a JSON object")
+    version = data.get("version")
+    _need(version == TUNING_VERSION,
+          f"version {version!r}; this report reads version {TUNING_VERSION}")
+    grid = data.get("grid")
+    _need(isinstance(grid, dict) and bool(grid), "'grid' is not a non-empty object")
+    for key, values in grid.items():
+        _need(isinstance(values, list) and bool(values)
+              and all(isinstance(v, str | int | float) for v in values),
+              f"grid {key!r} is not a non-empty list of numbers or strings")
+    seed = data.get("seed")
+    _need(seed is None or _is_int(seed), "'seed' is not an integer")
+    split = data.get("split", "val")
+    _need(isinstance(split, str), "'split' is not a string")
+    arms = data.get("arms")
+    _need(isinstance(arms, list), "'arms' is not a list")
+    parsed = []
+    for i, arm in enumerate(arms):
+        where = f"arms[{i}]"
+        _need(isinstance(arm, dict), f"{where} is not an object")
+        for key, ok in (("task", isinstance(arm.get("task"), str)),
+                        ("workers", _is_int(arm.get("workers"))),
+                        ("label", isinstance(arm.get("label"), str)),
+                        ("points", isinstance(arm.get("points"), list))):
+            _need(ok, f"{where}.{key} missing or of the wrong type")
+        metric = arm.get("metric", "eval_acc")
+        _need(isinstance(metric, str), f"{where}.metric is not a string")
+        higher = arm.get("higher", "loss" not in metric)
+        _need(isinstance(higher, bool), f"{where}.higher is not true or false")
+        chosen = arm.get("chosen")
+        _need(chosen is None or isinstance(chosen, dict), f"{where}.chosen is not an object")
+        chosen_value = arm.get("chosen_value")
+        _need(chosen_value is None or isinstance(chosen_value, int | float)
+              and not isinstance(chosen_value, bool), f"{where}.chosen_value is not a number")
+        points = []
+        for j, point in enumerate(arm["points"]):
+            at = f"{where}.points[{j}]"
+            _need(isinstance(point, dict) and isinstance(point.get("setting"), dict),
+                  f"{at} has no 'setting' object")
+            value = point.get("value")
+            _need(value is None or isinstance(value, int | float)
+                  and not isinstance(value, bool), f"{at}.value is not a number or null")
+            status = point.get("status", "ok" if value is not None else "not run")
+            _need(isinstance(status, str), f"{at}.status is not a string")
+            run = point.get("run")
+            points.append(TuningPoint(point["setting"], _num(value) if status == "ok"
+                                      else None, status, run if isinstance(run, str)
+                                      else None))
+        parsed.append(TuningArm(arm["task"], arm["workers"], arm["label"], metric, higher,
+                                points, chosen or None, _num(chosen_value)))
+    return Tuning(name, grid, seed, split, parsed)
+
+
+def load_tunings(root: Path, warn: Warn) -> list[Tuning]:
+    """Every readable tuning.json under root; one warning per file that is not."""
+    tunings = []
+    for path in sorted(p for p in root.rglob(TUNING_FILE) if p.is_file()):
+        name = _relative(path.parent, root)
+        where = _relative(path, root)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            tunings.append(_parse_tuning(data, name))
+        except OSError as e:
+            warn(f"{where}: cannot be read ({e.strerror or e}); skipped")
+        except (ValueError, UnicodeDecodeError) as e:
+            why = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+            warn(f"{where}: not JSON ({why}); skipped")
+        except _Malformed as e:
+            warn(f"{where}: not a tuning file ({e}); skipped")
+        except RecursionError:
+            warn(f"{where}: not a tuning file (nested too deeply); skipped")
+    return tunings
+
+
 # -- numbers per run and per group ----------------------------------------------------------
 
 def final_values(run: Run) -> dict[str, float | None]:
@@ -420,6 +653,10 @@ class Group:
         return sum(r is not None for r in self.reached)
 
 
+def _slug(task: str, workers: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', task)}_w{workers}"
+
+
 @dataclass
 class Section:
     task: str
@@ -436,7 +673,7 @@ class Section:
 
     @property
     def slug(self) -> str:
-        return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', self.task)}_w{self.workers}"
+        return _slug(self.task, self.workers)
 
     @property
     def title(self) -> str:
@@ -678,6 +915,201 @@ def _left_out(section: Section, diverged: list[Run]) -> list[str]:
     return [f"Not in these numbers: {names}; see Diverged runs.", ""]
 
 
+# -- verdict ----------------------------------------------------------------------------------
+
+TO_TARGET = (("step", "in steps", " steps"), ("time_s", "in wall time", " s"),
+             ("mb", "in MB", " MB"))
+
+
+def _first_to_target(section: Section, key: str, unit: str) -> str:
+    """The group(s) with the lowest mean to-target value, with their seeds reached."""
+    if section.target is None:
+        return "no target"
+    reached = [g for g in section.groups if g.n_reached > 0]
+    if not reached:
+        return "none reached the target"
+    values = [(g.to_target(key), g) for g in reached if g.to_target(key) is not None]
+    if not values:
+        return "not logged"
+    best = min(v for v, _ in values)
+    winners = [g for v, g in values if v == best]
+    names = " and ".join(_md(g.label) for g in winners)
+    seeds = ", ".join(f"{g.n_reached}/{len(g.runs)} seeds" for g in winners)
+    return f"{names} ({_fmt(best)}{unit}, {seeds} reached it)"
+
+
+@dataclass
+class Comparison:
+    """A group's final test metric against the baseline's (see the module docstring)."""
+    diff: float | None  # mean(group) - mean(baseline)
+    separable: bool
+    why: str  # the ranges, or what is missing
+
+
+def compare(group: Group, base: Group, metric: str) -> Comparison:
+    mine = [v for v in (f.get(metric) for f in group.finals) if v is not None]
+    theirs = [v for v in (f.get(metric) for f in base.finals) if v is not None]
+    if not mine or not theirs:
+        who = group.label if not mine else base.label
+        return Comparison(None, False, f"{who} has no final {metric}")
+    diff = statistics.fmean(mine) - statistics.fmean(theirs)
+    few = [(g.label, len(v)) for g, v in ((group, mine), (base, theirs)) if len(v) < 2]
+    if few:
+        label, n = few[0]
+        return Comparison(diff, False, f"{label} has {n} finished seed; 2 needed")
+    ranges = f"seed ranges [{_fmt(min(mine))}, {_fmt(max(mine))}] and " \
+             f"[{_fmt(min(theirs))}, {_fmt(max(theirs))}]"
+    apart = max(mine) < min(theirs) or max(theirs) < min(mine)
+    return Comparison(diff, apart, ranges + (" do not overlap" if apart else " overlap"))
+
+
+def _verdict(section: Section) -> list[str]:
+    firsts = "; ".join(f"{where}, {_first_to_target(section, key, unit)}"
+                       for key, where, unit in TO_TARGET)
+    lines = ["**Verdict.**", "", f"- First to the target: {firsts}."]
+    base = section.baseline
+    if base is None:
+        lines.append(f"- No {BASELINE} group in this section: no baseline to compare the "
+                     "final metric with.")
+        return lines + [""]
+    metric = section.metric
+    for g in section.groups:
+        if g is base:
+            continue
+        c = compare(g, base, metric)
+        if c.diff is None:
+            lines.append(f"- {_md(g.label)} vs {BASELINE}: not separable at this scale "
+                         f"({_md(c.why)}).")
+            continue
+        if c.diff == 0:
+            better = "equal means"
+        else:
+            ahead = g.label if (c.diff > 0) == section.higher else BASELINE
+            better = f"{_md(ahead)} better"
+        judged = "separable" if c.separable else "not separable at this scale"
+        lines.append(f"- {_md(g.label)} vs {BASELINE}: final {metric} {c.diff:+.4g} "
+                     f"({better}); {judged} ({_md(c.why)}).")
+    return lines + [""]
+
+
+# -- tuning in the report ---------------------------------------------------------------------
+
+def _tuned_note(section: Section, tunings: list[Tuning]) -> list[str]:
+    """Under a section's settings table: which keys were tuned for its labels, and any
+    evaluation run whose config is not at the chosen value."""
+    labels = {g.label: g for g in section.groups}
+    lines = []
+    for t in tunings:
+        arms = [a for a in t.arms_of(section.task, section.workers) if a.label in labels]
+        if not arms:
+            continue
+        seed = f", seed {t.seed}" if t.seed is not None else ""
+        keys = ", ".join(t.grid)
+        chosen = "; ".join(f"{_md(a.label)}: {_md(_fmt_setting(a.chosen))}" for a in arms)
+        text = (f"{_md(keys)} chosen per arm on the {_md(t.split)} split{seed} ({chosen}): "
+                f"see Tuning (`{_md(t.name)}`).")
+        off = []
+        for a in arms:
+            for key, value in (a.chosen or {}).items():
+                wrong: list[Any] = []
+                for r in labels[a.label].runs:
+                    used = _tuned_value(r, key)
+                    if used is not None and _scalar_key(used) != _scalar_key(value) \
+                            and used not in wrong:
+                        wrong.append(used)
+                if wrong:
+                    off.append(f"{_md(a.label)} ran with {key}="
+                               f"{', '.join(_md(_fmt_value(v)) for v in wrong)}, not the "
+                               f"chosen {_md(_fmt_value(value))}")
+        if off:
+            text += " Note: " + "; ".join(off) + "."
+        lines += [text, ""]
+    return lines
+
+
+def _tuned_value(run: Run, key: str) -> Any:
+    """A tuned key's value in an evaluation run, as the bench reads it: ``algo.NAME`` or a
+    plain NAME of the algorithm's hyperparameters, else the config field ``NAME`` (also
+    for ``train.NAME``); None when the run has neither."""
+    name = key.split(".")[-1]
+    hyper = (run.header or {}).get("hyperparameters", run.config.get("hyperparameters"))
+    if not key.startswith("train.") and isinstance(hyper, dict) and name in hyper:
+        return hyper[name]
+    return run.config.get(name)
+
+
+def _tuning_cell(point: TuningPoint | None, chosen: bool) -> str:
+    if point is None:
+        return "-"
+    text = _fmt(point.value) if point.value is not None else \
+        ("-" if point.status == "ok" else _md(point.status))
+    return f"**{text}**" if chosen else text
+
+
+def _tuning_table(t: Tuning, arms: list[TuningArm]) -> list[str]:
+    columns = t.columns()
+    rows = []
+    for a in arms:
+        points = {_setting_key(p.setting): p for p in a.points}
+        chosen = _setting_key(a.chosen) if a.chosen else None
+        cells = [_tuning_cell(points.get(_setting_key(c)), _setting_key(c) == chosen)
+                 for c in columns]
+        pick = _md(_fmt_setting(a.chosen)) if a.chosen else "none"
+        if a.chosen and a.chosen_value is not None:
+            pick += f" ({_fmt(a.chosen_value)})"
+        rows.append([_md(a.label), *cells, pick])
+    return _table(["label", *[_md(_fmt_setting(c)) for c in columns], "chosen"], rows)
+
+
+def _tuning_section(tunings: list[Tuning], figures: dict[tuple[int, str, int], str]
+                    ) -> list[str]:
+    lines = ["## Tuning", "",
+             "Runs of the tuning seed on a held-out split, one per arm and grid point: the "
+             "final metric, or why there is none. The chosen point of each arm is in bold; "
+             "its evaluation seeds are run there.", ""]
+    for i, t in enumerate(tunings):
+        grid = "; ".join(f"{_md(k)} in {{{', '.join(_md(_fmt_value(v)) for v in values)}}}"
+                         for k, values in t.grid.items())
+        product = " (every combination)" if len(t.grid) > 1 else ""
+        metrics = sorted({(a.metric, a.higher) for a in t.arms})
+        metric = ", ".join(f"`{_md(m)}` ({'higher' if h else 'lower'} is better)"
+                           for m, h in metrics) or "-"
+        lines += [f"### `{_md(t.name)}`", "",
+                  f"Grid: {grid}{product}. Tuning seed: "
+                  f"{t.seed if t.seed is not None else '-'}. Split: {_md(t.split)}. "
+                  f"Metric: {metric}.", ""]
+        if not t.arms:
+            lines += ["No arm.", ""]
+        for task, workers in t.sections():
+            title = f"{task}, {workers} worker{'s' if workers != 1 else ''}"
+            lines += [f"#### {_md(title)}", "", *_tuning_table(t, t.arms_of(task, workers)),
+                      ""]
+            name = figures.get((i, task, workers))
+            if name:
+                caption = ("One line per arm; a star marks the chosen point, a cross on the "
+                           "lower edge a point without a value (see the table).")
+                if len(t.grid) > 1:
+                    caption += (" One panel per key: an arm's line shows its points whose "
+                                "other keys are at that arm's chosen values.")
+                lines += [caption, "",
+                          f"![{_md(title)}: tuning on the {_md(t.split)} split]"
+                          f"({FIGURE_DIR}/{name})", ""]
+    return lines
+
+
+def _set_aside(tuning_runs: list[Run], tunings: list[Tuning]) -> list[str]:
+    if not tuning_runs:
+        return []
+    counts = Counter(r.status for r in tuning_runs)
+    by_status = ", ".join(f"{n} {'finished' if status == 'ok' else status}"
+                          for status, n in sorted(counts.items()))
+    n = len(tuning_runs)
+    where = "see Tuning" if tunings else f"no {TUNING_FILE} describes them"
+    return [f"Set aside: {n} tuning run{'s' * (n != 1)} (`eval_split` val, evaluated on a "
+            f"held-out part of the training data: {by_status}); they are in no number, "
+            f"table or figure of the sections; {where}.", ""]
+
+
 def _diverged_step(r: Run) -> str:
     step = r.outcome.diverged_step
     return "unknown" if step is None else str(step)
@@ -726,15 +1158,20 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     except OSError as e:
         raise ReportError(f"cannot write to {str(out)!r} ({e.strerror or e})") from None
 
-    finished = [r for r in runs if r.status == "ok"]
-    diverged = [r for r in runs if r.status == "diverged"]
-    problems = [r for r in runs if r.status not in ("ok", "diverged")]
+    tunings = load_tunings(root, note)
+    tuning_runs = [r for r in runs if r.tuning]
+    evaluated = [r for r in runs if not r.tuning]
+    finished = [r for r in evaluated if r.status == "ok"]
+    diverged = [r for r in evaluated if r.status == "diverged"]
+    problems = [r for r in evaluated if r.status not in ("ok", "diverged")]
     sections = build_sections(finished, target_acc, target_loss, note)
-    labels = sorted({g.label for s in sections for g in s.groups})
+    labels = sorted({g.label for s in sections for g in s.groups}
+                    | {a.label for t in tunings for a in t.arms})
     styles = {label: (PALETTE[i % len(PALETTE)], LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
               for i, label in enumerate(labels)}
 
     drawn: dict[str, list[str]] = {}
+    tuning_drawn: dict[tuple[int, str, int], str] = {}
     try:
         import matplotlib  # noqa: F401  (the plots extra)
     except ImportError:
@@ -744,13 +1181,24 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     else:
         for section in sections if figures else []:
             drawn[section.slug] = draw_section(section, styles, out / FIGURE_DIR)
+        taken: set[str] = set()
+        for i, t in enumerate(tunings if figures else []):
+            for task, workers in t.sections():
+                slug = f"tuning_{_slug(task, workers)}"
+                name, n = f"{slug}.png", 1
+                while name in taken:
+                    n += 1
+                    name = f"{slug}-{n}.png"
+                taken.add(name)
+                draw_tuning(t, t.arms_of(task, workers), styles, out / FIGURE_DIR / name)
+                tuning_drawn[i, task, workers] = name
 
     _write_points(out / "points.csv", sections)
     _write_summary(out / "summary.csv", sections)
 
-    counts = Counter(r.status for r in runs)
+    counts = Counter(r.status for r in evaluated)
     lines = [f"# accord report: {_md(root.resolve().name or root)}", "",
-             f"{len(runs)} runs under `{_md(root)}`: {counts['ok']} finished, "
+             f"{len(evaluated)} runs under `{_md(root)}`: {counts['ok']} finished, "
              f"{counts['diverged']} diverged, {counts['failed']} failed, "
              f"{counts['interrupted']} interrupted, "
              f"{counts['incomplete'] + counts['unreadable']} incomplete or unreadable. "
@@ -758,7 +1206,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
              "diverged runs are listed apart with the step they diverged at. Groups are "
              "(task, workers, label) and their seeds are the repetitions. Final metrics are "
              "mean ± sample std over seeds. Files: `points.csv` (every plotted point), "
-             "`summary.csv` (these tables at full precision).", "", "## Environment", "",
+             "`summary.csv` (these tables at full precision).", "",
+             *_set_aside(tuning_runs, tunings), "## Environment", "",
              *_environment(runs), ""]
     for section in sections:
         direction = ">=" if section.higher else "<="
@@ -769,12 +1218,12 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                   f"Test metric: `{section.metric}` ({'higher' if section.higher else 'lower'} "
                   f"is better). Target: {target}.", "",
                   *_left_out(section, diverged), "### Groups", "",
-                  *_settings_table(section), "",
+                  *_settings_table(section), "", *_tuned_note(section, tunings),
                   "### Final metrics (mean ± std over seeds)", "", *_final_table(section), "",
                   "### Communication and time to target", "",
                   "Bytes are payloads handed to collectives, cumulative over the run. To-target "
                   "values are means over the seeds that reached the target.", "",
-                  *_target_table(section), ""]
+                  *_target_table(section), "", *_verdict(section)]
         if drawn.get(section.slug):
             lines += ["### Figures", "",
                       "Mean over seeds, band from the lowest to the highest seed.", ""]
@@ -782,6 +1231,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                       for (_, xlabel), name in zip(X_AXES, drawn[section.slug], strict=True)]
     if not sections:
         lines += ["No finished run.", ""]
+    if tunings:
+        lines += _tuning_section(tunings, tuning_drawn)
     if diverged:
         lines += ["## Diverged runs", "",
                   "Non-finite parameters or evaluation metrics: not averaged into any "
@@ -834,7 +1285,8 @@ def _write_summary(path: Path, sections: list[Section]) -> None:
     head += [f"{k}_{stat}" for k in keys for stat in ("mean", "std")]
     head += ["target_metric", "target", "target_rule", "n_reached", "steps_to_target_mean",
              "time_to_target_mean", "mb_to_target_mean", f"steps_to_target_vs_{BASELINE}",
-             f"time_to_target_vs_{BASELINE}"]
+             f"time_to_target_vs_{BASELINE}", f"final_diff_vs_{BASELINE}",
+             f"separable_vs_{BASELINE}"]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(head)
@@ -853,6 +1305,12 @@ def _write_summary(path: Path, sections: list[Section]) -> None:
                         _csv_value(g.to_target("mb") if hit else None),
                         _csv_value(_vs_baseline(g, "step", s)[1]),
                         _csv_value(_vs_baseline(g, "time_s", s)[1])]
+                base = s.baseline
+                if base is None or g is base:
+                    row += ["", ""]
+                else:
+                    c = compare(g, base, s.metric)
+                    row += [_csv_value(c.diff), "yes" if c.separable else "no"]
                 writer.writerow(row)
 
 
@@ -937,6 +1395,94 @@ def draw_section(section: Section, styles: dict[str, tuple[str, str]], folder: P
         fig.savefig(folder / name)
         names.append(name)
     return names
+
+
+def _tuning_lines(t: Tuning, arm: TuningArm, key: str
+                  ) -> tuple[list[tuple[Any, float]], list[Any], Any]:
+    """An arm's points on the axis of ``key``: (x, value) of the points with a value, the x
+    of those without, and the chosen x (None when none or not on this line). With several
+    keys, only the points whose other keys are at the arm's chosen values."""
+    others = [k for k in t.grid if k != key]
+    if others and not arm.chosen:
+        return [], [], None
+    chosen = arm.chosen or {}
+    on_line = [p for p in arm.points if key in p.setting
+               and all(k in p.setting and _scalar_key(p.setting[k]) == _scalar_key(chosen.get(k))
+                       for k in others)]
+    good = [(p.setting[key], p.value) for p in on_line if p.value is not None]
+    missing = [p.setting[key] for p in on_line if p.value is None]
+    pick = chosen.get(key) if key in chosen else None
+    return good, missing, pick
+
+
+def draw_tuning(t: Tuning, arms: list[TuningArm], styles: dict[str, tuple[str, str]],
+                path: Path) -> None:
+    """The metric against each tuned key, one line per arm (see the module docstring)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = list(t.grid)
+    fig = Figure(figsize=(4.6 * len(keys) + 2.4, 4.0), dpi=100)
+    fig.subplots_adjust(left=0.5 / (4.6 * len(keys) + 2.4) * 1.6,
+                        right=1 - 2.3 / (4.6 * len(keys) + 2.4), bottom=0.14, top=0.86,
+                        wspace=0.3)
+    FigureCanvasAgg(fig)
+    metrics = sorted({a.metric for a in arms})
+    handles: dict[str, Any] = {}
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        values = []
+        for arm in arms:
+            for p in arm.points:
+                if key in p.setting and p.setting[key] not in values:
+                    values.append(p.setting[key])
+        values += [v for v in t.grid[key] if v not in values]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric:
+            def pos(v: Any) -> float:
+                return float(v)
+        else:
+            order = [v for v in t.grid[key]] + [v for v in values if v not in t.grid[key]]
+
+            def pos(v: Any, order: list[Any] = order) -> float:
+                return float(order.index(v))
+
+            ax.set_xticks(range(len(order)), [_fmt_value(v) for v in order])
+        edge = ax.get_xaxis_transform()  # x in data, y in axes
+        for arm in arms:
+            colour, style = styles.get(arm.label, (PALETTE[0], LINESTYLES[0]))
+            good, missing, pick = _tuning_lines(t, arm, key)
+            good.sort(key=lambda xv: pos(xv[0]))
+            xs, ys = [pos(x) for x, _ in good], [v for _, v in good]
+            line, = ax.plot(xs, ys, color=colour, linestyle=style, marker="o", markersize=4,
+                            linewidth=1.5, label=arm.label)
+            handles.setdefault(arm.label, line)
+            if pick is not None:
+                y = next((v for x, v in good if _scalar_key(x) == _scalar_key(pick)), None)
+                if y is not None:
+                    ax.plot([pos(pick)], [y], marker="*", markersize=15, color=colour,
+                            markeredgecolor="black", linestyle="none", zorder=5)
+            if missing:
+                ax.plot([pos(x) for x in missing], [0.03] * len(missing), marker="x",
+                        markersize=7, color=colour, linestyle="none", transform=edge,
+                        clip_on=False)
+        positive = [float(v) for v in values if numeric and float(v) > 0]
+        if numeric and values and len(positive) == len(values) \
+                and max(positive) / min(positive) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{', '.join(metrics)} ({t.split} split)")
+        ax.grid(True, alpha=0.3)
+        if len(keys) > 1:
+            ax.set_title(f"{key} (other keys at each arm's chosen values)", fontsize=9)
+    fig.legend(list(handles.values()), list(handles), loc="center left",
+               bbox_to_anchor=(1 - 2.2 / (4.6 * len(keys) + 2.4), 0.5), fontsize=8,
+               frameon=False)
+    task, workers = arms[0].task, arms[0].workers
+    seed = f", seed {t.seed}" if t.seed is not None else ""
+    fig.suptitle(f"{task}, {workers} worker{'s' if workers != 1 else ''}: tuning on the "
+                 f"{t.split} split{seed}")
+    fig.savefig(path)
 
 
 # -- command line ---------------------------------------------------------------------------
