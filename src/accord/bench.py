@@ -9,7 +9,9 @@ starts.
 **Reuse.** A run directory is reused, not run again, when its ``metrics.jsonl`` ended with
 status ``ok`` or ``diverged`` (a diverged run is a result: rerunning it would diverge
 again) *and* its header's ``config`` equals the requested ``TrainConfig.to_json()`` in
-every field except those in ``IGNORED_FIELDS``, which do not change what a run computes:
+every field (a field an older header lacks counts as changed, except those of
+``TrainConfig.ADDED_DEFAULTS``, which take the value the older run had) except those in
+``IGNORED_FIELDS``, which do not change what a run computes:
 ``out`` (the bench chooses the path), ``progress``, ``tensorboard``, ``timeout`` and
 ``idle_timeout``. So an interrupted bench resumes where it stopped, and a bench with
 other ``--steps``, ``--set`` or presets reruns exactly the runs whose config changed,
@@ -77,10 +79,13 @@ class RunSpec:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (lr, ...)
     group: str = "custom"  # the preset: a directory of its own, reported on its own
+    point: str = ""  # a tuning run: its grid point's directory, between label and seed
 
     def config(self, out: Path) -> TrainConfig:
-        run_dir = (out / self.group / self.task / f"w{self.workers}" / self.label
-                   / f"seed{self.seed}")
+        run_dir = out / self.group / self.task / f"w{self.workers}" / self.label
+        if self.point:
+            run_dir = run_dir / self.point
+        run_dir = run_dir / f"seed{self.seed}"
         return TrainConfig(algo=self.algo, task=self.task, workers=self.workers,
                            steps=self.steps, seed=self.seed, out=str(run_dir),
                            label=self.label, progress=False,
@@ -103,13 +108,17 @@ def _quick() -> list[RunSpec]:
     return _matrix(arms, [("digits", 300, {"optimizer": "adam", "lr": 3e-3})], [4], [0])
 
 
-def _acga_ablation() -> list[RunSpec]:
-    arms = [("allreduce", "allreduce", {}, {}), ("normalized", "normalized", {}, {}),
+def _acga_ablation_arms() -> list[tuple[str, str, dict, dict]]:
+    return [("allreduce", "allreduce", {}, {}), ("normalized", "normalized", {}, {}),
             ("acga-b0", "acga", {"momentum": 0.0}, {}),
             ("acga-b0.9", "acga", {"momentum": 0.9}, {}),
             ("acga-b0.99", "acga", {"momentum": 0.99}, {}),
             ("acga-layer", "acga", {"momentum": 0.99, "per_layer": True}, {}),
             ("adasum", "adasum", {}, {})]
+
+
+def _acga_ablation() -> list[RunSpec]:
+    arms = _acga_ablation_arms()
     specs = []
     for n in (4, 8):
         toy = ("linreg", 500, {"oracle_lr": True, "accum_steps": 2, "batch_size": 128 // n})
@@ -208,6 +217,41 @@ def _failures() -> list[RunSpec]:
                    [0, 1, 2])
 
 
+#: the dynamic-weighting preset: every worker's step compute is emulated by a sleep of this
+#: many seconds; the slow worker sleeps 2 more of them (3x); a run is this many steps, the
+#: middle third of them frozen on the frozen ranks
+DW_COMPUTE_S = 0.02
+DW_STEPS = 240
+#: workers -> (frozen ranks, slow rank)
+DW_FAILURES = {4: ((2,), 3), 8: ((2, 5), 7)}
+#: local optimizers: label prefix -> training settings (AdaHessian diverges at lr 0.05 on
+#: digits, trains at 0.01)
+DW_OPTIMIZERS = {"sgd": {"lr": 0.05}, "adahessian": {"optimizer": "adahessian", "lr": 0.01}}
+
+
+def dw_faults(workers: int) -> list[str]:
+    """The failure pattern of the dynamic-weighting preset at ``workers`` workers."""
+    frozen, slow = DW_FAILURES[workers]
+    third = DW_STEPS // 3
+    return [f"delay:rank=all,seconds={DW_COMPUTE_S:g}",
+            f"delay:rank={slow},seconds={2 * DW_COMPUTE_S:g}",
+            *(f"freeze:rank={r},start={third},end={2 * third}" for r in frozen)]
+
+
+def _dynamic_weighting() -> list[RunSpec]:
+    """Asynchronous EASGD with uniform vs dynamic weighting under SGD and AdaHessian, 4 and
+    8 workers, periods 1, 4 and 16, one or two frozen ranks and one 3x slow rank."""
+    specs = []
+    for n in DW_FAILURES:
+        arms = [(f"{opt}-p{p}-{w}", "easgd",
+                 {"period": p, "weighting": w, "asynchronous": True},
+                 {"faults": dw_faults(n), "log_every": DW_STEPS // 6, **settings})
+                for opt, settings in DW_OPTIMIZERS.items() for p in (1, 4, 16)
+                for w in ("uniform", "dynamic")]
+        specs += _matrix(arms, [("digits", DW_STEPS, {"batch_size": 16})], [n], [0, 1, 2])
+    return specs
+
+
 PRESETS: dict[str, Callable[[], list[RunSpec]]] = {
     "quick": _quick,
     "acga-ablation": _acga_ablation,
@@ -215,15 +259,39 @@ PRESETS: dict[str, Callable[[], list[RunSpec]]] = {
     "stragglers": _stragglers,
     "scaling": _scaling,
     "failures": _failures,
+    "dynamic-weighting": _dynamic_weighting,
 }
 
 
+def _acga_ablation_tuned() -> list[RunSpec]:
+    """The acga-ablation arms on digits and Fashion-MNIST at 8 workers (Adam, 4 samples per
+    worker), each arm at its own learning rate (the toy is left out: its step size is the
+    oracle's)."""
+    arms = _acga_ablation_arms()
+    tasks = [("digits", 400, {"optimizer": "adam", "lr": 1e-3, "batch_size": 4}),
+             ("fashion", 400, {"optimizer": "adam", "lr": 1e-3, "batch_size": 4})]
+    return _matrix(arms, tasks, [8], [0, 1, 2])
+
+
+#: presets tuned by default: name -> (runs, grid); ``--tune`` replaces the grid
+TUNED_PRESETS: dict[str, tuple[Callable[[], list[RunSpec]], dict[str, list[str]]]] = {
+    "acga-ablation-tuned": (_acga_ablation_tuned, {"lr": ["3e-4", "1e-3", "3e-3", "1e-2"]}),
+    "elastic-tuned": (_elastic, {"lr": ["0.01", "0.03", "0.1", "0.3"]}),
+}
+
+
+def preset_names() -> list[str]:
+    return [*PRESETS, *TUNED_PRESETS, "all"]
+
+
 def preset(name: str) -> list[RunSpec]:
-    """The runs of a preset; each preset's runs live under ``OUT/<preset>/``."""
+    """The runs of a preset; each preset's runs live under ``OUT/<preset>/``. ``all`` is
+    every untuned preset (the tuned ones run many times more)."""
+    if name in TUNED_PRESETS:
+        return [replace(s, group=name) for s in TUNED_PRESETS[name][0]()]
     names = list(PRESETS) if name == "all" else [name]
     if any(n not in PRESETS for n in names):
-        allowed = ", ".join([*PRESETS, "all"])
-        raise ConfigError(f"preset: unknown {name!r}; allowed: {allowed}")
+        raise ConfigError(f"preset: unknown {name!r}; allowed: {', '.join(preset_names())}")
     return [replace(s, group=n) for n in names for s in PRESETS[n]()]
 
 
@@ -267,6 +335,197 @@ def apply_overrides(specs: list[RunSpec], settings: list[str]) -> list[RunSpec]:
 
 
 
+
+# -- tuning -----------------------------------------------------------------------------------
+
+#: the default tuning seed: not one of the presets' evaluation seeds
+TUNE_SEED = 100
+
+
+def parse_tune(items: list[str]) -> dict[str, list[str]]:
+    """``--tune KEY=V1,V2,...`` (repeatable; several keys make the cartesian product) as
+    {key: [value texts]}; ConfigError (one line) for a malformed item or a repeated key.
+    Whether a key exists is checked per run by :func:`plan` (as for ``--set``)."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, rest = item.partition("=")
+        key = key.strip()
+        values = [v.strip() for v in rest.split(",")]
+        if not sep or not key or not rest.strip() or any(not v for v in values):
+            raise ConfigError(f"--tune: expected KEY=V1,V2,... (e.g. lr=1e-3,3e-3), got "
+                              f"{item!r}")
+        if key in grid:
+            raise ConfigError(f"--tune: {key!r} given twice; allowed: each key once")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--tune {key}: a value is repeated in {rest!r}")
+        if key in ("eval_split", "train.eval_split", "seed"):
+            raise ConfigError(f"--tune: {key!r} cannot be tuned; allowed: a training "
+                              "setting or an algorithm hyperparameter")
+        grid[key] = values
+    return grid
+
+
+def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every point of the grid, the first key varying slowest."""
+    points: list[dict[str, str]] = [{}]
+    for key, values in grid.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def point_dir(point: dict[str, str]) -> str:
+    """The directory of a grid point's run, e.g. ``tune-lr-1e-3`` (keys without their
+    ``algo.``/``train.`` prefix)."""
+    return "tune-" + "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items())
+
+
+def _arm(spec: RunSpec) -> tuple:
+    return (spec.group, spec.task, spec.workers, spec.label)
+
+
+def tuning_specs(specs: list[RunSpec], grid: dict[str, list[str]], seed: int) -> list[RunSpec]:
+    """One run per arm (group, task, workers, label) and grid point, on the tuning ``seed``,
+    evaluated on the held-out validation split (``eval_split=val``: part of the training
+    data, never the test split). ConfigError if ``seed`` is one of the evaluation seeds."""
+    used = sorted({s.seed for s in specs})
+    if seed in used:
+        raise ConfigError(f"--tune-seed {seed} is also an evaluation seed; allowed: a seed "
+                          f"not in {', '.join(map(str, used))}")
+    arms: dict[tuple, RunSpec] = {}
+    for spec in specs:
+        arms.setdefault(_arm(spec), spec)
+    out = []
+    for template in arms.values():
+        for point in grid_points(grid):
+            base = replace(template, seed=seed, point=point_dir(point))
+            try:
+                tuned = apply_overrides([base], [f"{k}={v}" for k, v in point.items()])[0]
+            except ConfigError as e:
+                raise ConfigError(f"--tune: {e}") from None
+            out.append(replace(tuned, train={**tuned.train, "eval_split": "val"}))
+    return out
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _setting_value(cfg: TrainConfig, key: str) -> Any:
+    """The value ``key`` took in ``cfg`` (parsed for a training setting, the number or text
+    of an algorithm hyperparameter)."""
+    name = key.split(".")[-1]
+    if not key.startswith("train.") and name in cfg.hyperparameters:
+        value = cfg.hyperparameters[name]
+        return _number(value) if isinstance(value, str) else value
+    return getattr(cfg, name)
+
+
+def selection_metric(task: str) -> tuple[str, bool]:
+    """(metric, higher is better) by which a tuning run is judged: the final ``eval_acc``
+    when the task has accuracy, else the final ``eval_loss``."""
+    from .tasks import get_task
+
+    return ("eval_acc", True) if get_task(task).has_accuracy else ("eval_loss", False)
+
+
+def best_point(values: list[float | None], higher: bool) -> int | None:
+    """Index of the best finite value (the first in grid order on a tie); None if none."""
+    best = None
+    for i, v in enumerate(values):
+        if v is None or not math.isfinite(v):
+            continue
+        if best is None or (v > values[best] if higher else v < values[best]):
+            best = i
+    return best
+
+
+@dataclass
+class Tuning:
+    """What tuning chose: per arm (group, task, workers, label) the grid point (as the
+    ``--tune`` texts) or None when no grid point finished."""
+
+    chosen: dict[tuple, dict[str, str] | None]
+    files: list[Path]
+
+
+def choose(specs: list[RunSpec], grid: dict[str, list[str]], seed: int, out: Path) -> Tuning:
+    """Read every tuning run's final metric on the validation split, pick each arm's best
+    point and write ``OUT/<group>/tuning.json`` per group (the grid, the seed, each point's
+    value and status, the choice). A diverged, failed or missing run never wins."""
+    points = grid_points(grid)
+    arms: dict[tuple, RunSpec] = {}
+    for spec in specs:
+        arms.setdefault(_arm(spec), spec)
+    chosen: dict[tuple, dict[str, str] | None] = {}
+    per_group: dict[str, list[dict[str, Any]]] = {}
+    for key, template in arms.items():
+        metric, higher = selection_metric(template.task)
+        rows, values = [], []
+        for point, spec in zip(points, tuning_specs([template], grid, seed), strict=True):
+            cfg = spec.config(out)
+            validate(cfg, check_out=False)  # fills in the defaults, as the run recorded them
+            prev = previous(cfg)
+            status = {"absent": "not run", "stale": "not run", "unreadable": "failed",
+                      "incomplete": "failed", "interrupted": "not run"}.get(prev.state,
+                                                                              prev.state)
+            value = (prev.summary or {}).get(metric) if prev.state == "ok" else None
+            value = value if isinstance(value, int | float) and math.isfinite(value) else None
+            values.append(value)
+            rows.append({"setting": {k: _setting_value(cfg, k) for k in point},
+                         "value": value, "status": status,
+                         "run": Path(cfg.out).relative_to(out / template.group).as_posix()})
+        best = best_point(values, higher)
+        chosen[key] = points[best] if best is not None else None
+        per_group.setdefault(template.group, []).append({
+            "task": template.task, "workers": template.workers, "label": template.label,
+            "metric": metric, "higher": higher, "points": rows,
+            "chosen": rows[best]["setting"] if best is not None else None,
+            "chosen_value": values[best] if best is not None else None})
+    files = []
+    for group, arm_rows in per_group.items():
+        path = out / group / "tuning.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"version": 1, "grid": {k: [_number(v) for v in vs] for k, vs in grid.items()},
+                "seed": seed, "split": "val", "arms": arm_rows}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        files.append(path)
+    return Tuning(chosen, files)
+
+
+def apply_choice(specs: list[RunSpec], tuning: Tuning) -> list[RunSpec]:
+    """The evaluation runs at each arm's chosen point (an arm without one keeps its own
+    settings)."""
+    out = []
+    for spec in specs:
+        point = tuning.chosen.get(_arm(spec))
+        out.append(apply_overrides([spec], [f"{k}={v}" for k, v in point.items()])[0]
+                   if point else spec)
+    return out
+
+
+def tuning_table(specs: list[RunSpec], grid: dict[str, list[str]], tuning: Tuning) -> str:
+    """One line per arm: the chosen point, or why there is none."""
+    lines = []
+    seen = set()
+    for spec in specs:
+        key = _arm(spec)
+        if key in seen:
+            continue
+        seen.add(key)
+        point = tuning.chosen.get(key)
+        text = (", ".join(f"{k}={v}" for k, v in point.items()) if point else
+                "no grid point finished: evaluated at its own settings")
+        lines.append(f"tuned {spec.label} {spec.task} x{spec.workers}: {text}")
+    return "\n".join(lines)
+
+
 #: a label is one directory name: these characters only, and neither "." nor ".."
 SAFE_LABEL = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -285,7 +544,9 @@ def plan(specs: list[RunSpec], out: Path) -> list[TrainConfig]:
     for spec in specs:
         check_label(spec.label)
         check_label(spec.group, "preset directory")
-        key = (spec.group, spec.task, spec.workers, spec.label, spec.seed)
+        if spec.point:
+            check_label(spec.point, "grid point directory")
+        key = (spec.group, spec.task, spec.workers, spec.label, spec.point, spec.seed)
         if key in labels and labels[key] != spec:
             raise ConfigError(f"bench: two different runs share the label {spec.label!r}")
         labels[key] = spec
@@ -325,7 +586,7 @@ def _short(value: Any) -> str:
 def _resolved(config: dict[str, Any]) -> dict[str, Any]:
     """``device`` and ``backend`` as the run uses them (``auto`` resolved on this machine; a
     record from before they existed ran on the CPU with gloo)."""
-    out = dict(config)
+    out = {**TrainConfig.ADDED_DEFAULTS, **config}
     probe = TrainConfig(device=out.get("device", "cpu"), backend=out.get("backend", "gloo"))
     out["device"], out["backend"] = probe.resolved_device(), probe.resolved_backend()
     return out
@@ -498,6 +759,38 @@ def run_bench(configs: list[TrainConfig], out: Path, *, progress: bool = True,
         bar.close()
         log.close()
     return result
+
+
+def tuned_groups(specs: list[RunSpec]) -> list[RunSpec]:
+    """Runs tuned from the command line go to ``<group>-tuned`` (so the untuned runs of the
+    same preset stay as they are); a tuned preset's group already is one."""
+    return [s if s.group.endswith("-tuned") else replace(s, group=f"{s.group}-tuned")
+            for s in specs]
+
+
+def run_tuned(specs: list[RunSpec], grid: dict[str, list[str]], seed: int, out: Path, *,
+              progress: bool = True, echo: Callable[[str], None] = print
+              ) -> tuple[list[TrainConfig], BenchResult, Tuning]:
+    """Tune, then evaluate: every arm's grid on the tuning seed on the validation split,
+    each arm's best point by its final metric there (:func:`choose`), then the evaluation
+    seeds on the test split at that point. Every run of both phases is validated before
+    the first starts (the evaluation runs at the grid's points, which the tuning runs
+    check); both phases reuse finished runs, so an interrupted tuning resumes."""
+    tune_configs = plan(tuning_specs(specs, grid, seed), out)
+    plan(specs, out)
+    echo(f"bench: tuning {' x '.join(grid)} ({len(grid_points(grid))} points) on seed {seed}, "
+         f"judged on the validation split: {len(tune_configs)} runs")
+    first = run_bench(tune_configs, out, progress=progress, echo=echo)
+    tuning = choose(specs, grid, seed, out)
+    for line in tuning_table(specs, grid, tuning).splitlines():
+        echo(line)
+    configs = plan(apply_choice(specs, tuning), out)
+    echo(f"bench: evaluating {len(configs)} runs on the test split at the chosen values")
+    second = run_bench(configs, out, progress=progress, echo=echo)
+    merged = BenchResult(first.ran + second.ran, first.skipped + second.skipped,
+                         first.failed + second.failed, first.diverged + second.diverged,
+                         first.rerun + second.rerun)
+    return configs, merged, tuning
 
 
 def _launch_outcome(cfg: TrainConfig, returncode: int, message: str) -> dict[str, Any]:

@@ -187,7 +187,12 @@ def _compare(path: Path, manifest: Mapping[str, Any], world_size: int | None,
         raise CheckpointError(f"checkpoint {path}: written by {manifest['world_size']} workers, "
                               f"this run has {world_size}; allowed: the same world size")
     if config is not None:
-        saved = manifest.get("config", {})
+        from .config import TrainConfig
+
+        saved = dict(manifest.get("config", {}))
+        for key, value in TrainConfig.ADDED_DEFAULTS.items():  # written before key existed
+            if key in config and key not in saved:
+                saved[key] = value
         for key in sorted(set(saved) | set(config)):
             if saved.get(key) != config.get(key):
                 raise CheckpointError(

@@ -245,7 +245,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a matrix of algorithms x tasks x workers x seeds",
                        description=bench.__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None,
-                   help=f"one of: {', '.join([*bench.PRESETS, 'all'])}")
+                   help=f"one of: {', '.join(bench.preset_names())}")
     p.add_argument("--algos", default="", help="comma-separated algorithms (custom matrix)")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=ALGO[:K=V,...]",
                    help="an algorithm with hyperparameters under its own label")
@@ -259,11 +259,19 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=200, help="custom matrix: steps per run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, as in `accord train --set`")
+    p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="tune KEY (any --set key; repeat for a grid) per arm on --tune-seed, "
+                        "judged on the validation split, then run the seeds at each arm's "
+                        "best; results go to OUT/<preset>-tuned")
+    p.add_argument("--tune-seed", type=int, default=bench.TUNE_SEED,
+                   help=f"the seed of the tuning runs (default {bench.TUNE_SEED}; not an "
+                        "evaluation seed)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-progress", action="store_true")
 
 
-def _bench_configs(args: argparse.Namespace) -> list[TrainConfig]:
+def _bench_specs(args: argparse.Namespace) -> tuple[list[bench.RunSpec], dict[str, list[str]]]:
+    """The runs asked for and the tuning grid (empty: no tuning)."""
     tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
     workers = _int_list(args.workers, "workers") if args.workers is not None else None
     seeds = _int_list(args.seeds, "seeds") if args.seeds is not None else None
@@ -285,25 +293,38 @@ def _bench_configs(args: argparse.Namespace) -> list[TrainConfig]:
         specs = bench.apply_overrides(specs, args.set)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return bench.plan(specs, Path(args.out))
+    grid = bench.parse_tune(getattr(args, "tune", []))
+    if not grid and args.preset in bench.TUNED_PRESETS:
+        grid = bench.TUNED_PRESETS[args.preset][1]
+    if grid:
+        specs = bench.tuned_groups(specs)
+        bench.tuning_specs(specs, grid, getattr(args, "tune_seed", bench.TUNE_SEED))
+    return specs, grid
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    out = Path(args.out)
     try:
-        configs = _bench_configs(args)
+        specs, grid = _bench_specs(args)
+        configs = bench.plan(specs, out)
+        if grid:  # every tuning run validated too, before any run starts
+            bench.plan(bench.tuning_specs(specs, grid, args.tune_seed), out)
     except ConfigError as e:
         print(f"{PROG} bench: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     try:
-        result = bench.run_bench(configs, out, progress=not args.no_progress)
+        if grid:
+            configs, result, _ = bench.run_tuned(specs, grid, args.tune_seed, out,
+                                                 progress=not args.no_progress)
+        else:
+            result = bench.run_bench(configs, out, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"{PROG} bench: interrupted; run the same command again to resume",
               file=sys.stderr)
         return 130
     print()
     print(bench.summary_table(configs))
-    groups = sorted({Path(c.out).parents[3] for c in configs})
+    groups = sorted({out / s.group for s in specs})
     print(f"\n{result.ran} runs done ({len(result.diverged)} diverged), {result.skipped} "
           f"reused, {len(result.failed)} failed"
           f" (log: {out / 'bench.jsonl'})")
@@ -315,7 +336,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The quick preset, its report, and the final table."""
     args = argparse.Namespace(preset="quick", algos="", variant=[], tasks=None, workers=None,
-                              seeds=None, steps=200, set=[], out=args.out, no_progress=False)
+                              seeds=None, steps=200, set=[], out=args.out, no_progress=False,
+                              tune=[], tune_seed=bench.TUNE_SEED)
     code = cmd_bench(args)
     if code == 0:
         path = report.write_report(Path(args.out) / "quick")

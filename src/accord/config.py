@@ -103,6 +103,10 @@ class TrainConfig:
                          "label", "tensorboard", "data_dir", "faults", "checkpoint_every",
                          "keep", "resume", "max_restarts")
 
+    #: fields added after runs and checkpoints were first recorded, with the value a record
+    #: that lacks them ran with (so an older run is reused and an older checkpoint resumed)
+    ADDED_DEFAULTS = {"eval_split": "test"}
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

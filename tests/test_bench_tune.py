@@ -1,0 +1,246 @@
+"""`accord bench --tune`: each arm's grid on a tuning seed, judged on the validation split,
+then the evaluation seeds on the test split at each arm's own best point."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from test_bench import write_metrics
+
+from accord import bench, cli
+from accord.config import ConfigError
+from accord.launch import LaunchResult
+from accord.metrics import read_metrics
+
+#: each arm's best learning rate in the synthetic landscape (known answer)
+BEST = {"allreduce": 3e-3, "acga": 3e-2}
+GRID = ["1e-3", "3e-3", "1e-2", "3e-2"]
+
+
+def landscape(label: str, lr: float, split: str) -> float:
+    """The final accuracy a run reports: peaked at the arm's BEST lr on the validation
+    split; on the test split the peak is elsewhere, so tuning on it would choose wrong."""
+    best = BEST[label] if split == "val" else 1e-3
+    lr = 0.1 if lr is None else lr  # digits' default
+    return 0.9 - 0.1 * abs(math.log10(lr / best))
+
+
+class Landscape:
+    """Stands in for launch(): writes a finished run whose final eval_acc follows
+    :func:`landscape`; ``diverge`` names (label, lr) pairs that diverge instead."""
+
+    def __init__(self, diverge: tuple[tuple[str, float], ...] = ()) -> None:
+        self.diverge = set(diverge)
+        self.calls: list = []
+
+    def __call__(self, cfg, quiet: bool = False) -> LaunchResult:
+        self.calls.append(cfg)
+        if (cfg.label, cfg.lr) in self.diverge:
+            write_metrics(cfg, "diverged", steps=4, nan_at=2)
+        else:
+            acc = landscape(cfg.label, cfg.lr, cfg.eval_split)
+            write_metrics(cfg, steps=4, summary={"eval_acc": acc})
+        return LaunchResult(0, None, "")
+
+
+def _specs(seeds=(0, 1)) -> list[bench.RunSpec]:
+    specs = bench.custom(["allreduce", "acga"], [], ["digits"], [2], list(seeds), 4)
+    return bench.tuned_groups(specs)
+
+
+def test_tuning_picks_each_arms_best_on_the_validation_split(tmp_path, monkeypatch):
+    fake = Landscape(diverge=(("acga", 3e-2),))  # acga's true best diverges: never chosen
+    monkeypatch.setattr(bench, "launch", fake)
+    said: list[str] = []
+    grid = bench.parse_tune(["lr=" + ",".join(GRID)])
+    configs, result, tuning = bench.run_tuned(_specs(), grid, 100, tmp_path, progress=False,
+                                              echo=said.append)
+    tune_runs, eval_runs = fake.calls[:8], fake.calls[8:]
+    # the grid on the tuning seed, judged on the validation split, never the test split
+    assert all(c.seed == 100 and c.eval_split == "val" for c in tune_runs)
+    assert sorted((c.label, c.lr) for c in tune_runs) == sorted(
+        (a, float(v)) for a in BEST for v in GRID)
+    # the evaluation seeds on the test split, each arm at its own best point
+    assert all(c.eval_split == "test" and c.seed in (0, 1) for c in eval_runs)
+    assert {(c.label, c.lr) for c in eval_runs} == {("allreduce", 3e-3), ("acga", 1e-2)}
+    assert configs == eval_runs and result.ran == 12 and len(result.diverged) == 1
+    assert tuning.chosen[("custom-tuned", "digits", 2, "allreduce")] == {"lr": "3e-3"}
+    assert "tuned acga digits x2: lr=1e-2" in said
+    # tuning runs live beside the evaluation runs, one directory per grid point
+    assert Path(tune_runs[0].out).relative_to(tmp_path).parts == (
+        "custom-tuned", "digits", "w2", "allreduce", "tune-lr-1e-3", "seed100")
+    assert Path(eval_runs[0].out).relative_to(tmp_path).parts[-2:] == ("allreduce", "seed0")
+
+    record = json.loads((tmp_path / "custom-tuned" / "tuning.json").read_text())
+    assert record["grid"] == {"lr": [1e-3, 3e-3, 1e-2, 3e-2]}
+    assert record["seed"] == 100 and record["split"] == "val"
+    acga = next(a for a in record["arms"] if a["label"] == "acga")
+    assert acga["metric"] == "eval_acc" and acga["higher"] is True
+    assert acga["chosen"] == {"lr": 1e-2}
+    assert acga["chosen_value"] == pytest.approx(landscape("acga", 1e-2, "val"))
+    assert [p["status"] for p in acga["points"]] == ["ok", "ok", "ok", "diverged"]
+    assert acga["points"][3]["value"] is None
+    assert acga["points"][0]["run"] == "digits/w2/acga/tune-lr-1e-3/seed100"
+    # every run directory holds what tuning.json says it does
+    for p in acga["points"][:3]:
+        summary = read_metrics(tmp_path / "custom-tuned" / p["run"] / "metrics.jsonl")[-1]
+        assert summary["eval_acc"] == pytest.approx(p["value"])
+
+    # the same request again resumes: nothing runs, the same choice
+    fake.calls.clear()
+    configs2, result2, tuning2 = bench.run_tuned(_specs(), grid, 100, tmp_path,
+                                                 progress=False, echo=said.append)
+    assert fake.calls == [] and result2.skipped == 12 and result2.ran == 0
+    assert tuning2.chosen == tuning.chosen and configs2 == configs
+
+
+def test_an_interrupted_tuning_resumes_with_the_missing_points(tmp_path, monkeypatch):
+    fake = Landscape()
+    monkeypatch.setattr(bench, "launch", fake)
+    grid = {"lr": GRID}
+    specs = _specs(seeds=(0,))
+    # two tuning runs finished before an interruption
+    for spec in bench.tuning_specs(specs, grid, 100)[:2]:
+        fake(spec.config(tmp_path))
+    fake.calls.clear()
+    bench.run_tuned(specs, grid, 100, tmp_path, progress=False, echo=lambda _: None)
+    assert len(fake.calls) == 6 + 2  # the 6 missing points, then one seed per arm
+    assert {(c.label, c.lr) for c in fake.calls[6:]} == {("allreduce", 3e-3), ("acga", 3e-2)}
+
+
+def test_an_arm_without_a_finished_point_keeps_its_own_settings(tmp_path, monkeypatch):
+    fake = Landscape(diverge=tuple(("acga", float(v)) for v in GRID))
+    monkeypatch.setattr(bench, "launch", fake)
+    said: list[str] = []
+    configs, _, tuning = bench.run_tuned(_specs(seeds=(0,)), {"lr": GRID}, 7, tmp_path,
+                                         progress=False, echo=said.append)
+    assert tuning.chosen[("custom-tuned", "digits", 2, "acga")] is None
+    assert next(c for c in configs if c.label == "acga").lr is None  # the task's default
+    assert "tuned acga digits x2: no grid point finished: evaluated at its own settings" \
+        in said
+    record = json.loads((tmp_path / "custom-tuned" / "tuning.json").read_text())
+    assert next(a for a in record["arms"] if a["label"] == "acga")["chosen"] is None
+
+
+def test_several_keys_make_the_cartesian_product():
+    grid = bench.parse_tune(["lr=0.1,0.2", "momentum=0,0.9"])
+    assert bench.grid_points(grid) == [{"lr": "0.1", "momentum": "0"},
+                                       {"lr": "0.1", "momentum": "0.9"},
+                                       {"lr": "0.2", "momentum": "0"},
+                                       {"lr": "0.2", "momentum": "0.9"}]
+    specs = bench.tuning_specs(_specs(seeds=(0,)), grid, 100)
+    acga = [s for s in specs if s.label == "acga"]
+    # acga has a momentum hyperparameter (it takes precedence, as with --set)
+    assert [s.hyperparameters["momentum"] for s in acga] == ["0", "0.9", "0", "0.9"]
+    assert [s.train["lr"] for s in acga] == [0.1, 0.1, 0.2, 0.2]
+    assert acga[1].point == "tune-lr-0.1_momentum-0.9"
+    assert best_is_first_on_ties()
+
+
+def best_is_first_on_ties() -> bool:
+    return (bench.best_point([0.5, 0.7, 0.7, None], True) == 1
+            and bench.best_point([2.0, 1.0, float("nan"), 1.0], False) == 1
+            and bench.best_point([None, float("inf")], True) is None)
+
+
+@pytest.mark.parametrize("items, message", [
+    (["lr"], "--tune: expected KEY=V1,V2,... (e.g. lr=1e-3,3e-3), got 'lr'"),
+    (["lr="], "--tune: expected KEY=V1,V2,... (e.g. lr=1e-3,3e-3), got 'lr='"),
+    (["lr=0.1,,0.2"], "--tune: expected KEY=V1,V2,... (e.g. lr=1e-3,3e-3), got 'lr=0.1,,0.2'"),
+    (["lr=0.1", "lr=0.2"], "--tune: 'lr' given twice; allowed: each key once"),
+    (["lr=0.1,0.1"], "--tune lr: a value is repeated in '0.1,0.1'"),
+    (["eval_split=test,val"], "--tune: 'eval_split' cannot be tuned; allowed: a training "
+                              "setting or an algorithm hyperparameter"),
+])
+def test_bad_grids_are_one_line(items, message):
+    with pytest.raises(ConfigError) as e:
+        bench.parse_tune(items)
+    assert str(e.value) == message
+
+
+def test_bad_tuning_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "launch", lambda *a, **k: pytest.fail("a run started"))
+    base = ["bench", "--algos", "allreduce", "--workers", "2", "--seeds", "0,1", "--steps",
+            "4", "--no-progress", "--out", str(tmp_path)]
+    cases = {
+        ("--tune", "lr=0.1", "--tune-seed", "1"):
+            "--tune-seed 1 is also an evaluation seed; allowed: a seed not in 0, 1",
+        ("--tune", "bogus=1,2"): "--tune: --set: unknown key 'bogus'",
+        ("--tune", "lr=0.1,-1"): "lr",
+    }
+    for extra, message in cases.items():
+        assert cli.main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_presets_tuned_by_default_and_the_dynamic_weighting_preset():
+    specs = bench.preset("acga-ablation-tuned")
+    assert {s.task for s in specs} == {"digits", "fashion"} and {s.workers for s in specs} == {8}
+    assert bench.TUNED_PRESETS["acga-ablation-tuned"][1] == {"lr": ["3e-4", "1e-3", "3e-3",
+                                                                     "1e-2"]}
+    assert all(s.group == "acga-ablation-tuned" for s in specs)
+    assert "acga-ablation-tuned" not in {s.group for s in bench.preset("all")}
+
+    dw = bench.preset("dynamic-weighting")
+    assert len(dw) == 2 * 3 * 2 * 2 * 3  # optimizers x periods x weightings x N x seeds
+    assert {s.algo for s in dw} == {"easgd"} and {s.workers for s in dw} == {4, 8}
+    eight = [s for s in dw if s.workers == 8 and s.label == "adahessian-p4-dynamic"]
+    assert {s.seed for s in eight} == {0, 1, 2}
+    spec = eight[0]
+    assert spec.hyperparameters == {"period": 4, "weighting": "dynamic", "asynchronous": True}
+    assert spec.train["optimizer"] == "adahessian"
+    assert spec.train["faults"] == ["delay:rank=all,seconds=0.02", "delay:rank=7,seconds=0.04",
+                                    "freeze:rank=2,start=80,end=160",
+                                    "freeze:rank=5,start=80,end=160"]
+    four = next(s for s in dw if s.workers == 4)
+    assert [f for f in four.train["faults"] if f.startswith("freeze")] == [
+        "freeze:rank=2,start=80,end=160"]
+    bench.plan(dw, Path("/tmp/accord-plan-check"))  # every run validates
+
+
+def test_runs_and_checkpoints_recorded_before_eval_split_existed_still_count(tmp_path):
+    from accord.checkpoint import CheckpointError, _compare
+
+    cfg = bench.plan(bench.custom(["allreduce"], [], ["digits"], [2], [0], 4), tmp_path)[0]
+    old = cfg.to_json()
+    del old["eval_split"]  # a header written before the field existed ran on the test split
+    write_metrics(cfg, config=old)
+    assert bench.previous(cfg).action == "reuse"
+    cfg.eval_split = "val"
+    assert bench.previous(cfg).reason == "the config changed (eval_split \"test\" -> \"val\")"
+    _compare(tmp_path, {"world_size": 2, "config": {"algo": "acga"}}, 2,
+             {"algo": "acga", "eval_split": "test"})
+    with pytest.raises(CheckpointError, match="eval_split was 'test', this run has 'val'"):
+        _compare(tmp_path, {"world_size": 2, "config": {"algo": "acga"}}, 2,
+                 {"algo": "acga", "eval_split": "val"})
+
+
+def test_a_real_tuned_bench_and_its_report(tmp_path, capsys):
+    """Real runs: 2 grid points on the tuning seed (validation split), one seed at the
+    better one (test split); then the report's tuning section."""
+    from accord.report import write_report
+
+    args = ["bench", "--algos", "allreduce", "--tasks", "digits", "--workers", "2",
+            "--seeds", "0", "--steps", "20", "--set", "log_every=10", "--no-progress",
+            "--tune", "lr=1e-5,0.1", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert "tuned allreduce digits x2: lr=0.1" in said  # 1e-5 cannot learn in 20 steps
+    group = tmp_path / "custom-tuned"
+    runs = sorted(p.parent.relative_to(group).as_posix() for p in group.rglob("metrics.jsonl"))
+    assert runs == ["digits/w2/allreduce/seed0", "digits/w2/allreduce/tune-lr-0.1/seed100",
+                    "digits/w2/allreduce/tune-lr-1e-5/seed100"]
+    split = {r: read_metrics(group / r / "metrics.jsonl")[0]["config"]["eval_split"]
+             for r in runs}
+    assert split == {runs[0]: "test", runs[1]: "val", runs[2]: "val"}
+    assert read_metrics(group / runs[0] / "metrics.jsonl")[0]["config"]["lr"] == 0.1
+    # resumed: nothing runs again
+    assert cli.main(args) == 0
+    assert "0 runs done (0 diverged), 3 reused" in capsys.readouterr().out
+    text = write_report(group).read_text()
+    assert "Tuning" in text and "**" in text.split("Tuning", 1)[1]
+    assert (group / "figures" / "tuning_digits_w2.png").exists()
