@@ -1,0 +1,420 @@
+"""Emulated networks: the time a communication call would take on a given link.
+
+``accord train --network 1gbit,5ms`` runs every worker as if it were on a 1 Gbit/s
+network with 5 ms latency: each communication call takes at least the time the emulated
+link needs for it, computation is not slowed, so time-to-accuracy measured on one machine
+is the one the algorithm would reach on that network. This module is the pure model (no
+process group): :func:`parse_network` reads the ``--network`` text into a :class:`Link`,
+:meth:`Link.seconds` gives an operation's cost, and :func:`wait_for` pads a finished call
+to that cost. Everything here is immutable or locked, so the background exchange thread
+may call it concurrently with the compute thread.
+
+The cost model is the alpha-beta (Hockney) model: a message of ``m`` bytes costs
+``alpha + m beta`` with ``alpha`` the link latency in seconds and ``beta = 1/bandwidth``
+seconds per byte. Each collective costs what the algorithm a backend uses for the large
+buffers of data-parallel training costs, from R. Thakur, R. Rabenseifner, W. Gropp,
+"Optimization of Collective Communication Operations in MPICH", IJHPCA 19(1), 2005,
+and for allreduce the bandwidth-optimal ring (reduce-scatter then all-gather; Patarasuk
+and Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC
+2009) of Baidu's ring-allreduce and Horovod, which gloo and NCCL also run on large
+buffers. With ``N`` ranks in the group and ``M`` payload bytes:
+
+==================  =================================  ===================================
+op                  Communicator method                seconds
+==================  =================================  ===================================
+``allreduce``       ``all_reduce_``,                   ``2 (N-1) alpha + 2 (N-1)/N M beta``
+                    ``all_reduce_async_``              (ring: N-1 rounds of reduce-scatter
+                                                       and N-1 of all-gather, M/N each)
+``allgather``       ``all_gather``                     ``(N-1) alpha + (N-1) m beta``, m =
+                                                       this rank's contribution (ring)
+``broadcast``       ``broadcast_``                     ``ceil(log2 N) (alpha + M beta)``
+                                                       (binomial tree)
+``send``, ``recv``  ``send``, ``recv_``                ``alpha + M beta`` (one message)
+``exchange``        ``exchange_``                      ``alpha + max(M, R) beta``
+``multi_exchange``  ``multi_exchange_``                ``alpha + max(M, R) beta``
+==================  =================================  ===================================
+
+Every op costs 0 when ``N == 1``. ``M`` is what the Communicator counts as payload bytes
+(the buffer for allreduce, the own contribution for all_gather, the message for send),
+except where the Communicator counts 0 although the wire carries data: ``recv`` costs
+the received tensor's bytes, and ``broadcast`` costs the buffer's bytes on every rank
+(the Communicator counts them on the source only). ``R`` is the bytes received.
+
+- ``exchange``: the send and the receive with one peer run at once on a full-duplex link,
+  so the larger of the two messages decides.
+- ``multi_exchange``: every send and receive of a step is posted at once from one network
+  interface. Sends share its outgoing side, so they cost their total ``M``; receives
+  arrive in parallel on its incoming side, costing their total ``R``; the two directions
+  overlap (full duplex), and all messages start together, so one ``alpha``. A batch that
+  posts nothing is no communication and is not waited for (the caller skips it).
+- The operation is chosen by the Communicator *method*, not by its free-form ``kind``
+  label (``gossip``, ``initial_broadcast``, ``meta``, ...).
+
+What the model leaves out, on purpose: backends pick latency-optimal algorithms for small
+messages (recursive doubling, ``ceil(log2 N) alpha``), so small allreduces are charged more
+latency than on a real cluster; broadcast of a large buffer (scatter + all-gather) would
+cost about ``2 M beta`` instead of ``log2 N M beta``; contention between concurrent calls
+of one rank (the background exchange thread and the compute thread) is not modelled.
+
+A per-rank-pair profile (``--network-profile FILE``) gives some pairs a link of their own
+(:class:`Network`, :func:`load_network_profile`). A collective is as slow as its slowest
+link among the group's ranks (the maximum of the per-link costs); a point-to-point call
+uses the link between the two ranks, and ``multi_exchange`` the slowest link from this
+rank to any of its peers.
+
+The emulated time is a lower bound: :func:`wait_for` sleeps only for what is left of the
+cost after the real call returned; a call that already took longer is not shortened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = [
+    "ALLGATHER", "ALLREDUCE", "BROADCAST", "EXCHANGE", "MULTI_EXCHANGE", "OPS",
+    "RECV", "REAL_CLOCK", "SEND", "Clock", "FakeClock", "Link", "Network",
+    "load_network_profile", "parse_network", "parse_network_profile", "wait_for",
+]
+
+ALLREDUCE = "allreduce"
+ALLGATHER = "allgather"
+BROADCAST = "broadcast"
+SEND = "send"
+RECV = "recv"
+EXCHANGE = "exchange"
+MULTI_EXCHANGE = "multi_exchange"
+OPS = (ALLREDUCE, ALLGATHER, BROADCAST, SEND, RECV, EXCHANGE, MULTI_EXCHANGE)
+_POINT_TO_POINT = (SEND, RECV, EXCHANGE, MULTI_EXCHANGE)
+
+MIN_BANDWIDTH = 1e3 / 8  # bytes per second: 1 kbit/s
+MAX_LATENCY = 60.0  # seconds
+
+_ALLOWED = ("allowed: BANDWIDTH[,LATENCY] such as 1gbit,5ms or 100mbit (bandwidth in "
+            "kbit|mbit|gbit|tbit per second, also written kbps|mbps|gbps|tbps, all bits; "
+            "or kB/s|MB/s|GB/s|TB/s in bytes; latency in us|ms|s, default 0)")
+_PREFIX = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+# bits: kbit, Mbit/s, gbps (any case); bytes: the B must be upper case and /s written,
+# so 'Mb/s', '1gb' and '1GB' (bits or bytes?) are refused rather than guessed
+_BITS = re.compile(_NUMBER + r"\s*([kmgt])(?:bit(?:/s)?|bps)", re.IGNORECASE)
+_BYTES = re.compile(_NUMBER + r"\s*([kKmMgGtT])B/s")
+_LATENCY = re.compile(_NUMBER + r"\s*(us|µs|ms|s)", re.IGNORECASE)
+_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class Link:
+    """One emulated link: ``bandwidth`` in bytes per second, ``latency`` in seconds."""
+
+    bandwidth: float
+    latency: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.bandwidth) and self.bandwidth >= MIN_BANDWIDTH):
+            raise ValueError(f"Link bandwidth: got {self.bandwidth!r} bytes/s; allowed: "
+                             f"finite and at least {MIN_BANDWIDTH:g} bytes/s (1 kbit/s)")
+        if not (0.0 <= self.latency <= MAX_LATENCY):
+            raise ValueError(f"Link latency: got {self.latency!r} s; allowed: "
+                             f"0 to {MAX_LATENCY:g} s")
+
+    def describe(self) -> str:
+        """Human text such as ``1 Gbit/s, 5 ms`` (which :func:`parse_network` reads back)."""
+        bits = self.bandwidth * 8
+        for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6)):
+            if bits >= scale:
+                bandwidth = f"{_format(bits / scale)} {unit}"
+                break
+        else:
+            bandwidth = f"{_format(bits / 1e3)} kbit/s"
+        if self.latency >= 1.0:
+            latency = f"{_format(self.latency)} s"
+        elif self.latency >= 1e-3 or self.latency == 0.0:
+            latency = f"{_format(self.latency * 1e3)} ms"
+        else:
+            latency = f"{_format(self.latency * 1e6)} us"
+        return f"{bandwidth}, {latency}"
+
+    def seconds(
+        self, op: str, payload_bytes: int, world_size: int, *,
+        received_bytes: int | None = None,
+    ) -> float:
+        """The emulated seconds of one ``op`` moving ``payload_bytes`` in a group of
+        ``world_size`` ranks (formulas in the module docstring). ``received_bytes``, only
+        for ``exchange`` and ``multi_exchange``, is what this rank receives (default: as
+        many as it sends)."""
+        _check_call(op, payload_bytes, received_bytes)
+        if world_size < 1:
+            raise ValueError(f"world_size: got {world_size!r}; allowed: at least 1")
+        n = world_size
+        if n == 1:
+            return 0.0
+        alpha, m = self.latency, payload_bytes
+        if op == ALLREDUCE:
+            return 2 * (n - 1) * alpha + 2 * (n - 1) / n * m / self.bandwidth
+        if op == ALLGATHER:
+            return (n - 1) * (alpha + m / self.bandwidth)
+        if op == BROADCAST:
+            rounds = (n - 1).bit_length()  # ceil(log2 n)
+            return rounds * (alpha + m / self.bandwidth)
+        if op in (SEND, RECV):
+            return alpha + m / self.bandwidth
+        wire = max(m, m if received_bytes is None else received_bytes)
+        return alpha + wire / self.bandwidth
+
+
+def _check_call(op: str, payload_bytes: int, received_bytes: int | None) -> None:
+    if op not in OPS:
+        raise ValueError(f"op: got {op!r}; allowed: {', '.join(OPS)}")
+    if payload_bytes < 0:
+        raise ValueError(f"payload_bytes: got {payload_bytes!r}; allowed: 0 or more")
+    if received_bytes is not None:
+        if op not in (EXCHANGE, MULTI_EXCHANGE):
+            raise ValueError(f"received_bytes: given for {op!r}; allowed only for "
+                             f"{EXCHANGE!r} and {MULTI_EXCHANGE!r}")
+        if received_bytes < 0:
+            raise ValueError(f"received_bytes: got {received_bytes!r}; allowed: 0 or more")
+
+
+def parse_network(text: str, *, source: str = "--network") -> Link:
+    """The :class:`Link` of ``BANDWIDTH[,LATENCY]`` text such as ``1gbit,5ms``,
+    ``100mbit,50ms``, ``10gbit`` or ``100MB/s,200us``. Bandwidth units are decimal:
+    ``1gbit`` is 1e9 bit/s = 1.25e8 bytes/s; ``kbps|mbps|gbps|tbps`` are bits too, and
+    bytes are written ``kB/s|MB/s|GB/s|TB/s``. A bare number is refused. ``source``
+    names the setting in errors."""
+    if not isinstance(text, str):
+        raise ValueError(f"{source}: got {text!r}; {_ALLOWED}")
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 2 or not parts[0]:
+        raise ValueError(f"{source}: got {text!r}; {_ALLOWED}")
+    bits, octets = _BITS.fullmatch(parts[0]), _BYTES.fullmatch(parts[0])
+    if bits:
+        bandwidth = float(bits[1]) * _PREFIX[bits[2].lower()] / 8
+    elif octets:
+        bandwidth = float(octets[1]) * _PREFIX[octets[2].lower()]
+    else:
+        raise ValueError(f"{source}: got {text!r}; {_ALLOWED}")
+    latency = 0.0
+    if len(parts) == 2:
+        lat = _LATENCY.fullmatch(parts[1])
+        if not lat:
+            raise ValueError(f"{source}: got {text!r}; {_ALLOWED}")
+        latency = float(lat[1]) * _SECONDS[lat[2].lower()]
+    if not (math.isfinite(bandwidth) and bandwidth >= MIN_BANDWIDTH):
+        raise ValueError(f"{source}: got {text!r}; bandwidth must be finite and at least "
+                         f"1kbit (125 B/s)")
+    if latency > MAX_LATENCY:
+        raise ValueError(f"{source}: got {text!r}; latency must be between 0 and "
+                         f"{MAX_LATENCY:g}s")
+    return Link(bandwidth, latency)
+
+
+class Network:
+    """A default :class:`Link` and links of their own for some pairs of (global) ranks.
+
+    ``pairs`` maps a pair ``(a, b)`` of distinct ranks to its link (the pair is
+    unordered). Immutable after construction."""
+
+    def __init__(self, default: Link,
+                 pairs: Mapping[tuple[int, int], Link] | None = None) -> None:
+        self.default = default
+        links: dict[frozenset[int], Link] = {}
+        for pair, link in (pairs or {}).items():
+            key = frozenset(pair)
+            if len(pair) != 2 or len(key) != 2 or any(
+                    not isinstance(r, int) or r < 0 for r in key):
+                raise ValueError(f"Network pair: got {pair!r}; allowed: two distinct "
+                                 "ranks, integers >= 0")
+            if key in links:
+                raise ValueError(f"Network pair: {sorted(key)} given twice; allowed: "
+                                 "one link per pair")
+            links[key] = link
+        self._pairs = links
+
+    @property
+    def pairs(self) -> dict[tuple[int, int], Link]:
+        """The pair links, keyed by ``(low rank, high rank)``."""
+        return {(min(k), max(k)): v for k, v in self._pairs.items()}
+
+    def check_ranks(self, world_size: int) -> None:
+        """Refuse pairs naming a rank outside a world of ``world_size`` ranks."""
+        for key in self._pairs:
+            if max(key) >= world_size:
+                raise ValueError(f"network profile: pair {sorted(key)} names a rank >= "
+                                 f"the world size {world_size}; allowed: ranks 0 to "
+                                 f"{world_size - 1}")
+
+    def links(self, ranks: Iterable[int]) -> list[Link]:
+        """The distinct links between any two of ``ranks`` (the default link included
+        when some pair among them has no link of its own)."""
+        group = set(ranks)
+        own = [v for k, v in self._pairs.items() if k <= group]
+        n = len(group)
+        every = n * (n - 1) // 2
+        found = list(dict.fromkeys(own))  # distinct, in a stable order
+        if len(own) < every and self.default not in found:
+            found.append(self.default)
+        return found
+
+    def seconds(
+        self, op: str, payload_bytes: int, ranks: Sequence[int], *,
+        received_bytes: int | None = None,
+    ) -> float:
+        """The emulated seconds of ``op`` among ``ranks``: for a collective the global
+        ranks of its group (the slowest link among them decides); for ``send``, ``recv``
+        and ``exchange`` this rank and its peer (their link); for ``multi_exchange`` this
+        rank and all its peers (the slowest link from this rank to a peer)."""
+        _check_call(op, payload_bytes, received_bytes)
+        group = list(dict.fromkeys(ranks))
+        if not group:
+            raise ValueError("ranks: got none; allowed: the group's ranks (this rank "
+                             "first for point-to-point ops)")
+        if op in _POINT_TO_POINT:
+            me, peers = group[0], group[1:]
+            links = list(dict.fromkeys(
+                self._pairs.get(frozenset((me, p)), self.default) for p in peers))
+        else:
+            links = self.links(group)
+        return max((link.seconds(op, payload_bytes, len(group),
+                                 received_bytes=received_bytes) for link in links),
+                   default=0.0)
+
+    def describe(self) -> str:
+        """Human text: the default link, then each pair's, e.g.
+        ``1 Gbit/s, 5 ms; ranks 0-3: 100 Mbit/s, 50 ms``."""
+        parts = [self.default.describe()]
+        parts += [f"ranks {a}-{b}: {link.describe()}"
+                  for (a, b), link in sorted(self.pairs.items())]
+        return "; ".join(parts)
+
+
+def parse_network_profile(profile: object, *, source: str = "--network-profile") -> Network:
+    """The :class:`Network` of a profile object
+    ``{"default": "1gbit,5ms", "links": [{"ranks": [0, 3], "link": "100mbit,50ms"}]}``
+    (``links`` optional). ``source`` names the profile in errors."""
+    form = ('allowed: {"default": "1gbit,5ms", "links": [{"ranks": [0, 1], '
+            '"link": "100mbit,50ms"}, ...]}')
+    if not isinstance(profile, dict) or set(profile) - {"default", "links"} \
+            or "default" not in profile:
+        raise ValueError(f"{source}: got {_short(profile)}; {form}")
+    default = parse_network(profile["default"], source=f"{source} default")
+    entries = profile.get("links", [])
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: 'links' got {_short(entries)}; {form}")
+    pairs: dict[tuple[int, int], Link] = {}
+    for i, entry in enumerate(entries):
+        where = f"{source} links[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"ranks", "link"}:
+            raise ValueError(f"{where}: got {_short(entry)}; allowed: "
+                             '{"ranks": [a, b], "link": "BANDWIDTH[,LATENCY]"}')
+        ranks = entry["ranks"]
+        if (not isinstance(ranks, list) or len(ranks) != 2 or len(set(ranks)) != 2
+                or any(type(r) is not int or r < 0 for r in ranks)):
+            raise ValueError(f"{where} ranks: got {_short(ranks)}; allowed: two distinct "
+                             "ranks, integers >= 0, such as [0, 1]")
+        key = (min(ranks), max(ranks))
+        if key in pairs:
+            raise ValueError(f"{where} ranks: pair {list(key)} given twice; allowed: "
+                             "one link per pair")
+        pairs[key] = parse_network(entry["link"], source=f"{where} link")
+    return Network(default, pairs)
+
+
+def load_network_profile(path: str | Path) -> Network:
+    """The :class:`Network` of a JSON profile file (see :func:`parse_network_profile`)."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--network-profile: cannot read {str(path)!r}: "
+                         f"{e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--network-profile: {str(path)!r} is not JSON: {e.msg} at line "
+                         f"{e.lineno}") from None
+    return parse_network_profile(profile, source=f"--network-profile {str(path)!r}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- clocks and waiting --------------------------------------------------------------
+class Clock(Protocol):
+    """Where :func:`wait_for` reads the time and sleeps."""
+
+    def now(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class _RealClock:
+    """``time.perf_counter`` and ``time.sleep``."""
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+REAL_CLOCK: Clock = _RealClock()
+
+
+class FakeClock:
+    """A clock for tests: ``now()`` advances only by ``sleep`` and :meth:`advance`
+    (standing in for the real call's duration); ``sleeps`` records every sleep."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+            self._now += seconds
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass without recording a sleep (the real call working)."""
+        with self._lock:
+            self._now += seconds
+
+
+def wait_for(
+    model: Link | Network, op: str, payload_bytes: int, group: int | Sequence[int],
+    started: float, clock: Clock = REAL_CLOCK, *, received_bytes: int | None = None,
+) -> float:
+    """Sleep until ``started`` (a ``clock.now()`` taken when the call was issued) plus the
+    emulated cost of ``op`` on ``model``, if the real call returned earlier; returns the
+    seconds slept (0 when the real call already took at least as long: the real time is
+    never subtracted). ``group`` is the group's size, or its global ranks (a
+    :class:`Network` needs ranks, see :meth:`Network.seconds`; a :class:`Link` uses only
+    their number)."""
+    if isinstance(model, Network):
+        if isinstance(group, int):
+            raise ValueError("group: got a size for a Network; allowed: the ranks "
+                             "involved (a network profile prices links between ranks)")
+        cost = model.seconds(op, payload_bytes, group, received_bytes=received_bytes)
+    else:
+        size = group if isinstance(group, int) else len(set(group))
+        cost = model.seconds(op, payload_bytes, size, received_bytes=received_bytes)
+    remaining = started + cost - clock.now()
+    if remaining <= 0.0:
+        return 0.0
+    clock.sleep(remaining)
+    return remaining
