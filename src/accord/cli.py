@@ -61,6 +61,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", default=d.eval_split, metavar="{" + ",".join(EVAL_SPLITS) + "}",
                    help="val evaluates on a held-out part of the training data (excluded "
                         "from training), for tuning; test (default) on the test split")
+    p.add_argument("--network", default=None, metavar="BANDWIDTH[,LATENCY]",
+                   help="emulate a slower network, e.g. 1gbit,5ms or 100mbit,50ms: every "
+                        "communication takes at least its alpha-beta time on that link")
+    p.add_argument("--network-profile", default=None, metavar="FILE",
+                   help='JSON {"default": "1gbit,5ms", "links": [{"ranks": [0, 3], '
+                        '"link": "100mbit,50ms"}]}: per-rank-pair links')
     p.add_argument("--label", default=None,
                    help="name of this variant in reports (default: the algorithm)")
     p.add_argument("--tensorboard", action="store_true",
@@ -103,7 +109,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
         idle_timeout=args.idle_timeout,
         backend=args.backend, device=args.device, data_dir=args.data_dir,
-        eval_split=args.eval_split, progress=not args.no_progress,
+        eval_split=args.eval_split, network=args.network,
+        network_profile=args.network_profile, progress=not args.no_progress,
         label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault), nonfinite=args.nonfinite,
         checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,

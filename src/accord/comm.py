@@ -8,6 +8,16 @@ Bytes are *payload* bytes: the size of the tensor this rank hands to the operati
 (for ``all_gather`` its own contribution, for ``send`` the message). They are the same on
 every backend and do not depend on the collective algorithm the backend picks; a ring
 allreduce moves about ``2 (N-1)/N`` times the payload over the wire.
+
+**Emulated network.** :func:`emulate_network` (``accord train --network 1gbit,5ms``) makes
+every call of every Communicator of this process take at least the time the emulated link
+needs (the alpha-beta costs of :mod:`accord.network`, by operation: allreduce, all-gather,
+broadcast, send, recv, exchange): after the real call returns, the calling thread sleeps
+for the rest of that time; a call that already took longer is not shortened. Computation
+is not slowed. The seconds counted per operation include the emulated wait. An
+asynchronous allreduce's future completes no earlier than its emulated time after it was
+issued (the wait runs in the completion callback), so overlap with backward is kept.
+Background-engine rounds go through the same Communicators, so they obey it too.
 """
 
 from __future__ import annotations
@@ -19,6 +29,25 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from . import network as _net
+
+#: the emulated network of this process: (link or profile, clock), or None for the real one
+_EMULATION: tuple[_net.Link | _net.Network, _net.Clock] | None = None
+
+
+def emulate_network(model: _net.Link | _net.Network | None,
+                    clock: _net.Clock = _net.REAL_CLOCK) -> None:
+    """Emulate ``model`` (a :class:`~accord.network.Link` or a per-pair
+    :class:`~accord.network.Network`) for every Communicator of this process from now on;
+    ``None`` restores the real network. ``clock`` is for tests (a FakeClock)."""
+    global _EMULATION
+    _EMULATION = None if model is None else (model, clock)
+
+
+def emulated_network() -> _net.Link | _net.Network | None:
+    """The network this process emulates, or None."""
+    return None if _EMULATION is None else _EMULATION[0]
 
 
 @dataclass
@@ -106,9 +135,13 @@ class Communicator:
     """Collectives on one process group, each on one contiguous tensor, all counted."""
 
     def __init__(
-        self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None
+        self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None,
+        emulated: bool = True,
     ) -> None:
         self.group = group
+        #: False: this communicator's calls ignore the emulated network (bookkeeping such as
+        #: the training loop's metrics records, which are not an algorithm's traffic)
+        self.emulated = emulated
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         # communicators of one algorithm on several subgroups share one CommStats
@@ -116,6 +149,26 @@ class Communicator:
         #: True when the backend averages inside the collective (NCCL's AVG); gloo has no
         #: AVG, so an average is a sum and one division pass
         self.native_avg = _backend(group) == "nccl"
+        #: the group's global ranks, in group-rank order (an emulated network prices them)
+        self.ranks = (list(range(self.world_size)) if group is None
+                      else dist.get_process_group_ranks(group))
+
+    def _now(self) -> float:
+        return _EMULATION[1].now() if _EMULATION is not None and self.emulated else 0.0
+
+    def _emulate(self, op: str, nbytes: int, started: float, peers: Sequence[int] | None = None,
+                 received: int | None = None) -> None:
+        """Wait out the rest of the emulated time of ``op`` (see the module docstring);
+        ``peers``: the global ranks of a point-to-point call's other end(s)."""
+        if _EMULATION is None or not self.emulated:
+            return
+        model, clock = _EMULATION
+        if peers is None:
+            group: Sequence[int] = self.ranks
+        else:
+            me = self.ranks[self.rank]
+            group = [me, *peers]
+        _net.wait_for(model, op, nbytes, group, started, clock, received_bytes=received)
 
     def _check(self, t: torch.Tensor) -> None:
         if not t.is_contiguous():
@@ -131,11 +184,12 @@ class Communicator:
         native = op == "avg" and self.native_avg
         if native:
             reduce_op = dist.ReduceOp.AVG
-        start = time.perf_counter()
+        start, emulated = time.perf_counter(), self._now()
         if self.world_size > 1:
             dist.all_reduce(t, op=reduce_op, group=self.group)
         if op == "avg" and not native and self.world_size > 1:
             t.div_(self.world_size)
+        self._emulate(_net.ALLREDUCE, _nbytes(t), emulated)
         self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
         return t
 
@@ -163,8 +217,18 @@ class Communicator:
                 reduce_op = dist.ReduceOp.AVG
             else:
                 t.div_(self.world_size)
+        emulated = self._now()
         work = dist.all_reduce(t, op=reduce_op, group=self.group, async_op=True)
-        fut = work.get_future().then(_first)
+        if _EMULATION is None or not self.emulated:
+            fut = work.get_future().then(_first)
+        else:
+            nbytes = _nbytes(t)
+
+            def _done(f: torch.futures.Future) -> torch.Tensor:
+                self._emulate(_net.ALLREDUCE, nbytes, emulated)
+                return _first(f)
+
+            fut = work.get_future().then(_done)
         self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
         return fut
 
@@ -172,20 +236,22 @@ class Communicator:
         """Gather ``t`` from every rank into a new tensor of shape ``(world_size, *t.shape)``."""
         self._check(t)
         out = torch.empty(self.world_size * t.numel(), dtype=t.dtype, device=t.device)
-        start = time.perf_counter()
+        start, emulated = time.perf_counter(), self._now()
         if self.world_size > 1:
             _all_gather_flat(out, t.reshape(-1), self.group)
         else:
             out.copy_(t.reshape(-1))
+        self._emulate(_net.ALLGATHER, _nbytes(t), emulated)
         self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
         return out.view(self.world_size, *t.shape)
 
     def broadcast_(self, t: torch.Tensor, src: int = 0, kind: str = "broadcast") -> torch.Tensor:
         """In-place broadcast from group rank ``src``; bytes count on the sender only."""
         self._check(t)
-        start = time.perf_counter()
+        start, emulated = time.perf_counter(), self._now()
         if self.world_size > 1:
             dist.broadcast(t, src=self.global_rank(src), group=self.group)
+        self._emulate(_net.BROADCAST, _nbytes(t), emulated)  # every rank waits for the tree
         self.stats.record(kind, _nbytes(t) if self.rank == src else 0,
                           time.perf_counter() - start)
         return t
@@ -199,15 +265,17 @@ class Communicator:
     def send(self, t: torch.Tensor, dst: int, kind: str = "send") -> None:
         """Blocking send to group rank ``dst``."""
         self._check(t)
-        start = time.perf_counter()
+        start, emulated = time.perf_counter(), self._now()
         dist.send(t, dst=self.global_rank(dst), group=self.group)
+        self._emulate(_net.SEND, _nbytes(t), emulated, [self.global_rank(dst)])
         self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
 
     def recv_(self, t: torch.Tensor, src: int, kind: str = "recv") -> torch.Tensor:
         """Blocking receive from group rank ``src`` into ``t`` (no bytes sent)."""
         self._check(t)
-        start = time.perf_counter()
+        start, emulated = time.perf_counter(), self._now()
         dist.recv(t, src=self.global_rank(src), group=self.group)
+        self._emulate(_net.RECV, _nbytes(t), emulated, [self.global_rank(src)])
         self.stats.record(kind, 0, time.perf_counter() - start)
         return t
 
@@ -218,11 +286,13 @@ class Communicator:
         Both sides must call it with each other as ``peer``; deadlock-free."""
         self._check(send)
         self._check(recv)
-        start = time.perf_counter()
+        start, emulated = time.perf_counter(), self._now()
         ops = [dist.P2POp(dist.isend, send, self.global_rank(peer), self.group),
                dist.P2POp(dist.irecv, recv, self.global_rank(peer), self.group)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+        self._emulate(_net.EXCHANGE, _nbytes(send), emulated, [self.global_rank(peer)],
+                      received=_nbytes(recv))
         self.stats.record(kind, _nbytes(send), time.perf_counter() - start)
         return recv
 
@@ -238,12 +308,15 @@ class Communicator:
         pulls from k) cannot deadlock. Bytes: the payload this rank sends."""
         for t, _ in [*sends, *recvs]:
             self._check(t)
-        start = time.perf_counter()
+        start, emulated = time.perf_counter(), self._now()
         ops = [dist.P2POp(dist.isend, t, self.global_rank(dst), self.group) for t, dst in sends]
         ops += [dist.P2POp(dist.irecv, t, self.global_rank(src), self.group) for t, src in recvs]
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
+            peers = sorted({self.global_rank(r) for _, r in [*sends, *recvs]})
+            self._emulate(_net.MULTI_EXCHANGE, sum(_nbytes(t) for t, _ in sends), emulated,
+                          peers, received=sum(_nbytes(t) for t, _ in recvs))
         self.stats.record(kind, sum(_nbytes(t) for t, _ in sends), time.perf_counter() - start)
 
 

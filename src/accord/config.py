@@ -57,6 +57,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     data_dir: str | None = None  # where a task looks for its data files (task default if None)
     eval_split: str = "test"  # "test", or "val": a held-out part of the training data
+    network: str | None = None  # emulated link BANDWIDTH[,LATENCY], e.g. "1gbit,5ms"
+    network_profile: str | None = None  # JSON file: a default link and per-rank-pair links
     progress: bool = True
     label: str | None = None  # name of this variant in reports (default: the algorithm)
     tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
@@ -101,11 +103,11 @@ class TrainConfig:
     #: settings a resumed run may change; every other one must equal the checkpointed run's
     RESUME_MAY_CHANGE = ("steps", "out", "log_every", "timeout", "idle_timeout", "progress",
                          "label", "tensorboard", "data_dir", "faults", "checkpoint_every",
-                         "keep", "resume", "max_restarts")
+                         "keep", "resume", "max_restarts", "network", "network_profile")
 
     #: fields added after runs and checkpoints were first recorded, with the value a record
     #: that lacks them ran with (so an older run is reused and an older checkpoint resumed)
-    ADDED_DEFAULTS = {"eval_split": "test"}
+    ADDED_DEFAULTS = {"eval_split": "test", "network": None, "network_profile": None}
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +134,10 @@ class TrainConfig:
             argv += ["--momentum", repr(self.momentum)]
         if self.data_dir is not None:
             argv += ["--data-dir", self.data_dir]
+        if self.network is not None:
+            argv += ["--network", self.network]
+        if self.network_profile is not None:
+            argv += ["--network-profile", self.network_profile]
         if self.label is not None:
             argv += ["--label", self.label]
         if self.tensorboard:
@@ -319,6 +325,29 @@ def _launched_here() -> bool:
     return launched_here()
 
 
+def emulated_network(cfg: TrainConfig) -> Any:
+    """The run's emulated network (an :class:`accord.network.Link` or ``Network``), or None;
+    ConfigError (one line) for a malformed ``--network`` or profile, or both given."""
+    from . import network
+
+    if cfg.network is not None and cfg.network_profile is not None:
+        raise ConfigError("network: got both --network and --network-profile; allowed: one "
+                          "of them (a profile has its own default link)")
+    try:
+        if cfg.network is not None:
+            if not isinstance(cfg.network, str):
+                raise ValueError(f"--network: got {cfg.network!r}; allowed: text such as "
+                                 "1gbit,5ms")
+            return network.parse_network(cfg.network)
+        if cfg.network_profile is not None:
+            profile = network.load_network_profile(cfg.network_profile)
+            profile.check_ranks(cfg.workers)
+            return profile
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return None
+
+
 def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     """Raise ConfigError naming the first bad field and what is allowed (ConfigTypeError,
     also a TypeError, for a value of the wrong type). Normalises numbers to int / float."""
@@ -410,6 +439,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     integer("keep", 1, MAX_KEEP)
     text("resume", optional=True, path=True)
     integer("max_restarts", 0, MAX_RESTARTS)
+    emulated_network(cfg)
     if cfg.max_restarts and _under_torchrun() and not _launched_here():
         fail("max_restarts", cfg.max_restarts, "0 under torchrun (use torchrun's own "
              "--max-restarts with accord train --resume auto)")

@@ -112,6 +112,11 @@ unless ``status`` is ``ok``; ``status`` is ``ok``, ``diverged``, ``failed`` or `
                            "run": "digits/w8/acga/tune-lr-0.001/seed1000"}, ...],
                "chosen": {"lr": 0.003}, "chosen_value": 0.93}]}
 
+**Emulated network.** When a section's runs emulated a network (``config.network`` or
+``config.network_profile``, ``accord train --network``), a line under its settings table
+names each group's link and states the cost model (``NETWORK_FORMULA``): their wall times
+and times to target are emulated-network times.
+
 **Figures.** For each section, three PNG files with two panels each (training ``loss``,
 the mean over workers, and the test metric): against ``step``, against wall time
 (``time_s``) and against megabytes sent by rank 0 (``comm_bytes / 1e6``). Each line is the
@@ -867,6 +872,32 @@ def _settings_table(section: Section) -> list[str]:
                    "seeds"], rows, numeric=False)
 
 
+#: the emulated network's cost model, as the report states it (see accord.network)
+NETWORK_FORMULA = ("each communication call waits at least its alpha-beta time on the link "
+                   "(alpha = latency, beta = 1/bandwidth; N ranks, payload M): allreduce "
+                   "2(N-1) alpha + 2(N-1)/N M beta, all-gather (N-1)(alpha + m beta) for a "
+                   "contribution m, broadcast ceil(log2 N)(alpha + M beta), send and exchange "
+                   "alpha + M beta; computation is not slowed")
+
+
+def _network_note(section: Section) -> list[str]:
+    """A line saying the network was emulated (wall times include the emulated waits),
+    with the link of each group and the formula; nothing for runs on the real network."""
+    links = []
+    for g in section.groups:
+        for r in g.runs:
+            link = r.config.get("network") or (
+                f"profile {r.config['network_profile']}" if r.config.get("network_profile")
+                else None)
+            if link and (g.label, link) not in links:
+                links.append((g.label, link))
+    if not links:
+        return []
+    where = "; ".join(f"{_md(label)}: {_md(link)}" for label, link in links)
+    return [f"**Emulated network** ({where}): wall times and time to target include the "
+            f"emulated waits; {NETWORK_FORMULA}.", ""]
+
+
 def _final_table(section: Section) -> list[str]:
     keys = _section_metrics(section) + ["time_s", "steps_per_s"]
     rows = [[_md(g.label), str(len(g.runs))] + [_mean_std(g, k) for k in keys]
@@ -1218,7 +1249,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                   f"Test metric: `{section.metric}` ({'higher' if section.higher else 'lower'} "
                   f"is better). Target: {target}.", "",
                   *_left_out(section, diverged), "### Groups", "",
-                  *_settings_table(section), "", *_tuned_note(section, tunings),
+                  *_settings_table(section), "", *_network_note(section),
+                  *_tuned_note(section, tunings),
                   "### Final metrics (mean ± std over seeds)", "", *_final_table(section), "",
                   "### Communication and time to target", "",
                   "Bytes are payloads handed to collectives, cumulative over the run. To-target "

@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 
 from . import algorithms, checkpoint, faults
-from .comm import Communicator, FlatBuffer
-from .config import SECOND_ORDER, ConfigError, TrainConfig
+from .comm import Communicator, FlatBuffer, emulate_network
+from .config import SECOND_ORDER, ConfigError, TrainConfig, emulated_network
 from .core import Aggregator, StepContext
 from .failures import Heartbeat, attribute, is_consequence, one_line, wait_for_reports
 from .metrics import MetricsWriter, run_environment
@@ -233,6 +233,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
                                         timeout=timedelta(seconds=cfg.timeout))
         heartbeat = Heartbeat(logs, rank)
         heartbeat.beat(0, "start")
+        emulate_network(emulated_network(cfg))  # every Communicator of this process
         resume = None
         if cfg.resume is not None:  # rank 0 decides, every rank follows
             choice: list[Any] = [None]
@@ -264,6 +265,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
         _report(exc, cfg, rank, world, logs, heartbeat, writer)
         raise
     finally:
+        emulate_network(None)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if heartbeat is not None:
@@ -372,7 +374,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     stream = task.train_stream(rank, cfg.resolved_batch_size())
     for _ in range(first * cfg.accum_steps):  # the data stream continues where it stopped
         next(stream)
-    loop_comm = Communicator()  # for logging only; not counted as the algorithm's traffic
+    # for logging only: not the algorithm's traffic, not counted, no emulated network
+    loop_comm = Communicator(emulated=False)
     # waits for another rank's compute (rank 0 evaluating, a straggler finishing its last
     # steps) are idle, not failures: they get a barrier bounded by idle_timeout first
     idle = dist.new_group(list(range(world)), timeout=timedelta(seconds=cfg.idle_timeout),
