@@ -47,7 +47,9 @@ def _steps(out: Path) -> list[dict]:
 
 
 # (local_sgd: the crash test below)
-@pytest.mark.parametrize("algo,sets", [("acga", []), ("easgd", ["--set", "period=2"])])
+@pytest.mark.parametrize("algo,sets", [("acga", []), ("easgd", ["--set", "period=2"]),
+                                       # PowerSGD's error memories and Q are checkpointed
+                                       ("allreduce", ["--compress", "powersgd"])])
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path, algo, sets):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _train(straight, "--algo", algo, *sets).returncode == 0

@@ -61,6 +61,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", default=d.eval_split, metavar="{" + ",".join(EVAL_SPLITS) + "}",
                    help="val evaluates on a held-out part of the training data (excluded "
                         "from training), for tuning; test (default) on the test split")
+    p.add_argument("--compress", default="none", metavar="none|bf16|fp16|powersgd[:R]",
+                   help="compress model-size sum/avg allreduces: bf16/fp16 (half the bytes) "
+                        "or rank-R PowerSGD with error feedback (default rank 4)")
     p.add_argument("--network", default=None, metavar="BANDWIDTH[,LATENCY]",
                    help="emulate a slower network, e.g. 1gbit,5ms or 100mbit,50ms: every "
                         "communication takes at least its alpha-beta time on that link")
@@ -109,7 +112,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
         idle_timeout=args.idle_timeout,
         backend=args.backend, device=args.device, data_dir=args.data_dir,
-        eval_split=args.eval_split, network=args.network,
+        eval_split=args.eval_split, network=args.network, compress=args.compress,
         network_profile=args.network_profile, progress=not args.no_progress,
         label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault), nonfinite=args.nonfinite,

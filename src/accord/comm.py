@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import network as _net
+from .compress import Compressor
 
 #: the emulated network of this process: (link or profile, clock), or None for the real one
 _EMULATION: tuple[_net.Link | _net.Network, _net.Clock] | None = None
@@ -48,6 +49,23 @@ def emulate_network(model: _net.Link | _net.Network | None,
 def emulated_network() -> _net.Link | _net.Network | None:
     """The network this process emulates, or None."""
     return None if _EMULATION is None else _EMULATION[0]
+
+
+#: the payload compressor of this process (``accord train --compress``), or None
+_COMPRESSOR: Compressor | None = None
+
+
+def compress_payloads(compressor: Compressor | None) -> None:
+    """Compress every model-size sum/avg allreduce of every Communicator of this process
+    with ``compressor`` from now on (None: no compression). See :meth:`Communicator.all_reduce_`
+    for what stays exact."""
+    global _COMPRESSOR
+    _COMPRESSOR = compressor
+
+
+def payload_compressor() -> Compressor | None:
+    """The compressor of this process, or None."""
+    return _COMPRESSOR
 
 
 @dataclass
@@ -175,10 +193,32 @@ class Communicator:
             raise ValueError("Communicator operations take one contiguous tensor (a flat buffer)")
 
     def all_reduce_(
-        self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce"
+        self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce", exact: bool = False
     ) -> torch.Tensor:
-        """In-place allreduce of ``t`` (``op``: sum, avg, max, min)."""
+        """In-place allreduce of ``t`` (``op``: sum, avg, max, min).
+
+        Under :func:`compress_payloads` a floating-point sum or avg goes through the
+        compressor (:mod:`accord.compress`; bytes counted as sent, each wire allreduce
+        under the emulated network) unless ``exact``: a caller whose maths needs the exact
+        value (ACGA's sum that its coefficients are computed from) passes ``exact=True``;
+        max and min, integer tensors, a world of one and communicators with
+        ``emulated=False`` (bookkeeping) are never compressed. The compressor keeps state
+        per call site: ``kind``, the size and the group's ranks."""
         self._check(t)
+        comp = _COMPRESSOR
+        if (comp is not None and not exact and self.emulated and op in ("sum", "avg")
+                and t.is_floating_point() and self.world_size > 1):
+            start = time.perf_counter()
+
+            def reducer(x: torch.Tensor) -> None:
+                began = self._now()
+                dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+                self._emulate(_net.ALLREDUCE, _nbytes(x), began)
+
+            sent = comp.all_reduce_(t, reducer, op=op, world_size=self.world_size,
+                                    key=f"{kind}:{t.numel()}:{','.join(map(str, self.ranks))}")
+            self.stats.record(kind, sent, time.perf_counter() - start)
+            return t
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
                      "min": dist.ReduceOp.MIN, "avg": dist.ReduceOp.SUM}[op]
         native = op == "avg" and self.native_avg

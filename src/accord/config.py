@@ -59,6 +59,7 @@ class TrainConfig:
     eval_split: str = "test"  # "test", or "val": a held-out part of the training data
     network: str | None = None  # emulated link BANDWIDTH[,LATENCY], e.g. "1gbit,5ms"
     network_profile: str | None = None  # JSON file: a default link and per-rank-pair links
+    compress: str = "none"  # payload compression: none, bf16, fp16, powersgd[:RANK]
     progress: bool = True
     label: str | None = None  # name of this variant in reports (default: the algorithm)
     tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
@@ -107,7 +108,8 @@ class TrainConfig:
 
     #: fields added after runs and checkpoints were first recorded, with the value a record
     #: that lacks them ran with (so an older run is reused and an older checkpoint resumed)
-    ADDED_DEFAULTS = {"eval_split": "test", "network": None, "network_profile": None}
+    ADDED_DEFAULTS = {"eval_split": "test", "network": None, "network_profile": None,
+                      "compress": "none"}
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +136,8 @@ class TrainConfig:
             argv += ["--momentum", repr(self.momentum)]
         if self.data_dir is not None:
             argv += ["--data-dir", self.data_dir]
+        if self.compress != "none":
+            argv += ["--compress", self.compress]
         if self.network is not None:
             argv += ["--network", self.network]
         if self.network_profile is not None:
@@ -325,6 +329,41 @@ def _launched_here() -> bool:
     return launched_here()
 
 
+#: algorithms whose payloads travel by sum/avg allreduce, which --compress compresses; the
+#: others send theirs point to point (gossip, elastic_gossip, dpsgd, adasum) or by
+#: broadcast (lsgd), and push-sum weights must stay exact
+COMPRESSIBLE = ("allreduce", "normalized", "acga", "local_sgd", "easgd", "diloco", "grawa",
+                "wagma")
+#: those whose allreduced payload is a gradient (DiLoCo: its outer gradient), which a
+#: low-rank compressor with error feedback may approximate; the others average parameters
+LOW_RANK = ("allreduce", "normalized", "acga", "diloco")
+
+
+def payload_compression(cfg: TrainConfig) -> Any:
+    """The run's :class:`accord.compress.Compressor`, or None for ``compress="none"``;
+    ConfigError (one line) for an unknown scheme or an algorithm that cannot use it."""
+    from .compress import Compressor
+
+    if cfg.compress == "none":
+        return None
+    try:
+        if not isinstance(cfg.compress, str):
+            raise ValueError(f"compress: got {cfg.compress!r}")
+        compressor = Compressor.from_spec(cfg.compress)
+    except ValueError:
+        raise ConfigError(f"compress: got {cfg.compress!r}, allowed: none, bf16, fp16, "
+                          "powersgd, powersgd:RANK") from None
+    if cfg.algo not in COMPRESSIBLE:
+        raise ConfigError(f"compress: {cfg.algo!r} sends its payload point to point or by "
+                          "broadcast, which --compress does not compress; allowed with: "
+                          f"{', '.join(COMPRESSIBLE)}")
+    if compressor.scheme == "powersgd" and cfg.algo not in LOW_RANK:
+        raise ConfigError(f"compress: {cfg.compress!r} approximates a sum of gradients by a "
+                          f"low-rank matrix, not the parameters {cfg.algo!r} averages; "
+                          f"allowed with it: {', '.join(LOW_RANK)} (else bf16 or fp16)")
+    return compressor
+
+
 def emulated_network(cfg: TrainConfig) -> Any:
     """The run's emulated network (an :class:`accord.network.Link` or ``Network``), or None;
     ConfigError (one line) for a malformed ``--network`` or profile, or both given."""
@@ -440,6 +479,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     text("resume", optional=True, path=True)
     integer("max_restarts", 0, MAX_RESTARTS)
     emulated_network(cfg)
+    payload_compression(cfg)
     if cfg.max_restarts and _under_torchrun() and not _launched_here():
         fail("max_restarts", cfg.max_restarts, "0 under torchrun (use torchrun's own "
              "--max-restarts with accord train --resume auto)")

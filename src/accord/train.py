@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 
 from . import algorithms, checkpoint, faults
-from .comm import Communicator, FlatBuffer, emulate_network
-from .config import SECOND_ORDER, ConfigError, TrainConfig, emulated_network
+from .comm import Communicator, FlatBuffer, compress_payloads, emulate_network, payload_compressor
+from .config import SECOND_ORDER, ConfigError, TrainConfig, emulated_network, payload_compression
 from .core import Aggregator, StepContext
 from .failures import Heartbeat, attribute, is_consequence, one_line, wait_for_reports
 from .metrics import MetricsWriter, run_environment
@@ -234,6 +234,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
         heartbeat = Heartbeat(logs, rank)
         heartbeat.beat(0, "start")
         emulate_network(emulated_network(cfg))  # every Communicator of this process
+        compress_payloads(payload_compression(cfg))
         resume = None
         if cfg.resume is not None:  # rank 0 decides, every rank follows
             choice: list[Any] = [None]
@@ -266,6 +267,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
         raise
     finally:
         emulate_network(None)
+        compress_payloads(None)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if heartbeat is not None:
@@ -367,6 +369,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         checkpoint.restore(saved, aggregator=agg, rng=True)
         first, extra = int(saved["step"]), saved.get("extra", {})
         del saved
+        if payload_compressor() is not None and extra.get("compressor") is not None:
+            payload_compressor().load_state_dict(extra["compressor"])
     state = state_tensors(model)
     params = list(model.parameters())
     events: dict[str, int] = dict(extra.get("events", {}))
@@ -484,7 +488,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 _checkpoint(cfg, step + 1, model, optimizer, agg, idle, writer, {
                     "events": events, "elapsed": time.perf_counter() - start,
                     "running": running,
-                    "last_eval": writer.last_eval if writer is not None else None})
+                    "last_eval": writer.last_eval if writer is not None else None,
+                    "compressor": (payload_compressor().state_dict()
+                                   if payload_compressor() is not None else None)})
         elapsed = time.perf_counter() - start
         if idle is not None:  # fast workers of an asynchronous run wait for the slow ones
             dist.barrier(group=idle)

@@ -380,7 +380,7 @@ class ACGA(Aggregator):
         local = self.flat.load_grads()
         if self.total is not None:
             self.total.copy_(local)
-            self.comm.all_reduce_(self.total)  # s = sum_j g_j
+            self.comm.all_reduce_(self.total, exact=True)  # s = sum_j g_j: coefficients
         self.combine_(local, self.total)
         self.flat.store_grads(local)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..comm import FlatBuffer, accumulation_dtype
+from ..comm import FlatBuffer, accumulation_dtype, payload_compressor
 from ..core import Aggregator, Hyper, StepContext
 from . import register
 
@@ -93,7 +93,11 @@ class NormalizedAveraging(Aggregator):
         norm = torch.linalg.vector_norm(grads, dtype=self.acc)  # a tensor: no host sync
         grads.mul_((n * (norm + self.hp["eps"])).reciprocal())
         buf[-1] = norm / n
-        self.comm.all_reduce_(buf)
+        if payload_compressor() is None:
+            self.comm.all_reduce_(buf)
+        else:  # the gradients compressed (--compress), the appended mean norm exact
+            self.comm.all_reduce_(grads)
+            self.comm.all_reduce_(buf[-1:], kind="norm", exact=True)
         if self.hp["restore_scale"] == "mean_norm":
             grads.mul_(buf[-1])
 

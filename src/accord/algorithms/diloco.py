@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..comm import accumulation_dtype
+from ..comm import accumulation_dtype, payload_compressor
 from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
@@ -63,7 +63,12 @@ class DiLoCo(ModelAggregator):
         if not due(ctx.step, self.hp["period"]):
             return
         mean = self.load_state()
-        self.comm.all_reduce_(mean, op="avg")
+        if payload_compressor() is None:
+            self.comm.all_reduce_(mean, op="avg")
+        else:  # --compress: send the outer gradient theta - x_i, as compressors expect
+            mean.neg_().add_(self.theta.to(mean.dtype))
+            self.comm.all_reduce_(mean, op="avg")
+            mean.neg_().add_(self.theta.to(mean.dtype))  # theta - mean_i (theta - x_i)
         k = self.n_params
         delta = self.theta[:k] - mean[:k]
         mu, lr = self.hp["outer_momentum"], self.hp["outer_lr"]

@@ -1,0 +1,134 @@
+"""--compress at the Communicator: every algorithm whose payload is a sum/avg allreduce
+trains with bf16, fp16 and PowerSGD (bytes counted as sent), the maths that must stay exact
+does (ACGA's sum for its coefficients, normalised averaging's mean norm), and the others
+are refused before any worker starts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from worlds import run_world
+
+import accord
+from accord import comm as comm_mod
+from accord.compress import Compressor
+from accord.config import COMPRESSIBLE, LOW_RANK, ConfigError, TrainConfig, validate
+
+HP = {"local_sgd": {"period": 2}, "easgd": {"period": 2}, "diloco": {"period": 2},
+      "grawa": {"period": 2}, "wagma": {"period": 2}}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+
+
+def _train(algo: str, rank: int, scheme: str | None, steps: int = 6):
+    comm_mod.compress_payloads(None if scheme is None else Compressor.from_spec(scheme))
+    try:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        agg = accord.build(algo, model.parameters(), **HP.get(algo, {}))
+        gen = torch.Generator().manual_seed(rank)
+        for step in range(steps):
+            x, y = torch.randn(16, 32, generator=gen), torch.randint(4, (16,), generator=gen)
+            opt.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            ctx = accord.StepContext(step=step, loss=loss.detach())
+            agg.after_backward(ctx)
+            opt.step()
+            agg.after_step(ctx)
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        sent = {k: v.bytes for k, v in agg.comm.stats.ops.items()}
+        agg.close()
+        return flat, sent
+    finally:
+        comm_mod.compress_payloads(None)
+
+
+def _every_algorithm(rank: int, world: int) -> dict:
+    out = {}
+    for algo in COMPRESSIBLE:
+        for scheme in (None, "bf16", "fp16", *(("powersgd",) if algo in LOW_RANK else ())):
+            out[algo, scheme] = _train(algo, rank, scheme)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return run_world(_every_algorithm, 2)
+
+
+N_PARAMS = 32 * 64 + 64 + 64 * 4 + 4  # 2,436
+
+
+@pytest.mark.parametrize("algo", COMPRESSIBLE)
+def test_every_compressible_algorithm_trains_and_sends_less(ranks, algo):
+    for scheme in ("bf16", "fp16", *(("powersgd",) if algo in LOW_RANK else ())):
+        flat, sent = ranks[0][algo, scheme]
+        exact, exact_sent = ranks[0][algo, None]
+        assert torch.isfinite(flat).all()
+        # close to the uncompressed run after 6 steps (lossy, but not wrong)
+        rel = float((flat - exact).norm() / exact.norm())
+        assert rel < (0.02 if scheme != "powersgd" else 0.2), (scheme, rel)
+        assert sum(sent.values()) < sum(exact_sent.values()), (scheme, sent, exact_sent)
+        if algo in ("allreduce", "local_sgd", "diloco", "easgd") and scheme == "bf16":
+            # every allreduce payload compressed: half the bytes (the initial broadcast of
+            # the model stays exact)
+            assert sent["allreduce"] * 2 == exact_sent["allreduce"]
+            assert sent["initial_broadcast"] == exact_sent["initial_broadcast"]
+
+
+def test_acga_keeps_its_coefficient_sum_exact(ranks):
+    """ACGA's s = sum_j g_j (its coefficients come from it) is sent in full precision; only
+    the aggregated gradient is compressed: 4 + 2 bytes per parameter per step with bf16."""
+    _, sent = ranks[0]["acga", "bf16"]
+    _, exact = ranks[0]["acga", None]
+    assert exact["allreduce"] == 6 * 2 * 4 * N_PARAMS
+    assert sent["allreduce"] == 6 * (4 + 2) * N_PARAMS
+
+
+def test_normalized_keeps_its_mean_norm_exact(ranks):
+    _, sent = ranks[0]["normalized", "bf16"]
+    assert sent["allreduce"] == 6 * 2 * N_PARAMS and sent["norm"] == 6 * 4
+
+
+def test_every_rank_agrees_where_the_algorithm_keeps_replicas_equal(ranks):
+    for algo in ("allreduce", "acga", "normalized"):
+        for scheme in ("bf16", "fp16", "powersgd"):
+            assert torch.equal(ranks[0][algo, scheme][0], ranks[1][algo, scheme][0])
+
+
+@pytest.mark.parametrize("algo", sorted(set(accord.REGISTRY) - set(COMPRESSIBLE)))
+def test_the_others_are_refused_in_one_line(algo):
+    with pytest.raises(ConfigError) as e:
+        validate(TrainConfig(algo=algo, compress="bf16", out="/tmp/unused"), check_out=False)
+    assert str(e.value).startswith(f"compress: {algo!r} sends its payload point to point")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("algo", sorted(set(COMPRESSIBLE) - set(LOW_RANK)))
+def test_powersgd_is_refused_for_parameter_averages(algo):
+    with pytest.raises(ConfigError) as e:
+        validate(TrainConfig(algo=algo, compress="powersgd", out="/tmp/unused"),
+                 check_out=False)
+    assert str(e.value) == (
+        f"compress: 'powersgd' approximates a sum of gradients by a low-rank matrix, not the "
+        f"parameters {algo!r} averages; allowed with it: allreduce, normalized, acga, diloco "
+        "(else bf16 or fp16)")
+
+
+@pytest.mark.parametrize("bad", ["gzip", "powersgd:0", "powersgd:x", "bf16:2"])
+def test_an_unknown_scheme_is_one_line(bad):
+    with pytest.raises(ConfigError, match=r"^compress: got .*allowed: none, bf16, fp16, "
+                                          r"powersgd, powersgd:RANK$"):
+        validate(TrainConfig(compress=bad, out="/tmp/unused"), check_out=False)
+
+
+def test_powersgd_bytes_are_its_factors():
+    rows = math.ceil(N_PARAMS / math.ceil(math.sqrt(N_PARAMS)))
+    cols = math.ceil(math.sqrt(N_PARAMS))
+    assert (rows + cols) * 4 * 4 < 4 * N_PARAMS
