@@ -244,3 +244,18 @@ def test_a_real_tuned_bench_and_its_report(tmp_path, capsys):
     text = write_report(group).read_text()
     assert "Tuning" in text and "**" in text.split("Tuning", 1)[1]
     assert (group / "figures" / "tuning_digits_w2.png").exists()
+
+
+def test_the_network_preset_puts_each_link_in_its_own_directory():
+    specs = bench.preset("network")
+    assert len(specs) == 10 * 3 * 3  # arms x links x seeds
+    by_group = {}
+    for s in specs:
+        by_group.setdefault(s.group, set()).add((s.label, s.train["network"]))
+    assert set(by_group) == {"network-10gbit", "network-1gbit", "network-100mbit"}
+    assert {link for _, link in by_group["network-100mbit"]} == {"100mbit,5ms"}
+    # the same labels on every link, so the report compares each arm across links
+    labels = [{label for label, _ in v} for v in by_group.values()]
+    assert labels[0] == labels[1] == labels[2] and "allreduce-powersgd" in labels[0]
+    assert {s.task for s in specs} == {"shakespeare"} and {s.workers for s in specs} == {8}
+    assert "network-1gbit" not in {s.group for s in bench.preset("quick")}

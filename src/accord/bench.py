@@ -46,6 +46,14 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
   worker per step.
 * ``failures`` -- easgd with uniform and with dynamic weighting, 8 workers, ranks 2 and 5
   frozen for the middle third of 300 steps, 3 seeds, under SGD, Nesterov 0.9 and Adam.
+* ``dynamic-weighting`` -- asynchronous easgd with uniform vs dynamic weighting under SGD
+  and AdaHessian, 4 and 8 workers, periods 1, 4 and 16, one or two frozen ranks and one
+  3x slow rank, 3 seeds, on digits.
+* ``network`` -- allreduce (plain, bf16, PowerSGD), local_sgd and diloco at periods 8 and
+  32, wagma, gossip and easgd on shakespeare with 8 workers on emulated 10 Gbit/s, 1 Gbit/s
+  and 100 Mbit/s links (``OUT/network-<link>/``), 3 seeds.
+* ``acga-ablation-tuned``, ``elastic-tuned`` -- those presets with each arm at its own
+  learning rate (see ``--tune``); not part of ``all``.
 * ``all`` -- every preset above.
 """
 
@@ -252,6 +260,36 @@ def _dynamic_weighting() -> list[RunSpec]:
     return specs
 
 
+#: the network preset's emulated links: name -> --network (bandwidth of the issue's
+#: three classes; latencies typical of a data-centre rack, a LAN and a slow WAN)
+NETWORK_LINKS = {"10gbit": "10gbit,50us", "1gbit": "1gbit,500us", "100mbit": "100mbit,5ms"}
+NETWORK_STEPS = 300
+
+
+def _network() -> list[RunSpec]:
+    """Communication-efficient algorithms on emulated links: 8 workers on shakespeare
+    (Adam 3e-3), one group (directory) per link so that each link is a report section of
+    its own with the same labels."""
+    arms = [("allreduce", "allreduce", {}, {}),
+            ("allreduce-bf16", "allreduce", {}, {"compress": "bf16"}),
+            ("allreduce-powersgd", "allreduce", {}, {"compress": "powersgd"})]
+    for p in (8, 32):
+        arms += [(f"local_sgd-p{p}", "local_sgd", {"period": p}, {}),
+                 (f"diloco-p{p}", "diloco", {"period": p}, {})]
+    arms += [("wagma", "wagma", {}, {}), ("gossip", "gossip", {}, {}),
+             ("easgd-p8", "easgd", {"period": 8}, {})]
+    specs = []
+    for name, link in NETWORK_LINKS.items():
+        linked = [(label, algo, hp, {**train, "network": link}) for label, algo, hp, train
+                  in arms]
+        task = ("shakespeare", NETWORK_STEPS, {"optimizer": "adam", "lr": 3e-3,
+                                               "batch_size": 16,
+                                               "log_every": NETWORK_STEPS // 10})
+        specs += [replace(s, group=f"network-{name}")
+                  for s in _matrix(linked, [task], [8], [0, 1, 2])]
+    return specs
+
+
 PRESETS: dict[str, Callable[[], list[RunSpec]]] = {
     "quick": _quick,
     "acga-ablation": _acga_ablation,
@@ -260,6 +298,7 @@ PRESETS: dict[str, Callable[[], list[RunSpec]]] = {
     "scaling": _scaling,
     "failures": _failures,
     "dynamic-weighting": _dynamic_weighting,
+    "network": _network,
 }
 
 
@@ -292,7 +331,9 @@ def preset(name: str) -> list[RunSpec]:
     names = list(PRESETS) if name == "all" else [name]
     if any(n not in PRESETS for n in names):
         raise ConfigError(f"preset: unknown {name!r}; allowed: {', '.join(preset_names())}")
-    return [replace(s, group=n) for n in names for s in PRESETS[n]()]
+    # a preset may split its runs into several directories (network: one per link)
+    return [s if s.group != "custom" else replace(s, group=n)
+            for n in names for s in PRESETS[n]()]
 
 
 def custom(algos: list[str], variants: list[str], tasks: list[str], workers: list[int],
