@@ -39,11 +39,19 @@ many lines it affects: malformed (non-JSON) lines, step records without an integ
 random bytes) or that cannot be read is one warning and an *unreadable* run; when no run
 under ``RUNS_DIR`` can be read at all, the report is an error (exit status 2).
 
-**Grouping.** A group is (task, workers, label), where label is ``config.label`` of the
-header or else the algorithm; the runs of a group are its repetitions, one per seed
-(``config.seed``). Each (task, workers) is a *section* of the report with its own tables and
-figures; the groups of a section are compared with each other, and with the ``allreduce``
-group (the baseline) when the section has one.
+**Grouping.** A group is (task, workers, network, label), where label is ``config.label``
+of the header or else the algorithm, and network the emulated link (``config.network``, or
+``config.network_profile``; null or absent is the real network); the runs of a group are
+its repetitions, one per seed (``config.seed``). Each (task, workers, network) is a
+*section* of the report with its own tables, target, verdict and figures; the groups of a
+section are compared with each other, and with the ``allreduce`` group (the baseline) when
+the section has one. Runs of one label on two links are two sections, never one group:
+their wall times differ by design. Two spellings of one link (``100mbit,5ms`` and
+``100Mbit/s,5ms``) are one network; a profile is its path. Sections of the real network
+are titled ``<task>, <workers> workers``; an emulated one adds ``, network <link>
+(emulated)`` (``network profile <path> (emulated)`` for a profile). The sections of one
+(task, workers) come fastest network first: the real network (nothing emulated), then by
+bandwidth (then latency).
 
 **Test metric.** ``eval_acc`` (higher is better) when the section's runs log it, else
 ``eval_loss`` (lower is better).
@@ -117,6 +125,28 @@ unless ``status`` is ``ok``; ``status`` is ``ok``, ``diverged``, ``failed`` or `
 names each group's link and states the cost model (``NETWORK_FORMULA``): their wall times
 and times to target are emulated-network times.
 
+**Links.** Each (task, workers) with sections on 2 or more networks gets a subsection of
+"Links" comparing them, one column per network, fastest first (as above). It uses ONE
+target for every network: the target the section of the fastest network chose (by the
+rule of **Target**, or the one given; the fastest network with a target when the fastest
+has none), said with its rule; so a column's times may differ from that section's own
+table when its own default target differs. Two tables, one row per label (baseline first):
+
+* *time to target by link* -- the mean ``time_s`` at which the seeds reached that target,
+  over the seeds that did, with "n/m" seeds reached; "not reached (0/m)" when none did,
+  "-" when the label did not run on that network;
+* *final metric by link* -- the section's final test metric, mean +- std over seeds.
+
+A link is placed by :func:`accord.network.parse_network` (bandwidth in bytes/s); a
+profile by its default link, read from its file (as given, else relative to the run
+directory and its parents up to ``RUNS_DIR``), which the report says; a profile whose file
+cannot be read is placed last and is left out of the figure, as is the real network. The
+figure ``figures/<task>_w<workers>_links.png``: time to target (y; logarithmic when the
+plotted values span more than a factor 10) against the link's bandwidth (x, logarithmic,
+in Gbit/s, one tick per link), one line per label in its colour; a label that did not
+reach the target on a link has no point there (and "(not reached)" in the legend when it
+reached it nowhere).
+
 **Figures.** For each section, three PNG files with two panels each (training ``loss``,
 the mean over workers, and the test metric): against ``step``, against wall time
 (``time_s``) and against megabytes sent by rank 0 (``comm_bytes / 1e6``). Each line is the
@@ -131,15 +161,21 @@ default target is drawn as a dashed line on the test-metric panels.
 
 * ``report.md`` -- environment (accord, torch and Python versions, CPU count, host names,
   git revisions, as recorded in the runs' headers; the run start dates and the report's
-  date), then per section: the groups' settings (and the tuning note), the final-metrics
-  table, the communication and time-to-target table, the verdict and the figures; then
-  tuning, diverged runs, failed, interrupted and incomplete runs, and the warnings;
-* ``figures/<task>_w<workers>_{step,time,mb}.png`` and
+  date), then per section: the groups' settings (and the network and tuning notes), the
+  final-metrics table, the communication and time-to-target table, the verdict and the
+  figures; then links, tuning, diverged runs, failed, interrupted and incomplete runs, and
+  the warnings;
+* ``figures/<task>_w<workers>_{step,time,mb}.png`` for a section of the real network,
+  ``figures/<task>_w<workers>_net-<link>_{step,time,mb}.png`` for an emulated one (``<link>``
+  is the network's text with every run of characters other than letters, digits and dots
+  made one ``-``: ``100mbit,5ms`` is ``100mbit-5ms``; ``-2``, ... appended if two networks
+  would share it), ``figures/<task>_w<workers>_links.png`` and
   ``figures/tuning_<task>_w<workers>.png``;
-* ``points.csv`` -- every plotted point of every finished seed: task, workers, label,
-  seed, run, step, time_s, mb_sent, loss and the evaluation columns;
-* ``summary.csv`` -- one row per group: every number of the report's tables at full
-  precision, and the verdict against ``allreduce``.
+* ``points.csv`` -- every plotted point of every finished seed: task, workers, network
+  (the network's text, empty for the real network), label, seed, run, step, time_s,
+  mb_sent, loss and the evaluation columns;
+* ``summary.csv`` -- one row per group (with the same ``network`` column): every number of
+  the report's tables at full precision, and the verdict against ``allreduce``.
 
 From Python: ``write_report(runs_dir, out_dir=None, target_acc=None, target_loss=None,
 figures=True, warn=None)`` returns the path of ``report.md`` and raises
@@ -167,6 +203,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import Outcome, run_outcome, scan_metrics
+from .network import Link, load_network_profile, parse_network
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +308,17 @@ class Run:
     @property
     def label(self) -> str:
         return str(self.config.get("label") or self.algorithm)
+
+    @property
+    def network(self) -> str | None:
+        """The emulated network as the run gave it: ``config.network`` (``100mbit,5ms``),
+        ``profile PATH`` for ``config.network_profile``, None for the real network (also
+        when the config predates these keys)."""
+        text = self.config.get("network")
+        if text:
+            return str(text).strip()
+        profile = self.config.get("network_profile")
+        return f"profile {profile}" if profile else None
 
     @property
     def seed(self) -> int:
@@ -662,6 +710,85 @@ def _slug(task: str, workers: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', task)}_w{workers}"
 
 
+# -- emulated networks ------------------------------------------------------------------------
+
+NetworkKey = tuple  # () for the real network; see _network_key
+
+
+def _network_key(text: str | None) -> NetworkKey:
+    """What makes two runs' networks the same: the parsed link (``100mbit,5ms`` and
+    ``100Mbit/s,5ms`` are one link), a profile's path, else the text."""
+    if text is None:
+        return ()
+    if text.startswith("profile "):
+        return ("profile", text[len("profile "):])
+    try:
+        link = parse_network(text)
+    except ValueError:
+        return ("text", text)
+    return ("link", link.bandwidth, link.latency)
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """A section's network: its text as the runs gave it (None: the real network), the
+    link that places it among the others (a profile's default link; None when unknown)
+    and how it was placed, for a profile."""
+    text: str | None = None
+    link: Link | None = None
+    note: str = ""
+
+    @property
+    def order(self) -> tuple:
+        """Fastest first: the real network (nothing emulated), then by bandwidth (higher
+        first) and latency (lower first), then the networks of unknown bandwidth."""
+        if self.text is None:
+            return (0, 0.0, 0.0, "")
+        if self.link is None:
+            return (2, 0.0, 0.0, self.text)
+        return (1, -self.link.bandwidth, self.link.latency, self.text)
+
+    @property
+    def name(self) -> str:
+        return self.text if self.text is not None else "real network"
+
+
+def _network_info(run: Run, root: Path | None) -> NetworkInfo:
+    text = run.network
+    key = _network_key(text)
+    if not key:
+        return NetworkInfo()
+    if key[0] == "link":
+        return NetworkInfo(text, Link(key[1], key[2]))
+    if key[0] == "text":
+        return NetworkInfo(text, None, "not a link this report can read, so its bandwidth "
+                                       "is unknown")
+    path = Path(key[1])
+    candidates = [path]
+    if not path.is_absolute():  # as given (the working directory), then from the run up
+        folder = run.path
+        while True:
+            candidates.append(folder / path)
+            if folder == root or folder.parent == folder or root is None:
+                break
+            folder = folder.parent
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                default = load_network_profile(candidate).default
+            except ValueError as e:
+                return NetworkInfo(text, None, f"its file cannot be read ({e}), so its "
+                                               "bandwidth is unknown")
+            return NetworkInfo(text, default, f"placed by its default link, "
+                                              f"{default.describe()} (the pairs with a link "
+                                              "of their own are not taken into account)")
+    return NetworkInfo(text, None, "its file was not found, so its bandwidth is unknown")
+
+
+def _network_slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "x"
+
+
 @dataclass
 class Section:
     task: str
@@ -671,18 +798,26 @@ class Section:
     higher: bool = False
     target: float | None = None
     target_rule: str = ""
+    network: NetworkInfo = field(default_factory=NetworkInfo)
+    network_key: NetworkKey = ()
+    slug: str = ""  # figure file names: <task>_w<workers>[_net-<link>]
+
+    def __post_init__(self) -> None:
+        if not self.slug:
+            self.slug = _slug(self.task, self.workers)
+            if self.network.text is not None:
+                self.slug += f"_net-{_network_slug(self.network.text)}"
 
     @property
     def baseline(self) -> Group | None:
         return next((g for g in self.groups if g.label == BASELINE), None)
 
     @property
-    def slug(self) -> str:
-        return _slug(self.task, self.workers)
-
-    @property
     def title(self) -> str:
-        return f"{self.task}, {self.workers} worker{'s' if self.workers != 1 else ''}"
+        title = f"{self.task}, {self.workers} worker{'s' if self.workers != 1 else ''}"
+        if self.network.text is not None:
+            title += f", network {self.network.text} (emulated)"
+        return title
 
 
 def _setting(run: Run, key: str) -> Any:
@@ -694,28 +829,45 @@ def _setting(run: Run, key: str) -> Any:
 
 
 def build_sections(runs: list[Run], target_acc: float | None, target_loss: float | None,
-                   warn: Warn) -> list[Section]:
-    by_group: dict[tuple[str, int, str], list[Run]] = {}
+                   warn: Warn, root: Path | None = None) -> list[Section]:
+    """The sections (task, workers, network) with their groups, targets and seeds reached;
+    ``root`` is where relative network profile paths are also looked for."""
+    infos: dict[NetworkKey, NetworkInfo] = {}
+    by_group: dict[tuple[str, int, NetworkKey, str], list[Run]] = {}
     for run in runs:
-        by_group.setdefault((run.task, run.workers, run.label), []).append(run)
-    by_section: dict[tuple[str, int], list[Group]] = {}
-    for (task, workers, label), members in sorted(by_group.items()):
+        key = _network_key(run.network)
+        if key not in infos:
+            infos[key] = _network_info(run, root)
+        by_group.setdefault((run.task, run.workers, key, run.label), []).append(run)
+    by_section: dict[tuple[str, int, NetworkKey], list[Group]] = {}
+    for (task, workers, key, label), members in sorted(by_group.items()):
         members.sort(key=lambda r: (r.seed, r.name))
+        text = infos[key].text
+        where = f"{task} x{workers}" + (f" (network {text})" if text is not None else "") \
+            + f" {label}"
         for seed, n in Counter(r.seed for r in members).items():
             if n > 1:
-                warn(f"{task} x{workers} {label}: {n} finished runs with seed {seed}; all are "
-                     "counted as repetitions")
-        for key in SAME_IN_GROUP:
-            values = sorted({json.dumps(_setting(r, key), sort_keys=True) for r in members})
+                warn(f"{where}: {n} finished runs with seed {seed}; all are counted as "
+                     "repetitions")
+        for setting in SAME_IN_GROUP:
+            values = sorted({json.dumps(_setting(r, setting), sort_keys=True)
+                             for r in members})
             if len(values) > 1:
-                warn(f"{task} x{workers} {label}: the runs differ in {key} "
+                warn(f"{where}: the runs differ in {setting} "
                      f"({', '.join(values)}); use --label to tell variants apart")
         group = Group(task, workers, label, members, [final_values(r) for r in members])
-        by_section.setdefault((task, workers), []).append(group)
+        by_section.setdefault((task, workers, key), []).append(group)
     sections = []
-    for (task, workers), groups in sorted(by_section.items()):
+    slugs: set[str] = set()
+    for (task, workers, key), groups in sorted(
+            by_section.items(), key=lambda kv: (kv[0][0], kv[0][1], infos[kv[0][2]].order)):
         groups.sort(key=lambda g: (g.label != BASELINE, g.label))
-        section = Section(task, workers, groups)
+        section = Section(task, workers, groups, network=infos[key], network_key=key)
+        slug, n = section.slug, 1
+        while section.slug in slugs:  # two networks with the same safe form
+            n += 1
+            section.slug = f"{slug}-{n}"
+        slugs.add(section.slug)
         has_acc = any(_num(rec.get("eval_acc")) is not None
                       for g in groups for r in g.runs for rec in r.steps)
         section.metric, section.higher = ("eval_acc", True) if has_acc else ("eval_loss", False)
@@ -898,6 +1050,127 @@ def _network_note(section: Section) -> list[str]:
             f"emulated waits; {NETWORK_FORMULA}.", ""]
 
 
+# -- links: one (task, workers) on several networks --------------------------------------------
+
+@dataclass
+class LinkComparison:
+    """The sections of one (task, workers) on 2 or more networks, against one target."""
+    task: str
+    workers: int
+    sections: list[Section]  # fastest first (NetworkInfo.order)
+    source: Section | None  # the section whose target is used: the fastest with one
+    metric: str
+    higher: bool
+    target: float | None
+    labels: list[str]  # baseline first, then sorted
+    #: (label, index in sections) -> (seeds reached, seeds, mean time_s of those reached)
+    cells: dict[tuple[str, int], tuple[int, int, float | None]]
+
+    @property
+    def title(self) -> str:
+        return f"{self.task}, {self.workers} worker{'s' if self.workers != 1 else ''}"
+
+    @property
+    def figure(self) -> str:
+        return f"{_slug(self.task, self.workers)}_links.png"
+
+    def time(self, label: str, i: int) -> float | None:
+        """The mean time to the target on section i, None when not reached or not run."""
+        cell = self.cells.get((label, i))
+        return cell[2] if cell is not None and cell[0] > 0 else None
+
+
+def link_comparisons(sections: list[Section]) -> list[LinkComparison]:
+    """One comparison per (task, workers) with sections on 2 or more networks."""
+    by: dict[tuple[str, int], list[Section]] = {}
+    for s in sections:
+        by.setdefault((s.task, s.workers), []).append(s)
+    comparisons = []
+    for (task, workers), mine in sorted(by.items()):
+        if len(mine) < 2:
+            continue
+        mine = sorted(mine, key=lambda s: s.network.order)
+        source = next((s for s in mine if s.target is not None), None)
+        ref = source or mine[0]
+        target = source.target if source is not None else None
+        labels = sorted({g.label for s in mine for g in s.groups},
+                        key=lambda label: (label != BASELINE, label))
+        cells = {}
+        for i, s in enumerate(mine):
+            for g in s.groups:
+                hits = [reach(r, ref.metric, target, ref.higher) for r in g.runs] \
+                    if target is not None else []
+                cells[g.label, i] = (sum(h is not None for h in hits), len(g.runs),
+                                     _mean(h["time_s"] for h in hits if h is not None))
+        comparisons.append(LinkComparison(task, workers, mine, source, ref.metric, ref.higher,
+                                          target, labels, cells))
+    return comparisons
+
+
+def _link_cell(c: LinkComparison, label: str, i: int) -> str:
+    cell = c.cells.get((label, i))
+    if cell is None or c.target is None:
+        return "-"
+    n, m, t = cell
+    return f"not reached (0/{m})" if n == 0 else f"{_fmt(t)} ({n}/{m})"
+
+
+def _links_tables(c: LinkComparison) -> list[str]:
+    head = ["label", *[_md(s.network.name) for s in c.sections]]
+    times = [[_md(label), *[_link_cell(c, label, i) for i in range(len(c.sections))]]
+             for label in c.labels]
+    finals = []
+    for label in c.labels:
+        row = [_md(label)]
+        for s in c.sections:
+            group = next((g for g in s.groups if g.label == label), None)
+            row.append(_mean_std(group, c.metric) if group is not None else "-")
+        finals.append(row)
+    return [f"#### {_md(c.title)}: time to target by link (s)", "",
+            "Mean time to the target over the seeds that reached it, with seeds reached / "
+            "seeds.", "", *_table(head, times), "",
+            f"#### {_md(c.title)}: final {c.metric} by link (mean ± std over seeds)", "",
+            *_table(head, finals), ""]
+
+
+def _links_section(comparisons: list[LinkComparison], drawn: dict[str, str]) -> list[str]:
+    lines = ["## Links", "",
+             "The same task and workers on several networks (`accord train --network` or "
+             "`--network-profile`): one column per network, fastest first (the real "
+             "network, nothing emulated, then by bandwidth). On an emulated link "
+             f"{NETWORK_FORMULA}; the final metric should not depend on the link, the "
+             "time to target does.", ""]
+    for c in comparisons:
+        lines += [f"### {_md(c.title)}", ""]
+        if c.source is None:
+            lines += [f"Target: none (no section of {_md(c.title)} has one).", ""]
+        else:
+            direction = ">=" if c.higher else "<="
+            fastest = c.sections[0]
+            whose = f"the section of the fastest network ({_md(fastest.network.name)})"
+            if c.source is not fastest:
+                whose = (f"the section of the fastest network with a target "
+                         f"({_md(c.source.network.name)}; {_md(fastest.network.name)} has "
+                         "none)")
+            lines += [f"Target: `{c.metric} {direction} {_fmt(c.target)}`, for every network "
+                      f"the one {whose} chose ({_md(c.source.target_rule)}), so that the "
+                      "columns compare; a section's own target may differ.", ""]
+        for s in c.sections:
+            if s.network.note:
+                lines += [f"`{_md(s.network.text)}`: {_md(s.network.note)}.", ""]
+        lines += _links_tables(c)
+        name = drawn.get(c.figure)
+        if name:
+            left = [s.network.name for s in c.sections if s.network.link is None]
+            caption = ("Time to target against the link's bandwidth, one line per label; a "
+                       "label that did not reach the target on a link has no point there.")
+            if left:
+                caption += f" Not in the figure (no bandwidth): {_md(', '.join(left))}."
+            lines += [caption, "", f"![{_md(c.title)}: time to target by link]"
+                                   f"({FIGURE_DIR}/{name})", ""]
+    return lines
+
+
 def _final_table(section: Section) -> list[str]:
     keys = _section_metrics(section) + ["time_s", "steps_per_s"]
     rows = [[_md(g.label), str(len(g.runs))] + [_mean_std(g, k) for k in keys]
@@ -938,7 +1211,8 @@ def _problems_table(problems: list[Run]) -> list[str]:
 
 def _left_out(section: Section, diverged: list[Run]) -> list[str]:
     """A line naming the section's diverged runs, which its numbers leave out."""
-    mine = [r for r in diverged if (r.task, r.workers) == (section.task, section.workers)]
+    mine = [r for r in diverged if (r.task, r.workers, _network_key(r.network))
+            == (section.task, section.workers, section.network_key)]
     if not mine:
         return []
     names = ", ".join(f"{_md(r.label)} seed {r.seed} (diverged at step {_diverged_step(r)})"
@@ -1195,13 +1469,15 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     finished = [r for r in evaluated if r.status == "ok"]
     diverged = [r for r in evaluated if r.status == "diverged"]
     problems = [r for r in evaluated if r.status not in ("ok", "diverged")]
-    sections = build_sections(finished, target_acc, target_loss, note)
+    sections = build_sections(finished, target_acc, target_loss, note, root)
+    comparisons = link_comparisons(sections)
     labels = sorted({g.label for s in sections for g in s.groups}
                     | {a.label for t in tunings for a in t.arms})
     styles = {label: (PALETTE[i % len(PALETTE)], LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
               for i, label in enumerate(labels)}
 
     drawn: dict[str, list[str]] = {}
+    links_drawn: dict[str, str] = {}
     tuning_drawn: dict[tuple[int, str, int], str] = {}
     try:
         import matplotlib  # noqa: F401  (the plots extra)
@@ -1212,6 +1488,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     else:
         for section in sections if figures else []:
             drawn[section.slug] = draw_section(section, styles, out / FIGURE_DIR)
+        for c in comparisons if figures else []:
+            if draw_links(c, styles, out / FIGURE_DIR / c.figure):
+                links_drawn[c.figure] = c.figure
         taken: set[str] = set()
         for i, t in enumerate(tunings if figures else []):
             for task, workers in t.sections():
@@ -1235,8 +1514,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
              f"{counts['incomplete'] + counts['unreadable']} incomplete or unreadable. "
              "Only finished runs (status ok) enter the numbers, tables and figures; "
              "diverged runs are listed apart with the step they diverged at. Groups are "
-             "(task, workers, label) and their seeds are the repetitions. Final metrics are "
-             "mean ± sample std over seeds. Files: `points.csv` (every plotted point), "
+             "(task, workers, network, label) and their seeds are the repetitions. Final "
+             "metrics are mean ± sample std over seeds. Files: `points.csv` (every plotted point), "
              "`summary.csv` (these tables at full precision).", "",
              *_set_aside(tuning_runs, tunings), "## Environment", "",
              *_environment(runs), ""]
@@ -1263,6 +1542,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                       for (_, xlabel), name in zip(X_AXES, drawn[section.slug], strict=True)]
     if not sections:
         lines += ["No finished run.", ""]
+    if comparisons:
+        lines += _links_section(comparisons, links_drawn)
     if tunings:
         lines += _tuning_section(tunings, tuning_drawn)
     if diverged:
@@ -1294,15 +1575,16 @@ def _write_points(path: Path, sections: list[Section]) -> None:
                            for rec in r.steps for k in rec if _is_eval_key(k)})
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["task", "workers", "label", "seed", "run", "step", "time_s", "mb_sent",
-                         "loss", *keys])
+        writer.writerow(["task", "workers", "network", "label", "seed", "run", "step",
+                         "time_s", "mb_sent", "loss", *keys])
         for s in sections:
             for g in s.groups:
                 for r in g.runs:
                     for rec in r.steps:
                         comm = _num(rec.get("comm_bytes"))
                         writer.writerow([
-                            s.task, s.workers, g.label, r.seed, r.name, rec["step"],
+                            s.task, s.workers, s.network.text or "", g.label, r.seed,
+                            r.name, rec["step"],
                             _csv_value(_num(rec.get("time_s"))),
                             _csv_value(comm / 1e6 if comm is not None else None),
                             _csv_value(_num(rec.get("loss"))),
@@ -1313,7 +1595,7 @@ def _write_summary(path: Path, sections: list[Section]) -> None:
     keys = metric_columns({k for s in sections for k in _section_metrics(s)})
     keys += ["time_s", "steps_per_s", "steps", "bytes_per_step", "bytes_per_step_mean_workers",
              "mb_sent"]
-    head = ["task", "workers", "label", "algorithm", "n_seeds", "seeds"]
+    head = ["task", "workers", "network", "label", "algorithm", "n_seeds", "seeds"]
     head += [f"{k}_{stat}" for k in keys for stat in ("mean", "std")]
     head += ["target_metric", "target", "target_rule", "n_reached", "steps_to_target_mean",
              "time_to_target_mean", "mb_to_target_mean", f"steps_to_target_vs_{BASELINE}",
@@ -1325,7 +1607,8 @@ def _write_summary(path: Path, sections: list[Section]) -> None:
         for s in sections:
             for g in s.groups:
                 algos = sorted({r.algorithm for r in g.runs})
-                row: list[Any] = [s.task, s.workers, g.label, ";".join(algos), len(g.runs),
+                row: list[Any] = [s.task, s.workers, s.network.text or "", g.label,
+                                  ";".join(algos), len(g.runs),
                                   ";".join(str(x) for x in g.seeds)]
                 for k in keys:
                     row += [_csv_value(g.mean(k)), _csv_value(g.std(k))]
@@ -1427,6 +1710,49 @@ def draw_section(section: Section, styles: dict[str, tuple[str, str]], folder: P
         fig.savefig(folder / name)
         names.append(name)
     return names
+
+
+def draw_links(c: LinkComparison, styles: dict[str, tuple[str, str]], path: Path) -> bool:
+    """Time to target against link bandwidth, one line per label (see the module
+    docstring); False (nothing written) when no network has a known bandwidth."""
+    placed = [(i, s.network.link.bandwidth * 8 / 1e9) for i, s in enumerate(c.sections)
+              if s.network.link is not None]
+    if not placed:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    fig.subplots_adjust(left=0.1, right=0.72, bottom=0.13, top=0.88)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    shown: list[float] = []
+    for label in c.labels:
+        points = sorted((gbit, t) for i, gbit in placed
+                        if (t := c.time(label, i)) is not None)
+        colour, style = styles.get(label, (PALETTE[0], LINESTYLES[0]))
+        ax.plot([x for x, _ in points], [y for _, y in points], color=colour,
+                linestyle=style, marker="o", markersize=5, linewidth=1.6,
+                label=label if points else f"{label} (not reached)")
+        shown += [y for _, y in points]
+    ax.set_xscale("log")
+    ticks = sorted({gbit for _, gbit in placed})
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(ticks[0] / 2, ticks[-1] * 2)
+    if shown and min(shown) > 0 and max(shown) / min(shown) > 10:
+        ax.set_yscale("log")
+    ax.set_xlabel("link bandwidth (Gbit/s)")
+    ax.set_ylabel("time to target (s)")
+    ax.grid(True, alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="center left",
+               bbox_to_anchor=(0.73, 0.5), fontsize=8, frameon=False)
+    direction = ">=" if c.higher else "<="
+    target = f"{c.metric} {direction} {_fmt(c.target)}" if c.target is not None else "none"
+    fig.suptitle(f"{c.title}: time to target ({target}) by link")
+    fig.savefig(path)
+    return True
 
 
 def _tuning_lines(t: Tuning, arm: TuningArm, key: str
