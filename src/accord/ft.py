@@ -1,0 +1,502 @@
+"""Fault-tolerant training on torchft: every worker is its own replica group.
+
+A Lighthouse (:func:`start_lighthouse`, in the launcher's process) decides a quorum before
+every step; each worker runs a torchft ``Manager`` with a reconfigurable gloo process group
+(:class:`FTWorker`). An algorithm communicates through :class:`FTCommunicator`, which has
+the interface of :class:`accord.comm.Communicator` and whose ``world_size`` and ``rank`` are
+the *current* quorum's. A step is bracketed by :meth:`FTWorker.begin` (the quorum, a
+joiner's recovery, membership bookkeeping) and :meth:`FTWorker.end` (``should_commit``: a
+step in which any collective failed, or with fewer than ``min_replicas`` participants, is
+discarded and the pre-step snapshot of the worker's state is restored). A worker that
+joins (late, or respawned with the same replica id) receives the state of a live peer
+through torchft's checkpoint transport (HTTP) before its first step; at step 0 every
+worker but one does, so the replicas start identical (what the initial broadcast of
+:class:`accord.core.Aggregator` does in a fixed world).
+
+What torchft's gloo process group can do (torchft 0.2.0, CPU): allreduce (the only
+operation the ``Manager`` wraps: errors are reported to it and the step is discarded, and
+``avg`` divides by the participants), allgather and broadcast (the process group wraps
+gloo's; :class:`FTCommunicator` reports their errors to the Manager the same way), send
+and recv (gloo's, unused here), no reduce_scatter. :class:`FTCommunicator` refuses
+point-to-point calls: a peer schedule drawn for one world means nothing in the next.
+``--compress`` and ``--network`` are refused (not wired).
+
+Membership rules (what an algorithm does when the participants change between steps; N
+is the number of participants of the current step, read at every :meth:`FTWorker.begin`,
+and every replicated quantity (DiLoCo's outer model, EASGD's centre) is consistent
+because every participant ends a committed step with the same value, a discarded step is
+rolled back on every survivor, and a joiner receives it with the peer's state)::
+
+    allreduce    mean over the participants (the Manager's avg divides by N)
+    normalized   1/N over the participants
+    acga         a, c and the sorted momentum m have length N: when N changes the
+                 momentum restarts (m = sort(a) of that step, as at step 0; the
+                 algorithm's own shape check does it, with a warning)
+    local_sgd    model average over the participants; the period counts committed steps
+    diloco       theta and the outer momentum are replicated and travel with the state;
+                 delta = theta - mean over the participants
+    easgd        beta (the centre's moving rate) is kept, alpha = beta / N follows N (a
+                 given alpha is turned into beta = alpha * N_launch at the start); the
+                 centre is replicated (rolled back with a discarded step, received by a
+                 joiner). Synchronous, uniform weighting only.
+    grawa        weights renormalised over the participants' gathered norms
+
+Refused at start with one line (:data:`FT_REFUSED`, :func:`check_algorithm`): algorithms
+whose schedule is built on a fixed N or that talk point to point. Refused options of
+allowed algorithms: easgd ``asynchronous`` (its background engine has fixed ranks and its
+own store) and ``weighting=dynamic`` (its progress tracker is per worker: a joiner would
+receive a peer's; the designed rule, weights renormalised over the survivors and a
+rejoined worker fading in from weight 0 over ``half_life``, is not wired yet).
+
+Timeouts (:class:`FTTimeouts`, checked by :func:`check_timeouts`)::
+
+    heartbeat timeout < quorum timeout < process-group timeout < step deadline
+
+* heartbeat timeout (Lighthouse, default 2 s): a replica silent this long is dead. A
+  quorum that keeps more than half of the previous members forms after the join timeout;
+  one that keeps half or fewer (2 -> 1) only once the dead replica's heartbeat expired,
+  so this is the detection time of a death. The Manager heartbeats from a Rust thread
+  every ``heartbeat_interval`` (0.1 s), even while Python computes, so 2 s only has to
+  absorb scheduler stalls.
+* join timeout (Lighthouse, default 1 s, below the quorum timeout): how long a quorum
+  waits for a previous member that has not asked yet; it must exceed the skew between
+  workers' step starts, or a slow worker is dropped and heals next step.
+* quorum timeout (default 10 s): a worker's quorum call fails after it (the worker then
+  stops: fewer than ``min_replicas`` for that long). It must outlast the heartbeat
+  timeout plus the join timeout, the slowest legitimate quorum.
+* process-group timeout (default 30 s): a collective waiting for a hung (not dead) peer
+  fails after it; it must exceed a peer's quorum and recovery (a joiner fetches the
+  state inside its quorum while the others wait in the first collective). Also the
+  Manager's timeout for ``should_commit`` and the checkpoint transfer.
+* step deadline (default 60 s, the launcher's): a worker whose step exceeds it is
+  killed as hung; it must let the worker notice a failed collective itself first.
+
+torchft's own environment variables ``TORCHFT_TIMEOUT_SEC``, ``TORCHFT_QUORUM_TIMEOUT_SEC``
+and ``TORCHFT_CONNECT_TIMEOUT_SEC`` (whole seconds) override the Manager's timeouts;
+:class:`FTWorker` refuses to start when one is set, so the checked values are the ones
+used.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from .comm import CommStats, emulated_network, payload_compressor
+
+log = logging.getLogger(__name__)
+
+#: algorithms that run under --fault-tolerant (their membership rules: module docstring)
+FT_ALGORITHMS: tuple[str, ...] = (
+    "allreduce", "normalized", "acga", "local_sgd", "diloco", "easgd", "grawa",
+)
+
+#: algorithms refused under --fault-tolerant, with the one-line reason
+FT_REFUSED: dict[str, str] = {
+    "wagma": "its butterfly groups and subgroup process groups are built once for a fixed N",
+    "gossip": "it sends point to point to peers drawn for a fixed N",
+    "dpsgd": "it mixes point to point with ring neighbours of a fixed N",
+    "elastic_gossip": "it sends point to point to peers drawn for a fixed N",
+    "adasum": "its recursive-doubling tree of point-to-point exchanges is built for a fixed N",
+    "lsgd": "its leader groups are process subgroups built once for a fixed N",
+}
+
+#: torchft's environment variables that would override the checked timeouts
+TORCHFT_TIMEOUT_ENV = ("TORCHFT_TIMEOUT_SEC", "TORCHFT_QUORUM_TIMEOUT_SEC",
+                       "TORCHFT_CONNECT_TIMEOUT_SEC")
+
+
+def check_algorithm(name: str, hyperparameters: Mapping[str, Any] | None = None) -> None:
+    """ValueError (one line) unless algorithm ``name`` with these hyperparameters can run
+    fault-tolerant."""
+    hp = dict(hyperparameters or {})
+    if name in FT_REFUSED:
+        raise ValueError(f"--fault-tolerant: algorithm {name!r} is refused: {FT_REFUSED[name]}")
+    if name not in FT_ALGORITHMS:
+        raise ValueError(f"--fault-tolerant: algorithm {name!r} has no membership rule; "
+                         f"allowed: {', '.join(FT_ALGORITHMS)}")
+    if name == "easgd":
+        if hp.get("asynchronous"):
+            raise ValueError("--fault-tolerant: easgd asynchronous=true is refused: its "
+                             "background engine has fixed ranks and its own store")
+        if hp.get("weighting", "uniform") != "uniform":
+            raise ValueError("--fault-tolerant: easgd weighting=dynamic is refused: its "
+                             "per-worker progress tracker is not wired to a changing world")
+
+
+# -- timeouts ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FTTimeouts:
+    """Every timeout of a fault-tolerant run, in seconds (see the module docstring)."""
+
+    heartbeat_interval: float = 0.1
+    heartbeat: float = 2.0
+    join: float = 1.0
+    quorum_tick: float = 0.05
+    quorum: float = 10.0
+    process_group: float = 30.0
+    step_deadline: float = 60.0
+    connect: float = 10.0
+
+    def check(self) -> FTTimeouts:
+        check_timeouts(self.heartbeat, self.quorum, self.process_group, self.step_deadline)
+        _below("heartbeat interval", self.heartbeat_interval, "heartbeat timeout",
+               self.heartbeat)
+        _below("join timeout", self.join, "quorum timeout", self.quorum)
+        _below("quorum tick", self.quorum_tick, "join timeout", self.join)
+        return self
+
+
+def _below(low_name: str, low: float, high_name: str, high: float) -> None:
+    if not (isinstance(low, int | float) and isinstance(high, int | float)) or low <= 0:
+        raise ValueError(f"fault-tolerant timeouts: {low_name} {low!r} s and {high_name} "
+                         f"{high!r} s must be positive numbers")
+    if not low < high:
+        raise ValueError(f"fault-tolerant timeouts: the {low_name} ({low:g} s) must be "
+                         f"below the {high_name} ({high:g} s)")
+
+
+def check_timeouts(heartbeat: float, quorum: float, process_group: float,
+                   step_deadline: float) -> None:
+    """ValueError (one line, naming both values) unless
+    heartbeat < quorum timeout < process-group timeout < step deadline (seconds)."""
+    chain = [("heartbeat timeout", heartbeat), ("quorum timeout", quorum),
+             ("process-group timeout", process_group), ("step deadline", step_deadline)]
+    for (a, x), (b, y) in zip(chain, chain[1:], strict=False):
+        _below(a, x, b, y)
+
+
+# -- the Lighthouse -----------------------------------------------------------------------
+
+def start_lighthouse(min_replicas: int, join_timeout_ms: int = 1000, quorum_tick_ms: int = 50,
+                     heartbeat_timeout_ms: int = 2000, bind: str = "[::]:0") -> tuple[Any, str]:
+    """Start a torchft Lighthouse in this process (its Rust threads serve it); returns
+    ``(server, address)``, the address as ``http://host:port`` for ``lighthouse_addr`` /
+    ``TORCHFT_LIGHTHOUSE``. Stop it with ``server.shutdown()``."""
+    from torchft.coordination import LighthouseServer
+
+    if min_replicas < 1:
+        raise ValueError(f"min_replicas: got {min_replicas!r}, allowed: an integer >= 1")
+    server = LighthouseServer(bind=bind, min_replicas=int(min_replicas),
+                              join_timeout_ms=int(join_timeout_ms),
+                              quorum_tick_ms=int(quorum_tick_ms),
+                              heartbeat_timeout_ms=int(heartbeat_timeout_ms))
+    return server, server.address()
+
+
+# -- the process group that remembers its quorum ----------------------------------------
+
+def _recording_gloo(timeout: timedelta):
+    """torchft's reconfigurable gloo group, remembering who is in each configuration."""
+    from torchft.process_group import ProcessGroupGloo
+
+    class _RecordingGloo(ProcessGroupGloo):
+        def __init__(self, timeout: timedelta) -> None:
+            super().__init__(timeout=timeout)
+            #: worker indices of the current configuration (replica ids' trailing
+            #: digits, in replica-rank order), and its quorum id
+            self.members: list[int] = []
+            self.quorum: int | None = None
+            self.configures = 0
+
+        def configure(self, store_addr, replica_id, rank, world_size, quorum_id=None,
+                      group_rank=None, group_world_size=None, global_ranks=None):
+            self.members = list(global_ranks or [])
+            self.quorum = quorum_id
+            self.configures += 1
+            super().configure(store_addr, replica_id, rank, world_size, quorum_id,
+                              group_rank, group_world_size, global_ranks)
+
+    return _RecordingGloo(timeout)
+
+
+# -- the communicator ---------------------------------------------------------------------
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class FTCommunicator:
+    """:class:`accord.comm.Communicator`'s interface on a torchft Manager.
+
+    ``world_size`` and ``rank`` are the current quorum's (read at every access; they
+    change only at :meth:`FTWorker.begin`). Every collective is counted into ``stats``
+    as the Communicator counts (payload bytes, seconds). A failed collective does not
+    raise: the Manager records the error, the call returns with the tensor unreduced, and
+    the step is discarded at :meth:`FTWorker.end`; after a failure later collectives of
+    the step are skipped.
+    """
+
+    #: the Manager's avg divides by the participants inside the call (as NCCL's AVG)
+    native_avg = True
+    #: fault-tolerant calls never wait for an emulated network
+    emulated = False
+    group = None
+
+    def __init__(self, manager: Any, pg: Any, stats: CommStats | None = None) -> None:
+        if payload_compressor() is not None:
+            raise ValueError("--fault-tolerant does not support --compress (not wired)")
+        if emulated_network() is not None:
+            raise ValueError("--fault-tolerant does not support --network (not wired)")
+        self.manager = manager
+        self.pg = pg
+        self.stats = CommStats() if stats is None else stats
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manager.num_participants())
+
+    @property
+    def rank(self) -> int:
+        rank = self.manager.participating_rank()
+        if rank is None:
+            raise RuntimeError("this replica does not participate in the current quorum")
+        return int(rank)
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(range(self.world_size))
+
+    def global_rank(self, rank: int) -> int:
+        """Ranks are the quorum's: a group rank is its own global rank."""
+        return rank
+
+    def _check(self, t: torch.Tensor) -> None:
+        if not t.is_contiguous():
+            raise ValueError("Communicator operations take one contiguous tensor (a flat buffer)")
+
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce",
+                    exact: bool = False) -> torch.Tensor:
+        """In-place allreduce over the participants through ``Manager.allreduce``
+        (``op``: sum, avg, max, min; ``exact`` is accepted: nothing is compressed)."""
+        from torch.distributed import ReduceOp
+
+        self._check(t)
+        reduce_op = {"sum": ReduceOp.SUM, "avg": ReduceOp.AVG, "max": ReduceOp.MAX,
+                     "min": ReduceOp.MIN}.get(op)
+        if reduce_op is None:
+            raise ValueError(f"op: got {op!r}, allowed: 'sum', 'avg', 'max', 'min'")
+        start = time.perf_counter()
+        if op == "avg" and not t.is_floating_point():
+            raise ValueError("op='avg' needs a floating-point tensor")
+        self.manager.allreduce(t, reduce_op=reduce_op).wait()
+        self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
+        return t
+
+    def all_reduce_async_(self, t: torch.Tensor, op: str = "sum",
+                          kind: str = "allreduce") -> torch.futures.Future:
+        """Synchronous here (torchft's managed future cannot be chained like a plain one):
+        the returned future is already complete."""
+        if op not in ("sum", "avg"):
+            raise ValueError(f"op: got {op!r}, allowed: 'sum', 'avg'")
+        self.all_reduce_(t, op=op, kind=kind)
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(t)
+        return done
+
+    def _run(self, what: str, issue: Callable[[], Any]) -> bool:
+        """Issue a process-group call and wait; an error is reported to the Manager (the
+        step will be discarded). False if skipped or failed."""
+        if self.manager.errored() is not None:
+            return False
+        self.manager.wait_quorum()
+        try:
+            issue().wait()
+            return True
+        except Exception as exc:  # a dead peer: connection reset, timeout, ...
+            log.warning("fault-tolerant %s failed (step discarded): %s", what, exc)
+            self.manager.report_error(exc)
+            return False
+
+    def all_gather(self, t: torch.Tensor, kind: str = "allgather") -> torch.Tensor:
+        """Gather ``t`` from every participant: shape ``(world_size, *t.shape)``, in
+        quorum-rank order. On a failure the rows of the others are zeros."""
+        from torch.distributed import AllgatherOptions
+
+        self._check(t)
+        n = self.world_size
+        out = torch.zeros((n, *t.shape), dtype=t.dtype, device=t.device)
+        start = time.perf_counter()
+        if n == 1:
+            out[0].copy_(t)
+        else:
+            rows = list(out.unbind(0))
+            if not self._run("allgather",
+                             lambda: self.pg.allgather([rows], [t], AllgatherOptions())):
+                out.zero_()
+                out[self.rank].copy_(t)
+        self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
+        return out
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0, kind: str = "broadcast") -> torch.Tensor:
+        """In-place broadcast from quorum rank ``src``; bytes count on the sender only."""
+        from torch.distributed import BroadcastOptions
+
+        self._check(t)
+        start = time.perf_counter()
+        if self.world_size > 1:
+            opts = BroadcastOptions()
+            opts.rootRank = src
+            opts.rootTensor = 0
+            self._run("broadcast", lambda: self.pg.broadcast([t], opts))
+        self.stats.record(kind, _nbytes(t) if self.rank == src else 0,
+                          time.perf_counter() - start)
+        return t
+
+    def _p2p(self, *_: Any, **__: Any) -> None:
+        raise NotImplementedError(
+            "--fault-tolerant refuses point-to-point communication: peers chosen for one "
+            "world mean nothing after a change of membership (torchft's Manager makes only "
+            "allreduce fault-tolerant)")
+
+    send = recv_ = exchange_ = multi_exchange_ = _p2p
+
+
+# -- membership and the step bracket ------------------------------------------------------
+
+def membership_event(step: int, participants: list[int], previous: list[int] | None,
+                     rank: int | None = None) -> dict[str, Any]:
+    """The metrics record of a change of membership (``previous=None``: the first)."""
+    now, before = sorted(participants), sorted(previous or [])
+    event: dict[str, Any] = {"type": "event", "kind": "membership", "step": int(step),
+                             "participants": now,
+                             "joined": [w for w in now if w not in before],
+                             "left": [w for w in before if w not in now]}
+    if rank is not None:
+        event["rank"] = rank
+    return event
+
+
+def refresh(agg: Any, comm: FTCommunicator, launch_world_size: int | None = None) -> None:
+    """Point aggregator ``agg`` at the current quorum: its ``comm``, ``rank`` and
+    ``world_size``, and what an algorithm derives from N (EASGD's alpha = beta / N).
+    Call after every :meth:`FTWorker.begin`; ``launch_world_size`` (the first call) turns
+    a given EASGD alpha into the beta it keeps."""
+    agg.comm = comm
+    agg.group = None
+    agg.world_size = comm.world_size
+    agg.rank = comm.rank
+    if getattr(agg, "name", "") == "easgd":
+        if launch_world_size is not None and agg.hp.get("alpha") is not None:
+            agg.beta = min(1.0, agg.hp["alpha"] * launch_world_size)
+        agg.alpha = agg.beta / agg.world_size
+
+
+class FTWorker:
+    """One worker of a fault-tolerant run: its own replica group of one process.
+
+    ``get_state()`` returns everything a step changes and a joiner needs (model,
+    optimizer, aggregator, data position: any picklable structure of tensors);
+    ``set_state(state)`` loads such a structure. Both run on the training thread, except
+    that torchft calls the snapshot server from its quorum thread (served: the pre-step
+    snapshot, never live tensors, so a peer can read it while this worker trains on).
+
+    ``replica`` is the worker's index; the replica id is ``accord_<replica>`` (torchft
+    appends a fresh uuid, so a respawned worker with the same index is a new member).
+
+    Use::
+
+        worker = FTWorker(i, lighthouse, min_replicas, get_state, set_state)
+        while worker.step < steps:
+            step = worker.begin()            # quorum; a joiner has the peers' state now
+            ...forward, backward, agg hooks through worker.comm, optimizer...
+            worker.end()                     # committed, or rolled back to the snapshot
+        worker.shutdown()
+    """
+
+    def __init__(self, replica: int, lighthouse: str, min_replicas: int,
+                 get_state: Callable[[], Any], set_state: Callable[[Any], None],
+                 timeouts: FTTimeouts | None = None, host: str = "localhost",
+                 stats: CommStats | None = None) -> None:
+        from torch.distributed import TCPStore
+        from torchft import Manager
+
+        self.timeouts = (timeouts or FTTimeouts()).check()
+        for var in TORCHFT_TIMEOUT_ENV:
+            if os.environ.get(var):
+                raise ValueError(f"--fault-tolerant: environment variable {var} is set "
+                                 "and would override the checked timeouts; unset it")
+        t = self.timeouts
+        self.replica = int(replica)
+        self._get_state, self._set_state = get_state, set_state
+        self._snapshot: Any = None
+        self._healed = False
+        self.participants: list[int] | None = None
+        self.events: list[dict[str, Any]] = []
+        self.discarded = 0
+        # the Manager's own store (it connects as a client: someone must serve it);
+        # the quorum's process group uses the store of one member, so peers reach it
+        self.store = TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=t.connect))
+        self.pg = _recording_gloo(timedelta(seconds=t.process_group))
+        self.manager = Manager(
+            pg=self.pg, load_state_dict=self._receive, state_dict=self._serve,
+            min_replica_size=int(min_replicas), use_async_quorum=False,
+            timeout=timedelta(seconds=t.process_group),
+            quorum_timeout=timedelta(seconds=t.quorum),
+            connect_timeout=timedelta(seconds=t.connect),
+            rank=0, world_size=1, store_addr=host, store_port=self.store.port,
+            lighthouse_addr=lighthouse, replica_id=f"accord_{self.replica}",
+            hostname=host,
+            heartbeat_interval=timedelta(seconds=t.heartbeat_interval), init_sync=True)
+        self.comm = FTCommunicator(self.manager, self.pg, stats)
+
+    # torchft's callbacks
+    def _serve(self) -> Any:
+        return self._snapshot
+
+    def _receive(self, state: Any) -> None:
+        self._set_state(state)
+        self._healed = True
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = copy.deepcopy(self._get_state())
+
+    @property
+    def step(self) -> int:
+        """Committed steps (the same on every participant after :meth:`begin`)."""
+        return int(self.manager.current_step())
+
+    def begin(self) -> int:
+        """Start a step: snapshot, quorum (a joiner loads a live peer's state here),
+        membership bookkeeping. Returns the step number (committed steps so far)."""
+        self._take_snapshot()
+        self._healed = False
+        self.manager.start_quorum()
+        if self._healed:  # our state was replaced: that is the state to roll back to
+            self._take_snapshot()
+        members = sorted(self.pg.members) or [self.replica]
+        if members != self.participants:
+            event = membership_event(self.step, members, self.participants, self.replica)
+            self.events.append(event)
+            self.participants = members
+        return self.step
+
+    def end(self) -> bool:
+        """End a step: True if committed; else the snapshot is restored (every
+        participant whose step failed does the same, so replicated state stays equal)."""
+        if self.manager.should_commit():
+            return True
+        self.discarded += 1
+        self._set_state(copy.deepcopy(self._snapshot))
+        return False
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        out, self.events = self.events, []
+        return out
+
+    def shutdown(self) -> None:
+        """Stop the Manager's servers (not collective)."""
+        try:
+            self.manager.shutdown(wait=False)
+        finally:
+            self.pg.shutdown()
