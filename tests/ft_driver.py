@@ -75,7 +75,8 @@ def main() -> None:
 
     timeouts = ft.FTTimeouts(**json.loads(args.timeouts))
     worker = ft.FTWorker(args.replica, args.lighthouse, args.min, get_state, set_state,
-                         timeouts=timeouts)
+                         timeouts=timeouts,
+                         on_quorum=lambda comm: ft.refresh(agg, comm, args.workers))
     out = open(args.out, "a", buffering=1)
 
     def emit(record):
@@ -86,15 +87,12 @@ def main() -> None:
         while not os.path.exists(args.go):
             time.sleep(0.02)
 
-    first = True
     hold_step, hold_file = (args.hold.split(":", 1) if args.hold else (None, None))
     while worker.step < args.steps:
         if hold_step is not None and worker.step == int(hold_step):
             while not os.path.exists(hold_file):
                 time.sleep(0.02)
         step = worker.begin()
-        ft.refresh(agg, worker.comm, args.workers if first else None)
-        first = False
         for event in worker.drain_events():
             emit(event)
         if step >= args.steps:

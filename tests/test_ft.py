@@ -311,3 +311,42 @@ def test_respawned_replica_receives_the_live_state(cluster):
     for step, rec in back.items():
         assert_agree(rec["params"], committed(runs["r0"])[step]["params"])
         assert rec["n"] == 3
+
+
+#: (algorithm, hyperparameters, steps whose replicated state must agree: "all" or a period)
+ALGORITHM_CASES = [
+    ("local_sgd", ("period=2",), 2),
+    ("diloco", ("period=2", "outer_lr=0.7"), 2),
+    ("easgd", ("period=2",), "all"),  # the replicated centre (consensus_params)
+    ("grawa", ("period=2", "pull=1.0"), 2),  # pull 1: every model becomes the centre
+    ("acga", (), "all"),
+    ("normalized", (), "all"),
+]
+
+
+@pytest.mark.parametrize("algorithm,hp,agree", ALGORITHM_CASES,
+                         ids=[case[0] for case in ALGORITHM_CASES])
+def test_algorithms_survive_a_death(cluster, algorithm, hp, agree):
+    """Every algorithm of FT_ALGORITHMS with three replicas, one dying before its
+    collective of step 5 (a communication step of every case): the two others discard
+    the step, continue as two, finish, and their replicated state (model after an
+    average / outer step, EASGD's centre) is equal whenever it must be."""
+    from accord.core import due
+
+    c = cluster(min_replicas=2, workers=3, steps=10, algorithm=algorithm, hp=hp)
+    names = c.start(3, die_at={2: 5})
+    for name in names[:2]:
+        assert c.wait(name) == 0, c.stderr(name)
+    runs = {name: committed(c.records(name)) for name in names[:2]}
+    for name in names[:2]:
+        recs = c.records(name)
+        assert done(recs)["step"] == 10, name
+        assert done(recs)["discarded"] >= 1, name
+        assert [e["participants"] for e in membership(recs)] == [[0, 1, 2], [0, 1]]
+        assert [runs[name][s]["n"] for s in range(10)] == [3] * 5 + [2] * 5
+    key = "consensus" if algorithm == "easgd" else "params"
+    steps = range(10) if agree == "all" else [s for s in range(10) if due(s, agree)]
+    for step in steps:
+        assert_agree(runs["r0"][step][key], runs["r1"][step][key], tol=1e-5)
+    if algorithm == "easgd":  # alpha follows N: the models stay apart, the centre agrees
+        assert runs["r0"][9]["params"] != runs["r1"][9]["params"]

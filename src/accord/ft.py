@@ -219,6 +219,41 @@ def _recording_gloo(timeout: timedelta):
     return _RecordingGloo(timeout)
 
 
+def _snapshot_transport(timeout: timedelta):
+    """torchft's HTTP checkpoint transport, serving the pre-step snapshot at any time,
+    and fetching with retries.
+
+    * torchft's own transport stops serving at ``should_commit`` (its served state is
+      the live model, which the optimizer step changes after it). FTWorker serves an
+      immutable snapshot instead, so the server never closes: a sender may finish a step
+      without any collective (local SGD, DiLoCo between syncs) before the joiner has
+      fetched, and with torchft's transport the joiner's request then waits until it
+      times out.
+    * The joiner may ask before the sender's quorum thread has staged the state (both
+      leave the process-group rendezvous together, then the sender stages while the
+      joiner already fetches): HTTP 400 "serving -1 but got step=0" (seen on CPU at
+      step 0). The fetch is retried until the timeout."""
+    import urllib.error
+
+    from torchft.checkpointing import HTTPTransport
+
+    class _SnapshotTransport(HTTPTransport):
+        def disallow_checkpoint(self) -> None:
+            pass
+
+        def recv_checkpoint(self, src_rank, metadata, step, timeout):
+            deadline = time.monotonic() + timeout.total_seconds()
+            while True:
+                try:
+                    return super().recv_checkpoint(src_rank, metadata, step, timeout)
+                except urllib.error.HTTPError as exc:  # not staged yet
+                    if exc.code != 400 or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+
+    return _SnapshotTransport(timeout=timeout, num_chunks=0)
+
+
 # -- the communicator ---------------------------------------------------------------------
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -320,7 +355,7 @@ class FTCommunicator:
     def all_gather(self, t: torch.Tensor, kind: str = "allgather") -> torch.Tensor:
         """Gather ``t`` from every participant: shape ``(world_size, *t.shape)``, in
         quorum-rank order. On a failure the rows of the others are zeros."""
-        from torch.distributed import AllgatherOptions
+        from torch.distributed.distributed_c10d import AllgatherOptions
 
         self._check(t)
         n = self.world_size
@@ -339,7 +374,7 @@ class FTCommunicator:
 
     def broadcast_(self, t: torch.Tensor, src: int = 0, kind: str = "broadcast") -> torch.Tensor:
         """In-place broadcast from quorum rank ``src``; bytes count on the sender only."""
-        from torch.distributed import BroadcastOptions
+        from torch.distributed.distributed_c10d import BroadcastOptions
 
         self._check(t)
         start = time.perf_counter()
@@ -376,17 +411,19 @@ def membership_event(step: int, participants: list[int], previous: list[int] | N
     return event
 
 
-def refresh(agg: Any, comm: FTCommunicator, launch_world_size: int | None = None) -> None:
+def refresh(agg: Any, comm: FTCommunicator, launch_world_size: int) -> None:
     """Point aggregator ``agg`` at the current quorum: its ``comm``, ``rank`` and
-    ``world_size``, and what an algorithm derives from N (EASGD's alpha = beta / N).
-    Call after every :meth:`FTWorker.begin`; ``launch_world_size`` (the first call) turns
-    a given EASGD alpha into the beta it keeps."""
+    ``world_size``, and what an algorithm derives from N (EASGD: beta kept, alpha =
+    beta / N; a given alpha means beta = alpha * ``launch_world_size``, the number of
+    workers launched). Idempotent; pass it as :class:`FTWorker`'s ``on_quorum`` so it
+    also runs before a joiner loads the state it received (ACGA checks its momentum's
+    length against ``world_size`` when loading)."""
     agg.comm = comm
     agg.group = None
     agg.world_size = comm.world_size
     agg.rank = comm.rank
     if getattr(agg, "name", "") == "easgd":
-        if launch_world_size is not None and agg.hp.get("alpha") is not None:
+        if agg.hp.get("alpha") is not None:
             agg.beta = min(1.0, agg.hp["alpha"] * launch_world_size)
         agg.alpha = agg.beta / agg.world_size
 
@@ -402,6 +439,8 @@ class FTWorker:
 
     ``replica`` is the worker's index; the replica id is ``accord_<replica>`` (torchft
     appends a fresh uuid, so a respawned worker with the same index is a new member).
+    ``on_quorum(comm)`` runs once the quorum of a step is known: before a received state
+    is loaded and at the end of every :meth:`begin` (``lambda c: refresh(agg, c, N)``).
 
     Use::
 
@@ -416,7 +455,8 @@ class FTWorker:
     def __init__(self, replica: int, lighthouse: str, min_replicas: int,
                  get_state: Callable[[], Any], set_state: Callable[[Any], None],
                  timeouts: FTTimeouts | None = None, host: str = "localhost",
-                 stats: CommStats | None = None) -> None:
+                 stats: CommStats | None = None,
+                 on_quorum: Callable[[FTCommunicator], None] | None = None) -> None:
         from torch.distributed import TCPStore
         from torchft import Manager
 
@@ -428,6 +468,7 @@ class FTWorker:
         t = self.timeouts
         self.replica = int(replica)
         self._get_state, self._set_state = get_state, set_state
+        self._on_quorum = on_quorum
         self._snapshot: Any = None
         self._healed = False
         self.participants: list[int] | None = None
@@ -447,7 +488,8 @@ class FTWorker:
             rank=0, world_size=1, store_addr=host, store_port=self.store.port,
             lighthouse_addr=lighthouse, replica_id=f"accord_{self.replica}",
             hostname=host,
-            heartbeat_interval=timedelta(seconds=t.heartbeat_interval), init_sync=True)
+            heartbeat_interval=timedelta(seconds=t.heartbeat_interval), init_sync=True,
+            checkpoint_transport=_snapshot_transport(timedelta(seconds=t.process_group)))
         self.comm = FTCommunicator(self.manager, self.pg, stats)
 
     # torchft's callbacks
@@ -455,6 +497,8 @@ class FTWorker:
         return self._snapshot
 
     def _receive(self, state: Any) -> None:
+        if self._on_quorum is not None:  # the world the received state is loaded into
+            self._on_quorum(self.comm)
         self._set_state(state)
         self._healed = True
 
@@ -472,8 +516,18 @@ class FTWorker:
         self._take_snapshot()
         self._healed = False
         self.manager.start_quorum()
+        if self.manager.errored() is not None:
+            # the quorum's reconfiguration or our recovery failed: this step is lost and
+            # we skip its collectives; drop our process group at once so that the peers'
+            # collectives fail now rather than after the process-group timeout (the
+            # next quorum gets a new id after a failed commit and reconfigures)
+            log.warning("fault-tolerant step %d lost at the quorum: %s", self.step,
+                        self.manager.errored())
+            self.pg.abort()
         if self._healed:  # our state was replaced: that is the state to roll back to
             self._take_snapshot()
+        if self._on_quorum is not None:
+            self._on_quorum(self.comm)
         members = sorted(self.pg.members) or [self.replica]
         if members != self.participants:
             event = membership_event(self.step, members, self.participants, self.replica)
