@@ -47,6 +47,8 @@ def main() -> None:
                     help="after start-up, write a 'ready' record and wait for this file")
     ap.add_argument("--hold", default=None, metavar="STEP:FILE",
                     help="before step STEP, wait for FILE")
+    ap.add_argument("--fail-recovery-once", action="store_true",
+                    help="the first fetch of a peer's state fails (an injected error)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -77,6 +79,17 @@ def main() -> None:
     worker = ft.FTWorker(args.replica, args.lighthouse, args.min, get_state, set_state,
                          timeouts=timeouts,
                          on_quorum=lambda comm: ft.refresh(agg, comm, args.workers))
+    if args.fail_recovery_once:
+        transport = worker.manager._checkpoint_transport
+        real_recv, failed = transport.recv_checkpoint, []
+
+        def recv_once(*a, **kw):
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("injected recovery failure")
+            return real_recv(*a, **kw)
+
+        transport.recv_checkpoint = recv_once
     out = open(args.out, "a", buffering=1)
 
     def emit(record):
@@ -97,6 +110,9 @@ def main() -> None:
             emit(event)
         if step >= args.steps:
             break
+        if worker.step_lost:  # lost at the quorum (a failed recovery): no compute
+            worker.end()
+            continue
         x, y = batch(args.replica, step)
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -115,7 +131,8 @@ def main() -> None:
         params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         centre = agg.consensus_params()  # EASGD's centre; None: the model itself
         consensus = params if centre is None else torch.cat([c.reshape(-1) for c in centre])
-        emit({"step": step, "committed": committed, "n": n, "params": params.tolist(),
+        emit({"step": step, "committed": committed, "n": n, "time": time.time(),
+              "params": params.tolist(),
               "consensus": consensus.tolist(), "loss": float(loss.detach())})
     emit({"done": True, "step": worker.step, "discarded": worker.discarded,
           "stats": worker.comm.stats.as_dict()})

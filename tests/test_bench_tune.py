@@ -259,3 +259,19 @@ def test_the_network_preset_puts_each_link_in_its_own_directory():
     assert labels[0] == labels[1] == labels[2] and "allreduce-powersgd" in labels[0]
     assert {s.task for s in specs} == {"shakespeare"} and {s.workers for s in specs} == {8}
     assert "network-1gbit" not in {s.group for s in bench.preset("quick")}
+
+
+def test_tuning_part_of_a_group_keeps_the_other_arms_tuning(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "launch", Landscape())
+    grid = {"lr": GRID}
+    everything = _specs(seeds=(0,))
+    for part in ([s for s in everything if s.label == "acga"],
+                 [s for s in everything if s.label == "allreduce"]):
+        bench.run_tuned(part, grid, 100, tmp_path, progress=False, echo=lambda _: None)
+    record = json.loads((tmp_path / "custom-tuned" / "tuning.json").read_text())
+    assert sorted(a["label"] for a in record["arms"]) == ["acga", "allreduce"]
+    # another grid replaces the file
+    bench.run_tuned(everything[:1], {"lr": GRID[:2]}, 100, tmp_path, progress=False,
+                    echo=lambda _: None)
+    record = json.loads((tmp_path / "custom-tuned" / "tuning.json").read_text())
+    assert [a["label"] for a in record["arms"]] == [everything[0].label]

@@ -46,7 +46,7 @@ class Cluster:
         return self.tmp / f"{name}.jsonl"
 
     def spawn(self, replica: int, name: str | None = None, die_at: int | None = None,
-              hold: str | None = None) -> str:
+              hold: str | None = None, extra: tuple[str, ...] = ()) -> str:
         name = name or f"r{replica}"
         cmd = [sys.executable, str(DRIVER), "--replica", str(replica),
                "--lighthouse", self.address, "--min", str(self.min),
@@ -60,6 +60,7 @@ class Cluster:
             cmd += ["--die-at", str(die_at)]
         if hold is not None:
             cmd += ["--hold", hold]
+        cmd += list(extra)
         env = {**os.environ, "RUST_LOG": "warn", "OMP_NUM_THREADS": "1"}
         for var in ft.TORCHFT_TIMEOUT_ENV:
             env.pop(var, None)
@@ -350,3 +351,32 @@ def test_algorithms_survive_a_death(cluster, algorithm, hp, agree):
         assert_agree(runs["r0"][step][key], runs["r1"][step][key], tol=1e-5)
     if algorithm == "easgd":  # alpha follows N: the models stay apart, the centre agrees
         assert runs["r0"][9]["params"] != runs["r1"][9]["params"]
+
+
+def test_failed_recovery_fails_the_peers_fast(cluster):
+    """A joiner whose fetch of the peers' state fails skips the step's collectives and
+    drops its process group, so the peers' allreduce fails at once (not after the
+    process-group timeout); everyone discards the step, and the next quorum (a new id
+    after a failed commit) reconfigures and the joiner recovers."""
+    c = cluster(min_replicas=2, workers=3, steps=16, sleep=0.05)
+    release = c.tmp / "release"
+    c.start(2, hold=f"6:{release}")
+    c.wait_until("r0", lambda recs: len(committed(recs)) >= 6, "6 committed steps")
+    c.spawn(2, extra=("--fail-recovery-once",))
+    c.wait_until("r2", lambda recs: any(r.get("ready") for r in recs), "start-up")
+    release.touch()
+    for name in ["r0", "r1", "r2"]:
+        assert c.wait(name) == 0, c.stderr(name)
+    runs = {name: c.records(name) for name in ["r0", "r1", "r2"]}
+    assert "injected recovery failure" in c.stderr("r2")
+    assert not any(r["step"] < 6 for r in steps_of(runs["r2"]))  # the lost step: no compute
+    for name in ["r0", "r1"]:
+        recs = steps_of(runs[name])
+        failed = [r for r in recs if not r["committed"]]
+        assert failed, name
+        after = next(r for r in recs if r["committed"] and r["step"] == failed[-1]["step"])
+        # well below the process-group timeout: the peers did not wait it out
+        assert after["time"] - failed[-1]["time"] < TIMEOUTS["process_group"] / 2
+    for step, rec in committed(runs["r2"]).items():
+        assert_agree(rec["params"], committed(runs["r0"])[step]["params"])
+    assert done(runs["r2"])["step"] == 16

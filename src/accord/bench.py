@@ -533,6 +533,18 @@ def choose(specs: list[RunSpec], grid: dict[str, list[str]], seed: int, out: Pat
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {"version": 1, "grid": {k: [_number(v) for v in vs] for k, vs in grid.items()},
                 "seed": seed, "split": "val", "arms": arm_rows}
+        # a bench over part of the group (--tasks fashion after --tasks digits) keeps the
+        # other arms' tuning when it was the same grid and seed
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict) and {k: before.get(k) for k in ("grid", "seed")} == \
+                {k: body[k] for k in ("grid", "seed")} and isinstance(before.get("arms"), list):
+            mine = {(a["task"], a["workers"], a["label"]) for a in arm_rows}
+            body["arms"] = [a for a in before["arms"] if isinstance(a, dict) and
+                            (a.get("task"), a.get("workers"), a.get("label")) not in mine
+                            ] + arm_rows
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
         tmp.replace(path)

@@ -506,6 +506,12 @@ class FTWorker:
         self._snapshot = copy.deepcopy(self._get_state())
 
     @property
+    def step_lost(self) -> bool:
+        """True once the current step is known to be discarded (a failed collective, or
+        a failed quorum / recovery at :meth:`begin`): the loop may skip to :meth:`end`."""
+        return self.manager.errored() is not None
+
+    @property
     def step(self) -> int:
         """Committed steps (the same on every participant after :meth:`begin`)."""
         return int(self.manager.current_step())
