@@ -49,13 +49,17 @@ def main() -> int:
     if not args.no_run:
         bench.run_bench(configs, out)
     cells: dict[tuple, dict[str, list[dict]]] = {}
+    missing: dict[tuple, list[str]] = {}
     for cfg in configs:
-        if not bench.finished(cfg):
-            continue
         opt, period, weighting = cfg.label.split("-")
+        cell = cells.setdefault((cfg.workers, opt, period), {})
+        if not bench.finished(cfg):
+            prev = bench.previous(cfg)
+            missing.setdefault((cfg.workers, opt, period), []).append(
+                f"{weighting} seed {cfg.seed} {prev.state}")
+            continue
         summary = read_metrics(Path(cfg.out) / "metrics.jsonl")[-1]
-        cells.setdefault((cfg.workers, opt, period), {}).setdefault(weighting, []).append(
-            summary)
+        cell.setdefault(weighting, []).append(summary)
     print()
     print("digits, asynchronous easgd, 240 steps; test accuracy of the centre and wall time, "
           "mean +- std over seeds")
@@ -72,7 +76,9 @@ def main() -> int:
         print(f"{n:>2} {opt:<10} {period[1:]:>6} {_stats(uni):>16} {_stats(dyn):>16} "
               f"{'-' if diff is None else format(diff, '+.4f'):>8} {verdict:>10} "
               f"{statistics.mean(t_uni) if t_uni else float('nan'):>8.1f} "
-              f"{statistics.mean(t_dyn) if t_dyn else float('nan'):>9.1f}")
+              f"{statistics.mean(t_dyn) if t_dyn else float('nan'):>9.1f}"
+              + (f"  ({'; '.join(missing[n, opt, period])}: not averaged)"
+                 if (n, opt, period) in missing else ""))
     return 0
 
 
