@@ -172,6 +172,8 @@ def test_timeout_hierarchy():
         ft.check_timeouts(2, 40, 30, 60)
     with pytest.raises(ValueError, match="join timeout"):
         ft.FTTimeouts(join=20.0).check()
+    with pytest.raises(ValueError, match="heartbeat timeout plus the join timeout"):
+        ft.FTTimeouts(heartbeat=6.0, join=5.0, quorum=10.0).check()
     with pytest.raises(ValueError, match="heartbeat interval"):
         ft.FTTimeouts(heartbeat_interval=3.0).check()
     with pytest.raises(ValueError, match="positive"):

@@ -71,6 +71,13 @@ Timeouts (:class:`FTTimeouts`, checked by :func:`check_timeouts`)::
 * step deadline (default 60 s, the launcher's): a worker whose step exceeds it is
   killed as hung; it must let the worker notice a failed collective itself first.
 
+Two torchft behaviours are worked around (docs/ft-design.md has the evidence): the
+checkpoint transport serves an immutable pre-step snapshot and never stops serving (so
+a joiner's fetch cannot stall behind a peer's step without collectives) and retries a
+fetch that comes before the sender staged its state; and a worker whose step is lost at
+the quorum (failed recovery) drops its process group, so its peers' collectives fail
+at once instead of after the process-group timeout.
+
 torchft's own environment variables ``TORCHFT_TIMEOUT_SEC``, ``TORCHFT_QUORUM_TIMEOUT_SEC``
 and ``TORCHFT_CONNECT_TIMEOUT_SEC`` (whole seconds) override the Manager's timeouts;
 :class:`FTWorker` refuses to start when one is set, so the checked values are the ones
@@ -152,6 +159,8 @@ class FTTimeouts:
         _below("heartbeat interval", self.heartbeat_interval, "heartbeat timeout",
                self.heartbeat)
         _below("join timeout", self.join, "quorum timeout", self.quorum)
+        _below("heartbeat timeout plus the join timeout", self.heartbeat + self.join,
+               "quorum timeout", self.quorum)
         _below("quorum tick", self.quorum_tick, "join timeout", self.join)
         return self
 
