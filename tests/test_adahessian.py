@@ -43,6 +43,10 @@ def _world(rank: int, world: int) -> torch.Tensor:
         loss = _loss(model, rank, step)
         loss.backward(create_graph=True)
         opt.step(loss=loss.detach())
+    # the Hessian diagonal estimates AdaHessian keeps: finite, and not all zero
+    hessian = torch.cat([opt.optimizer.state[p]["hessian"].reshape(-1)
+                         for p in model.parameters()])
+    assert torch.isfinite(hessian).all() and hessian.abs().sum() > 0
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 

@@ -302,7 +302,8 @@ class Compressor:
         if q is None:
             gen = torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
-            q = torch.randn(cols, self.rank, generator=gen)
+            # the same on every rank: a seeded CPU generator, then moved to t's device
+            q = torch.randn(cols, self.rank, generator=gen)  # host: seeded, moved below
         q = q.to(device=t.device, dtype=wide)
         m = torch.zeros(rows * cols, dtype=wide, device=t.device)
         m[:n].copy_(t)

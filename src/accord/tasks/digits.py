@@ -41,7 +41,7 @@ def split_rows(n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]
         return train, test
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))
     held = pick[:int(len(train) * VAL_FRACTION)]
-    keep = torch.ones(len(train), dtype=torch.bool)
+    keep = torch.ones(len(train), dtype=torch.bool)  # host: split indices
     keep[held] = False
     return train[keep], train[held]
 
@@ -50,8 +50,8 @@ def _load(split: str = "test") -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0  # host: dataset
+    y = torch.tensor(data.target, dtype=torch.long)  # host: dataset
     train, held = split_rows(len(x), split)
     return x[train], y[train], x[held], y[held], train, held
 

@@ -219,7 +219,7 @@ def _pixel_stats(images: torch.Tensor, exclude: torch.Tensor | None = None
     if exclude is not None:
         counts = counts - torch.bincount(images[exclude].flatten(), minlength=256)
     counts = counts.double()
-    values = torch.arange(256, dtype=torch.float64) / 255.0
+    values = torch.arange(256, dtype=torch.float64) / 255.0  # host: load-time stats
     total = counts.sum()
     mean = float(counts @ values / total)
     var = float(counts @ (values - mean) ** 2 / total)
@@ -289,7 +289,7 @@ class FashionMNIST(ClassificationTask):
         self.eval_ids = n_train + pick
 
     def split_ids(self) -> dict[str, torch.Tensor | None]:
-        train = (torch.arange(len(self.train_images)) if self.train_index is None
+        train = (torch.arange(len(self.train_images)) if self.train_index is None  # host: ids
                  else self.train_index.clone())
         return {"train": train, "eval": self.eval_ids.clone()}
 

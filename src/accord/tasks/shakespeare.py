@@ -175,8 +175,9 @@ def check_plays(paths: list[Path]) -> None:
 def _segments(bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """First valid window start of each segment, and the running total of valid starts:
     a window of CONTEXT + 1 characters fits at ``start .. end - CONTEXT - 1``."""
-    starts = torch.tensor([a for a, _ in bounds], dtype=torch.long)
-    counts = torch.tensor([max(0, b - a - CONTEXT) for a, b in bounds], dtype=torch.long)
+    starts = torch.tensor([a for a, _ in bounds], dtype=torch.long)  # host: text index
+    counts = torch.tensor([max(0, b - a - CONTEXT) for a, b in bounds],  # host: text index
+                          dtype=torch.long)
     return starts, counts.cumsum(0)
 
 
@@ -279,7 +280,7 @@ class Shakespeare(Task):
             raise ValueError(f"validation parts of the plays in {resolve_dir(data_dir)} are "
                              f"too short for windows of {CONTEXT + 1} characters")
         n_eval = min(EVAL_WINDOWS, total)
-        u = torch.arange(n_eval, dtype=torch.long) * total // n_eval
+        u = torch.arange(n_eval, dtype=torch.long) * total // n_eval  # host: text index
         self.eval_starts = _locate(u, valid_starts, valid_cum)
         self.eval_x, self.eval_y = self._windows(self.eval_starts)
 
@@ -287,8 +288,8 @@ class Shakespeare(Task):
         """Text positions (see the module docstring); ``train`` has one entry per training
         character (for the sdist 4.37 million under "test", 3.88 million under "val": 35
         and 31 MB, meant for tests)."""
-        train = torch.cat([torch.arange(a, b) for a, b in self.train_bounds])
-        covered = self.eval_starts[:, None] + torch.arange(CONTEXT + 1)
+        train = torch.cat([torch.arange(a, b) for a, b in self.train_bounds])  # host: ids
+        covered = self.eval_starts[:, None] + torch.arange(CONTEXT + 1)  # host: ids
         return {"train": train, "eval": covered.flatten().unique()}
 
     @property
@@ -296,7 +297,7 @@ class Shakespeare(Task):
         return len(self.chars)
 
     def _windows(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.ids[pos[:, None] + torch.arange(CONTEXT + 1)].long()
+        w = self.ids[pos[:, None] + torch.arange(CONTEXT + 1)].long()  # host: text index
         return w[:, :-1], w[:, 1:]
 
     @classmethod
