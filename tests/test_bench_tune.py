@@ -180,8 +180,8 @@ def test_bad_tuning_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
 def test_presets_tuned_by_default_and_the_dynamic_weighting_preset():
     specs = bench.preset("acga-ablation-tuned")
     assert {s.task for s in specs} == {"digits", "fashion"} and {s.workers for s in specs} == {8}
-    assert bench.TUNED_PRESETS["acga-ablation-tuned"][1] == {"lr": ["3e-4", "1e-3", "3e-3",
-                                                                     "1e-2"]}
+    assert bench.TUNED_PRESETS["acga-ablation-tuned"][1] == {
+        "lr": ["3e-4", "1e-3", "3e-3", "1e-2", "3e-2"]}
     assert all(s.group == "acga-ablation-tuned" for s in specs)
     assert "acga-ablation-tuned" not in {s.group for s in bench.preset("all")}
 
