@@ -230,15 +230,17 @@ def _write_metrics(out: Path, logs: Path, cfg: TrainConfig, header: dict[str, An
                 steps[r["step"]] = r
             elif kind == "event" and r.get("kind") == "membership":
                 memberships.append(r)
-            elif kind == "event":
+            elif kind == "event" and r.get("kind") == "discarded":
                 discarded.append(r)
+            elif kind == "event":  # the fault injector's (delay, nan, ...)
+                launcher_events.append(r)
             elif kind == "done":
                 dones.append(r)
     # one membership event per change of participants, in step order (each worker saw
     # the change; a joiner's first event says "all joined": only the timeline counts)
     timeline: list[dict[str, Any]] = []
     current: list[int] | None = None
-    for r in sorted(memberships, key=lambda r: (r["step"], r.get("time", 0.0))):
+    for r in sorted(memberships, key=lambda r: (r.get("time", 0.0), r["step"])):
         if r["participants"] != current:
             before = current or []
             timeline.append({"type": "event", "kind": "membership", "step": r["step"],
@@ -383,14 +385,16 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
         while worker.step < cfg.steps:
             heartbeat.beat(worker.step, "quorum")
             step = worker.begin()
-            for event in worker.drain_events():
-                emit({**event, "time": time.time()})
             if first and joiner and worker.participants == [replica] and step == 0:
-                # nobody left to join (the run ended): do not train alone from scratch
+                # alone at step 0: the peers are gone (the split-brain guard keeps a lone
+                # joiner out of a quorum while they heartbeat), so the run has ended; do
+                # not train alone from scratch
                 emit({"type": "done", "rank": replica, "steps": 0, "discarded": 0,
                       "note": "no live peer to join"})
                 return
             first = False
+            for event in worker.drain_events():
+                emit({**event, "time": time.time()})
             if step >= cfg.steps:
                 break
             if worker.step_lost:
@@ -455,6 +459,8 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                               "n": n, "writer": replica,
                               "algo": {k: _finite(v) for k, v in agg.metrics().items()}}
             committed = worker.end()
+            for event in injector.drain():
+                emit({"type": "event", **event})
             if not committed:
                 emit({"type": "event", "kind": "discarded", "step": step, "rank": replica,
                       "participants": participants, "time": time.time()})
