@@ -118,3 +118,17 @@ def test_options_need_fault_tolerant(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.strip() == ("accord train: error: respawn: got True, allowed: only "
                                   "with --fault-tolerant")
+
+
+def test_config_round_trip_and_normal_records_unchanged() -> None:
+    from accord import cli
+    from accord.config import TrainConfig
+
+    normal = TrainConfig(workers=3)
+    assert not set(TrainConfig.FT_FIELDS) & set(normal.to_json())
+    assert not set(TrainConfig.FT_FIELDS) & set(normal.fingerprint())
+    assert "--fault-tolerant" not in normal.to_argv()
+    cfg = TrainConfig(workers=3, fault_tolerant=True, min_workers=2, respawn=True)
+    again = cli._config_from_args(cli.build_parser().parse_args(["train", *cfg.to_argv()]))
+    assert (again.fault_tolerant, again.min_workers, again.respawn) == (True, 2, True)
+    assert again.to_json() == cfg.to_json()
