@@ -132,3 +132,18 @@ def test_config_round_trip_and_normal_records_unchanged() -> None:
     again = cli._config_from_args(cli.build_parser().parse_args(["train", *cfg.to_argv()]))
     assert (again.fault_tolerant, again.min_workers, again.respawn) == (True, 2, True)
     assert again.to_json() == cfg.to_json()
+
+
+def test_too_few_workers_end_the_run_bounded(tmp_path: Path) -> None:
+    """--min-workers 3 and one of 3 killed: the survivors' quorum times out (10 s), they
+    stop, and the launcher ends the run as failed (exit 1) without hanging."""
+    out = tmp_path / "run"
+    res = accord_train("--algo", "allreduce", "--workers", "3", "--steps", "60", "--out",
+                       str(out), "--fault-tolerant", "--min-workers", "3", "--fault",
+                       "kill:rank=1,step=20", "--no-progress")
+    assert res.returncode == 1
+    assert "no worker finished the 60 steps" in res.stderr
+    summary = records(out)[-1]
+    assert summary["status"] == "failed" and summary["finished_workers"] == []
+    assert summary["steps"] == 20  # the last record before the death
+    assert (out / "logs" / "rank0.error").read_text().startswith("TimeoutError")

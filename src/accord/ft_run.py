@@ -272,9 +272,10 @@ def _write_metrics(out: Path, logs: Path, cfg: TrainConfig, header: dict[str, An
         summary["error"] = (f"no worker finished the {cfg.steps} steps (fewer than "
                             f"--min-workers {cfg.min_workers} left, or every worker died)")
     stats = (final or {}).get("comm", {})
+    done_steps = (final or {}).get("steps", max(steps, default=0))  # else: last record
     summary.update({
-        "steps": (final or {}).get("steps", 0), "time_s": elapsed,
-        "steps_per_s": (final or {}).get("steps", 0) / elapsed if elapsed > 0 else 0.0,
+        "steps": done_steps, "time_s": elapsed,
+        "steps_per_s": done_steps / elapsed if elapsed > 0 else 0.0,
         "comm_bytes": (final or {}).get("comm_bytes", 0),
         "comm_calls": (final or {}).get("comm_calls", 0),
         "comm_s": (final or {}).get("comm_s", 0.0), "comm": stats,
