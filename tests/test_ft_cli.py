@@ -147,3 +147,17 @@ def test_too_few_workers_end_the_run_bounded(tmp_path: Path) -> None:
     assert summary["status"] == "failed" and summary["finished_workers"] == []
     assert summary["steps"] == 20  # the last record before the death
     assert (out / "logs" / "rank0.error").read_text().startswith("TimeoutError")
+
+
+def test_torchft_missing_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    from accord.config import ConfigError, TrainConfig, validate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchft" else real(name, *a))
+    cfg = TrainConfig(workers=3, out=str(tmp_path / "run"), fault_tolerant=True)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == "--fault-tolerant needs torchft: pip install 'accord[ft]'"
