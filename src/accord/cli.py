@@ -102,6 +102,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nonfinite", default=d.nonfinite,
                    help="a rank's NaN/Inf gradient: exclude (zero it, default), skip (every "
                         "rank skips the step) or off")
+    p.add_argument("--fault-tolerant", action="store_true",
+                   help="torchft: each worker is its own replica group; a dead worker's "
+                        "peers go on without it (needs accord[ft]; see docs/ft-design.md)")
+    p.add_argument("--min-workers", type=int, default=d.min_workers, metavar="M",
+                   help="with --fault-tolerant: the fewest workers a step commits with "
+                        "(default 1)")
+    p.add_argument("--respawn", action="store_true",
+                   help="with --fault-tolerant: replace a dead worker (same index; at most "
+                        "N replacements); it receives a live peer's state")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -117,7 +126,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         label=args.label, tensorboard=args.tensorboard,
         faults=list(args.fault), nonfinite=args.nonfinite,
         checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
-        max_restarts=args.max_restarts)
+        max_restarts=args.max_restarts, fault_tolerant=args.fault_tolerant,
+        min_workers=args.min_workers, respawn=args.respawn)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.workers is not None and args.workers != world:
@@ -155,9 +165,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank == 0:  # under torchrun every rank validates; one line is enough
             print(f"{PROG} train: error: {e}", file=sys.stderr)
         return 2
+    if cfg.fault_tolerant and os.environ.get("ACCORD_FT_REPLICA") is not None:
+        from .ft_run import ft_worker_main  # a worker of the fault-tolerant launcher
+
+        os._exit(ft_worker_main(cfg))
     if under_torchrun():
         os._exit(_torchrun_worker(cfg, rank, driver))
-    result = launch(cfg)
+    if cfg.fault_tolerant:
+        from .ft_run import ft_launch
+
+        result = ft_launch(cfg)
+    else:
+        result = launch(cfg)
     path = Path(cfg.out) / "metrics.jsonl"
     records = read_metrics(path) if path.exists() else []
     summary = records[-1] if records and records[-1].get("type") == "summary" else None
@@ -172,6 +191,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{summary.get('diverged_reason')} (metrics: {path})", file=sys.stderr)
         return EXIT_CODES["diverged"]
     print(_format_summary(cfg, summary))
+    if cfg.fault_tolerant:
+        print(f"fault-tolerant: {summary.get('discarded_steps', 0)} steps discarded, "
+              f"{summary.get('respawns', 0)} respawns, participants at the end "
+              f"{summary.get('participants')}")
     return 0
 
 

@@ -70,6 +70,11 @@ class TrainConfig:
     keep: int = 3  # complete checkpoints kept (older ones are deleted)
     resume: str | None = None  # "auto" (newest complete checkpoint, if any) or a checkpoint
     max_restarts: int = 0  # the local launcher restarts every worker after a failure
+    # fault-tolerant mode on torchft (accord.ft, accord.ft_run); left out of to_json and
+    # to_argv when fault_tolerant is False, so a normal run's records are unchanged
+    fault_tolerant: bool = False
+    min_workers: int = 1  # the fewest participants a step may commit with
+    respawn: bool = False  # the launcher replaces a dead worker (same index), at most N
 
     # -- settings reachable with --set key=value when the algorithm has no such key --------
     SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
@@ -111,8 +116,15 @@ class TrainConfig:
     ADDED_DEFAULTS = {"eval_split": "test", "network": None, "network_profile": None,
                       "compress": "none"}
 
+    #: the fault-tolerant fields, recorded only in a fault-tolerant run's config
+    FT_FIELDS = ("fault_tolerant", "min_workers", "respawn")
+
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.fault_tolerant:
+            for name in self.FT_FIELDS:
+                out.pop(name, None)
+        return out
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint of this run records and a resumed run must match."""
@@ -163,6 +175,10 @@ class TrainConfig:
             argv += ["--resume", self.resume]
         if self.max_restarts:
             argv += ["--max-restarts", str(self.max_restarts)]
+        if self.fault_tolerant:
+            argv += ["--fault-tolerant", "--min-workers", str(self.min_workers)]
+            if self.respawn:
+                argv.append("--respawn")
         return argv
 
 
@@ -525,8 +541,85 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
                       .spec for spec in cfg.faults]
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    flag("fault_tolerant")
+    flag("respawn")
+    if cfg.fault_tolerant:
+        _check_fault_tolerant(cfg)
+    else:
+        need(cfg.min_workers == 1, "min_workers", cfg.min_workers, "only with --fault-tolerant")
+        need(not cfg.respawn, "respawn", cfg.respawn, "only with --fault-tolerant")
     if check_out:
         _check_writable(cfg.out)
+
+
+#: fault kinds a fault-tolerant run takes (freeze rewinds a rank's model, not wired)
+FT_FAULTS = ("crash", "kill", "nan", "delay", "slow")
+#: the Lighthouse's heartbeat timeout and the workers' quorum timeout (seconds) of a
+#: fault-tolerant run; its process-group timeout is ``timeout``, its step deadline
+#: ``idle_timeout``
+FT_HEARTBEAT_S = 2.0
+FT_QUORUM_S = 10.0
+
+
+def ft_timeouts(cfg: TrainConfig) -> Any:
+    """The :class:`accord.ft.FTTimeouts` of a fault-tolerant run (checked)."""
+    from .ft import FTTimeouts
+
+    return FTTimeouts(heartbeat=FT_HEARTBEAT_S, quorum=FT_QUORUM_S,
+                      process_group=float(cfg.timeout),
+                      step_deadline=float(cfg.idle_timeout)).check()
+
+
+def _check_fault_tolerant(cfg: TrainConfig) -> None:
+    """One-line ConfigError unless this fault-tolerant run can start."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchft") is None:
+        raise ConfigError("--fault-tolerant needs torchft: pip install 'accord[ft]'")
+    from . import ft
+
+    if not _is_int(cfg.min_workers) or not 1 <= cfg.min_workers <= cfg.workers:
+        raise ConfigError(f"min_workers: got {cfg.min_workers!r}, allowed: an integer >= 1 "
+                          f"and <= workers ({cfg.workers})")
+    try:
+        ft.check_algorithm(cfg.algo, cfg.hyperparameters)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    refused = [("--compress", cfg.compress != "none"),
+               ("--network", cfg.network is not None),
+               ("--network-profile", cfg.network_profile is not None),
+               ("--checkpoint-every", bool(cfg.checkpoint_every)),
+               ("--resume", cfg.resume is not None),
+               ("--max-restarts", bool(cfg.max_restarts)),
+               ("--oracle-lr", bool(cfg.oracle_lr)),
+               ("--tensorboard", bool(cfg.tensorboard))]
+    for option, given in refused:
+        if given:
+            raise ConfigError(f"--fault-tolerant: {option} is not supported yet (not wired "
+                              "to a changing set of workers)")
+    if cfg.resolved_device() != "cpu" or cfg.resolved_backend() != "gloo":
+        raise ConfigError("--fault-tolerant: allowed only on the CPU with gloo (torchft's "
+                          "gloo process group)")
+    if cfg.nonfinite == "skip":
+        raise ConfigError("--fault-tolerant: --nonfinite skip is not supported yet; "
+                          "allowed: exclude or off")
+    if _under_torchrun() and not _launched_here():
+        raise ConfigError("--fault-tolerant: not under torchrun; the local launcher starts "
+                          "each worker as its own torchft replica group")
+    for spec in cfg.faults:
+        kind = spec.split(":", 1)[0].strip()
+        if kind not in FT_FAULTS:
+            raise ConfigError(f"--fault-tolerant: fault {kind!r} is not supported; allowed: "
+                              f"{', '.join(FT_FAULTS)}")
+    try:
+        ft.check_timeouts(FT_HEARTBEAT_S, FT_QUORUM_S, float(cfg.timeout),
+                          float(cfg.idle_timeout))
+        ft_timeouts(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{e} (--fault-tolerant: the heartbeat timeout is "
+                          f"{FT_HEARTBEAT_S:g} s, the quorum timeout {FT_QUORUM_S:g} s, the "
+                          "process-group timeout --timeout, the step deadline "
+                          "--idle-timeout)") from None
 
 
 def _check_second_order(cfg: TrainConfig) -> None:

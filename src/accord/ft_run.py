@@ -1,0 +1,482 @@
+"""``accord train --fault-tolerant``: the launcher and the worker loop on :mod:`accord.ft`.
+
+Launcher (:func:`ft_launch`, the process that ran ``accord train``):
+
+1. starts the torchft Lighthouse in-process (``min_replicas`` = ``--min-workers``);
+2. starts N workers (``python -m accord train ...`` with ``ACCORD_FT_REPLICA=i`` and
+   ``ACCORD_FT_LIGHTHOUSE``; no ``RANK``/``WORLD_SIZE``: each worker is its own replica
+   group and joins a gloo default group of one, so the aggregators are built as usual);
+3. a start barrier: each worker writes ``logs/ft-ready-<i>`` once its Manager is up and
+   waits for ``logs/ft-go``, which the launcher writes when all N are ready (or one died,
+   or the start timeout passed), so the first quorum has every worker;
+4. watches: a dead worker does not stop the others; with ``--respawn`` it is replaced
+   once per death (same index, at most N replacements, none once a worker has finished);
+   a worker whose heartbeat file is older than the step deadline (``--idle-timeout``) is
+   killed as hung. The run ends when every worker process has exited; every wait is
+   bounded (workers stop on their own when their quorum times out);
+5. writes ``metrics.jsonl`` (a fixed writer: the launcher) from the workers' own files
+   ``logs/ft<i>.jsonl``: the header, the step records (each written by the worker of
+   quorum rank 0 of that committed step), the membership timeline (``membership``
+   events, merged over the workers, one per change), the discarded steps
+   (``discarded`` events, one per worker and step), the launcher's ``worker_exit`` and
+   ``respawn`` events, and the summary (``discarded_steps``, ``participants`` at the end).
+
+Worker (:func:`ft_worker_main`): the step is the committed step of the quorum
+(``FTWorker.step``); every step is bracketed by ``FTWorker.begin``/``end``;
+``ft.refresh`` points the aggregator at the current quorum; the loop's own collectives
+(the record's mean loss and consensus) go through a second :class:`accord.ft.FTCommunicator`
+inside the bracket (a failure discards the step). A worker that joins late (respawned)
+skips its data stream to the live step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, TrainConfig, ft_timeouts
+from .launch import LAUNCHED, _die_with_parent, _stop
+from .rundir import RunLock
+
+REPLICA_ENV = "ACCORD_FT_REPLICA"
+LIGHTHOUSE_ENV = "ACCORD_FT_LIGHTHOUSE"
+JOINER_ENV = "ACCORD_FT_JOINER"  # a respawned worker: no start barrier, joins a live run
+START_TIMEOUT_S = 300.0  # the start barrier's bound (also bounded by idle_timeout)
+
+
+def _worker_file(logs: Path, i: int) -> Path:
+    return logs / f"ft{i}.jsonl"
+
+
+# -- the launcher --------------------------------------------------------------------------
+
+def ft_worker_env(i: int, lighthouse: str, joiner: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE",
+                "TORCHFT_TIMEOUT_SEC", "TORCHFT_QUORUM_TIMEOUT_SEC",
+                "TORCHFT_CONNECT_TIMEOUT_SEC", "TORCHFT_LIGHTHOUSE"):
+        env.pop(var, None)
+    env.update({REPLICA_ENV: str(i), LIGHTHOUSE_ENV: lighthouse, LAUNCHED: "1",
+                JOINER_ENV: "1" if joiner else "0"})
+    env.setdefault("RUST_LOG", "warn")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    src = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def ft_launch(cfg: TrainConfig) -> Any:
+    """Run ``cfg`` fault-tolerant on ``cfg.workers`` local processes (module docstring)."""
+    from .launch import LaunchResult
+
+    os.environ.setdefault("RUST_LOG", "warn")  # before torchft starts its logger
+    from . import ft
+    from .metrics import run_environment
+
+    out = Path(cfg.out)
+    logs = out / "logs"
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        return LaunchResult(2, None, str(e))
+    timeouts = ft_timeouts(cfg)
+    logs.mkdir(parents=True, exist_ok=True)
+    for pattern in ("ft*.jsonl", "ft-ready-*", "ft-go", "rank*.heartbeat", "rank*.error",
+                    "rank*.traceback"):
+        for stale in logs.glob(pattern):
+            stale.unlink()
+    server, address = ft.start_lighthouse(
+        cfg.min_workers, join_timeout_ms=int(timeouts.join * 1000),
+        quorum_tick_ms=int(timeouts.quorum_tick * 1000),
+        heartbeat_timeout_ms=int(timeouts.heartbeat * 1000))
+    header = {"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
+              "hyperparameters": cfg.hyperparameters, "world_size": cfg.workers,
+              "fault_tolerant": {"min_workers": cfg.min_workers, "respawn": cfg.respawn,
+                                 "timeouts": timeouts.__dict__}, **run_environment()}
+    cmd = [sys.executable, "-m", "accord", "train", *cfg.to_argv()]
+    procs: dict[int, subprocess.Popen] = {}
+    files: list[Any] = []
+    launcher_events: list[dict[str, Any]] = []
+    start = time.time()
+    interrupted = False
+
+    def spawn(i: int, joiner: bool) -> None:
+        # every worker logs to its file: torchft's own logging is verbose
+        f = (logs / f"rank{i}.log").open("ab")
+        files.append(f)
+        stdout, stderr = f, subprocess.STDOUT
+        procs[i] = subprocess.Popen(cmd, env=ft_worker_env(i, address, joiner),
+                                    stdout=stdout, stderr=stderr,
+                                    preexec_fn=_die_with_parent)
+
+    try:
+        for i in range(cfg.workers):
+            spawn(i, joiner=False)
+        _start_barrier(procs, logs, min(START_TIMEOUT_S, cfg.idle_timeout))
+        respawns = 0
+        while True:
+            now = time.time()
+            finished = any(_finished(logs, i, cfg.steps) for i in range(cfg.workers))
+            for i, p in list(procs.items()):
+                code = p.poll()
+                if code is None:
+                    if _hung(logs, i, timeouts.step_deadline):
+                        p.kill()  # reaped at the next poll
+                        launcher_events.append({"type": "event", "kind": "hung", "rank": i,
+                                                "time": now})
+                    continue
+                del procs[i]
+                if code == 0:
+                    continue
+                launcher_events.append({"type": "event", "kind": "worker_exit", "rank": i,
+                                        "returncode": code, "time": now,
+                                        "step": _last_step(logs, i)})
+                if cfg.respawn and respawns < cfg.workers and not finished:
+                    respawns += 1
+                    spawn(i, joiner=True)
+                    launcher_events.append({"type": "event", "kind": "respawn", "rank": i,
+                                            "respawn": respawns, "time": time.time(),
+                                            "step": _last_step(logs, i)})
+            if not procs:
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        _stop(list(procs.values()))
+        for f in files:
+            f.close()
+        server.shutdown()
+        try:
+            summary = _write_metrics(out, logs, cfg, header, launcher_events, start,
+                                     interrupted)
+        finally:
+            lock.release()
+    if interrupted:
+        return LaunchResult(130, None, "interrupted")
+    if summary["status"] != "ok":
+        return LaunchResult(1, None, summary.get("error", "no worker finished the run"))
+    return LaunchResult(0)
+
+
+def _start_barrier(procs: dict[int, subprocess.Popen], logs: Path, timeout: float) -> None:
+    """Release the workers together once every live one is ready (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        waiting = [i for i, p in procs.items()
+                   if p.poll() is None and not (logs / f"ft-ready-{i}").exists()]
+        if not waiting:
+            break
+        time.sleep(0.05)
+    (logs / "ft-go").touch()
+
+
+def _records(logs: Path, i: int) -> list[dict[str, Any]]:
+    try:
+        lines = _worker_file(logs, i).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill
+    return out
+
+
+def _finished(logs: Path, i: int, steps: int) -> bool:
+    return any(r.get("type") == "done" and r.get("steps", 0) >= steps
+               for r in _records(logs, i))
+
+
+def _last_step(logs: Path, i: int) -> int | None:
+    try:
+        return int((logs / f"rank{i}.heartbeat").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _hung(logs: Path, i: int, deadline: float) -> bool:
+    try:
+        age = time.time() - (logs / f"rank{i}.heartbeat").stat().st_mtime
+    except OSError:
+        return False
+    return age > deadline
+
+
+def _write_metrics(out: Path, logs: Path, cfg: TrainConfig, header: dict[str, Any],
+                   launcher_events: list[dict[str, Any]], start: float,
+                   interrupted: bool) -> dict[str, Any]:
+    """metrics.jsonl from the workers' files (written once, at the end of the run)."""
+    steps: dict[int, dict[str, Any]] = {}
+    memberships: list[dict[str, Any]] = []
+    discarded: list[dict[str, Any]] = []
+    dones: list[dict[str, Any]] = []
+    for i in range(cfg.workers):
+        for r in _records(logs, i):
+            kind = r.get("type")
+            if kind == "step":
+                steps[r["step"]] = r
+            elif kind == "event" and r.get("kind") == "membership":
+                memberships.append(r)
+            elif kind == "event" and r.get("kind") == "discarded":
+                discarded.append(r)
+            elif kind == "event":  # the fault injector's (delay, nan, ...)
+                launcher_events.append(r)
+            elif kind == "done":
+                dones.append(r)
+    # one membership event per change of participants, in step order (each worker saw
+    # the change; a joiner's first event says "all joined": only the timeline counts)
+    timeline: list[dict[str, Any]] = []
+    current: list[int] | None = None
+    for r in sorted(memberships, key=lambda r: (r.get("time", 0.0), r["step"])):
+        if r["participants"] != current:
+            before = current or []
+            timeline.append({"type": "event", "kind": "membership", "step": r["step"],
+                             "participants": r["participants"],
+                             "joined": [w for w in r["participants"] if w not in before],
+                             "left": [w for w in before if w not in r["participants"]],
+                             "time": r.get("time")})
+            current = r["participants"]
+    events = timeline + sorted(discarded, key=lambda r: (r["step"], r["rank"]))
+    records = sorted([*steps.values(), *events, *launcher_events],
+                     key=lambda r: (r.get("step") if r.get("step") is not None else 0,
+                                    0 if r["type"] == "event" else 1, r.get("time") or 0.0))
+    counts: dict[str, int] = {}
+    for r in events + launcher_events:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    complete = [d for d in dones if d["steps"] >= cfg.steps]
+    final = max(complete or dones, key=lambda d: (d["steps"], d.get("writer", False)),
+                default=None)
+    last_eval = {k: v for k, v in (list(steps.values())[-1] if steps else {}).items()
+                 if k.startswith("eval_")}
+    if steps:
+        last_eval = {k: v for k, v in steps[max(steps)].items() if k.startswith("eval_")}
+    elapsed = time.time() - start
+    summary: dict[str, Any] = {"type": "summary", "status": "ok" if complete else "failed"}
+    if interrupted:
+        summary["status"] = "interrupted"
+        summary["error"] = "interrupted (SIGINT or SIGTERM)"
+    elif not complete:
+        summary["error"] = (f"no worker finished the {cfg.steps} steps (fewer than "
+                            f"--min-workers {cfg.min_workers} left, or every worker died)")
+    stats = (final or {}).get("comm", {})
+    done_steps = (final or {}).get("steps", max(steps, default=0))  # else: last record
+    summary.update({
+        "steps": done_steps, "time_s": elapsed,
+        "steps_per_s": done_steps / elapsed if elapsed > 0 else 0.0,
+        "comm_bytes": (final or {}).get("comm_bytes", 0),
+        "comm_calls": (final or {}).get("comm_calls", 0),
+        "comm_s": (final or {}).get("comm_s", 0.0), "comm": stats,
+        "discarded_steps": len({r["step"] for r in discarded}),
+        "discarded": {str(d["rank"]): d["discarded"] for d in dones},
+        "participants": current or [],
+        "finished_workers": sorted(d["rank"] for d in complete),
+        "respawns": counts.get("respawn", 0),
+        "events": counts, **last_eval})
+    path = out / "metrics.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *records, summary]))
+    os.replace(tmp, path)
+    return summary
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+def ft_worker_main(cfg: TrainConfig) -> int:
+    """One worker of a fault-tolerant run: its exit status (0: done)."""
+    import traceback
+
+    from .failures import one_line
+
+    replica = int(os.environ[REPLICA_ENV])
+    logs = Path(cfg.out) / "logs"
+    try:
+        _ft_worker(cfg, replica, os.environ[LIGHTHOUSE_ENV],
+                   os.environ.get(JOINER_ENV) == "1", logs)
+        code = 0
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as exc:  # noqa: BLE001 - one line here, the traceback on disk
+        (logs / f"rank{replica}.traceback").write_text(traceback.format_exc())
+        (logs / f"rank{replica}.error").write_text(one_line(exc) + "\n")
+        print(f"accord train: worker {replica}: {one_line(exc)}", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
+               logs: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from . import algorithms, faults, ft
+    from .comm import CommStats, FlatBuffer
+    from .core import StepContext
+    from .failures import Heartbeat
+    from .tasks import get_task, to_device
+    from .train import _finite, _guard, make_optimizer, state_tensors
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    torch.set_num_threads(1)
+    logs.mkdir(parents=True, exist_ok=True)
+    outf = _worker_file(logs, replica).open("a", buffering=1)
+
+    def emit(record: dict[str, Any]) -> None:
+        outf.write(json.dumps(record) + "\n")
+
+    heartbeat = Heartbeat(logs, replica)
+    heartbeat.beat(0, "start")
+    # a world of one: the aggregators are built as usual; FTCommunicator replaces it
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    task = get_task(cfg.task)(cfg.seed, cfg.data_dir, split=cfg.eval_split)
+    model = task.build_model()
+    optimizer = make_optimizer(cfg, model.parameters())
+    agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(),
+                           broadcast=False, **dict(cfg.hyperparameters))
+    injector = faults.Injector([faults.parse(s, cfg.workers, cfg.steps) for s in cfg.faults],
+                               replica, cfg.workers, cfg.seed, fired_dir=logs)
+    running: list[Any] = [None]
+
+    def get_state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "opt": optimizer.state_dict(),
+                "agg": agg.state_dict(), "running": running[0]}
+
+    def set_state(state: dict[str, Any]) -> None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["opt"])
+        agg.load_state_dict(state["agg"])
+        running[0] = state["running"]
+
+    worker = ft.FTWorker(replica, lighthouse, cfg.min_workers, get_state, set_state,
+                         timeouts=ft_timeouts(cfg), stats=CommStats(),
+                         on_quorum=lambda comm: ft.refresh(agg, comm, cfg.workers))
+    book = ft.FTCommunicator(worker.manager, worker.pg, CommStats())  # the loop's own
+    flat = FlatBuffer(state_tensors(model))
+    eval_model = None
+    params = list(model.parameters())
+    stream = task.train_stream(replica, cfg.resolved_batch_size())
+    consumed = 0
+    try:
+        if not joiner:  # the start barrier: the first quorum has every launched worker
+            (logs / f"ft-ready-{replica}").touch()
+            deadline = time.monotonic() + min(START_TIMEOUT_S, cfg.idle_timeout)
+            while not (logs / "ft-go").exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the launcher's start barrier did not open")
+                time.sleep(0.02)
+        start = time.perf_counter()
+        first = True
+        while worker.step < cfg.steps:
+            heartbeat.beat(worker.step, "quorum")
+            step = worker.begin()
+            if first and joiner and worker.participants == [replica] and step == 0:
+                # alone at step 0: the peers are gone (the split-brain guard keeps a lone
+                # joiner out of a quorum while they heartbeat), so the run has ended; do
+                # not train alone from scratch
+                emit({"type": "done", "rank": replica, "steps": 0, "discarded": 0,
+                      "note": "no live peer to join"})
+                return
+            first = False
+            for event in worker.drain_events():
+                emit({**event, "time": time.time()})
+            if step >= cfg.steps:
+                break
+            if worker.step_lost:
+                emit({"type": "event", "kind": "discarded", "step": step, "rank": replica,
+                      "reason": "lost at the quorum", "time": time.time()})
+                worker.end()
+                continue
+            heartbeat.beat(step, "compute")
+            injector.before_step(step)
+            while consumed < step * cfg.accum_steps:  # a joiner continues at the live step
+                next(stream)
+                consumed += 1
+            optimizer.zero_grad()
+            loss_sum = torch.zeros(())
+            compute_start = time.perf_counter()
+            for _ in range(cfg.accum_steps):
+                loss = task.loss(model, to_device(next(stream), torch.device("cpu")))
+                consumed += 1
+                (loss / cfg.accum_steps).backward()
+                loss_sum += loss.detach()
+            injector.after_compute(step, time.perf_counter() - compute_start)
+            heartbeat.beat(step, "aggregate")
+            injector.corrupt_grads(step, params)
+            _, healthy = _guard(cfg.nonfinite, params, book, injector, step, replica)
+            ctx = StepContext(step=step, loss=loss_sum / cfg.accum_steps, healthy=healthy)
+            agg.after_backward(ctx)
+            optimizer.step()
+            agg.after_step(ctx)
+            running[0] = ctx.loss.clone() if running[0] is None else \
+                running[0].lerp_(ctx.loss, 0.1)
+            n, rank = book.world_size, book.rank
+            participants = list(worker.participants or [])
+            record = None
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                heartbeat.beat(step, "record")
+                mean_loss = book.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
+                x = flat.load_values()
+                mean = x.clone()
+                book.all_reduce_(mean, op="avg")
+                sq = (x - mean).double().pow(2).sum().reshape(1)
+                distance = float(book.all_reduce_(sq, op="avg"))
+                if rank == 0 and not worker.step_lost:
+                    if eval_model is None:
+                        eval_model = copy.deepcopy(model)
+                    target = FlatBuffer(state_tensors(eval_model))
+                    target.store_values(mean)
+                    centre = agg.consensus_params()
+                    if centre is not None:
+                        for t, c in zip(target.tensors, centre, strict=True):
+                            t.copy_(c)
+                    evaluation = task.evaluate(eval_model)
+                    replica_eval = task.evaluate(model)
+                    stats = agg.comm.stats
+                    record = {"type": "step", "step": step + 1,
+                              "loss": _finite(float(mean_loss)),
+                              **{k: _finite(v) for k, v in evaluation.items()},
+                              **{f"rank0_{k}": _finite(v) for k, v in replica_eval.items()},
+                              "consensus_distance": _finite(distance),
+                              "time_s": time.perf_counter() - start,
+                              "comm_bytes": stats.bytes, "comm_calls": stats.calls,
+                              "comm_s": stats.seconds, "participants": participants,
+                              "n": n, "writer": replica,
+                              "algo": {k: _finite(v) for k, v in agg.metrics().items()}}
+            committed = worker.end()
+            for event in injector.drain():
+                emit({"type": "event", **event})
+            if not committed:
+                emit({"type": "event", "kind": "discarded", "step": step, "rank": replica,
+                      "participants": participants, "time": time.time()})
+            elif record is not None:
+                emit(record)
+        stats = agg.comm.stats
+        heartbeat.beat(worker.step, "done")
+        emit({"type": "done", "rank": replica, "steps": worker.step,
+              "discarded": worker.discarded, "participants": worker.participants,
+              "time_s": time.perf_counter() - start, "comm_bytes": stats.bytes,
+              "comm_calls": stats.calls, "comm_s": stats.seconds, "comm": stats.as_dict()})
+    finally:
+        outf.close()
+        heartbeat.close()
+        try:
+            worker.shutdown()
+        finally:
+            agg.close()

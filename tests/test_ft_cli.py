@@ -1,0 +1,163 @@
+"""``accord train --fault-tolerant`` end to end: real processes (``python -m accord train``),
+each run bounded by a timeout and its whole process group killed on the way out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchft")
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+RUN_LIMIT = 240.0  # seconds any one run may take
+
+
+def accord_train(*args: str, timeout: float = RUN_LIMIT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RUST_LOG": "warn", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(SRC) + (os.pathsep + os.environ["PYTHONPATH"]
+                                     if os.environ.get("PYTHONPATH") else "")}
+    for var in ("RANK", "WORLD_SIZE", "TORCHFT_TIMEOUT_SEC", "TORCHFT_QUORUM_TIMEOUT_SEC",
+                "TORCHFT_CONNECT_TIMEOUT_SEC"):
+        env.pop(var, None)
+    proc = subprocess.Popen([sys.executable, "-m", "accord", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"accord train {' '.join(args)} did not end within {timeout:g} s:\n{err}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def timeline(recs: list[dict]) -> list[list[int]]:
+    return [r["participants"] for r in recs
+            if r.get("type") == "event" and r.get("kind") == "membership"]
+
+
+@pytest.mark.parametrize("algo", ["allreduce", "local_sgd"])
+def test_kill_survivors_finish(tmp_path: Path, algo: str) -> None:
+    out = tmp_path / "run"
+    res = accord_train("--algo", algo, "--workers", "3", "--steps", "60", "--out", str(out),
+                       "--fault-tolerant", "--fault", "kill:rank=1,step=20", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    recs = records(out)
+    assert not any(r.get("type") in ("restart", "resume") for r in recs)
+    assert timeline(recs) == [[0, 1, 2], [0, 2]]
+    left = [r for r in recs if r.get("kind") == "membership" and r["left"]]
+    assert left[0]["left"] == [1] and left[0]["step"] >= 20
+    exits = [r for r in recs if r.get("kind") == "worker_exit"]
+    assert [(e["rank"], e["returncode"]) for e in exits] == [(1, -signal.SIGKILL)]
+    summary = recs[-1]
+    assert summary["type"] == "summary" and summary["status"] == "ok"
+    assert summary["steps"] == 60 and summary["participants"] == [0, 2]
+    assert summary["finished_workers"] == [0, 2]
+    assert summary["discarded_steps"] >= 0 and summary["respawns"] == 0
+    steps = [r for r in recs if r.get("type") == "step"]
+    assert [r["step"] for r in steps] == list(range(10, 61, 10))
+    assert steps[0]["n"] == 3 and steps[-1]["n"] == 2
+    assert "discarded" in res.stdout and "[0, 2]" in res.stdout
+
+
+@pytest.mark.parametrize("algo", ["allreduce", "local_sgd"])
+def test_respawn_returns_to_three(tmp_path: Path, algo: str) -> None:
+    out = tmp_path / "run"
+    # every worker sleeps 0.15 s a step, so the run outlasts the replacement's start-up
+    res = accord_train("--algo", algo, "--workers", "3", "--steps", "60", "--out", str(out),
+                       "--fault-tolerant", "--respawn", "--fault", "kill:rank=1,step=20",
+                       "--fault", "delay:rank=all,seconds=0.15", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    recs = records(out)
+    assert timeline(recs) == [[0, 1, 2], [0, 2], [0, 1, 2]]
+    rejoin = [r for r in recs if r.get("kind") == "membership"][-1]
+    assert rejoin["joined"] == [1] and rejoin["step"] > 20
+    assert [r["rank"] for r in recs if r.get("kind") == "respawn"] == [1]
+    summary = recs[-1]
+    assert summary["status"] == "ok" and summary["steps"] == 60
+    assert summary["participants"] == [0, 1, 2] and summary["respawns"] == 1
+    assert summary["finished_workers"] == [0, 1, 2]
+    assert [r for r in recs if r.get("type") == "step"][-1]["n"] == 3
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--algo", "gossip"], "algorithm 'gossip' is refused"),
+    (["--algo", "easgd", "--set", "asynchronous=true"], "easgd asynchronous=true is refused"),
+    (["--compress", "bf16"], "--compress is not supported"),
+    (["--checkpoint-every", "5"], "--checkpoint-every is not supported"),
+    (["--min-workers", "4"], "min_workers: got 4"),
+    (["--timeout", "5"], "quorum timeout (10 s) must be below the process-group timeout"),
+])
+def test_refused_in_one_line(tmp_path: Path, argv: list[str], needle: str) -> None:
+    res = accord_train("--workers", "3", "--steps", "5", "--out", str(tmp_path / "run"),
+                       "--fault-tolerant", *argv, timeout=60)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_options_need_fault_tolerant(tmp_path: Path) -> None:
+    res = accord_train("--workers", "3", "--steps", "5", "--out", str(tmp_path / "run"),
+                       "--respawn", timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("accord train: error: respawn: got True, allowed: only "
+                                  "with --fault-tolerant")
+
+
+def test_config_round_trip_and_normal_records_unchanged() -> None:
+    from accord import cli
+    from accord.config import TrainConfig
+
+    normal = TrainConfig(workers=3)
+    assert not set(TrainConfig.FT_FIELDS) & set(normal.to_json())
+    assert not set(TrainConfig.FT_FIELDS) & set(normal.fingerprint())
+    assert "--fault-tolerant" not in normal.to_argv()
+    cfg = TrainConfig(workers=3, fault_tolerant=True, min_workers=2, respawn=True)
+    again = cli._config_from_args(cli.build_parser().parse_args(["train", *cfg.to_argv()]))
+    assert (again.fault_tolerant, again.min_workers, again.respawn) == (True, 2, True)
+    assert again.to_json() == cfg.to_json()
+
+
+def test_too_few_workers_end_the_run_bounded(tmp_path: Path) -> None:
+    """--min-workers 3 and one of 3 killed: the survivors' quorum times out (10 s), they
+    stop, and the launcher ends the run as failed (exit 1) without hanging."""
+    out = tmp_path / "run"
+    res = accord_train("--algo", "allreduce", "--workers", "3", "--steps", "60", "--out",
+                       str(out), "--fault-tolerant", "--min-workers", "3", "--fault",
+                       "kill:rank=1,step=20", "--no-progress")
+    assert res.returncode == 1
+    assert "no worker finished the 60 steps" in res.stderr
+    summary = records(out)[-1]
+    assert summary["status"] == "failed" and summary["finished_workers"] == []
+    assert summary["steps"] == 20  # the last record before the death
+    assert (out / "logs" / "rank0.error").read_text().startswith("TimeoutError")
+
+
+def test_torchft_missing_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    from accord.config import ConfigError, TrainConfig, validate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchft" else real(name, *a))
+    cfg = TrainConfig(workers=3, out=str(tmp_path / "run"), fault_tolerant=True)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == "--fault-tolerant needs torchft: pip install 'accord[ft]'"
