@@ -409,7 +409,7 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                 next(stream)
                 consumed += 1
             optimizer.zero_grad()
-            loss_sum = torch.zeros(())
+            loss_sum = torch.zeros(())  # host: fault-tolerant runs are CPU only (checked)
             compute_start = time.perf_counter()
             for _ in range(cfg.accum_steps):
                 loss = task.loss(model, to_device(next(stream), torch.device("cpu")))
