@@ -88,7 +88,10 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 def test_adahessian_trains_under_easgd_and_is_refused_for_gradient_phase(tmp_path):
     # with a frozen window on rank 1 (a second-order step cannot run on its zeroed,
     # graph-free gradient) and dynamic weighting, as in the dynamic-weighting preset
-    run = _train("--algo", "easgd", "--lr", "0.01", "--steps", "40", "--log-every", "20",
+    # lr 0.005: 0.01 sits at AdaHessian's stability edge on digits (3 of 36 runs of the
+    # dynamic-weighting preset diverged, and this test once in CI), and its Hutchinson
+    # draws come from torch's unseeded global RNG, so a run is not reproducible
+    run = _train("--algo", "easgd", "--lr", "0.005", "--steps", "40", "--log-every", "20",
                  "--set", "weighting=dynamic", "--fault", "freeze:rank=1,start=5,end=25",
                  "--out", str(tmp_path / "ok"))
     assert run.returncode == 0, run.stderr
