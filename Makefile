@@ -13,7 +13,7 @@ setup: $(STAMP) $(FASHION_STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,tensorboard,lightning,accelerate,adahessian]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,tensorboard,lightning,accelerate,adahessian,ft]'
 	touch $(STAMP)
 
 demo: setup

@@ -85,3 +85,52 @@ def test_a_failed_worker_fades_below_a_tenth_of_uniform_within_three_half_lives(
 def test_a_healthy_worker_keeps_about_uniform_weight(records, algo):
     steps = records[f"clean/{algo}/adam"]
     assert min(r["algo"]["weight_own_rel"] for r in steps) > 0.5
+
+
+def _trusted_round(rank, world):
+    import torch
+
+    from accord.background import Weighting, group_round
+    from accord.comm import Communicator
+
+    deposit = torch.full((3,), float(rank + 1))
+    trust = 0.25 if rank == 1 else 1.0
+    result = group_round(Communicator(), deposit, 0, 0, rank, Weighting("dynamic", 4.0), 0,
+                         trust=trust)
+    return result.weight.tolist(), result.mean.tolist()
+
+
+def test_trust_scales_a_members_raw_weight_before_renormalising():
+    """A joiner's fade-in factor multiplies its raw weight: trust 1 and 0.25 at equal
+    staleness give weights 0.8 and 0.2 on both ranks, and the mean 0.8 * 1 + 0.2 * 2."""
+    for weight, mean in run_world(_trusted_round, 2):
+        assert weight == pytest.approx([0.8, 0.2], abs=1e-12)
+        assert mean == pytest.approx([1.2] * 3, abs=1e-6)
+
+
+def _fades(rank, world):
+    import torch
+
+    from accord.algorithms import build
+    from accord.core import StepContext
+
+    model = torch.nn.Linear(3, 2)
+    agg = build("easgd", model.parameters(), broadcast=False, period=2,
+                weighting="dynamic", half_life=8.0)
+    fades = [agg.fade(5)]  # launched with the job: no fade
+    agg.note_join(10)
+    fades += [agg.fade(s) for s in (10, 13, 17, 40)]
+    # a world of one (how a fault-tolerant worker builds it) exchanges: centre -> model
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    agg.after_step(StepContext(step=11, loss=torch.zeros(()), healthy=True))
+    moved = (agg.centre - torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    agg.close()
+    return fades, float(moved.abs().max())
+
+
+def test_a_joiner_fades_in_over_a_half_life():
+    [(fades, gap)] = run_world(_fades, 1)
+    assert fades == [1.0, 1 / 8, 0.5, 1.0, 1.0]
+    # alone, weight 1: c += 0.9 (x - c), x -= 0.9 (x - c), from a gap of 1 on the weights
+    assert gap == pytest.approx(0.8, abs=1e-6)

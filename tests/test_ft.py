@@ -196,8 +196,8 @@ def test_algorithm_rules():
         assert reason in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ValueError, match="asynchronous"):
         ft.check_algorithm("easgd", {"asynchronous": "true"})
-    with pytest.raises(ValueError, match="dynamic"):
-        ft.check_algorithm("easgd", {"weighting": "dynamic"})
+    ft.check_algorithm("easgd", {"weighting": "dynamic"})  # synchronous: weights over
+    # the participants of each exchange, a joiner fading in
     with pytest.raises(ValueError, match="no membership rule"):
         ft.check_algorithm("nope")
 
@@ -321,6 +321,7 @@ ALGORITHM_CASES = [
     ("local_sgd", ("period=2",), 2),
     ("diloco", ("period=2", "outer_lr=0.7"), 2),
     ("easgd", ("period=2",), "all"),  # the replicated centre (consensus_params)
+    ("easgd", ("period=2", "weighting=dynamic"), "all"),
     ("grawa", ("period=2", "pull=1.0"), 2),  # pull 1: every model becomes the centre
     ("acga", (), "all"),
     ("normalized", (), "all"),
@@ -328,7 +329,8 @@ ALGORITHM_CASES = [
 
 
 @pytest.mark.parametrize("algorithm,hp,agree", ALGORITHM_CASES,
-                         ids=[case[0] for case in ALGORITHM_CASES])
+                         ids=[case[0] + "-".join(("",) + case[1][1:]) for case in
+                              ALGORITHM_CASES])
 def test_algorithms_survive_a_death(cluster, algorithm, hp, agree):
     """Every algorithm of FT_ALGORITHMS with three replicas, one dying before its
     collective of step 5 (a communication step of every case): the two others discard

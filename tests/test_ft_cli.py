@@ -116,21 +116,23 @@ def test_options_need_fault_tolerant(tmp_path: Path) -> None:
     res = accord_train("--workers", "3", "--steps", "5", "--out", str(tmp_path / "run"),
                        "--respawn", timeout=60)
     assert res.returncode == 2
-    assert res.stderr.strip() == ("accord train: error: respawn: got True, allowed: only "
+    assert res.stderr.strip() == ("accord train: error: respawn: got 3, allowed: only "
                                   "with --fault-tolerant")
 
 
 def test_config_round_trip_and_normal_records_unchanged() -> None:
     from accord import cli
-    from accord.config import TrainConfig
+    from accord.config import TrainConfig, validate
 
     normal = TrainConfig(workers=3)
     assert not set(TrainConfig.FT_FIELDS) & set(normal.to_json())
     assert not set(TrainConfig.FT_FIELDS) & set(normal.fingerprint())
     assert "--fault-tolerant" not in normal.to_argv()
     cfg = TrainConfig(workers=3, fault_tolerant=True, min_workers=2, respawn=True)
+    validate(cfg, check_out=False)
+    assert cfg.respawn == 3  # bare --respawn (or an older config's True): up to N
     again = cli._config_from_args(cli.build_parser().parse_args(["train", *cfg.to_argv()]))
-    assert (again.fault_tolerant, again.min_workers, again.respawn) == (True, 2, True)
+    assert (again.fault_tolerant, again.min_workers, again.respawn) == (True, 2, 3)
     assert again.to_json() == cfg.to_json()
 
 

@@ -445,3 +445,42 @@ def test_a_null_training_loss_alone_is_not_divergence(tmp_path):
     assert "## Diverged runs" not in text and "1 finished, 0 diverged" in text
     row = read_csv(root / "summary.csv")[0]
     assert float(row["eval_acc_mean"]) == records[-1]["eval_acc"]
+
+
+def _with_membership(root: Path, rel: str, changes: list[tuple[int, list[int]]],
+                     discarded: int, respawns: int) -> None:
+    """Insert a fault-tolerant run's events (as ft_run merges them) into a written run."""
+    path = root / rel / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    events = [{"type": "event", "kind": "membership", "step": step, "participants": who,
+               "joined": [], "left": [], "time": 1.0 + step} for step, who in changes]
+    events += [{"type": "event", "kind": "discarded", "step": 20, "rank": r, "time": 30.0}
+               for r in range(discarded)]
+    summary = json.loads(lines[-1])
+    summary["respawns"] = respawns
+    lines = lines[:1] + [json.dumps(e) for e in reversed(events)] + lines[1:-1] + \
+        [json.dumps(summary)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_membership_of_fault_tolerant_runs(tmp_path):
+    """Participants per step: each run's changes in step order (the file's order is the
+    workers' merge, not the steps'), its fewest participants, discarded steps and
+    respawns, and the participants figure; a fixed-world section has none of it."""
+    root = tmp_path / "runs"
+    write_run(root, "digits/allreduce/seed0", algo="allreduce", seed=0, workers=3)
+    write_run(root, "digits/ft/seed0", algo="allreduce", seed=0, workers=3, label="ft")
+    write_run(root, "digits/ft/seed1", algo="allreduce", seed=1, workers=3, label="ft")
+    _with_membership(root, "digits/ft/seed0", [(0, [0, 1, 2]), (21, [0, 2])], 2, 0)
+    _with_membership(root, "digits/ft/seed1", [(0, [0, 1, 2]), (21, [0, 2]),
+                                               (34, [0, 1, 2])], 3, 1)
+    write_run(root, "fixed/allreduce", algo="allreduce", seed=0, task="linreg")
+    path = report.write_report(root)
+    text = path.read_text()
+    assert "| ft | 0 | 3 (step 0) → 2 (step 21) | 2 | 2 | 0 |" in text
+    assert "| ft | 1 | 3 (step 0) → 2 (step 21) → 3 (step 34) | 2 | 3 | 1 |" in text
+    assert text.count("### Membership (fault-tolerant runs)") == 1
+    figure = root / "figures" / "digits_w3_participants.png"
+    assert figure.read_bytes().startswith(PNG_SIGNATURE)
+    assert "(figures/digits_w3_participants.png)" in text
+    assert not (root / "figures" / "linreg_w2_participants.png").exists()

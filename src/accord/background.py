@@ -263,19 +263,24 @@ def group_round(
     global_rank: int,
     weighting: Weighting,
     round_index: int,
+    trust: float = 1.0,
 ) -> RoundResult:
     """One weighted-mean round over ``comm``'s group (collective on that group): gather the
     members' (version, progress, finite, rank), weigh them identically on every member,
     then allreduce the weighted deposits. Used inline by the synchronous variants and by
     the engine's runner; no value is read back to the host. ``comm=None``: a group of
     this rank alone (no communication). A group's rows come in group-rank order, which is
-    ascending global rank (process groups sort their ranks)."""
+    ascending global rank (process groups sort their ranks). ``trust`` in [0, 1] scales
+    this member's raw dynamic weight (the ``finite`` column carries it): a worker that
+    joined a fault-tolerant run fades in with it."""
     if comm is None:
         comm = _SelfComm()
     mine = torch.tensor([float(version), 0.0, 0.0, float(global_rank)],
                         dtype=torch.float64, device=deposit.device)
     mine[1] = progress
     mine[2] = torch.isfinite(deposit).all()
+    if trust != 1.0:
+        mine[2] *= float(trust)
     meta = comm.all_gather(mine, kind="meta")
     weight, stale = weighting(meta, round_index)
     own = weight[comm.rank].to(deposit.dtype)

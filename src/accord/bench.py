@@ -46,6 +46,10 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
   worker per step.
 * ``failures`` -- easgd with uniform and with dynamic weighting, 8 workers, ranks 2 and 5
   frozen for the middle third of 300 steps, 3 seeds, under SGD, Nesterov 0.9 and Adam.
+* ``failures-ft`` -- real deaths (needs ``accord[ft]``): ranks 2 and 5 of 8 SIGKILLed at a
+  third of 240 steps; easgd uniform, easgd dynamic and local_sgd, each fault-tolerant
+  without deaths (``-clean``), fault-tolerant with the deaths and one respawn (``-ft``)
+  and restarted from checkpoints by the normal launcher (``-restart``), 3 seeds, digits.
 * ``dynamic-weighting`` -- asynchronous easgd with uniform vs dynamic weighting under SGD
   and AdaHessian, 4 and 8 workers, periods 1, 4 and 16, one or two frozen ranks and one
   3x slow rank, 3 seeds, on digits.
@@ -225,6 +229,32 @@ def _failures() -> list[RunSpec]:
                    [0, 1, 2])
 
 
+#: the failures-ft preset: a run is this many steps; these ranks are SIGKILLed at a third
+FT_STEPS = 240
+FT_KILLED = (2, 5)
+
+
+def _failures_ft() -> list[RunSpec]:
+    """Real deaths: two of 8 workers SIGKILLed at a third of the run. EASGD with uniform
+    and dynamic weighting and local SGD, each three ways: fault-tolerant without a death
+    (``-clean``), fault-tolerant with the two deaths, the first respawned and the second
+    not (``-ft``: ``--respawn 1``), and the normal launcher restarting every worker from
+    the newest checkpoint (``-restart``: ``--checkpoint-every 20 --max-restarts 2``; the
+    second death may come after the first restart). Needs ``accord[ft]``."""
+    kills = [f"kill:rank={r},step={FT_STEPS // 3}" for r in FT_KILLED]
+    ft = {"fault_tolerant": True, "min_workers": 4}
+    arms = []
+    for label, algo, hp in (("easgd-uniform", "easgd", {"period": 4}),
+                            ("easgd-dynamic", "easgd", {"period": 4, "weighting": "dynamic"}),
+                            ("local_sgd", "local_sgd", {"period": 4})):
+        arms += [(f"{label}-clean", algo, hp, dict(ft)),
+                 (f"{label}-ft", algo, hp, {**ft, "respawn": 1, "faults": kills}),
+                 (f"{label}-restart", algo, hp, {"faults": kills, "checkpoint_every": 20,
+                                                 "max_restarts": 2})]
+    return _matrix(arms, [("digits", FT_STEPS, {"lr": 0.05, "batch_size": 16,
+                                               "log_every": FT_STEPS // 12})], [8], [0, 1, 2])
+
+
 #: the dynamic-weighting preset: every worker's step compute is emulated by a sleep of this
 #: many seconds; the slow worker sleeps 2 more of them (3x); a run is this many steps, the
 #: middle third of them frozen on the frozen ranks
@@ -297,6 +327,7 @@ PRESETS: dict[str, Callable[[], list[RunSpec]]] = {
     "stragglers": _stragglers,
     "scaling": _scaling,
     "failures": _failures,
+    "failures-ft": _failures_ft,
     "dynamic-weighting": _dynamic_weighting,
     "network": _network,
 }

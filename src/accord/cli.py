@@ -108,9 +108,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-workers", type=int, default=d.min_workers, metavar="M",
                    help="with --fault-tolerant: the fewest workers a step commits with "
                         "(default 1)")
-    p.add_argument("--respawn", action="store_true",
-                   help="with --fault-tolerant: replace a dead worker (same index; at most "
-                        "N replacements); it receives a live peer's state")
+    p.add_argument("--respawn", type=int, nargs="?", const=True, default=0, metavar="K",
+                   help="with --fault-tolerant: replace a dead worker (same index), at most "
+                        "K times over the run (bare --respawn: as many as --workers); the "
+                        "replacement receives a live peer's state")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:

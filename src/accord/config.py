@@ -74,7 +74,9 @@ class TrainConfig:
     # to_argv when fault_tolerant is False, so a normal run's records are unchanged
     fault_tolerant: bool = False
     min_workers: int = 1  # the fewest participants a step may commit with
-    respawn: bool = False  # the launcher replaces a dead worker (same index), at most N
+    # the most dead workers the launcher replaces (same index) over the run; 0: none.
+    # True (older configs, bare --respawn) means `workers`
+    respawn: int = 0
 
     # -- settings reachable with --set key=value when the algorithm has no such key --------
     SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
@@ -178,7 +180,7 @@ class TrainConfig:
         if self.fault_tolerant:
             argv += ["--fault-tolerant", "--min-workers", str(self.min_workers)]
             if self.respawn:
-                argv.append("--respawn")
+                argv += ["--respawn", str(int(self.respawn))]
         return argv
 
 
@@ -542,7 +544,9 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     flag("fault_tolerant")
-    flag("respawn")
+    if cfg.respawn is True or cfg.respawn is False:
+        cfg.respawn = cfg.workers if cfg.respawn else 0
+    integer("respawn", 0)
     if cfg.fault_tolerant:
         _check_fault_tolerant(cfg)
     else:

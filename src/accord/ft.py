@@ -38,15 +38,15 @@ rolled back on every survivor, and a joiner receives it with the peer's state)::
     easgd        beta (the centre's moving rate) is kept, alpha = beta / N follows N (a
                  given alpha is turned into beta = alpha * N_launch at the start); the
                  centre is replicated (rolled back with a discarded step, received by a
-                 joiner). Synchronous, uniform weighting only.
+                 joiner). Synchronous only. weighting=dynamic: the weights are computed over
+                 the participants of each exchange (renormalised over the survivors);
+                 a joiner's weight fades in from 0 over half_life steps
     grawa        weights renormalised over the participants' gathered norms
 
 Refused at start with one line (:data:`FT_REFUSED`, :func:`check_algorithm`): algorithms
-whose schedule is built on a fixed N or that talk point to point. Refused options of
-allowed algorithms: easgd ``asynchronous`` (its background engine has fixed ranks and its
-own store) and ``weighting=dynamic`` (its progress tracker is per worker: a joiner would
-receive a peer's; the designed rule, weights renormalised over the survivors and a
-rejoined worker fading in from weight 0 over ``half_life``, is not wired yet).
+whose schedule is built on a fixed N or that talk point to point. Refused option of an
+allowed algorithm: easgd ``asynchronous`` (its background engine has fixed ranks and its
+own store).
 
 Timeouts (:class:`FTTimeouts`, checked by :func:`check_timeouts`)::
 
@@ -134,9 +134,6 @@ def check_algorithm(name: str, hyperparameters: Mapping[str, Any] | None = None)
         if hp.get("asynchronous"):
             raise ValueError("--fault-tolerant: easgd asynchronous=true is refused: its "
                              "background engine has fixed ranks and its own store")
-        if hp.get("weighting", "uniform") != "uniform":
-            raise ValueError("--fault-tolerant: easgd weighting=dynamic is refused: its "
-                             "per-worker progress tracker is not wired to a changing world")
 
 
 # -- timeouts ---------------------------------------------------------------------------
@@ -480,6 +477,8 @@ class FTWorker:
         self._on_quorum = on_quorum
         self._snapshot: Any = None
         self._healed = False
+        #: after :meth:`begin`: this step's quorum replaced our state with a live peer's
+        self.healed = False
         self.participants: list[int] | None = None
         self.events: list[dict[str, Any]] = []
         self.discarded = 0
@@ -531,6 +530,7 @@ class FTWorker:
         self._take_snapshot()
         self._healed = False
         self.manager.start_quorum()
+        self.healed = self._healed
         if self.manager.errored() is not None:
             # the quorum's reconfiguration or our recovery failed: this step is lost and
             # we skip its collectives; drop our process group at once so that the peers'

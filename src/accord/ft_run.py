@@ -10,7 +10,8 @@ Launcher (:func:`ft_launch`, the process that ran ``accord train``):
    waits for ``logs/ft-go``, which the launcher writes when all N are ready (or one died,
    or the start timeout passed), so the first quorum has every worker;
 4. watches: a dead worker does not stop the others; with ``--respawn`` it is replaced
-   once per death (same index, at most N replacements, none once a worker has finished);
+   once per death (same index, at most ``--respawn K`` replacements over the run, none
+   once a worker has finished);
    a worker whose heartbeat file is older than the step deadline (``--idle-timeout``) is
    killed as hung. The run ends when every worker process has exited; every wait is
    bounded (workers stop on their own when their quorum times out);
@@ -141,7 +142,7 @@ def ft_launch(cfg: TrainConfig) -> Any:
                 launcher_events.append({"type": "event", "kind": "worker_exit", "rank": i,
                                         "returncode": code, "time": now,
                                         "step": _last_step(logs, i)})
-                if cfg.respawn and respawns < cfg.workers and not finished:
+                if respawns < cfg.respawn and not finished:
                     respawns += 1
                     spawn(i, joiner=True)
                     launcher_events.append({"type": "event", "kind": "respawn", "rank": i,
@@ -394,6 +395,8 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                       "note": "no live peer to join"})
                 return
             first = False
+            if worker.healed and step > 0 and hasattr(agg, "note_join"):
+                agg.note_join(step)  # joined the running job: e.g. EASGD's fade-in
             for event in worker.drain_events():
                 emit({**event, "time": time.time()})
             if step >= cfg.steps:

@@ -162,15 +162,19 @@ default target is drawn as a dashed line on the test-metric panels.
 * ``report.md`` -- environment (accord, torch and Python versions, CPU count, host names,
   git revisions, as recorded in the runs' headers; the run start dates and the report's
   date), then per section: the groups' settings (and the network and tuning notes), the
-  final-metrics table, the communication and time-to-target table, the verdict and the
+  final-metrics table, the communication and time-to-target table, the verdict, the
+  membership of fault-tolerant runs (``accord train --fault-tolerant``: participants per
+  step from the ``membership`` events, each run's changes, its fewest participants,
+  discarded steps and respawns, and a figure of participants against step) and the
   figures; then links, tuning, diverged runs, failed, interrupted and incomplete runs, and
   the warnings;
 * ``figures/<task>_w<workers>_{step,time,mb}.png`` for a section of the real network,
   ``figures/<task>_w<workers>_net-<link>_{step,time,mb}.png`` for an emulated one (``<link>``
   is the network's text with every run of characters other than letters, digits and dots
   made one ``-``: ``100mbit,5ms`` is ``100mbit-5ms``; ``-2``, ... appended if two networks
-  would share it), ``figures/<task>_w<workers>_links.png`` and
-  ``figures/tuning_<task>_w<workers>.png``;
+  would share it), ``figures/<task>_w<workers>_links.png``,
+  ``figures/tuning_<task>_w<workers>.png`` and, for a section with fault-tolerant runs,
+  ``figures/<slug>_participants.png``;
 * ``points.csv`` -- every plotted point of every finished seed: task, workers, network
   (the network's text, empty for the real network), label, seed, run, step, time_s,
   mb_sent, loss and the evaluation columns;
@@ -259,6 +263,10 @@ class Run:
     #: checkpoint / resume / restart records (a resumed run continues in the same file)
     lifecycle: dict[str, int] = field(default_factory=dict)
     unreadable: str | None = None  # why metrics.jsonl could not be read at all
+    #: fault-tolerant runs: (step, participants) at the start and at every change of
+    #: membership (``membership`` events), in step order; empty for a fixed world
+    membership: list[tuple[int, int]] = field(default_factory=list)
+    discarded: int = 0  # fault-tolerant runs: ``discarded`` events (one per worker, step)
 
     @property
     def status(self) -> str:
@@ -416,6 +424,12 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
             run.summary = record
         elif kind == "event":
             run.events += 1
+            if record.get("kind") == "membership":
+                step, who = record.get("step"), record.get("participants")
+                if isinstance(step, int) and isinstance(who, list):
+                    run.membership.append((step, len(who)))
+            elif record.get("kind") == "discarded":
+                run.discarded += 1
         elif kind in ("checkpoint", "resume", "restart"):
             # a resumed or restarted run is still one run: its step records continue
             run.lifecycle[kind] = run.lifecycle.get(kind, 0) + 1
@@ -432,6 +446,7 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
         kinds = ", ".join(repr(k) for k in sorted(unknown)[:5])
         warn(f"{where}: {n} record{'s' * (n != 1)} of unknown type skipped ({kinds})")
     run.outcome = run_outcome(records)
+    run.membership.sort(key=lambda change: change[0])  # merged over workers by time
     return run
 
 
@@ -1268,6 +1283,35 @@ def compare(group: Group, base: Group, metric: str) -> Comparison:
     return Comparison(diff, apart, ranges + (" do not overlap" if apart else " overlap"))
 
 
+def _membership_runs(section: Section) -> list[tuple[Group, Run]]:
+    return [(g, r) for g in section.groups for r in sorted(g.runs, key=lambda r: r.seed)
+            if r.membership]
+
+
+def _membership(section: Section, figure: str | None) -> list[str]:
+    """The membership of the section's fault-tolerant runs (nothing for fixed worlds)."""
+    runs = _membership_runs(section)
+    if not runs:
+        return []
+    rows = []
+    for g, r in runs:
+        changes = [f"{n} (step {step})" for step, n in r.membership]
+        respawns = (r.summary or {}).get("respawns")
+        rows.append([_md(g.label), str(r.seed), " → ".join(changes),
+                     str(min(n for _, n in r.membership)), str(r.discarded),
+                     "" if respawns is None else str(respawns)])
+    lines = ["### Membership (fault-tolerant runs)", "",
+             "Participants at the start and after every change (the step of the first "
+             "quorum with the new membership); discarded: steps a worker rolled back "
+             "(one per worker and step).", "",
+             *_table(["label", "seed", "participants", "fewest", "discarded", "respawns"],
+                     rows), ""]
+    if figure:
+        lines += [f"![{_md(section.title)}: participants against step]"
+                  f"({FIGURE_DIR}/{figure})\n"]
+    return lines
+
+
 def _verdict(section: Section) -> list[str]:
     firsts = "; ".join(f"{where}, {_first_to_target(section, key, unit)}"
                        for key, where, unit in TO_TARGET)
@@ -1478,6 +1522,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
 
     drawn: dict[str, list[str]] = {}
     links_drawn: dict[str, str] = {}
+    members_drawn: dict[str, str] = {}
     tuning_drawn: dict[tuple[int, str, int], str] = {}
     try:
         import matplotlib  # noqa: F401  (the plots extra)
@@ -1488,6 +1533,10 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     else:
         for section in sections if figures else []:
             drawn[section.slug] = draw_section(section, styles, out / FIGURE_DIR)
+            if _membership_runs(section):
+                name = f"{section.slug}_participants.png"
+                draw_membership(section, styles, out / FIGURE_DIR / name)
+                members_drawn[section.slug] = name
         for c in comparisons if figures else []:
             if draw_links(c, styles, out / FIGURE_DIR / c.figure):
                 links_drawn[c.figure] = c.figure
@@ -1534,7 +1583,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                   "### Communication and time to target", "",
                   "Bytes are payloads handed to collectives, cumulative over the run. To-target "
                   "values are means over the seeds that reached the target.", "",
-                  *_target_table(section), "", *_verdict(section)]
+                  *_target_table(section), "", *_verdict(section),
+                  *_membership(section, members_drawn.get(section.slug))]
         if drawn.get(section.slug):
             lines += ["### Figures", "",
                       "Mean over seeds, band from the lowest to the highest seed.", ""]
@@ -1710,6 +1760,41 @@ def draw_section(section: Section, styles: dict[str, tuple[str, str]], folder: P
         fig.savefig(folder / name)
         names.append(name)
     return names
+
+
+def draw_membership(section: Section, styles: dict[str, tuple[str, str]], path: Path
+                    ) -> None:
+    """Participants against step, a step line per fault-tolerant run (its label's
+    colour; seeds nudged apart vertically so that equal timelines stay visible)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = _membership_runs(section)
+    fig = Figure(figsize=(9, 3.8), dpi=100)
+    fig.subplots_adjust(left=0.08, right=0.72, bottom=0.14, top=0.88)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    seeds = sorted({r.seed for _, r in runs})
+    seen: set[str] = set()
+    for g, r in runs:
+        last = max([r.membership[-1][0], *(rec["step"] for rec in r.steps),
+                    _num((r.summary or {}).get("steps")) or 0])
+        xs = [step for step, _ in r.membership] + [last]
+        nudge = 0.04 * (seeds.index(r.seed) - (len(seeds) - 1) / 2)
+        ys = [n + nudge for _, n in r.membership]
+        ys.append(ys[-1])
+        colour, style = styles[g.label]
+        ax.step(xs, ys, where="post", color=colour, linestyle=style, linewidth=1.4,
+                label=None if g.label in seen else g.label)
+        seen.add(g.label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("participants")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="center left",
+               bbox_to_anchor=(0.73, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(f"{section.title}: participants per step")
+    fig.savefig(path)
 
 
 def draw_links(c: LinkComparison, styles: dict[str, tuple[str, str]], path: Path) -> bool:

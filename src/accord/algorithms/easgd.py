@@ -46,7 +46,13 @@ decay move a failed worker's model, which is why health is reported, not inferre
 Uniform weights w_j = 1/N are the paper's EASGD. Dynamic weighting costs one extra
 4-number all-gather per exchange and, synchronously, one model-size copy to tell whether
 the model changed. A crashed worker ends the run in both modes (the launcher stops the
-world and names the rank); a frozen or slow one is what the weighting is for.
+world and names the rank); a frozen or slow one is what the weighting is for. Under
+``accord train --fault-tolerant`` (synchronous only) a crashed worker leaves the quorum
+instead: the weights are computed over the participants of each exchange, so they are
+renormalised over the survivors, and a worker that joins the running job (``--respawn``)
+starts with a live peer's state and fades in: its raw weight is multiplied by
+min(1, (steps since it joined + 1) / half_life) (:meth:`ElasticAveraging.fade`), since
+its first models are copies of that peer's.
 
 Memory, asynchronous: the engine keeps no per-round results (the centre moves on the
 runner thread), so a persistently slow worker costs nothing that grows.
@@ -132,8 +138,12 @@ class ElasticAveraging(ModelAggregator):
             # the centre the newest completed round started from
             self._round_centre = self.centre.clone()
             self.engine = self._make_engine(0)
-        elif self.hp["weighting"] == "dynamic" and n > 1:
+        elif self.hp["weighting"] == "dynamic":
+            # also with one worker: a fault-tolerant run builds it in a world of one
             self.progress = Progress(self.centre, track=True)
+        #: fault-tolerant runs: the step at which this worker joined a running job (its
+        #: weight then fades in, see :meth:`note_join`); None: it did not join late
+        self.joined_at: int | None = None
 
     def _make_engine(self, first_round: int) -> ExchangeEngine:
         everyone = [self.comm.global_rank(r) for r in range(self.world_size)]
@@ -160,13 +170,29 @@ class ElasticAveraging(ModelAggregator):
         else:
             k = self.exchanges
             result = group_round(self.comm, x, ctx.step, self.progress.observe(x, k),
-                                 self.comm.global_rank(self.rank), self.weighting, k)
+                                 self.comm.global_rank(self.rank), self.weighting, k,
+                                 trust=self.fade(ctx.step))
             self._last = result.light()
             # no surviving contribution (every model non-finite): the centre stays put
             mean = torch.where(result.valid, result.mean, self.centre)
             self._distance = elastic_exchange(x, self.centre, mean, self.alpha, self.beta)
         self.exchanges += 1
         self.store_state(x)
+
+    def note_join(self, step: int) -> None:
+        """Fault-tolerant runs: this worker joined the running job at ``step`` (with a
+        live peer's model, optimizer and algorithm state). Under dynamic weighting its
+        contribution then fades in (:meth:`fade`) instead of counting the peer's model
+        twice at full weight."""
+        self.joined_at = int(step)
+
+    def fade(self, step: int) -> float:
+        """The fade-in factor of this worker's raw dynamic weight at ``step``: 1 unless
+        it joined late; after joining at step j it is min(1, (step - j + 1) / half_life),
+        the share of a half-life it has trained on its own (steps j..step)."""
+        if self.joined_at is None:
+            return 1.0
+        return min(1.0, (step - self.joined_at + 1) / self.weighting.half_life)
 
     def _move_centre(self, result: RoundResult) -> None:
         """On the engine thread after each round: c <- c + beta (weighted mean - c).
