@@ -50,7 +50,7 @@ def timeline(recs: list[dict]) -> list[list[int]]:
             if r.get("type") == "event" and r.get("kind") == "membership"]
 
 
-@pytest.mark.parametrize("algo", ["allreduce", "local_sgd"])
+@pytest.mark.parametrize("algo", ["allreduce", "local_sgd", "easgd"])
 def test_kill_survivors_finish(tmp_path: Path, algo: str) -> None:
     out = tmp_path / "run"
     res = accord_train("--algo", algo, "--workers", "3", "--steps", "60", "--out", str(out),
@@ -74,13 +74,21 @@ def test_kill_survivors_finish(tmp_path: Path, algo: str) -> None:
     assert "discarded" in res.stdout and "[0, 2]" in res.stdout
 
 
-@pytest.mark.parametrize("algo", ["allreduce", "local_sgd"])
+HALF_LIFE = 8
+
+
+@pytest.mark.parametrize("algo", ["allreduce", "easgd-dynamic"])
 def test_respawn_returns_to_three(tmp_path: Path, algo: str) -> None:
     out = tmp_path / "run"
+    extra, steps = ["--log-every", "10"], 60
+    if algo == "easgd-dynamic":  # longer: the fade-in must fit after the rejoin
+        extra, steps = ["--set", "period=2", "--set", "weighting=dynamic", "--set",
+                        f"half_life={HALF_LIFE}", "--log-every", "2"], 90
     # every worker sleeps 0.15 s a step, so the run outlasts the replacement's start-up
-    res = accord_train("--algo", algo, "--workers", "3", "--steps", "60", "--out", str(out),
-                       "--fault-tolerant", "--respawn", "--fault", "kill:rank=1,step=20",
-                       "--fault", "delay:rank=all,seconds=0.15", "--no-progress")
+    res = accord_train("--algo", algo.split("-")[0], "--workers", "3", "--steps", str(steps),
+                       "--out", str(out), "--fault-tolerant", "--respawn", "--fault",
+                       "kill:rank=1,step=20", "--fault", "delay:rank=all,seconds=0.15",
+                       "--no-progress", *extra)
     assert res.returncode == 0, res.stderr
     recs = records(out)
     assert timeline(recs) == [[0, 1, 2], [0, 2], [0, 1, 2]]
@@ -88,10 +96,22 @@ def test_respawn_returns_to_three(tmp_path: Path, algo: str) -> None:
     assert rejoin["joined"] == [1] and rejoin["step"] > 20
     assert [r["rank"] for r in recs if r.get("kind") == "respawn"] == [1]
     summary = recs[-1]
-    assert summary["status"] == "ok" and summary["steps"] == 60
+    assert summary["status"] == "ok" and summary["steps"] == steps
     assert summary["participants"] == [0, 1, 2] and summary["respawns"] == 1
     assert summary["finished_workers"] == [0, 1, 2]
-    assert [r for r in recs if r.get("type") == "step"][-1]["n"] == 3
+    logged = [r for r in recs if r.get("type") == "step"]
+    assert logged[-1]["n"] == 3
+    if algo == "easgd-dynamic":
+        # the joiner fades in: its raw weight (steps since joining + 1) / half_life at the
+        # first exchanges, so the smallest weight dips below uniform, then is uniform again
+        # (weights over 3 participants) from a half-life after the join on
+        joined = rejoin["step"]
+        # (a record shows the newest exchange, at most 2 steps back: one after the join)
+        dips = [r["algo"]["weight_min"] for r in logged
+                if joined + 2 < r["step"] <= joined + HALF_LIFE - 2]
+        after = [r["algo"]["weight_min"] for r in logged if r["step"] > joined + HALF_LIFE]
+        assert dips and max(dips) < 1 / 3 - 0.02, logged
+        assert after and all(abs(w - 1 / 3) < 1e-9 for w in after), logged
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -120,7 +140,7 @@ def test_options_need_fault_tolerant(tmp_path: Path) -> None:
                                   "with --fault-tolerant")
 
 
-def test_config_round_trip_and_normal_records_unchanged() -> None:
+def test_config_round_trip_and_normal_loggedunchanged() -> None:
     from accord import cli
     from accord.config import TrainConfig, validate
 

@@ -446,9 +446,10 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                     target = FlatBuffer(state_tensors(eval_model))
                     target.store_values(mean)
                     centre = agg.consensus_params()
-                    if centre is not None:
-                        for t, c in zip(target.tensors, centre, strict=True):
-                            t.copy_(c)
+                    if centre is not None:  # e.g. EASGD's centre
+                        with torch.no_grad():
+                            for t, c in zip(target.tensors, centre, strict=True):
+                                t.copy_(c)
                     evaluation = task.evaluate(eval_model)
                     replica_eval = task.evaluate(model)
                     stats = agg.comm.stats
