@@ -121,6 +121,10 @@ def test_respawn_returns_to_three(tmp_path: Path, algo: str) -> None:
     (["--checkpoint-every", "5"], "--checkpoint-every is not supported"),
     (["--min-workers", "4"], "min_workers: got 4"),
     (["--timeout", "5"], "quorum timeout (10 s) must be below the process-group timeout"),
+    (["--lighthouse", "host"], "--lighthouse: got 'host', allowed: http://HOST:PORT"),
+    (["--replicas", "0-1"], "--replicas: allowed only with --lighthouse"),
+    (["--lighthouse", "h:1", "--replicas", "1-3"], "worker indices in 0..2"),
+    (["--ft-host", "a b"], "--ft-host: got 'a b'"),
 ])
 def test_refused_in_one_line(tmp_path: Path, argv: list[str], needle: str) -> None:
     res = accord_train("--workers", "3", "--steps", "5", "--out", str(tmp_path / "run"),
@@ -154,6 +158,15 @@ def test_config_round_trip_and_normal_loggedunchanged() -> None:
     again = cli._config_from_args(cli.build_parser().parse_args(["train", *cfg.to_argv()]))
     assert (again.fault_tolerant, again.min_workers, again.respawn) == (True, 2, 3)
     assert again.to_json() == cfg.to_json()
+    hosts = TrainConfig(workers=8, fault_tolerant=True, lighthouse="h0:29510",
+                        replicas="0-1,6", ft_host="h1")
+    validate(hosts, check_out=False)
+    assert hosts.lighthouse == "http://h0:29510"
+    again = cli._config_from_args(cli.build_parser().parse_args(["train", *hosts.to_argv()]))
+    assert (again.lighthouse, again.replicas, again.ft_host) == ("http://h0:29510", "0-1,6",
+                                                                 "h1")
+    from accord.ft_run import replicas_of
+    assert replicas_of(again) == [0, 1, 6] and replicas_of(TrainConfig(workers=3)) == [0, 1, 2]
 
 
 def test_too_few_workers_end_the_run_bounded(tmp_path: Path) -> None:
@@ -183,3 +196,64 @@ def test_torchft_missing_is_one_line(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert str(e.value) == "--fault-tolerant needs torchft: pip install 'accord[ft]'"
+
+
+def test_two_hosts_with_an_external_lighthouse(tmp_path: Path) -> None:
+    """Several hosts, played on this one: `accord ft-lighthouse`, two launchers with their
+    own --replicas and --out (worker 1 killed at step 20 on the first), then `accord
+    ft-merge` joins their records into one run: the survivors finish, participants end at
+    [0, 2], every step record is there."""
+    env = {**os.environ, "RUST_LOG": "warn", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(SRC) + (os.pathsep + os.environ["PYTHONPATH"]
+                                     if os.environ.get("PYTHONPATH") else "")}
+    lighthouse = subprocess.Popen([sys.executable, "-m", "accord", "ft-lighthouse",
+                                   "--min-workers", "2", "--bind", "[::]:0"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  start_new_session=True)
+    try:
+        line = lighthouse.stdout.readline()
+        assert line.startswith("lighthouse: http://"), line
+        address = line.split()[1]
+        common = ["--algo", "local_sgd", "--workers", "3", "--steps", "60", "--fault-tolerant",
+                  "--min-workers", "2", "--lighthouse", address, "--ft-host", "localhost",
+                  "--fault", "kill:rank=1,step=20", "--no-progress"]
+        hosts = []
+        for name, replicas in (("a", "0-1"), ("b", "2")):
+            hosts.append(subprocess.Popen(
+                [sys.executable, "-m", "accord", "train", *common, "--replicas", replicas,
+                 "--out", str(tmp_path / name)], env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, start_new_session=True))
+        for proc in hosts:
+            try:
+                _, err = proc.communicate(timeout=RUN_LIMIT)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            assert proc.returncode == 0, err
+    finally:
+        os.killpg(lighthouse.pid, signal.SIGTERM)
+        assert lighthouse.wait(timeout=30) == 0
+    a = records(tmp_path / "a")
+    assert a[0]["fault_tolerant"]["replicas"] == [0, 1]
+    assert [(e["rank"], e["returncode"]) for e in a if e.get("kind") == "worker_exit"] == \
+        [(1, -signal.SIGKILL)]
+    res = subprocess.run([sys.executable, "-m", "accord", "ft-merge", str(tmp_path / "run"),
+                          str(tmp_path / "a"), str(tmp_path / "b")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    recs = records(tmp_path / "run")
+    changes = timeline(recs)
+    # hosts start unsynchronised: a late worker may join the first quorum by recovery
+    assert [0, 1, 2] in changes and changes[-1] == [0, 2]
+    assert [r["step"] for r in recs if r.get("type") == "step"] == list(range(10, 61, 10))
+    summary = recs[-1]
+    assert summary["status"] == "ok" and summary["finished_workers"] == [0, 2]
+    assert summary["participants"] == [0, 2]
+    assert [e["rank"] for e in recs if e.get("kind") == "worker_exit"] == [1]
+    assert recs[0]["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    # a directory of another run is refused in one line
+    bad = subprocess.run([sys.executable, "-m", "accord", "ft-merge", str(tmp_path / "x"),
+                          str(tmp_path / "a"), str(tmp_path / "nope")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "no metrics.jsonl" in bad.stderr

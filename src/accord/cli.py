@@ -112,6 +112,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --fault-tolerant: replace a dead worker (same index), at most "
                         "K times over the run (bare --respawn: as many as --workers); the "
                         "replacement receives a live peer's state")
+    p.add_argument("--lighthouse", default=None, metavar="http://HOST:PORT",
+                   help="with --fault-tolerant, several hosts: the Lighthouse `accord "
+                        "ft-lighthouse` serves (this launcher starts none)")
+    p.add_argument("--replicas", default=None, metavar="LIST",
+                   help="with --lighthouse: the worker indices this host runs, e.g. 0-3 "
+                        "or 4,5 (default: all)")
+    p.add_argument("--ft-host", default=None, metavar="HOST",
+                   help="with --fault-tolerant: the name other hosts reach this host's "
+                        "workers at (default: localhost, or this host's name with "
+                        "--lighthouse)")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -128,7 +138,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         faults=list(args.fault), nonfinite=args.nonfinite,
         checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
         max_restarts=args.max_restarts, fault_tolerant=args.fault_tolerant,
-        min_workers=args.min_workers, respawn=args.respawn)
+        min_workers=args.min_workers, respawn=args.respawn, lighthouse=args.lighthouse,
+        replicas=args.replicas, ft_host=args.ft_host)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.workers is not None and args.workers != world:
@@ -197,6 +208,29 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{summary.get('respawns', 0)} respawns, participants at the end "
               f"{summary.get('participants')}")
     return 0
+
+
+def cmd_ft_lighthouse(args: argparse.Namespace) -> int:
+    from .ft_run import serve_lighthouse
+
+    try:
+        return serve_lighthouse(args.min_workers, args.bind)
+    except ConfigError as e:
+        print(f"{PROG} ft-lighthouse: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_ft_merge(args: argparse.Namespace) -> int:
+    from .ft_run import merge_hosts
+
+    try:
+        summary = merge_hosts(Path(args.out), [Path(d) for d in args.hosts])
+    except ConfigError as e:
+        print(f"{PROG} ft-merge: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{PROG} ft-merge: {Path(args.out) / 'metrics.jsonl'}: status {summary['status']}, "
+          f"{summary['steps']} steps, participants at the end {summary['participants']}")
+    return 0 if summary["status"] == "ok" else 1
 
 
 def _torchrun_worker(cfg: TrainConfig, rank: int, driver: bool) -> int:
@@ -396,6 +430,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(sub)
     p = sub.add_parser("demo", help="the quick comparison on digits, with its report")
     p.add_argument("--out", default="runs/demo")
+    p = sub.add_parser("ft-lighthouse", help="serve the Lighthouse of a fault-tolerant run "
+                       "on several hosts (needs accord[ft])")
+    p.add_argument("--min-workers", type=int, default=1, metavar="M",
+                   help="the fewest workers a step commits with (default 1)")
+    p.add_argument("--bind", default="[::]:29510", metavar="HOST:PORT",
+                   help="where to listen (default [::]:29510)")
+    p = sub.add_parser("ft-merge", help="merge the run directories of the hosts of one "
+                       "fault-tolerant run into one metrics.jsonl")
+    p.add_argument("out", help="the merged run directory (created)")
+    p.add_argument("hosts", nargs="+", metavar="HOST_DIR",
+                   help="each host's --out directory")
     return parser
 
 
@@ -403,5 +448,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "list": cmd_list, "bench": cmd_bench, "demo": cmd_demo,
-                "report": report.run}
+                "report": report.run, "ft-lighthouse": cmd_ft_lighthouse,
+                "ft-merge": cmd_ft_merge}
     return commands[args.command](args)

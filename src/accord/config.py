@@ -77,6 +77,11 @@ class TrainConfig:
     # the most dead workers the launcher replaces (same index) over the run; 0: none.
     # True (older configs, bare --respawn) means `workers`
     respawn: int = 0
+    # several hosts: an external Lighthouse (`accord ft-lighthouse`), the worker indices
+    # this launcher starts (e.g. "0-3"; default all), the name peers reach them at
+    lighthouse: str | None = None
+    replicas: str | None = None
+    ft_host: str | None = None
 
     # -- settings reachable with --set key=value when the algorithm has no such key --------
     SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
@@ -119,7 +124,8 @@ class TrainConfig:
                       "compress": "none"}
 
     #: the fault-tolerant fields, recorded only in a fault-tolerant run's config
-    FT_FIELDS = ("fault_tolerant", "min_workers", "respawn")
+    FT_FIELDS = ("fault_tolerant", "min_workers", "respawn", "lighthouse", "replicas",
+                 "ft_host")
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -181,6 +187,10 @@ class TrainConfig:
             argv += ["--fault-tolerant", "--min-workers", str(self.min_workers)]
             if self.respawn:
                 argv += ["--respawn", str(int(self.respawn))]
+            for option, value in (("--lighthouse", self.lighthouse),
+                                  ("--replicas", self.replicas), ("--ft-host", self.ft_host)):
+                if value is not None:
+                    argv += [option, str(value)]
         return argv
 
 
@@ -552,6 +562,9 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     else:
         need(cfg.min_workers == 1, "min_workers", cfg.min_workers, "only with --fault-tolerant")
         need(not cfg.respawn, "respawn", cfg.respawn, "only with --fault-tolerant")
+        for name in ("lighthouse", "replicas", "ft_host"):
+            need(getattr(cfg, name) is None, name, getattr(cfg, name),
+                 "only with --fault-tolerant")
     if check_out:
         _check_writable(cfg.out)
 
@@ -563,6 +576,36 @@ FT_FAULTS = ("crash", "kill", "nan", "delay", "slow")
 #: ``idle_timeout``
 FT_HEARTBEAT_S = 2.0
 FT_QUORUM_S = 10.0
+
+
+def parse_lighthouse(text: str) -> str:
+    """``http://HOST:PORT`` or ``HOST:PORT`` -> ``http://HOST:PORT`` (ConfigError else)."""
+    import re
+
+    m = re.fullmatch(r"(?:http://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})/?",
+                     str(text).strip())
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise ConfigError(f"--lighthouse: got {text!r}, allowed: http://HOST:PORT or "
+                          "HOST:PORT (the address `accord ft-lighthouse` prints)")
+    return f"http://{m.group(1)}:{int(m.group(2))}"
+
+
+def parse_replicas(text: str, workers: int) -> list[int]:
+    """``"0-3"``, ``"0,2,5"`` or ``"0-1,4"`` -> sorted worker indices in [0, workers)."""
+    out: set[int] = set()
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if hi else int(lo)
+            if first > last:
+                raise ValueError
+            out.update(range(first, last + 1))
+    except ValueError:
+        out = set()
+    if not out or min(out) < 0 or max(out) >= workers:
+        raise ConfigError(f"--replicas: got {text!r}, allowed: worker indices in 0..{workers - 1} "
+                          "as ranges and lists (e.g. 0-3 or 0,2,5)")
+    return sorted(out)
 
 
 def ft_timeouts(cfg: TrainConfig) -> Any:
@@ -601,6 +644,17 @@ def _check_fault_tolerant(cfg: TrainConfig) -> None:
         if given:
             raise ConfigError(f"--fault-tolerant: {option} is not supported yet (not wired "
                               "to a changing set of workers)")
+    if cfg.lighthouse is not None:
+        cfg.lighthouse = parse_lighthouse(cfg.lighthouse)
+    if cfg.replicas is not None:
+        if cfg.lighthouse is None:
+            raise ConfigError("--replicas: allowed only with --lighthouse (the workers of "
+                              "one host of a run whose Lighthouse runs elsewhere)")
+        parse_replicas(cfg.replicas, cfg.workers)
+    if cfg.ft_host is not None and (not isinstance(cfg.ft_host, str) or not cfg.ft_host
+                                    or any(c.isspace() or c in "/:" for c in cfg.ft_host)):
+        raise ConfigError(f"--ft-host: got {cfg.ft_host!r}, allowed: a host name or IPv4 "
+                          "address that every other host resolves to this one")
     if cfg.resolved_device() != "cpu" or cfg.resolved_backend() != "gloo":
         raise ConfigError("--fault-tolerant: allowed only on the CPU with gloo (torchft's "
                           "gloo process group)")

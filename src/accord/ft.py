@@ -225,7 +225,7 @@ def _recording_gloo(timeout: timedelta):
     return _RecordingGloo(timeout)
 
 
-def _snapshot_transport(timeout: timedelta):
+def _snapshot_transport(timeout: timedelta, host: str | None = None):
     """torchft's HTTP checkpoint transport, serving the pre-step snapshot at any time,
     and fetching with retries.
 
@@ -256,6 +256,12 @@ def _snapshot_transport(timeout: timedelta):
                     if exc.code != 400 or time.monotonic() > deadline:
                         raise
                     time.sleep(0.02)
+
+        def address(self) -> str:
+            # torchft advertises socket.gethostname(); several hosts need the name given
+            if host is None:
+                return super().address()
+            return f"http://{host}:{self._server.socket.getsockname()[1]}/checkpoint/"
 
     return _SnapshotTransport(timeout=timeout, num_chunks=0)
 
@@ -497,7 +503,8 @@ class FTWorker:
             lighthouse_addr=lighthouse, replica_id=f"accord_{self.replica}",
             hostname=host,
             heartbeat_interval=timedelta(seconds=t.heartbeat_interval), init_sync=True,
-            checkpoint_transport=_snapshot_transport(timedelta(seconds=t.process_group)))
+            checkpoint_transport=_snapshot_transport(timedelta(seconds=t.process_group),
+                                                     host))
         self.comm = FTCommunicator(self.manager, self.pg, stats)
 
     # torchft's callbacks

@@ -96,14 +96,20 @@ def ft_launch(cfg: TrainConfig) -> Any:
                     "rank*.traceback"):
         for stale in logs.glob(pattern):
             stale.unlink()
-    server, address = ft.start_lighthouse(
-        cfg.min_workers, join_timeout_ms=int(timeouts.join * 1000),
-        quorum_tick_ms=int(timeouts.quorum_tick * 1000),
-        heartbeat_timeout_ms=int(timeouts.heartbeat * 1000))
+    mine = replicas_of(cfg)
+    server = None
+    if cfg.lighthouse is None:
+        server, address = ft.start_lighthouse(
+            cfg.min_workers, join_timeout_ms=int(timeouts.join * 1000),
+            quorum_tick_ms=int(timeouts.quorum_tick * 1000),
+            heartbeat_timeout_ms=int(timeouts.heartbeat * 1000))
+    else:
+        address = cfg.lighthouse
     header = {"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
               "hyperparameters": cfg.hyperparameters, "world_size": cfg.workers,
               "fault_tolerant": {"min_workers": cfg.min_workers, "respawn": cfg.respawn,
-                                 "timeouts": timeouts.__dict__}, **run_environment()}
+                                 "timeouts": timeouts.__dict__, "replicas": mine,
+                                 "lighthouse": cfg.lighthouse}, **run_environment()}
     cmd = [sys.executable, "-m", "accord", "train", *cfg.to_argv()]
     procs: dict[int, subprocess.Popen] = {}
     files: list[Any] = []
@@ -121,13 +127,13 @@ def ft_launch(cfg: TrainConfig) -> Any:
                                     preexec_fn=_die_with_parent)
 
     try:
-        for i in range(cfg.workers):
+        for i in mine:
             spawn(i, joiner=False)
         _start_barrier(procs, logs, min(START_TIMEOUT_S, cfg.idle_timeout))
         respawns = 0
         while True:
             now = time.time()
-            finished = any(_finished(logs, i, cfg.steps) for i in range(cfg.workers))
+            finished = any(_finished(logs, i, cfg.steps) for i in mine)
             for i, p in list(procs.items()):
                 code = p.poll()
                 if code is None:
@@ -157,10 +163,11 @@ def ft_launch(cfg: TrainConfig) -> Any:
         _stop(list(procs.values()))
         for f in files:
             f.close()
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
         try:
-            summary = _write_metrics(out, logs, cfg, header, launcher_events, start,
-                                     interrupted)
+            summary = _write_metrics(out, [logs], cfg, header, launcher_events,
+                                     time.time() - start, interrupted)
         finally:
             lock.release()
     if interrupted:
@@ -182,7 +189,10 @@ def _start_barrier(procs: dict[int, subprocess.Popen], logs: Path, timeout: floa
     (logs / "ft-go").touch()
 
 
-def _records(logs: Path, i: int) -> list[dict[str, Any]]:
+def _records(logs: Path | list[Path], i: int) -> list[dict[str, Any]]:
+    """Worker ``i``'s records (from every directory of ``logs`` that has its file)."""
+    if isinstance(logs, list):
+        return [r for d in logs for r in _records(d, i)]
     try:
         lines = _worker_file(logs, i).read_text().splitlines()
     except OSError:
@@ -216,10 +226,11 @@ def _hung(logs: Path, i: int, deadline: float) -> bool:
     return age > deadline
 
 
-def _write_metrics(out: Path, logs: Path, cfg: TrainConfig, header: dict[str, Any],
-                   launcher_events: list[dict[str, Any]], start: float,
+def _write_metrics(out: Path, logs: list[Path], cfg: TrainConfig, header: dict[str, Any],
+                   launcher_events: list[dict[str, Any]], elapsed: float,
                    interrupted: bool) -> dict[str, Any]:
-    """metrics.jsonl from the workers' files (written once, at the end of the run)."""
+    """metrics.jsonl from the workers' files in the ``logs`` directories (written once,
+    at the end of the run; ``elapsed``: the run's wall time)."""
     steps: dict[int, dict[str, Any]] = {}
     memberships: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
@@ -264,7 +275,6 @@ def _write_metrics(out: Path, logs: Path, cfg: TrainConfig, header: dict[str, An
                  if k.startswith("eval_")}
     if steps:
         last_eval = {k: v for k, v in steps[max(steps)].items() if k.startswith("eval_")}
-    elapsed = time.time() - start
     summary: dict[str, Any] = {"type": "summary", "status": "ok" if complete else "failed"}
     if interrupted:
         summary["status"] = "interrupted"
@@ -291,6 +301,106 @@ def _write_metrics(out: Path, logs: Path, cfg: TrainConfig, header: dict[str, An
     tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *records, summary]))
     os.replace(tmp, path)
     return summary
+
+
+def ft_host(cfg: TrainConfig) -> str:
+    """The name other workers reach this host's workers at: ``--ft-host``, else
+    ``localhost`` with the launcher's own Lighthouse (one host), else this host's name."""
+    import socket
+
+    if cfg.ft_host:
+        return cfg.ft_host
+    return "localhost" if cfg.lighthouse is None else socket.gethostname()
+
+
+def replicas_of(cfg: TrainConfig) -> list[int]:
+    """The worker indices this launcher starts (``--replicas``; default all)."""
+    from .config import parse_replicas
+
+    return parse_replicas(cfg.replicas, cfg.workers) if cfg.replicas else list(range(cfg.workers))
+
+
+# -- several hosts ----------------------------------------------------------------------------
+
+def serve_lighthouse(min_workers: int, bind: str) -> int:
+    """``accord ft-lighthouse``: a Lighthouse with the timeouts of ``accord train
+    --fault-tolerant`` until SIGINT or SIGTERM; prints its address."""
+    import importlib.util
+
+    from .config import FT_HEARTBEAT_S, FT_QUORUM_S
+
+    if importlib.util.find_spec("torchft") is None:
+        raise ConfigError("ft-lighthouse needs torchft: pip install 'accord[ft]'")
+    if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 1:
+        raise ConfigError(f"--min-workers: got {min_workers!r}, allowed: an integer >= 1")
+    os.environ.setdefault("RUST_LOG", "warn")
+    from . import ft
+
+    timeouts = ft.FTTimeouts(heartbeat=FT_HEARTBEAT_S, quorum=FT_QUORUM_S)
+    try:
+        server, address = ft.start_lighthouse(
+            min_workers, join_timeout_ms=int(timeouts.join * 1000),
+            quorum_tick_ms=int(timeouts.quorum_tick * 1000),
+            heartbeat_timeout_ms=int(timeouts.heartbeat * 1000), bind=bind)
+    except Exception as exc:  # noqa: BLE001 - torchft's bind error, in one line
+        raise ConfigError(f"--bind {bind!r}: {str(exc).splitlines()[0]}") from None
+    print(f"lighthouse: {address} (min workers {min_workers}); on every host: accord train "
+          f"--fault-tolerant --lighthouse {address} --replicas LIST ...", flush=True)
+    stop = []
+
+    def handler(signum, frame):
+        stop.append(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    try:
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        server.shutdown()
+    return 0
+
+
+def merge_hosts(out: Path, hosts: list[Path]) -> dict[str, Any]:
+    """``accord ft-merge``: one metrics.jsonl in ``out`` from the run directories of the
+    hosts of one fault-tolerant run (their ``logs/ft<i>.jsonl`` and launcher events);
+    returns the summary. ConfigError (one line) for a directory that is not such a run,
+    or runs that differ in more than ``--replicas``, ``--ft-host`` and ``--out``."""
+    from .metrics import read_metrics
+
+    headers, events, elapsed = [], [], 0.0
+    for d in hosts:
+        path = d / "metrics.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"{str(d)!r}: no metrics.jsonl (not a finished host of a "
+                              "fault-tolerant run)")
+        recs = read_metrics(path)
+        if not recs or recs[0].get("type") != "header" or \
+                not recs[0].get("config", {}).get("fault_tolerant"):
+            raise ConfigError(f"{str(path)!r}: not the record of a fault-tolerant run")
+        headers.append(recs[0])
+        events += [r for r in recs if r.get("type") == "event"
+                   and r.get("kind") in ("worker_exit", "respawn", "hung")]
+        summary = recs[-1] if recs[-1].get("type") == "summary" else {}
+        elapsed = max(elapsed, float(summary.get("time_s") or 0.0))
+    ignore = ("replicas", "ft_host", "out")
+    first = {k: v for k, v in headers[0]["config"].items() if k not in ignore}
+    for d, h in zip(hosts[1:], headers[1:], strict=True):
+        other = {k: v for k, v in h["config"].items() if k not in ignore}
+        diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if diff:
+            raise ConfigError(f"{str(d)!r} is another run: {diff[0]} {other.get(diff[0])!r} "
+                              f"vs {first.get(diff[0])!r}")
+    cfg = TrainConfig(**{k: v for k, v in headers[0]["config"].items()
+                         if k in TrainConfig.__dataclass_fields__})
+    cfg.out, cfg.replicas = str(out), None
+    header = {**headers[0], "config": cfg.to_json(),
+              "merged_from": [str(d) for d in hosts]}
+    header["fault_tolerant"] = {**header.get("fault_tolerant", {}),
+                                "replicas": list(range(cfg.workers))}
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_metrics(out, [d / "logs" for d in hosts], cfg, header, events, elapsed,
+                          interrupted=False)
 
 
 # -- the worker ------------------------------------------------------------------------------
@@ -366,7 +476,7 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
         running[0] = state["running"]
 
     worker = ft.FTWorker(replica, lighthouse, cfg.min_workers, get_state, set_state,
-                         timeouts=ft_timeouts(cfg), stats=CommStats(),
+                         timeouts=ft_timeouts(cfg), stats=CommStats(), host=ft_host(cfg),
                          on_quorum=lambda comm: ft.refresh(agg, comm, cfg.workers))
     book = ft.FTCommunicator(worker.manager, worker.pg, CommStats())  # the loop's own
     flat = FlatBuffer(state_tensors(model))
