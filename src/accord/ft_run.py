@@ -116,6 +116,7 @@ def ft_launch(cfg: TrainConfig) -> Any:
     launcher_events: list[dict[str, Any]] = []
     start = time.time()
     interrupted = False
+    bar = None
 
     def spawn(i: int, joiner: bool) -> None:
         # every worker logs to its file: torchft's own logging is verbose
@@ -131,8 +132,19 @@ def ft_launch(cfg: TrainConfig) -> Any:
             spawn(i, joiner=False)
         _start_barrier(procs, logs, min(START_TIMEOUT_S, cfg.idle_timeout))
         respawns = 0
+        if cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, desc=f"{cfg.algo}/{cfg.task} x{len(mine)} (ft)",
+                       unit="step", dynamic_ncols=True)
+        shown = 0.0
         while True:
             now = time.time()
+            if bar is not None and now - shown > 0.5:  # the furthest live worker's step
+                shown = now
+                bar.n = max([0, *(s for s in (_last_step(logs, i) for i in procs)
+                                  if s is not None)])
+                bar.set_postfix_str(f"workers {len(procs)}", refresh=False)
+                bar.refresh()
             finished = any(_finished(logs, i, cfg.steps) for i in mine)
             for i, p in list(procs.items()):
                 code = p.poll()
@@ -160,6 +172,8 @@ def ft_launch(cfg: TrainConfig) -> Any:
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if bar is not None:
+            bar.close()
         _stop(list(procs.values()))
         for f in files:
             f.close()
