@@ -20,7 +20,8 @@ from accord.train import nonfinite_grads, run_worker
 
 
 @pytest.mark.parametrize("spec", [
-    "crash:rank=1,step=3", "kill:rank=0,step=0", "nan:rank=1,step=2", "nan:rank=1,step=2,value=inf",
+    "crash:rank=1,step=3", "kill:rank=0,step=0", "hang:rank=1,step=4", "nan:rank=1,step=2",
+    "nan:rank=1,step=2,value=inf",
     "freeze:rank=1,start=2,end=5", "delay:rank=1,seconds=0.5", "delay:rank=random,seconds=0",
     "delay:rank=all,seconds=0.01,start=1,end=3", "delay:rank=0,median=0.1,sigma=0.5",
     "slow:rank=random,factor=4", "slow:rank=1,factor=1,start=0,end=10",
@@ -34,6 +35,7 @@ def test_every_kind_parses(spec):
     ("boom:rank=0,step=1", "unknown kind 'boom'"),
     ("crash:rank=2,step=1", "rank must be in [0, 1]"),
     ("crash:rank=0", "missing step; crash needs rank, step"),
+    ("hang:rank=1", "missing step; hang needs rank, step"),
     ("crash:rank=0,step=1,step=2", "step given twice"),
     ("freeze:rank=0,start=1", "missing end"),
     ("crash:rank=0,step=10", "step must be in [0, 9]"),

@@ -176,18 +176,42 @@ def test_config_round_trip_and_normal_records_unchanged() -> None:
 
 
 def test_too_few_workers_end_the_run_bounded(tmp_path: Path) -> None:
-    """--min-workers 3 and one of 3 killed: the survivors' quorum times out (10 s), they
-    stop, and the launcher ends the run as failed (exit 1) without hanging."""
+    """--min-workers 3 and one of 3 killed, no respawn: no quorum can form again, so the
+    launcher stops the survivors at once and ends the run as failed (exit 1)."""
     out = tmp_path / "run"
     res = accord_train("--algo", "allreduce", "--workers", "3", "--steps", "60", "--out",
                        str(out), "--fault-tolerant", "--min-workers", "3", "--fault",
-                       "kill:rank=1,step=20", "--no-progress")
+                       "kill:rank=1,step=20", "--no-progress", timeout=60)
     assert res.returncode == 1
     assert "no worker finished the 60 steps" in res.stderr
-    summary = records(out)[-1]
+    assert "stopped by the launcher: no quorum could form again" in res.stderr
+    recs = records(out)
+    summary = recs[-1]
     assert summary["status"] == "failed" and summary["finished_workers"] == []
     assert summary["steps"] == 20  # the last record before the death
-    assert (out / "logs" / "rank0.error").read_text().startswith("TimeoutError")
+    [stop] = [r for r in recs if r.get("kind") == "too_few_workers"]
+    assert stop["alive"] == [0, 2]
+
+
+def test_two_workers_survive_a_hung_peer(tmp_path: Path) -> None:
+    """The hard case of a hang: worker 1 of 2 stops for good at step 10 without dying
+    (its torchft heartbeat goes on). Worker 0's collective fails after the process-group
+    timeout (12 s); its quorum cannot drop a peer that still heartbeats (one of two is not
+    a majority), so it retries until the launcher kills the hung worker at the step
+    deadline (20 s); then it goes on alone and finishes."""
+    out = tmp_path / "run"
+    res = accord_train("--algo", "allreduce", "--workers", "2", "--steps", "30", "--out",
+                       str(out), "--fault-tolerant", "--timeout", "12", "--idle-timeout",
+                       "20", "--fault", "hang:rank=1,step=10", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    recs = records(out)
+    assert timeline(recs) == [[0, 1], [0]]
+    assert [r["rank"] for r in recs if r.get("kind") == "hung"] == [1]
+    summary = recs[-1]
+    assert summary["status"] == "ok" and summary["finished_workers"] == [0]
+    assert summary["discarded_steps"] >= 1  # the step of the failed collective
+    steps = [r for r in recs if r.get("type") == "step"]
+    assert [r["step"] for r in steps] == [10, 20, 30] and steps[-1]["n"] == 1
 
 
 def test_torchft_missing_is_one_line(tmp_path: Path, monkeypatch) -> None:

@@ -570,7 +570,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
 
 
 #: fault kinds a fault-tolerant run takes (freeze rewinds a rank's model, not wired)
-FT_FAULTS = ("crash", "kill", "nan", "delay", "slow")
+FT_FAULTS = ("crash", "kill", "hang", "nan", "delay", "slow")
 #: the Lighthouse's heartbeat timeout and the workers' quorum timeout (seconds) of a
 #: fault-tolerant run; its process-group timeout is ``timeout``, its step deadline
 #: ``idle_timeout``

@@ -37,12 +37,15 @@ parsed and checked before any worker starts. Steps count optimizer steps from 0;
   guard (``--nonfinite``).
 * ``crash:rank=R,step=S`` -- rank R raises :class:`InjectedFault` at the start of step S.
 * ``kill:rank=R,step=S`` -- rank R's process dies at once (SIGKILL) at step S.
+* ``hang:rank=R,step=S`` -- rank R stops for good at the start of step S without dying
+  (it sleeps until killed, as a deadlocked worker would): its peers wait in their next
+  collective until it times out. Fires once per run directory, like crash and kill.
 
 Random draws come from ``torch.Generator`` seeded from (run seed, fault index, step, and
 the rank for lognormal delays), so a run reproduces its delays exactly; the fault index
 is the spec's position among the run's ``--fault`` options. Every injected event is
 recorded as a dict ``{"step", "rank", "kind", ...}`` that the loop drains and logs in
-``metrics.jsonl``: ``crash``, ``kill``; ``delay`` and ``slow`` with ``seconds`` slept;
+``metrics.jsonl``: ``crash``, ``kill``, ``hang``; ``delay`` and ``slow`` with ``seconds`` slept;
 ``freeze`` (first step of a window) and ``unfreeze`` (its last step); ``nan`` with
 ``value``. The loop's non-finite guard adds ``nonfinite_grad`` events.
 """
@@ -63,13 +66,15 @@ import torch
 KEYS = {
     "crash": {"rank", "step"},
     "kill": {"rank", "step"},
+    "hang": {"rank", "step"},
     "nan": {"rank", "step", "value"},
     "freeze": {"rank", "start", "end"},
     "delay": {"rank", "seconds", "median", "sigma", "start", "end"},
     "slow": {"rank", "factor", "start", "end"},
 }
 REQUIRED = {
-    "crash": ("rank", "step"), "kill": ("rank", "step"), "nan": ("rank", "step"),
+    "crash": ("rank", "step"), "kill": ("rank", "step"), "hang": ("rank", "step"),
+    "nan": ("rank", "step"),
     "freeze": ("rank", "start", "end"), "delay": ("rank",), "slow": ("rank", "factor"),
 }
 RANDOM, ALL = -1, -2
@@ -230,7 +235,7 @@ def lognormal_delay(fault: Fault, seed: int, index: int, rank: int, step: int) -
 class Injector:
     """The faults of one rank, with the hooks the training loop calls:
 
-    * ``before_step(step)`` -- at the start of a step: crash, kill.
+    * ``before_step(step)`` -- at the start of a step: crash, kill, hang.
     * ``after_compute(step, compute_s)`` -- after the forward/backward of all micro-steps:
       sleeps the delay and slow time owed; returns the seconds slept.
     * ``corrupt_grads(step, params)`` -- after backward: nan.
@@ -245,7 +250,7 @@ class Injector:
     def __init__(self, faults: Iterable[Fault], rank: int, workers: int, seed: int = 0,
                  sleep=time.sleep, fired_dir: Path | None = None) -> None:
         self.all = list(faults)
-        # crash and kill faults fire once per run directory: a marker left here before
+        # crash, kill and hang faults fire once per run directory: a marker left here before
         # firing keeps a restarted or resumed run from dying again at the same step
         self.fired_dir = None if fired_dir is None else Path(fired_dir)
         self.rank = rank
@@ -260,7 +265,7 @@ class Injector:
                 if f.kind in kinds and (f.rank == self.rank or f.rank in (RANDOM, ALL))]
 
     def before_step(self, step: int) -> None:
-        for i, f in self._mine(("crash", "kill")):
+        for i, f in self._mine(("crash", "kill", "hang")):
             if f.step != step:
                 continue
             if self.fired_dir is not None:
@@ -271,6 +276,9 @@ class Injector:
             self.events.append({"step": step, "rank": self.rank, "kind": f.kind})
             if f.kind == "crash":
                 raise InjectedFault(f"injected crash on rank {f.rank} at step {step}")
+            if f.kind == "hang":
+                while True:  # until a signal ends the process
+                    time.sleep(3600.0)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def delay_seconds(self, step: int, compute_s: float) -> list[tuple[Fault, float]]:

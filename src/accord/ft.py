@@ -468,7 +468,8 @@ class FTWorker:
                  get_state: Callable[[], Any], set_state: Callable[[Any], None],
                  timeouts: FTTimeouts | None = None, host: str = "localhost",
                  stats: CommStats | None = None,
-                 on_quorum: Callable[[FTCommunicator], None] | None = None) -> None:
+                 on_quorum: Callable[[FTCommunicator], None] | None = None,
+                 on_wait: Callable[[], None] | None = None) -> None:
         from torch.distributed import TCPStore
         from torchft import Manager
 
@@ -481,6 +482,12 @@ class FTWorker:
         self.replica = int(replica)
         self._get_state, self._set_state = get_state, set_state
         self._on_quorum = on_quorum
+        self._on_wait = on_wait
+        #: how long a step's quorum may keep failing (each attempt bounded by the quorum
+        #: timeout) before the worker gives up: long enough for the launcher to kill a
+        #: hung peer (step deadline) and the Lighthouse to drop it (heartbeat timeout)
+        self.patience = t.step_deadline + t.heartbeat + t.join
+        self.quorum_retries = 0
         self._snapshot: Any = None
         self._healed = False
         #: after :meth:`begin`: this step's quorum replaced our state with a live peer's
@@ -536,7 +543,7 @@ class FTWorker:
         membership bookkeeping. Returns the step number (committed steps so far)."""
         self._take_snapshot()
         self._healed = False
-        self.manager.start_quorum()
+        self._quorum()
         self.healed = self._healed
         if self.manager.errored() is not None:
             # the quorum's reconfiguration or our recovery failed: this step is lost and
@@ -556,6 +563,28 @@ class FTWorker:
             self.events.append(event)
             self.participants = members
         return self.step
+
+    def _quorum(self) -> None:
+        """``start_quorum``, retried after a quorum timeout for up to :attr:`patience`
+        seconds. A quorum that keeps half or fewer of the previous members waits until
+        the missing ones' heartbeats expire (torchft's split-brain guard); a *hung* peer
+        keeps heartbeating from its Rust thread until the launcher kills it at the step
+        deadline, so with two workers the survivor would otherwise give up first."""
+        deadline = time.monotonic() + self.patience
+        while True:
+            try:
+                self.manager.start_quorum()
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+                self.quorum_retries += 1
+                log.warning("fault-tolerant quorum timed out at step %d; retrying (%d)",
+                            self.step, self.quorum_retries)
+                # torchft keeps the failed attempt's future and would re-raise it
+                self.manager._quorum_future = None
+                if self._on_wait is not None:
+                    self._on_wait()
 
     def end(self) -> bool:
         """End a step: True if committed; else the snapshot is restored (every

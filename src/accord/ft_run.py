@@ -132,6 +132,7 @@ def ft_launch(cfg: TrainConfig) -> Any:
             spawn(i, joiner=False)
         _start_barrier(procs, logs, min(START_TIMEOUT_S, cfg.idle_timeout))
         respawns = 0
+        killed: set[subprocess.Popen] = set()  # hung workers already sent SIGKILL
         if cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, desc=f"{cfg.algo}/{cfg.task} x{len(mine)} (ft)",
@@ -149,8 +150,10 @@ def ft_launch(cfg: TrainConfig) -> Any:
             for i, p in list(procs.items()):
                 code = p.poll()
                 if code is None:
-                    if _hung(logs, i, timeouts.step_deadline):
-                        p.kill()  # reaped at the next poll
+                    if p.returncode is None and p not in killed and \
+                            _hung(logs, i, timeouts.step_deadline):
+                        killed.add(p)
+                        p.kill()  # reaped at a later poll
                         launcher_events.append({"type": "event", "kind": "hung", "rank": i,
                                                 "time": now})
                     continue
@@ -167,6 +170,12 @@ def ft_launch(cfg: TrainConfig) -> Any:
                                             "respawn": respawns, "time": time.time(),
                                             "step": _last_step(logs, i)})
             if not procs:
+                break
+            if cfg.lighthouse is None and not finished and len(procs) < cfg.min_workers:
+                # no quorum can form again (every worker is this launcher's and no
+                # replacement is left): end the run now, not after the quorum patience
+                launcher_events.append({"type": "event", "kind": "too_few_workers",
+                                        "alive": sorted(procs), "time": time.time()})
                 break
             time.sleep(0.05)
     except KeyboardInterrupt:
@@ -296,6 +305,9 @@ def _write_metrics(out: Path, logs: list[Path], cfg: TrainConfig, header: dict[s
     elif not complete:
         summary["error"] = (f"no worker finished the {cfg.steps} steps (fewer than "
                             f"--min-workers {cfg.min_workers} left, or every worker died)")
+        if any(r.get("kind") == "too_few_workers" for r in launcher_events):
+            summary["error"] += "; stopped by the launcher: no quorum could form again"
+
     stats = (final or {}).get("comm", {})
     done_steps = (final or {}).get("steps", max(steps, default=0))  # else: last record
     summary.update({
@@ -491,7 +503,8 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
 
     worker = ft.FTWorker(replica, lighthouse, cfg.min_workers, get_state, set_state,
                          timeouts=ft_timeouts(cfg), stats=CommStats(), host=ft_host(cfg),
-                         on_quorum=lambda comm: ft.refresh(agg, comm, cfg.workers))
+                         on_quorum=lambda comm: ft.refresh(agg, comm, cfg.workers),
+                         on_wait=lambda: heartbeat.beat(worker.step, "quorum"))
     book = ft.FTCommunicator(worker.manager, worker.pg, CommStats())  # the loop's own
     flat = FlatBuffer(state_tensors(model))
     eval_model = None
