@@ -220,47 +220,8 @@ def test_membership_event_and_p2p_refused():
 
 # -- real replicas -------------------------------------------------------------------------
 
-def test_replicas_train_and_agree(cluster):
-    """(a) Three replicas average gradients through FTCommunicator: every step commits
-    with 3 participants, and the replicas (seeded differently) agree at every step."""
-    c = cluster(min_replicas=3, workers=3, steps=12)
-    names = c.start(3)
-    for name in names:
-        assert c.wait(name) == 0, c.stderr(name)
-    runs = {name: c.records(name) for name in names}
-    for name, recs in runs.items():
-        assert done(recs)["step"] == 12, name
-        assert [r["step"] for r in steps_of(recs)] == list(range(12))
-        assert all(r["committed"] and r["n"] == 3 for r in steps_of(recs))
-        events = membership(recs)
-        assert [e["participants"] for e in events] == [[0, 1, 2]]
-        assert done(recs)["stats"]["allreduce"]["calls"] == 12
-    for step in range(12):
-        ref = committed(runs["r0"])[step]["params"]
-        for name in names[1:]:
-            assert_agree(committed(runs[name])[step]["params"], ref)
-
-
-def test_sigkill_survivors_continue(cluster):
-    """(b) SIGKILL one of three replicas mid-run: the other two finish without a restart,
-    their participants go from 3 to 2 and they still agree."""
-    c = cluster(min_replicas=2, workers=3, steps=30, sleep=0.05)
-    names = c.start(3)
-    c.wait_until("r2", lambda recs: len(committed(recs)) >= 5, "5 committed steps")
-    c.kill("r2")
-    for name in names[:2]:
-        assert c.wait(name) == 0, c.stderr(name)
-    runs = {name: c.records(name) for name in names[:2]}
-    for name, recs in runs.items():
-        assert done(recs)["step"] == 30, name
-        events = membership(recs)
-        assert [e["participants"] for e in events] == [[0, 1, 2], [0, 1]], events
-        assert events[1]["left"] == [2] and events[1]["joined"] == []
-        ns = [r["n"] for r in steps_of(recs) if r["committed"]]
-        assert ns[0] == 3 and ns[-1] == 2 and ns == sorted(ns, reverse=True)
-        assert sorted(committed(recs)) == list(range(30))
-    for step in range(30):
-        assert_agree(committed(runs["r1"])[step]["params"], committed(runs["r0"])[step]["params"])
+# Replicas agreeing without a failure (steps 0-7 below) and SIGKILLed replicas with
+# survivors going on (tests/test_ft_cli.py, through the launcher) are covered elsewhere.
 
 
 def test_death_inside_allreduce_discards_the_step(cluster):
