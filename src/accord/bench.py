@@ -47,9 +47,10 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
 * ``failures`` -- easgd with uniform and with dynamic weighting, 8 workers, ranks 2 and 5
   frozen for the middle third of 300 steps, 3 seeds, under SGD, Nesterov 0.9 and Adam.
 * ``failures-ft`` -- real deaths (needs ``accord[ft]``): ranks 2 and 5 of 8 SIGKILLed at a
-  third of 240 steps; easgd uniform, easgd dynamic and local_sgd, each fault-tolerant
-  without deaths (``-clean``), fault-tolerant with the deaths and one respawn (``-ft``)
-  and restarted from checkpoints by the normal launcher (``-restart``), 3 seeds, digits.
+  third of 240 steps; easgd uniform, easgd dynamic and local_sgd, each without deaths
+  (``-plain``: the normal launcher; ``-clean``: fault-tolerant), fault-tolerant with the
+  deaths and one respawn (``-ft``) and restarted from checkpoints by the normal launcher
+  (``-restart``), 3 seeds, digits.
 * ``dynamic-weighting`` -- asynchronous easgd with uniform vs dynamic weighting under SGD
   and AdaHessian, 4 and 8 workers, periods 1, 4 and 16, one or two frozen ranks and one
   3x slow rank, 3 seeds, on digits.
@@ -236,7 +237,8 @@ FT_KILLED = (2, 5)
 
 def _failures_ft() -> list[RunSpec]:
     """Real deaths: two of 8 workers SIGKILLed at a third of the run. EASGD with uniform
-    and dynamic weighting and local SGD, each three ways: fault-tolerant without a death
+    and dynamic weighting and local SGD, each four ways: the normal launcher without a
+    death (``-plain``, what fault tolerance costs), fault-tolerant without a death
     (``-clean``), fault-tolerant with the two deaths, the first respawned and the second
     not (``-ft``: ``--respawn 1``), and the normal launcher restarting every worker from
     the newest checkpoint (``-restart``: ``--checkpoint-every 20 --max-restarts 2``; the
@@ -247,7 +249,8 @@ def _failures_ft() -> list[RunSpec]:
     for label, algo, hp in (("easgd-uniform", "easgd", {"period": 4}),
                             ("easgd-dynamic", "easgd", {"period": 4, "weighting": "dynamic"}),
                             ("local_sgd", "local_sgd", {"period": 4})):
-        arms += [(f"{label}-clean", algo, hp, dict(ft)),
+        arms += [(f"{label}-plain", algo, hp, {}),
+                 (f"{label}-clean", algo, hp, dict(ft)),
                  (f"{label}-ft", algo, hp, {**ft, "respawn": 1, "faults": kills}),
                  (f"{label}-restart", algo, hp, {"faults": kills, "checkpoint_every": 20,
                                                  "max_restarts": 2})]
