@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/accord demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: setup
 	$(PY) benchmarks/adacons_toy.py
