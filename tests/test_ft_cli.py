@@ -50,7 +50,8 @@ def timeline(recs: list[dict]) -> list[list[int]]:
             if r.get("type") == "event" and r.get("kind") == "membership"]
 
 
-@pytest.mark.parametrize("algo", ["allreduce", "local_sgd", "easgd"])
+@pytest.mark.parametrize("algo", ["allreduce", pytest.param("local_sgd", marks=pytest.mark.slow),
+                                  "easgd"])
 def test_kill_survivors_finish(tmp_path: Path, algo: str) -> None:
     out = tmp_path / "run"
     res = accord_train("--algo", algo, "--workers", "3", "--steps", "60", "--out", str(out),
@@ -77,7 +78,8 @@ def test_kill_survivors_finish(tmp_path: Path, algo: str) -> None:
 HALF_LIFE = 8
 
 
-@pytest.mark.parametrize("algo", ["allreduce", "easgd-dynamic"])
+@pytest.mark.parametrize("algo", [pytest.param("allreduce", marks=pytest.mark.slow),
+                                  "easgd-dynamic"])
 def test_respawn_returns_to_three(tmp_path: Path, algo: str) -> None:
     out = tmp_path / "run"
     extra, steps = ["--log-every", "10"], 60
@@ -196,13 +198,13 @@ def test_too_few_workers_end_the_run_bounded(tmp_path: Path) -> None:
 def test_two_workers_survive_a_hung_peer(tmp_path: Path) -> None:
     """The hard case of a hang: worker 1 of 2 stops for good at step 10 without dying
     (its torchft heartbeat goes on). Worker 0's collective fails after the process-group
-    timeout (12 s); its quorum cannot drop a peer that still heartbeats (one of two is not
+    timeout (11 s); its quorum cannot drop a peer that still heartbeats (one of two is not
     a majority), so it retries until the launcher kills the hung worker at the step
-    deadline (20 s); then it goes on alone and finishes."""
+    deadline (14 s); then it goes on alone and finishes."""
     out = tmp_path / "run"
     res = accord_train("--algo", "allreduce", "--workers", "2", "--steps", "30", "--out",
-                       str(out), "--fault-tolerant", "--timeout", "12", "--idle-timeout",
-                       "20", "--fault", "hang:rank=1,step=10", "--no-progress")
+                       str(out), "--fault-tolerant", "--timeout", "11", "--idle-timeout",
+                       "14", "--fault", "hang:rank=1,step=10", "--no-progress")
     assert res.returncode == 0, res.stderr
     recs = records(out)
     assert timeline(recs) == [[0, 1], [0]]
