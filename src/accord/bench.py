@@ -823,7 +823,12 @@ def run_bench(configs: list[TrainConfig], out: Path, *, progress: bool = True,
             bar.set_description(f"[{i + 1}/{len(todo)}] {name}")
             _clear(Path(cfg.out), out)
             start = time.time()
-            launched = launch(cfg, quiet=True)
+            if cfg.fault_tolerant:  # its own launcher (a Lighthouse, replica groups)
+                from .ft_run import ft_launch
+
+                launched = ft_launch(cfg)
+            else:
+                launched = launch(cfg, quiet=True)
             record = {"run": cfg.out, "label": cfg.label, "task": cfg.task,
                       "workers": cfg.workers, "seed": cfg.seed,
                       "seconds": time.time() - start}
