@@ -389,3 +389,26 @@ def test_changed_steps_rerun_a_real_run(tiny_bench, tmp_path):
     assert max(r["step"] for r in records if r["type"] == "step") == 6
     assert not (Path(more[0].out) / "stale.txt").exists()
     assert bench.previous(more[0]).action == "reuse"
+
+
+def test_a_fault_tolerant_run_goes_through_the_fault_tolerant_launcher(tmp_path,
+                                                                        monkeypatch):
+    """The bench launches a --fault-tolerant config with ft_run.ft_launch (its Lighthouse
+    and replica groups), every other one with the normal launcher."""
+    pytest.importorskip("torchft")
+    from accord import ft_run
+    from accord.launch import LaunchResult
+
+    calls = []
+    monkeypatch.setattr(bench, "launch",
+                        lambda cfg, quiet: calls.append(("normal", cfg.label)) or
+                        LaunchResult(1, None, "stub"))
+    monkeypatch.setattr(ft_run, "ft_launch",
+                        lambda cfg: calls.append(("ft", cfg.label)) or
+                        LaunchResult(1, None, "stub"))
+    specs = [s for s in bench.preset("failures-ft")
+             if s.seed == 0 and s.label.startswith("local_sgd")]
+    configs = bench.plan(specs, tmp_path)
+    bench.run_bench(configs, tmp_path, progress=False, echo=lambda s: None)
+    assert sorted(calls) == [("ft", "local_sgd-clean"), ("ft", "local_sgd-ft"),
+                             ("normal", "local_sgd-plain"), ("normal", "local_sgd-restart")]
