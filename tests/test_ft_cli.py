@@ -289,3 +289,23 @@ def test_two_hosts_with_an_external_lighthouse(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "no metrics.jsonl" in bad.stderr
+
+
+def test_a_replacement_too_late_to_join_does_not_hold_the_run(tmp_path: Path) -> None:
+    """Worker 1 dies at step 55 of 60 and is respawned, but the survivors finish before
+    the replacement is up: alone, below --min-workers 2, it waits for a quorum that cannot
+    form. The launcher stops it once the run has ended (not after its quorum patience,
+    the step deadline) and the run ends ok."""
+    out = tmp_path / "run"
+    res = accord_train("--algo", "allreduce", "--workers", "3", "--steps", "60", "--out",
+                       str(out), "--fault-tolerant", "--min-workers", "2", "--respawn",
+                       "--fault", "kill:rank=1,step=55", "--no-progress", timeout=90)
+    assert res.returncode == 0, res.stderr
+    recs = records(out)
+    summary = recs[-1]
+    assert summary["status"] == "ok" and summary["finished_workers"] == [0, 2]
+    assert summary["respawns"] == 1
+    stopped = [r for r in recs if r.get("kind") == "stopped"]
+    assert [r["rank"] for r in stopped] == [1] and stopped[0]["reason"] == "the run had ended"
+    # the stopped replacement is not reported as a failed worker
+    assert [r["rank"] for r in recs if r.get("kind") == "worker_exit"] == [1]  # the kill

@@ -14,7 +14,9 @@ Launcher (:func:`ft_launch`, the process that ran ``accord train``):
    once a worker has finished);
    a worker whose heartbeat file is older than the step deadline (``--idle-timeout``) is
    killed as hung. The run ends when every worker process has exited; every wait is
-   bounded (workers stop on their own when their quorum times out);
+   bounded: a worker still alive ``END_GRACE_S`` after another finished every step is
+   stopped (``stopped`` event; e.g. a replacement that started too late to join), and
+   the run stops at once when fewer than ``--min-workers`` are alive with no respawn left;
 5. writes ``metrics.jsonl`` (a fixed writer: the launcher) from the workers' own files
    ``logs/ft<i>.jsonl``: the header, the step records (each written by the worker of
    quorum rank 0 of that committed step), the membership timeline (``membership``
@@ -50,6 +52,9 @@ REPLICA_ENV = "ACCORD_FT_REPLICA"
 LIGHTHOUSE_ENV = "ACCORD_FT_LIGHTHOUSE"
 JOINER_ENV = "ACCORD_FT_JOINER"  # a respawned worker: no start barrier, joins a live run
 START_TIMEOUT_S = 300.0  # the start barrier's bound (also bounded by idle_timeout)
+#: once a worker has finished every step, the others have this long to finish theirs;
+#: then the launcher stops them (a quorum timeout and more: their last steps' quorums)
+END_GRACE_S = 15.0
 
 
 def _worker_file(logs: Path, i: int) -> Path:
@@ -133,6 +138,8 @@ def ft_launch(cfg: TrainConfig) -> Any:
         _start_barrier(procs, logs, min(START_TIMEOUT_S, cfg.idle_timeout))
         respawns = 0
         killed: set[subprocess.Popen] = set()  # hung workers already sent SIGKILL
+        ended: set[subprocess.Popen] = set()  # still running after the run ended: stopped
+        ended_at: float | None = None
         if cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, desc=f"{cfg.algo}/{cfg.task} x{len(mine)} (ft)",
@@ -147,6 +154,19 @@ def ft_launch(cfg: TrainConfig) -> Any:
                 bar.set_postfix_str(f"workers {len(procs)}", refresh=False)
                 bar.refresh()
             finished = any(_finished(logs, i, cfg.steps) for i in mine)
+            if finished and ended_at is None:
+                ended_at = time.monotonic()
+            if ended_at is not None and time.monotonic() - ended_at > END_GRACE_S:
+                # the run has ended: a worker still here cannot finish it (e.g. a
+                # replacement that started too late waits for a quorum that cannot form)
+                for i, p in procs.items():
+                    if p not in ended and p.poll() is None:
+                        ended.add(p)
+                        p.terminate()
+                        launcher_events.append({"type": "event", "kind": "stopped",
+                                                "rank": i, "time": now,
+                                                "step": _last_step(logs, i),
+                                                "reason": "the run had ended"})
             for i, p in list(procs.items()):
                 code = p.poll()
                 if code is None:
@@ -158,7 +178,7 @@ def ft_launch(cfg: TrainConfig) -> Any:
                                                 "time": now})
                     continue
                 del procs[i]
-                if code == 0:
+                if code == 0 or p in ended:
                     continue
                 launcher_events.append({"type": "event", "kind": "worker_exit", "rank": i,
                                         "returncode": code, "time": now,
