@@ -47,9 +47,10 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
 * ``failures`` -- easgd with uniform and with dynamic weighting, 8 workers, ranks 2 and 5
   frozen for the middle third of 300 steps, 3 seeds, under SGD, Nesterov 0.9 and Adam.
 * ``failures-ft`` -- real deaths (needs ``accord[ft]``): ranks 2 and 5 of 8 SIGKILLed at a
-  third of 240 steps; easgd uniform, easgd dynamic and local_sgd, each without deaths
-  (``-plain``: the normal launcher; ``-clean``: fault-tolerant), fault-tolerant with the
-  deaths and one respawn (``-ft``) and restarted from checkpoints by the normal launcher
+  third of 240 steps of 40 ms emulated compute; easgd uniform, easgd dynamic and
+  local_sgd, each without deaths (``-plain``: the normal launcher; ``-clean``:
+  fault-tolerant), fault-tolerant with the deaths and one respawn (``-ft``) and
+  restarted from checkpoints by the normal launcher
   (``-restart``), 3 seeds, digits.
 * ``dynamic-weighting`` -- asynchronous easgd with uniform vs dynamic weighting under SGD
   and AdaHessian, 4 and 8 workers, periods 1, 4 and 16, one or two frozen ranks and one
@@ -233,6 +234,9 @@ def _failures() -> list[RunSpec]:
 #: the failures-ft preset: a run is this many steps; these ranks are SIGKILLed at a third
 FT_STEPS = 240
 FT_KILLED = (2, 5)
+#: every worker's step compute is emulated by a sleep of this many seconds (so that a
+#: replacement has steps left to join)
+FT_COMPUTE_S = 0.04
 
 
 def _failures_ft() -> list[RunSpec]:
@@ -243,14 +247,15 @@ def _failures_ft() -> list[RunSpec]:
     not (``-ft``: ``--respawn 1``), and the normal launcher restarting every worker from
     the newest checkpoint (``-restart``: ``--checkpoint-every 20 --max-restarts 2``; the
     second death may come after the first restart). Needs ``accord[ft]``."""
-    kills = [f"kill:rank={r},step={FT_STEPS // 3}" for r in FT_KILLED]
+    compute = [f"delay:rank=all,seconds={FT_COMPUTE_S:g}"]
+    kills = compute + [f"kill:rank={r},step={FT_STEPS // 3}" for r in FT_KILLED]
     ft = {"fault_tolerant": True, "min_workers": 4}
     arms = []
     for label, algo, hp in (("easgd-uniform", "easgd", {"period": 4}),
                             ("easgd-dynamic", "easgd", {"period": 4, "weighting": "dynamic"}),
                             ("local_sgd", "local_sgd", {"period": 4})):
-        arms += [(f"{label}-plain", algo, hp, {}),
-                 (f"{label}-clean", algo, hp, dict(ft)),
+        arms += [(f"{label}-plain", algo, hp, {"faults": compute}),
+                 (f"{label}-clean", algo, hp, {**ft, "faults": compute}),
                  (f"{label}-ft", algo, hp, {**ft, "respawn": 1, "faults": kills}),
                  (f"{label}-restart", algo, hp, {"faults": kills, "checkpoint_every": 20,
                                                  "max_restarts": 2})]
