@@ -146,7 +146,10 @@ def test_an_interrupted_run_is_recorded_as_interrupted(tmp_path):
     cmd = [*ACCORD, "train", "--algo", "allreduce", "--workers", "2", "--steps", "200",
            "--out", str(out), "--no-progress", "--log-every", "2",
            "--fault", "delay:rank=all,seconds=0.05"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell runs a background job with SIGINT ignored, and an ignored signal stays
+    # ignored across exec: give the launcher the default disposition a terminal has
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(600):  # until the run has logged a step
         time.sleep(0.1)
         path = out / "metrics.jsonl"

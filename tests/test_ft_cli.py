@@ -50,8 +50,8 @@ def timeline(recs: list[dict]) -> list[list[int]]:
             if r.get("type") == "event" and r.get("kind") == "membership"]
 
 
-@pytest.mark.parametrize("algo", ["allreduce", pytest.param("local_sgd", marks=pytest.mark.slow),
-                                  "easgd"])
+@pytest.mark.parametrize("algo", [pytest.param("allreduce", marks=pytest.mark.slow),
+                                  pytest.param("local_sgd", marks=pytest.mark.slow), "easgd"])
 def test_kill_survivors_finish(tmp_path: Path, algo: str) -> None:
     out = tmp_path / "run"
     res = accord_train("--algo", algo, "--workers", "3", "--steps", "60", "--out", str(out),
