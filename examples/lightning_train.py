@@ -13,6 +13,7 @@ validation runs on the consensus model (the mean of the replicas). Hyperparamete
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 import warnings
@@ -91,6 +92,13 @@ def main() -> None:
         print(f"{'algorithm':<12} {'val_acc':>8} {'seconds':>8}")
         for algo, acc, seconds in results:
             print(f"{algo:<12} {acc:>8.4f} {seconds:>8.2f}")
+    # tear down in order: the last DDP model before its process group (left to the
+    # interpreter's exit, gloo's threads can abort the process after a finished run)
+    del trainer, strategy
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
