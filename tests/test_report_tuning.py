@@ -107,6 +107,7 @@ GRID = [0.001, 0.003, 0.01, 0.03]
 
 
 def tuning_file(arms: list[dict], grid: dict | None = None) -> dict:
+    """Version 1, as accord wrote it with one tuning seed (still read)."""
     return {"version": 1, "grid": grid or {"lr": GRID}, "seed": 1000, "split": "val",
             "arms": arms}
 
@@ -243,7 +244,7 @@ def test_malformed_tuning_files_are_one_warning_each(tmp_path):
              curve=rising(0.8, 20, 1.0, 1.0))
     bad = {"torn": '{"version": 1, "grid": {"lr": [0.1',
            "shape": json.dumps({"version": 1, "grid": {"lr": [0.1]}, "arms": {"a": 1}}),
-           "future": json.dumps(tuning_file([]) | {"version": 2}),
+           "future": json.dumps(tuning_file([]) | {"version": 3}),
            "point": json.dumps(tuning_file([{"task": "digits", "workers": 2, "label": "a",
                                               "points": [{"value": 0.5}]}]))}
     for name, content in bad.items():
@@ -260,12 +261,68 @@ def test_malformed_tuning_files_are_one_warning_each(tmp_path):
     assert by_file["torn/tuning.json"].startswith("torn/tuning.json: not JSON (line 1")
     assert by_file["shape/tuning.json"] == ("shape/tuning.json: not a tuning file ('arms' is "
                                             "not a list); skipped")
-    assert "version 2; this report reads version 1" in by_file["future/tuning.json"]
+    assert "version 3; this accord reads versions 1, 2" in by_file["future/tuning.json"]
     assert "arms[0].points[0] has no 'setting' object" in by_file["point/tuning.json"]
     assert all(w.endswith("; skipped") for w in warnings)
     assert "## Tuning" not in text and "## Warnings" in text
     assert "Set aside: 1 tuning run " in text and "no tuning.json describes them" in text
     assert read_csv(root / "summary.csv")[0]["n_seeds"] == "1"
+
+
+def seeds_point(lr: float, values: list, statuses: list[str]) -> dict:
+    """A version-2 point over seeds 100, 101, 102, its mean and std computed here."""
+    ok = all(st == "ok" for st in statuses)
+    status = "ok" if ok else next(s for s in ("diverged", "failed", "not run") if s in statuses)
+    return {"setting": {"lr": lr}, "status": status,
+            "value": statistics.mean(values) if ok else None,
+            "std": statistics.stdev(values) if ok else None,
+            "runs": [{"seed": seed, "value": v, "status": st,
+                      "run": f"digits/acga/tune-lr-{lr:g}/seed{seed}"}
+                     for seed, v, st in zip((100, 101, 102), values, statuses, strict=True)]}
+
+
+def test_several_tuning_seeds_show_mean_spread_and_each_seed(tmp_path):
+    root = tmp_path / "runs"
+    points = [seeds_point(0.001, [0.7, 0.8, 0.9], ["ok"] * 3),
+              seeds_point(0.003, [0.9, 0.8, 0.7], ["ok"] * 3),
+              seeds_point(0.01, [0.6, 0.6, 0.6], ["ok"] * 3),
+              seeds_point(0.03, [0.99, None, None], ["ok", "diverged", "not run"])]
+    data = {"version": 2, "grid": {"lr": GRID}, "seeds": [100, 101, 102], "split": "val",
+            "arms": [{"task": "digits", "workers": 2, "label": "acga", "metric": "eval_acc",
+                      "higher": True, "points": points, "chosen": {"lr": 0.001},
+                      "chosen_value": 0.8}]}
+    root.mkdir()
+    (root / "tuning.json").write_text(json.dumps(data), encoding="utf-8")
+    make_run(root, "s0", label="acga", seed=0, lr=0.001, curve=rising(0.8, 20, 1.0, 1.0))
+    warnings: list[str] = []
+    text = report.write_report(root, warn=warnings.append).read_text(encoding="utf-8")
+    assert warnings == []
+    tuning = section_of(text, "Tuning")
+    assert ("Grid: lr in {0.001, 0.003, 0.01, 0.03}. Tuning seeds: 100, 101, 102 (each point "
+            "judged by its mean over them). Split: val.") in tuning
+    assert table_rows(tuning)["acga"] == [
+        "acga", "**0.8 ± 0.1 (0.7, 0.8, 0.9)**", "0.8 ± 0.1 (0.9, 0.8, 0.7)",
+        "0.6 ± 0 (0.6, 0.6, 0.6)", "diverged (0.99, diverged, not run)", "lr=0.001 (0.8 ± 0.1)"]
+    assert ("lr chosen per arm on the val split, seeds 100, 101, 102 (acga: lr=0.001): see "
+            "Tuning (`runs`).") in section_of(text, "digits, 2 workers")
+    assert (root / "figures" / "tuning_digits_w2.png").read_bytes()[:8] == PNG_SIGNATURE
+    t = report.load_tunings(root, lambda m: None)[0]
+    assert t.seeds == [100, 101, 102]
+    assert [p.std for p in t.arms[0].points][:3] == [statistics.stdev([0.7, 0.8, 0.9])] * 2 + [0]
+
+    # a point whose recorded mean or status does not follow from its runs is refused
+    points[1]["value"] = 0.85
+    (root / "tuning.json").write_text(json.dumps(data), encoding="utf-8")
+    report.write_report(root, figures=False, warn=warnings.append)
+    assert warnings == ["tuning.json: not a tuning file (arms[0].points[1].value 0.85 is not "
+                        "the mean of its runs (0.8)); skipped"]
+    points[1]["value"] = 0.8
+    points[3]["status"] = "ok"
+    (root / "tuning.json").write_text(json.dumps(data), encoding="utf-8")
+    warnings.clear()
+    report.write_report(root, figures=False, warn=warnings.append)
+    assert warnings == ["tuning.json: not a tuning file (arms[0].points[3].status 'ok' does "
+                        "not follow from its runs ('diverged')); skipped"]
 
 
 # -- the verdict -------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
   32, wagma, gossip and easgd on shakespeare with 8 workers on emulated 10 Gbit/s, 1 Gbit/s
   and 100 Mbit/s links (``OUT/network-<link>/``), 3 seeds.
 * ``acga-ablation-tuned``, ``elastic-tuned`` -- those presets with each arm at its own
-  learning rate (see ``--tune``); not part of ``all``.
+  learning rate (see ``--tune``: each grid point judged by its mean over the tuning seeds,
+  ``TUNE_SEEDS`` by default); not part of ``all``.
 * ``all`` -- every preset above.
 """
 
@@ -76,10 +77,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, apply_settings, validate
+from .config import MAX_SEED, ConfigError, TrainConfig, apply_settings, validate
 from .launch import launch
 from .metrics import Outcome, run_outcome, scan_metrics
 from .rundir import holder
+from .tuning import TUNING_FILE, Malformed, Tuning, TuningArm, TuningPoint, TuningRun, best_point
+from .tuning import parse as parse_tuning
 
 
 @dataclass(frozen=True)
@@ -420,8 +423,43 @@ def apply_overrides(specs: list[RunSpec], settings: list[str]) -> list[RunSpec]:
 
 # -- tuning -----------------------------------------------------------------------------------
 
-#: the default tuning seed: not one of the presets' evaluation seeds
-TUNE_SEED = 100
+#: the default tuning seeds: not one of the presets' evaluation seeds. Three, because one
+#: seed can put an arm at an edge-of-stability learning rate and flip a comparison
+TUNE_SEEDS = (100, 101, 102)
+
+
+def parse_tune_seeds(text: str, flag: str = "--tune-seeds") -> list[int]:
+    """``--tune-seeds S1,S2,...`` as a list; ConfigError (one line, naming ``flag``) unless
+    they are integers from 0 to 2**63 - 1, each once, at least one."""
+    items = [t.strip() for t in text.split(",")]
+    if items == [""]:
+        raise ConfigError(f"{flag}: got no seed; allowed: at least one (e.g. 100,101,102)")
+    try:
+        seeds = [int(t) for t in items]
+    except ValueError:
+        seeds = []
+    if len(seeds) != len(items):
+        raise ConfigError(f"{flag}: expected comma-separated integers (e.g. 100,101,102), "
+                          f"got {text!r}")
+    return check_tune_seeds(seeds, flag)
+
+
+def check_tune_seeds(seeds: list[int], flag: str = "--tune-seeds") -> list[int]:
+    """``seeds`` unchanged, or ConfigError (one line, naming ``flag``)."""
+    if not seeds:
+        raise ConfigError(f"{flag}: got no seed; allowed: at least one (e.g. 100,101,102)")
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{flag}: got {seed}; allowed: integers from 0 to 2**63 - 1")
+    repeated = next((s for s, n in Counter(seeds).items() if n > 1), None)
+    if repeated is not None:
+        raise ConfigError(f"{flag}: {repeated} given twice; allowed: each seed once")
+    return list(seeds)
+
+
+def _seed_list(seeds: int | list[int] | tuple[int, ...]) -> list[int]:
+    """A single tuning seed is a list of one."""
+    return [seeds] if isinstance(seeds, int) else list(seeds)
 
 
 def parse_tune(items: list[str]) -> dict[str, list[str]]:
@@ -456,8 +494,8 @@ def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
 
 
 def point_dir(point: dict[str, str]) -> str:
-    """The directory of a grid point's run, e.g. ``tune-lr-1e-3`` (keys without their
-    ``algo.``/``train.`` prefix)."""
+    """The directory of a grid point's runs, e.g. ``tune-lr-1e-3`` (keys without their
+    ``algo.``/``train.`` prefix); one ``seed<k>`` directory per tuning seed inside."""
     return "tune-" + "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items())
 
 
@@ -465,26 +503,34 @@ def _arm(spec: RunSpec) -> tuple:
     return (spec.group, spec.task, spec.workers, spec.label)
 
 
-def tuning_specs(specs: list[RunSpec], grid: dict[str, list[str]], seed: int) -> list[RunSpec]:
-    """One run per arm (group, task, workers, label) and grid point, on the tuning ``seed``,
-    evaluated on the held-out validation split (``eval_split=val``: part of the training
-    data, never the test split). ConfigError if ``seed`` is one of the evaluation seeds."""
+def tuning_specs(specs: list[RunSpec], grid: dict[str, list[str]],
+                 seeds: int | list[int] | tuple[int, ...], *, flag: str = "--tune-seeds"
+                 ) -> list[RunSpec]:
+    """One run per arm (group, task, workers, label), grid point and tuning seed (in that
+    order), evaluated on the held-out validation split (``eval_split=val``: part of the
+    training data, never the test split). ConfigError (naming ``flag``) if a tuning seed is
+    not a valid one (:func:`check_tune_seeds`) or is one of the evaluation seeds."""
+    seeds = check_tune_seeds(_seed_list(seeds), flag)
     used = sorted({s.seed for s in specs})
-    if seed in used:
-        raise ConfigError(f"--tune-seed {seed} is also an evaluation seed; allowed: a seed "
-                          f"not in {', '.join(map(str, used))}")
+    clash = [s for s in seeds if s in used]
+    if clash:
+        subject = f"{flag} {clash[0]}" if flag == "--tune-seed" else f"{flag}: {clash[0]}"
+        raise ConfigError(f"{subject} is also an evaluation seed; allowed: "
+                          f"{'a seed' if len(seeds) == 1 else 'seeds'} not in "
+                          f"{', '.join(map(str, used))}")
     arms: dict[tuple, RunSpec] = {}
     for spec in specs:
         arms.setdefault(_arm(spec), spec)
     out = []
     for template in arms.values():
         for point in grid_points(grid):
-            base = replace(template, seed=seed, point=point_dir(point))
+            base = replace(template, point=point_dir(point))
             try:
                 tuned = apply_overrides([base], [f"{k}={v}" for k, v in point.items()])[0]
             except ConfigError as e:
                 raise ConfigError(f"--tune: {e}") from None
-            out.append(replace(tuned, train={**tuned.train, "eval_split": "val"}))
+            out += [replace(tuned, seed=seed, train={**tuned.train, "eval_split": "val"})
+                    for seed in seeds]
     return out
 
 
@@ -515,85 +561,85 @@ def selection_metric(task: str) -> tuple[str, bool]:
     return ("eval_acc", True) if get_task(task).has_accuracy else ("eval_loss", False)
 
 
-def best_point(values: list[float | None], higher: bool) -> int | None:
-    """Index of the best finite value (the first in grid order on a tie); None if none."""
-    best = None
-    for i, v in enumerate(values):
-        if v is None or not math.isfinite(v):
-            continue
-        if best is None or (v > values[best] if higher else v < values[best]):
-            best = i
-    return best
-
-
 @dataclass
-class Tuning:
+class TuningChoice:
     """What tuning chose: per arm (group, task, workers, label) the grid point (as the
-    ``--tune`` texts) or None when no grid point finished."""
+    ``--tune`` texts) or None when no grid point finished on every tuning seed; and per
+    group the record written to its tuning.json."""
 
     chosen: dict[tuple, dict[str, str] | None]
     files: list[Path]
+    records: dict[tuple, TuningArm] = field(default_factory=dict)  # per arm, as written
 
 
-def choose(specs: list[RunSpec], grid: dict[str, list[str]], seed: int, out: Path) -> Tuning:
-    """Read every tuning run's final metric on the validation split, pick each arm's best
-    point and write ``OUT/<group>/tuning.json`` per group (the grid, the seed, each point's
-    value and status, the choice). A diverged, failed or missing run never wins."""
+#: what a tuning run's state counts as in tuning.json (see accord.tuning)
+_TUNING_STATUS = {"absent": "not run", "stale": "not run", "unreadable": "failed",
+                  "incomplete": "failed", "interrupted": "not run"}
+
+
+def choose(specs: list[RunSpec], grid: dict[str, list[str]],
+           seeds: int | list[int] | tuple[int, ...], out: Path) -> TuningChoice:
+    """Read every tuning run's final metric on the validation split, judge each grid point
+    by its mean over the tuning seeds (accord.tuning: a point with a seed that did not end
+    ok never wins; a tie goes to the first point in grid order), pick each arm's best and
+    write ``OUT/<group>/tuning.json`` per group (the grid, the seeds, each point's mean,
+    spread, status and per-seed runs, the choice)."""
+    seeds = check_tune_seeds(_seed_list(seeds))
     points = grid_points(grid)
     arms: dict[tuple, RunSpec] = {}
     for spec in specs:
         arms.setdefault(_arm(spec), spec)
     chosen: dict[tuple, dict[str, str] | None] = {}
-    per_group: dict[str, list[dict[str, Any]]] = {}
+    records: dict[tuple, TuningArm] = {}
+    per_group: dict[str, list[TuningArm]] = {}
     for key, template in arms.items():
         metric, higher = selection_metric(template.task)
-        rows, values = [], []
-        for point, spec in zip(points, tuning_specs([template], grid, seed), strict=True):
-            cfg = spec.config(out)
-            validate(cfg, check_out=False)  # fills in the defaults, as the run recorded them
-            prev = previous(cfg)
-            status = {"absent": "not run", "stale": "not run", "unreadable": "failed",
-                      "incomplete": "failed", "interrupted": "not run"}.get(prev.state,
-                                                                              prev.state)
-            value = (prev.summary or {}).get(metric) if prev.state == "ok" else None
-            value = value if isinstance(value, int | float) and math.isfinite(value) else None
-            values.append(value)
-            rows.append({"setting": {k: _setting_value(cfg, k) for k in point},
-                         "value": value, "status": status,
-                         "run": Path(cfg.out).relative_to(out / template.group).as_posix()})
-        best = best_point(values, higher)
+        runs = tuning_specs([template], grid, seeds)  # point by point, seed by seed
+        rows = []
+        for i, point in enumerate(points):
+            results = []
+            for spec in runs[i * len(seeds):(i + 1) * len(seeds)]:
+                cfg = spec.config(out)
+                validate(cfg, check_out=False)  # fills in the defaults, as the run recorded
+                prev = previous(cfg)
+                value = (prev.summary or {}).get(metric) if prev.state == "ok" else None
+                results.append(TuningRun(
+                    cfg.seed, float(value) if isinstance(value, int | float)
+                    and math.isfinite(value) else None,
+                    _TUNING_STATUS.get(prev.state, prev.state),
+                    Path(cfg.out).relative_to(out / template.group).as_posix()))
+            rows.append(TuningPoint({k: _setting_value(cfg, k) for k in point},
+                                    tuple(results)))
+        best = best_point([p.value for p in rows], higher)
         chosen[key] = points[best] if best is not None else None
-        per_group.setdefault(template.group, []).append({
-            "task": template.task, "workers": template.workers, "label": template.label,
-            "metric": metric, "higher": higher, "points": rows,
-            "chosen": rows[best]["setting"] if best is not None else None,
-            "chosen_value": values[best] if best is not None else None})
+        records[key] = TuningArm(template.task, template.workers, template.label, metric,
+                                 higher, rows, rows[best].setting if best is not None else None,
+                                 rows[best].value if best is not None else None)
+        per_group.setdefault(template.group, []).append(records[key])
     files = []
     for group, arm_rows in per_group.items():
-        path = out / group / "tuning.json"
+        path = out / group / TUNING_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        body = {"version": 1, "grid": {k: [_number(v) for v in vs] for k, vs in grid.items()},
-                "seed": seed, "split": "val", "arms": arm_rows}
+        record = Tuning({k: [_number(v) for v in vs] for k, vs in grid.items()}, seeds, "val",
+                        arm_rows)
         # a bench over part of the group (--tasks fashion after --tasks digits) keeps the
-        # other arms' tuning when it was the same grid and seed
+        # other arms' tuning when it was the same grid and seeds
         try:
-            before = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            before = parse_tuning(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, Malformed, RecursionError):
             before = None
-        if isinstance(before, dict) and {k: before.get(k) for k in ("grid", "seed")} == \
-                {k: body[k] for k in ("grid", "seed")} and isinstance(before.get("arms"), list):
-            mine = {(a["task"], a["workers"], a["label"]) for a in arm_rows}
-            body["arms"] = [a for a in before["arms"] if isinstance(a, dict) and
-                            (a.get("task"), a.get("workers"), a.get("label")) not in mine
-                            ] + arm_rows
+        if before is not None and (before.grid, before.seeds) == (record.grid, record.seeds):
+            mine = {(a.task, a.workers, a.label) for a in arm_rows}
+            record.arms = [a for a in before.arms
+                           if (a.task, a.workers, a.label) not in mine] + arm_rows
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(record.to_json(), indent=1) + "\n", encoding="utf-8")
         tmp.replace(path)
         files.append(path)
-    return Tuning(chosen, files)
+    return TuningChoice(chosen, files, records)
 
 
-def apply_choice(specs: list[RunSpec], tuning: Tuning) -> list[RunSpec]:
+def apply_choice(specs: list[RunSpec], tuning: TuningChoice) -> list[RunSpec]:
     """The evaluation runs at each arm's chosen point (an arm without one keeps its own
     settings)."""
     out = []
@@ -604,8 +650,21 @@ def apply_choice(specs: list[RunSpec], tuning: Tuning) -> list[RunSpec]:
     return out
 
 
-def tuning_table(specs: list[RunSpec], grid: dict[str, list[str]], tuning: Tuning) -> str:
-    """One line per arm: the chosen point, or why there is none."""
+def _spread(arm: TuningArm) -> str:
+    """`` (eval_acc 0.93 +- 0.01 over 3 seeds)`` for the chosen point, or nothing."""
+    point = next((p for p in arm.points if arm.chosen is not None
+                  and p.setting == arm.chosen), None)
+    if point is None or point.value is None:
+        return ""
+    std = f" +- {point.std:.2g}" if point.std is not None else ""
+    n = len(point.runs)
+    return f" ({arm.metric} {point.value:.4g}{std} over {n} seed{'s' * (n != 1)})"
+
+
+def tuning_table(specs: list[RunSpec], grid: dict[str, list[str]],
+                 tuning: TuningChoice) -> str:
+    """One line per arm: the chosen point (with its mean and spread over the tuning seeds),
+    or why there is none."""
     lines = []
     seen = set()
     for spec in specs:
@@ -614,8 +673,10 @@ def tuning_table(specs: list[RunSpec], grid: dict[str, list[str]], tuning: Tunin
             continue
         seen.add(key)
         point = tuning.chosen.get(key)
-        text = (", ".join(f"{k}={v}" for k, v in point.items()) if point else
-                "no grid point finished: evaluated at its own settings")
+        record = tuning.records.get(key)
+        text = (", ".join(f"{k}={v}" for k, v in point.items()) +
+                (_spread(record) if record is not None else "") if point else
+                "no grid point finished on every tuning seed: evaluated at its own settings")
         lines.append(f"tuned {spec.label} {spec.task} x{spec.workers}: {text}")
     return "\n".join(lines)
 
@@ -867,20 +928,25 @@ def tuned_groups(specs: list[RunSpec]) -> list[RunSpec]:
             for s in specs]
 
 
-def run_tuned(specs: list[RunSpec], grid: dict[str, list[str]], seed: int, out: Path, *,
-              progress: bool = True, echo: Callable[[str], None] = print
-              ) -> tuple[list[TrainConfig], BenchResult, Tuning]:
-    """Tune, then evaluate: every arm's grid on the tuning seed on the validation split,
-    each arm's best point by its final metric there (:func:`choose`), then the evaluation
-    seeds on the test split at that point. Every run of both phases is validated before
-    the first starts (the evaluation runs at the grid's points, which the tuning runs
-    check); both phases reuse finished runs, so an interrupted tuning resumes."""
-    tune_configs = plan(tuning_specs(specs, grid, seed), out)
+def run_tuned(specs: list[RunSpec], grid: dict[str, list[str]],
+              seeds: int | list[int] | tuple[int, ...], out: Path, *, progress: bool = True,
+              echo: Callable[[str], None] = print
+              ) -> tuple[list[TrainConfig], BenchResult, TuningChoice]:
+    """Tune, then evaluate: every arm's grid on each tuning seed (one seed: a list of one)
+    on the validation split, each arm's best point by its mean final metric over the tuning
+    seeds (:func:`choose`), then the evaluation seeds on the test split at that point. Every
+    run of both phases is validated before the first starts (the evaluation runs at the
+    grid's points, which the tuning runs check); both phases reuse finished runs, one per
+    (point, seed), so an interrupted tuning resumes."""
+    seeds = _seed_list(seeds)
+    tune_configs = plan(tuning_specs(specs, grid, seeds), out)
     plan(specs, out)
-    echo(f"bench: tuning {' x '.join(grid)} ({len(grid_points(grid))} points) on seed {seed}, "
-         f"judged on the validation split: {len(tune_configs)} runs")
+    on = (f"on seed {seeds[0]}" if len(seeds) == 1 else
+          f"on seeds {', '.join(map(str, seeds))}, each point judged by its mean over them")
+    echo(f"bench: tuning {' x '.join(grid)} ({len(grid_points(grid))} points) {on}, "
+         f"on the validation split: {len(tune_configs)} runs")
     first = run_bench(tune_configs, out, progress=progress, echo=echo)
-    tuning = choose(specs, grid, seed, out)
+    tuning = choose(specs, grid, seeds, out)
     for line in tuning_table(specs, grid, tuning).splitlines():
         echo(line)
     configs = plan(apply_choice(specs, tuning), out)

@@ -328,18 +328,36 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, as in `accord train --set`")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="tune KEY (any --set key; repeat for a grid) per arm on --tune-seed, "
-                        "judged on the validation split, then run the seeds at each arm's "
-                        "best; results go to OUT/<preset>-tuned")
-    p.add_argument("--tune-seed", type=int, default=bench.TUNE_SEED,
-                   help=f"the seed of the tuning runs (default {bench.TUNE_SEED}; not an "
-                        "evaluation seed)")
+                   help="tune KEY (any --set key; repeat for a grid) per arm on the tuning "
+                        "seeds, each point judged by its mean over them on the validation "
+                        "split, then run the seeds at each arm's best; results go to "
+                        "OUT/<preset>-tuned")
+    p.add_argument("--tune-seeds", default=None, metavar="S1,S2,...",
+                   help="the seeds of the tuning runs (default "
+                        f"{','.join(map(str, bench.TUNE_SEEDS))}; not evaluation seeds)")
+    p.add_argument("--tune-seed", type=int, default=None, metavar="S",
+                   help="one tuning seed: the same as --tune-seeds S")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-progress", action="store_true")
 
 
-def _bench_specs(args: argparse.Namespace) -> tuple[list[bench.RunSpec], dict[str, list[str]]]:
-    """The runs asked for and the tuning grid (empty: no tuning)."""
+def _tune_seeds(args: argparse.Namespace) -> tuple[list[int], str | None]:
+    """The tuning seeds and the flag that gave them (None: the default)."""
+    one, many = getattr(args, "tune_seed", None), getattr(args, "tune_seeds", None)
+    if one is not None and many is not None:
+        raise ConfigError("--tune-seed and --tune-seeds given together; allowed: one of them "
+                          "(--tune-seed S is --tune-seeds S)")
+    if many is not None:
+        return bench.parse_tune_seeds(many), "--tune-seeds"
+    if one is not None:
+        return bench.check_tune_seeds([one], "--tune-seed"), "--tune-seed"
+    return list(bench.TUNE_SEEDS), None
+
+
+def _bench_specs(args: argparse.Namespace
+                 ) -> tuple[list[bench.RunSpec], dict[str, list[str]], list[int]]:
+    """The runs asked for, the tuning grid (empty: no tuning) and the tuning seeds."""
+    tune_seeds, seeds_flag = _tune_seeds(args)
     tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
     workers = _int_list(args.workers, "workers") if args.workers is not None else None
     seeds = _int_list(args.seeds, "seeds") if args.seeds is not None else None
@@ -366,23 +384,26 @@ def _bench_specs(args: argparse.Namespace) -> tuple[list[bench.RunSpec], dict[st
         grid = bench.TUNED_PRESETS[args.preset][1]
     if grid:
         specs = bench.tuned_groups(specs)
-        bench.tuning_specs(specs, grid, getattr(args, "tune_seed", bench.TUNE_SEED))
-    return specs, grid
+        bench.tuning_specs(specs, grid, tune_seeds, flag=seeds_flag or "--tune-seeds")
+    elif seeds_flag:
+        raise ConfigError(f"{seeds_flag}: nothing is tuned; allowed: with --tune or a tuned "
+                          f"preset ({', '.join(bench.TUNED_PRESETS)})")
+    return specs, grid, tune_seeds
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
-        specs, grid = _bench_specs(args)
+        specs, grid, tune_seeds = _bench_specs(args)
         configs = bench.plan(specs, out)
         if grid:  # every tuning run validated too, before any run starts
-            bench.plan(bench.tuning_specs(specs, grid, args.tune_seed), out)
+            bench.plan(bench.tuning_specs(specs, grid, tune_seeds), out)
     except ConfigError as e:
         print(f"{PROG} bench: error: {e}", file=sys.stderr)
         return 2
     try:
         if grid:
-            configs, result, _ = bench.run_tuned(specs, grid, args.tune_seed, out,
+            configs, result, _ = bench.run_tuned(specs, grid, tune_seeds, out,
                                                  progress=not args.no_progress)
         else:
             result = bench.run_bench(configs, out, progress=not args.no_progress)
@@ -405,7 +426,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The quick preset, its report, and the final table."""
     args = argparse.Namespace(preset="quick", algos="", variant=[], tasks=None, workers=None,
                               seeds=None, steps=200, set=[], out=args.out, no_progress=False,
-                              tune=[], tune_seed=bench.TUNE_SEED)
+                              tune=[], tune_seed=None, tune_seeds=None)
     code = cmd_bench(args)
     if code == 0:
         path = report.write_report(Path(args.out) / "quick")

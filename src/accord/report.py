@@ -90,35 +90,30 @@ same for the summary's ``comm_bytes_mean`` (mean over workers) when present.
   baseline. ``summary.csv`` has the same as ``final_diff_vs_allreduce`` and
   ``separable_vs_allreduce`` (``yes`` / ``no``; empty for the baseline and without one).
 
-**Tuning.** ``accord bench --tune KEY=V1,V2,...`` runs each arm's grid on one tuning seed
-on the ``val`` split, picks each arm's best point, then runs the evaluation seeds on the
-test split at the chosen values; it writes a ``tuning.json`` in each bench group directory.
-Every file named ``tuning.json`` under ``RUNS_DIR`` (recursively) gives a subsection of
-"Tuning": its directory, the grid (several keys mean their cartesian product), the tuning
-seed, the split and the metric; then per (task, workers) a table with one row per arm and
-one column per grid point (in the grid's order): the final metric on the split, or
-``diverged`` / ``failed`` / ``not run``; the chosen point in bold and a "chosen" column.
+**Tuning.** ``accord bench --tune KEY=V1,V2,...`` runs each arm's grid on each tuning seed
+on the ``val`` split, picks each arm's best point by its mean over the tuning seeds, then
+runs the evaluation seeds on the test split at the chosen values; it writes a
+``tuning.json`` in each bench group directory. Every file named ``tuning.json`` under
+``RUNS_DIR`` (recursively) gives a subsection of "Tuning": its directory, the grid (several
+keys mean their cartesian product), the tuning seeds, the split and the metric; then per
+(task, workers) a table with one row per arm and one column per grid point (in the grid's
+order): the final metric on the split, or ``diverged`` / ``failed`` / ``not run``; with
+several tuning seeds, the mean ``± `` the sample std (or the point's status), then each
+seed's value or status in seed order, e.g. ``0.95 ± 0.01 (0.94, 0.95, 0.96)`` or
+``diverged (0.94, diverged, 0.96)``; the chosen point in bold and a "chosen" column.
 Its figure ``figures/tuning_<task>_w<workers>.png`` (``-2``, ``-3``, ... appended when
-several files tune the same task and workers) plots the metric against the tuned value, one
+several files tune the same task and workers) plots the metric (the mean over the tuning
+seeds, with a +- one-std error bar when there are several) against the tuned value, one
 line per arm in the arm's label colour, the chosen point as a star and the points without
 a value as crosses on the lower edge; the x axis is logarithmic when the values are all
 positive and span more than a factor 10, and categorical when they are not all numbers.
 With several keys there is one panel per key, and an arm's line in a panel holds only its
 points whose other keys are at that arm's chosen values (an arm with nothing chosen has no
 line there). Under a section's settings table, a note names the keys tuned for its labels
-(e.g. "lr chosen per arm on the val split, seed 1000: see Tuning"), and says so when the
-evaluation runs' config differs from the chosen value. A ``tuning.json`` that cannot be
-read or does not have this shape (version 1) is one warning line and is skipped.
-
-The format (version 1; ``run`` is relative to the file's directory, ``value`` is null
-unless ``status`` is ``ok``; ``status`` is ``ok``, ``diverged``, ``failed`` or ``not run``)::
-
-    {"version": 1, "grid": {"lr": [0.001, 0.003]}, "seed": 1000, "split": "val",
-     "arms": [{"task": "digits", "workers": 8, "label": "acga", "metric": "eval_acc",
-               "higher": true,
-               "points": [{"setting": {"lr": 0.001}, "value": 0.91, "status": "ok",
-                           "run": "digits/w8/acga/tune-lr-0.001/seed1000"}, ...],
-               "chosen": {"lr": 0.003}, "chosen_value": 0.93}]}
+(e.g. "lr chosen per arm on the val split, seeds 100, 101, 102: see Tuning"), and says so
+when the evaluation runs' config differs from the chosen value. A ``tuning.json`` that
+cannot be read or does not have the shape of :mod:`accord.tuning` (version 2, or version 1
+of a single tuning seed) is one warning line and is skipped.
 
 **Emulated network.** When a section's runs emulated a network (``config.network`` or
 ``config.network_profile``, ``accord train --network``), a line under its settings table
@@ -208,6 +203,8 @@ from typing import Any
 
 from .metrics import Outcome, run_outcome, scan_metrics
 from .network import Link, load_network_profile, parse_network
+from .tuning import TUNING_FILE, Malformed, Tuning, TuningArm, TuningPoint, scalar_key, setting_key
+from .tuning import parse as parse_tuning
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +427,7 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
                     run.membership.append((step, len(who)))
             elif record.get("kind") == "discarded":
                 run.discarded += 1
-        elif kind in ("checkpoint", "resume", "restart"):
+        elif kind in ("checkpoint", "resume", "restart", "start"):
             # a resumed or restarted run is still one run: its step records continue
             run.lifecycle[kind] = run.lifecycle.get(kind, 0) + 1
             continue
@@ -458,81 +455,12 @@ def _relative(path: Path, root: Path) -> str:
     return rel if rel != "." else path.name or "."
 
 
-# -- tuning.json ------------------------------------------------------------------------------
+# -- tuning.json (its one schema: accord.tuning) -----------------------------------------------
 
-TUNING_FILE = "tuning.json"
-TUNING_VERSION = 1
-
-
-class _Malformed(Exception):
-    """What is wrong with a tuning.json, in a few words."""
-
-
-@dataclass
-class TuningPoint:
-    setting: dict[str, Any]
-    value: float | None
-    status: str
-    run: str | None
-
-
-@dataclass
-class TuningArm:
-    task: str
-    workers: int
-    label: str
-    metric: str
-    higher: bool
-    points: list[TuningPoint]
-    chosen: dict[str, Any] | None
-    chosen_value: float | None
-
-
-@dataclass
-class Tuning:
-    name: str  # the directory holding tuning.json, relative to RUNS_DIR
-    grid: dict[str, list[Any]]
-    seed: int | None
-    split: str
-    arms: list[TuningArm]
-
-    def sections(self) -> list[tuple[str, int]]:
-        return sorted({(a.task, a.workers) for a in self.arms})
-
-    def arms_of(self, task: str, workers: int) -> list[TuningArm]:
-        arms = [a for a in self.arms if (a.task, a.workers) == (task, workers)]
-        return sorted(arms, key=lambda a: (a.label != BASELINE, a.label))
-
-    def columns(self) -> list[dict[str, Any]]:
-        """The grid's points in its order (cartesian product, first key slowest), then any
-        setting of a point that is not one of them, in file order."""
-        columns: list[dict[str, Any]] = [{}]
-        for key, values in self.grid.items():
-            columns = [{**c, key: v} for c in columns for v in values]
-        seen = {_setting_key(c) for c in columns}
-        for arm in self.arms:
-            for point in arm.points:
-                if _setting_key(point.setting) not in seen:
-                    seen.add(_setting_key(point.setting))
-                    columns.append(point.setting)
-        return columns
-
-
-def _scalar_key(value: Any) -> Any:
-    """A value compared as a number when it is one or spells one ("1e-3" is 0.001)."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return ("n", float(value))
-    return ("s", json.dumps(value, sort_keys=True))
-
-
-def _setting_key(setting: dict[str, Any]) -> tuple:
-    """A setting compared by value: 0.001, 1e-3 and 1 / 1.0 are the same."""
-    return tuple(sorted((k, _scalar_key(v)) for k, v in setting.items()))
+def _arms_of(t: Tuning, task: str, workers: int) -> list[TuningArm]:
+    """The arms of one (task, workers), the baseline first, then by label."""
+    arms = [a for a in t.arms if (a.task, a.workers) == (task, workers)]
+    return sorted(arms, key=lambda a: (a.label != BASELINE, a.label))
 
 
 def _fmt_value(value: Any) -> str:
@@ -548,67 +476,11 @@ def _fmt_setting(setting: dict[str, Any] | None) -> str:
     return ", ".join(f"{k}={_fmt_value(v)}" for k, v in setting.items())
 
 
-def _need(cond: bool, what: str) -> None:
-    if not cond:
-        raise _Malformed(what)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _parse_tuning(data: Any, name: str) -> Tuning:
-    _need(isinstance(data, dict), "not a JSON object")
-    version = data.get("version")
-    _need(version == TUNING_VERSION,
-          f"version {version!r}; this report reads version {TUNING_VERSION}")
-    grid = data.get("grid")
-    _need(isinstance(grid, dict) and bool(grid), "'grid' is not a non-empty object")
-    for key, values in grid.items():
-        _need(isinstance(values, list) and bool(values)
-              and all(isinstance(v, str | int | float) for v in values),
-              f"grid {key!r} is not a non-empty list of numbers or strings")
-    seed = data.get("seed")
-    _need(seed is None or _is_int(seed), "'seed' is not an integer")
-    split = data.get("split", "val")
-    _need(isinstance(split, str), "'split' is not a string")
-    arms = data.get("arms")
-    _need(isinstance(arms, list), "'arms' is not a list")
-    parsed = []
-    for i, arm in enumerate(arms):
-        where = f"arms[{i}]"
-        _need(isinstance(arm, dict), f"{where} is not an object")
-        for key, ok in (("task", isinstance(arm.get("task"), str)),
-                        ("workers", _is_int(arm.get("workers"))),
-                        ("label", isinstance(arm.get("label"), str)),
-                        ("points", isinstance(arm.get("points"), list))):
-            _need(ok, f"{where}.{key} missing or of the wrong type")
-        metric = arm.get("metric", "eval_acc")
-        _need(isinstance(metric, str), f"{where}.metric is not a string")
-        higher = arm.get("higher", "loss" not in metric)
-        _need(isinstance(higher, bool), f"{where}.higher is not true or false")
-        chosen = arm.get("chosen")
-        _need(chosen is None or isinstance(chosen, dict), f"{where}.chosen is not an object")
-        chosen_value = arm.get("chosen_value")
-        _need(chosen_value is None or isinstance(chosen_value, int | float)
-              and not isinstance(chosen_value, bool), f"{where}.chosen_value is not a number")
-        points = []
-        for j, point in enumerate(arm["points"]):
-            at = f"{where}.points[{j}]"
-            _need(isinstance(point, dict) and isinstance(point.get("setting"), dict),
-                  f"{at} has no 'setting' object")
-            value = point.get("value")
-            _need(value is None or isinstance(value, int | float)
-                  and not isinstance(value, bool), f"{at}.value is not a number or null")
-            status = point.get("status", "ok" if value is not None else "not run")
-            _need(isinstance(status, str), f"{at}.status is not a string")
-            run = point.get("run")
-            points.append(TuningPoint(point["setting"], _num(value) if status == "ok"
-                                      else None, status, run if isinstance(run, str)
-                                      else None))
-        parsed.append(TuningArm(arm["task"], arm["workers"], arm["label"], metric, higher,
-                                points, chosen or None, _num(chosen_value)))
-    return Tuning(name, grid, seed, split, parsed)
+def _fmt_seeds(seeds: list[int]) -> str:
+    """``seed 100`` or ``seeds 100, 101, 102`` (empty when the file names none)."""
+    if not seeds:
+        return ""
+    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
 
 
 def load_tunings(root: Path, warn: Warn) -> list[Tuning]:
@@ -619,13 +491,13 @@ def load_tunings(root: Path, warn: Warn) -> list[Tuning]:
         where = _relative(path, root)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            tunings.append(_parse_tuning(data, name))
+            tunings.append(parse_tuning(data, name))
         except OSError as e:
             warn(f"{where}: cannot be read ({e.strerror or e}); skipped")
         except (ValueError, UnicodeDecodeError) as e:
             why = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
             warn(f"{where}: not JSON ({why}); skipped")
-        except _Malformed as e:
+        except Malformed as e:
             warn(f"{where}: not a tuning file ({e}); skipped")
         except RecursionError:
             warn(f"{where}: not a tuning file (nested too deeply); skipped")
@@ -1349,10 +1221,10 @@ def _tuned_note(section: Section, tunings: list[Tuning]) -> list[str]:
     labels = {g.label: g for g in section.groups}
     lines = []
     for t in tunings:
-        arms = [a for a in t.arms_of(section.task, section.workers) if a.label in labels]
+        arms = [a for a in _arms_of(t, section.task, section.workers) if a.label in labels]
         if not arms:
             continue
-        seed = f", seed {t.seed}" if t.seed is not None else ""
+        seed = f", {_fmt_seeds(t.seeds)}" if t.seeds else ""
         keys = ", ".join(t.grid)
         chosen = "; ".join(f"{_md(a.label)}: {_md(_fmt_setting(a.chosen))}" for a in arms)
         text = (f"{_md(keys)} chosen per arm on the {_md(t.split)} split{seed} ({chosen}): "
@@ -1363,7 +1235,7 @@ def _tuned_note(section: Section, tunings: list[Tuning]) -> list[str]:
                 wrong: list[Any] = []
                 for r in labels[a.label].runs:
                     used = _tuned_value(r, key)
-                    if used is not None and _scalar_key(used) != _scalar_key(value) \
+                    if used is not None and scalar_key(used) != scalar_key(value) \
                             and used not in wrong:
                         wrong.append(used)
                 if wrong:
@@ -1387,11 +1259,26 @@ def _tuned_value(run: Run, key: str) -> Any:
     return run.config.get(name)
 
 
+def _point_text(point: TuningPoint) -> str:
+    """One seed: its value or status. Several: the mean +- sample std (or the point's
+    status), then each seed's value or status in seed order."""
+    if point.value is not None:
+        text = _fmt(point.value)
+        if point.std is not None:
+            text += f" ± {_fmt(point.std, 2)}"
+    else:
+        text = "-" if point.status == "ok" else _md(point.status)
+    if len(point.runs) > 1:
+        each = ", ".join(_fmt(r.value) if r.value is not None else
+                         ("-" if r.status == "ok" else _md(r.status)) for r in point.runs)
+        text += f" ({each})"
+    return text
+
+
 def _tuning_cell(point: TuningPoint | None, chosen: bool) -> str:
     if point is None:
         return "-"
-    text = _fmt(point.value) if point.value is not None else \
-        ("-" if point.status == "ok" else _md(point.status))
+    text = _point_text(point)
     return f"**{text}**" if chosen else text
 
 
@@ -1399,12 +1286,16 @@ def _tuning_table(t: Tuning, arms: list[TuningArm]) -> list[str]:
     columns = t.columns()
     rows = []
     for a in arms:
-        points = {_setting_key(p.setting): p for p in a.points}
-        chosen = _setting_key(a.chosen) if a.chosen else None
-        cells = [_tuning_cell(points.get(_setting_key(c)), _setting_key(c) == chosen)
+        points = {setting_key(p.setting): p for p in a.points}
+        chosen = setting_key(a.chosen) if a.chosen else None
+        cells = [_tuning_cell(points.get(setting_key(c)), setting_key(c) == chosen)
                  for c in columns]
         pick = _md(_fmt_setting(a.chosen)) if a.chosen else "none"
-        if a.chosen and a.chosen_value is not None:
+        point = points.get(chosen) if chosen is not None else None
+        if point is not None and point.value is not None:
+            pick += f" ({_fmt(point.value)}" + (
+                f" ± {_fmt(point.std, 2)})" if point.std is not None else ")")
+        elif a.chosen and a.chosen_value is not None:
             pick += f" ({_fmt(a.chosen_value)})"
         rows.append([_md(a.label), *cells, pick])
     return _table(["label", *[_md(_fmt_setting(c)) for c in columns], "chosen"], rows)
@@ -1413,9 +1304,11 @@ def _tuning_table(t: Tuning, arms: list[TuningArm]) -> list[str]:
 def _tuning_section(tunings: list[Tuning], figures: dict[tuple[int, str, int], str]
                     ) -> list[str]:
     lines = ["## Tuning", "",
-             "Runs of the tuning seed on a held-out split, one per arm and grid point: the "
-             "final metric, or why there is none. The chosen point of each arm is in bold; "
-             "its evaluation seeds are run there.", ""]
+             "Runs of the tuning seeds on a held-out split, one per arm, grid point and seed: "
+             "the final metric, or why there is none. With several tuning seeds a point is "
+             "judged by its mean over them (shown ± the sample std, then each seed's value "
+             "in seed order); a point with a seed that did not finish is never chosen. The "
+             "chosen point of each arm is in bold; its evaluation seeds are run there.", ""]
     for i, t in enumerate(tunings):
         grid = "; ".join(f"{_md(k)} in {{{', '.join(_md(_fmt_value(v)) for v in values)}}}"
                          for k, values in t.grid.items())
@@ -1423,15 +1316,18 @@ def _tuning_section(tunings: list[Tuning], figures: dict[tuple[int, str, int], s
         metrics = sorted({(a.metric, a.higher) for a in t.arms})
         metric = ", ".join(f"`{_md(m)}` ({'higher' if h else 'lower'} is better)"
                            for m, h in metrics) or "-"
+        seeds = (f"Tuning seed{'s' * (len(t.seeds) > 1)}: "
+                 f"{', '.join(map(str, t.seeds)) or '-'}")
+        if len(t.seeds) > 1:
+            seeds += " (each point judged by its mean over them)"
         lines += [f"### `{_md(t.name)}`", "",
-                  f"Grid: {grid}{product}. Tuning seed: "
-                  f"{t.seed if t.seed is not None else '-'}. Split: {_md(t.split)}. "
+                  f"Grid: {grid}{product}. {seeds}. Split: {_md(t.split)}. "
                   f"Metric: {metric}.", ""]
         if not t.arms:
             lines += ["No arm.", ""]
         for task, workers in t.sections():
             title = f"{task}, {workers} worker{'s' if workers != 1 else ''}"
-            lines += [f"#### {_md(title)}", "", *_tuning_table(t, t.arms_of(task, workers)),
+            lines += [f"#### {_md(title)}", "", *_tuning_table(t, _arms_of(t, task, workers)),
                       ""]
             name = figures.get((i, task, workers))
             if name:
@@ -1549,7 +1445,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                     n += 1
                     name = f"{slug}-{n}.png"
                 taken.add(name)
-                draw_tuning(t, t.arms_of(task, workers), styles, out / FIGURE_DIR / name)
+                draw_tuning(t, _arms_of(t, task, workers), styles, out / FIGURE_DIR / name)
                 tuning_drawn[i, task, workers] = name
 
     _write_points(out / "points.csv", sections)
@@ -1845,17 +1741,22 @@ def _tuning_lines(t: Tuning, arm: TuningArm, key: str
     """An arm's points on the axis of ``key``: (x, value) of the points with a value, the x
     of those without, and the chosen x (None when none or not on this line). With several
     keys, only the points whose other keys are at the arm's chosen values."""
-    others = [k for k in t.grid if k != key]
-    if others and not arm.chosen:
-        return [], [], None
-    chosen = arm.chosen or {}
-    on_line = [p for p in arm.points if key in p.setting
-               and all(k in p.setting and _scalar_key(p.setting[k]) == _scalar_key(chosen.get(k))
-                       for k in others)]
+    on_line = _on_line(t, arm, key)
     good = [(p.setting[key], p.value) for p in on_line if p.value is not None]
     missing = [p.setting[key] for p in on_line if p.value is None]
-    pick = chosen.get(key) if key in chosen else None
+    pick = (arm.chosen or {}).get(key)
     return good, missing, pick
+
+
+def _on_line(t: Tuning, arm: TuningArm, key: str) -> list[TuningPoint]:
+    """An arm's points on the axis of ``key`` (see :func:`_tuning_lines`)."""
+    others = [k for k in t.grid if k != key]
+    if others and not arm.chosen:
+        return []
+    chosen = arm.chosen or {}
+    return [p for p in arm.points if key in p.setting
+            and all(k in p.setting and scalar_key(p.setting[k]) == scalar_key(chosen.get(k))
+                    for k in others)]
 
 
 def draw_tuning(t: Tuning, arms: list[TuningArm], styles: dict[str, tuple[str, str]],
@@ -1900,8 +1801,14 @@ def draw_tuning(t: Tuning, arms: list[TuningArm], styles: dict[str, tuple[str, s
             line, = ax.plot(xs, ys, color=colour, linestyle=style, marker="o", markersize=4,
                             linewidth=1.5, label=arm.label)
             handles.setdefault(arm.label, line)
+            spread = [(pos(p.setting[key]), p.value, p.std) for p in _on_line(t, arm, key)
+                      if p.value is not None and p.std is not None]
+            if spread:  # several tuning seeds: +- one sample std around the mean
+                ax.errorbar([x for x, _, _ in spread], [v for _, v, _ in spread],
+                            yerr=[e for _, _, e in spread], color=colour, linestyle="none",
+                            capsize=3, linewidth=1)
             if pick is not None:
-                y = next((v for x, v in good if _scalar_key(x) == _scalar_key(pick)), None)
+                y = next((v for x, v in good if scalar_key(x) == scalar_key(pick)), None)
                 if y is not None:
                     ax.plot([pos(pick)], [y], marker="*", markersize=15, color=colour,
                             markeredgecolor="black", linestyle="none", zorder=5)
@@ -1922,7 +1829,7 @@ def draw_tuning(t: Tuning, arms: list[TuningArm], styles: dict[str, tuple[str, s
                bbox_to_anchor=(1 - 2.2 / (4.6 * len(keys) + 2.4), 0.5), fontsize=8,
                frameon=False)
     task, workers = arms[0].task, arms[0].workers
-    seed = f", seed {t.seed}" if t.seed is not None else ""
+    seed = f", {_fmt_seeds(t.seeds)}" if t.seeds else ""
     fig.suptitle(f"{task}, {workers} worker{'s' if workers != 1 else ''}: tuning on the "
                  f"{t.split} split{seed}")
     fig.savefig(path)
