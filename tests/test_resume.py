@@ -15,7 +15,7 @@ import pytest
 from worlds import free_port
 
 TIME_FIELDS = {"time_s", "comm_s", "seconds", "time", "steps_per_s", "worker_time_s",
-               "wait_s"}
+               "wait_s", "train_s", "attempts", "record_lag_s"}
 
 
 def _train(out: Path, *args: str, steps: int = 20) -> subprocess.CompletedProcess:
@@ -69,6 +69,26 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, algo, sets):
     # the clock continues from the checkpoint: the summary's time includes the first part
     at_checkpoint = next(r for r in records if r["type"] == "step" and r["step"] == 10)
     assert records[-1]["time_s"] >= at_checkpoint["time_s"]
+    assert [a["from_step"] for a in records[-1]["attempts"]] == [0, 10]
+    if algo != "acga":
+        return
+    # resuming the finished run: nothing to do, and every record stays as it was
+    before = (split / "metrics.jsonl").read_bytes()
+    again = _train(split, "--algo", algo, *sets, "--checkpoint-every", "10", "--resume", "auto")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip().splitlines() == [
+        f"accord train: nothing to do: run already finished at step 20 "
+        f"({split / 'metrics.jsonl'})"]
+    assert (split / "metrics.jsonl").read_bytes() == before
+    # a run that ended after its last checkpoint but before its summary resumes at the
+    # last step: no step left to run, the summary written, nothing else changed
+    lines = before.decode().splitlines(keepends=True)
+    (split / "metrics.jsonl").write_text("".join(lines[:-1]))
+    last = _train(split, "--algo", algo, *sets, "--checkpoint-every", "10", "--resume", "auto")
+    assert last.returncode == 0, last.stderr
+    assert "resuming from" in last.stderr and "step-20" in last.stderr
+    assert _steps(split) == _steps(straight)
+    assert _strip(_records(split)[-1]) == a
 
 
 def test_a_crash_costs_the_steps_since_the_last_checkpoint(tmp_path):
@@ -121,6 +141,36 @@ def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "no complete checkpoint" in run.stderr
     assert [r["step"] for r in _records(out) if r["type"] == "step"] == [5]
+    # the finished run has no checkpoint: another seed must not replace its records
+    before = (out / "metrics.jsonl").read_bytes()
+    other = _train(out, "--algo", "allreduce", "--resume", "auto", "--seed", "7", steps=5)
+    assert other.returncode == 2
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert "seed: the run has 0, this has 7" in other.stderr
+    same = _train(out, "--algo", "allreduce", "--resume", "auto", steps=5)
+    assert same.returncode == 0 and "nothing to do" in same.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_restart_without_a_checkpoint_keeps_the_first_attempt_in_the_record(tmp_path):
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert _train(straight, "--algo", "local_sgd").returncode == 0
+    run = _train(out, "--algo", "local_sgd", "--max-restarts", "1", "--fault",
+                 "crash:rank=1,step=13")
+    assert run.returncode == 0, run.stderr
+    records = _records(out)
+    kinds = [r["type"] for r in records]
+    assert kinds.count("header") == 1 and kinds.count("restart") == 1
+    assert [(r["step"], r["checkpoint"]) for r in records if r["type"] == "resume"] == [(0, None)]
+    assert _steps(out) == _steps(straight)  # from step 0 again, no step record twice
+    summary = records[-1]
+    assert summary["status"] == "ok"
+    assert [a["from_step"] for a in summary["attempts"]] == [0, 0]
+    # the wall time covers both attempts: the lost 13 steps and the restart are in it
+    assert summary["time_s"] == pytest.approx(sum(a["seconds"] for a in summary["attempts"]))
+    first_attempt = summary["attempts"][0]["seconds"]
+    assert summary["time_s"] > summary["train_s"] + first_attempt * 0.5
 
 
 def test_max_restarts_survives_a_killed_worker_and_gives_up_after_r(tmp_path):
@@ -160,6 +210,13 @@ def test_torchrun_restarts_resume_from_the_checkpoint(tmp_path):
     assert [r["step"] for r in records if r["type"] == "resume"] == [10]
     assert [r["step"] for r in records if r["type"] == "step"] == [5, 10, 15, 20]
     assert records[-1]["status"] == "ok"
+    # the same recipe again after success: nothing to do on every rank, records intact
+    before = (out / "metrics.jsonl").read_bytes()
+    cmd[cmd.index("--master_port") + 1] = str(free_port())
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to do: run already finished at step 20" in again.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
 
 
 def test_the_report_reads_a_restarted_run_as_one(tmp_path):
@@ -178,4 +235,4 @@ def test_the_report_reads_a_restarted_run_as_one(tmp_path):
     run = load_run(out, runs, lambda message: None)
     assert run.status == "ok"
     assert [r["step"] for r in run.steps] == [5, 10]
-    assert run.lifecycle == {"checkpoint": 2, "restart": 1, "resume": 1}
+    assert run.lifecycle == {"checkpoint": 2, "restart": 1, "resume": 1, "start": 2}

@@ -170,9 +170,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if cfg.resume is None:
                 rundir.prepare(cfg.out, args.overwrite)
             else:  # the run directory holds the run to continue
-                note = resume_plan(cfg)
+                note, todo = resume_plan(cfg)
                 if note:
                     print(f"{PROG} train: {note}", file=sys.stderr)
+                if not todo and not under_torchrun():
+                    return 0  # (under torchrun every rank learns it from rank 0)
     except ConfigError as e:
         if rank == 0:  # under torchrun every rank validates; one line is enough
             print(f"{PROG} train: error: {e}", file=sys.stderr)
@@ -241,8 +243,8 @@ def _torchrun_worker(cfg: TrainConfig, rank: int, driver: bool) -> int:
     try:
         if lock is not None:
             lock.acquire()
-        summary = run_worker(cfg)
-        code = EXIT_CODES.get((summary or {}).get("status", "ok"), 0)
+        summary = run_worker(cfg) or {}
+        code = 0 if summary.get("nothing_to_do") else EXIT_CODES.get(summary.get("status", "ok"), 0)
     except ConfigError as e:
         print(f"{PROG} train: error: {e}", file=sys.stderr)
         code = 2

@@ -688,6 +688,19 @@ def _check_second_order(cfg: TrainConfig) -> None:
 
     gradient_phase = cfg.algo in HOOK_ALGORITHMS or (
         cfg.algo == "local_sgd" and cfg.hyperparameters.get("warmup_steps", 0) > 0)
+    from . import algorithms
+    from .core import resolve_hyperparameters
+
+    cls = algorithms.get(cfg.algo)
+    try:
+        hp = resolve_hyperparameters(cfg.algo, cls.hyperparameters, cfg.hyperparameters)
+    except (TypeError, ValueError):
+        hp = None  # named by the hyperparameter check
+    if hp is not None and cls.mixes_before_step(hp):
+        raise ConfigError(
+            f"optimizer: got {cfg.optimizer!r} with {cfg.algo!r}, allowed: an algorithm "
+            "that does not mix the parameters before the optimizer step (this one changes "
+            "them in place after backward, under AdaHessian's Hessian-vector product)")
     if gradient_phase:
         raise ConfigError(
             f"optimizer: got {cfg.optimizer!r} with {cfg.algo!r}, allowed: a model-phase "

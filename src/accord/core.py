@@ -285,6 +285,26 @@ class Aggregator:
         """Constraints between hyperparameters and the world size; ValueError if violated.
         Runs before any worker starts (CLI) and again in the constructor."""
 
+    @classmethod
+    def mixes_before_step(cls, hp: Mapping[str, Any]) -> bool:
+        """True when, with hyperparameters ``hp``, ``after_backward`` changes the parameters
+        in place (mixing before the optimizer step): a second-order optimizer's
+        Hessian-vector product then finds its graph's inputs modified, so it is refused."""
+        return False
+
+    @property
+    def avoids_waits(self) -> bool:
+        """True when this aggregator, as configured, never waits for a slow rank's compute
+        between its synchronisation points (wait-avoiding WAGMA, asynchronous EASGD). The
+        training loop then observes the run without global waits (:mod:`accord.observe`)."""
+        return False
+
+    def synchronised(self, step: int) -> bool:
+        """True when step ``step`` ended with every rank waiting for every other (a blocking
+        global collective, e.g. WAGMA's global average), so a loop may add a global vote
+        there without adding a wait. Asked only of aggregators that avoid waits."""
+        return False
+
     def consensus_params(self) -> list[torch.Tensor] | None:
         """Tensors (one per parameter, then per buffer) to evaluate as the run's consensus
         model, or None for the mean of the replicas. EASGD returns its centre."""

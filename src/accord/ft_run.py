@@ -485,7 +485,7 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
     from .core import StepContext
     from .failures import Heartbeat
     from .tasks import get_task, to_device
-    from .train import _finite, _guard, make_optimizer, state_tensors
+    from .train import _finite, _guard, make_optimizer, seed_worker, state_tensors
 
     def handler(signum, frame):
         raise KeyboardInterrupt
@@ -502,6 +502,7 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
     heartbeat.beat(0, "start")
     # a world of one: the aggregators are built as usual; FTCommunicator replaces it
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    seed_worker(cfg.seed, replica)
     task = get_task(cfg.task)(cfg.seed, cfg.data_dir, split=cfg.eval_split)
     model = task.build_model()
     optimizer = make_optimizer(cfg, model.parameters())

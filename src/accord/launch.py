@@ -219,8 +219,8 @@ def _wait(procs: list[subprocess.Popen], logs: Path,
 
 def finish_summary(path: Path, status: str, fields: dict, keep: tuple[str, ...] = ()) -> None:
     """Make the last record of ``metrics.jsonl`` a summary with ``status`` and ``fields``
-    (replacing a summary rank 0 wrote, unless its status is in ``keep``), keeping the
-    last evaluation. Written to a temporary file and renamed: never half a file."""
+    (replacing a summary rank 0 wrote, unless its status is ok, diverged or in ``keep``),
+    keeping the last evaluation. Written to a temporary file and renamed: never half a file."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -234,7 +234,9 @@ def finish_summary(path: Path, status: str, fields: dict, keep: tuple[str, ...] 
     if not records:
         return
     old = records[-1] if records[-1].get("type") == "summary" else None
-    if old is not None and old.get("status") in keep:
+    # a run that ended by itself (every step done, or diverged) keeps its summary whatever
+    # happened afterwards (a worker failing at exit, a signal during teardown)
+    if old is not None and old.get("status") in (*keep, "ok", "diverged"):
         return
     if old is not None:
         records.pop()

@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,10 @@ class MetricsWriter:
         self.path = Path(path)
         self.file = self.path.open("a" if append else "w", encoding="utf-8")
         self.last_eval: dict[str, Any] = {"eval_loss": None}  # until the first evaluation
+        #: the run's attempts so far ({"from_step", "started"}), set by the training loop
+        self.attempts: list[dict[str, Any]] = []
+        # an asynchronous run's records come from its observer thread
+        self.lock = threading.Lock()
         self.tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -74,6 +79,10 @@ class MetricsWriter:
             self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None and record.get("type") == "step":

@@ -39,9 +39,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
+import random
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -50,6 +51,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -58,19 +60,83 @@ from .comm import Communicator, FlatBuffer, compress_payloads, emulate_network, 
 from .config import SECOND_ORDER, ConfigError, TrainConfig, emulated_network, payload_compression
 from .core import Aggregator, StepContext
 from .failures import Heartbeat, attribute, is_consequence, one_line, wait_for_reports
-from .metrics import MetricsWriter, run_environment
-from .tasks import get_task, to_device
+from .metrics import MetricsWriter, run_environment, scan_metrics
+from .observe import AsyncObserver, ConsensusProbe, divergence, finite_or_none, state_tensors
+from .tasks import get_task, stream_seed, to_device
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # under the run directory
+#: key of the global generators' seed, beside (seed, rank): distinct from the data stream's
+RNG_KEY = 0x5EED
+#: the summary statuses of a run that ended by itself: a resume finds nothing to do
+ENDED = ("ok", "diverged")
+
+# names other modules (and older scripts) import from here
+ConsensusProbe = ConsensusProbe
+state_tensors = state_tensors
+_finite = finite_or_none
+_divergence = divergence
+
+
+def ended_run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The summary of the run in ``cfg.out`` if it ended by itself (status ``ok`` after at
+    least ``cfg.steps`` steps, or ``diverged``): resuming it has nothing to do."""
+    path = Path(cfg.out) / "metrics.jsonl"
+    try:
+        records = scan_metrics(path).records if path.is_file() else []
+    except OSError:
+        return None
+    summary = records[-1] if records and records[-1].get("type") == "summary" else None
+    if summary is None or summary.get("status") not in ENDED:
+        return None
+    steps = summary.get("steps")
+    if summary["status"] == "ok" and not (isinstance(steps, int) and steps >= cfg.steps):
+        return None  # a longer run of the same settings continues it
+    return summary
+
+
+def _header(out: Path) -> dict[str, Any] | None:
+    """The header record of ``out``'s metrics.jsonl, or None (no file, or none readable)."""
+    path = out / "metrics.jsonl"
+    try:
+        records = scan_metrics(path).records if path.is_file() else []
+    except OSError:
+        return None
+    head = records[0] if records else None
+    return head if head is not None and head.get("type") == "header" else None
+
+
+def _differs(cfg: TrainConfig, header: dict[str, Any]) -> str | None:
+    """The first setting a resumed run may not change that differs from the run recorded
+    in ``header`` ("seed: the run has 0, this has 7"), or None."""
+    recorded = {**TrainConfig.ADDED_DEFAULTS, **(header.get("config") or {})}
+    for key, value in cfg.fingerprint().items():
+        if recorded.get(key) != value:
+            return f"{key}: the run has {recorded.get(key)!r}, this has {value!r}"
+    return None
+
+
+def same_run(cfg: TrainConfig) -> None:
+    """CheckpointError (one line) when ``cfg.out``'s records are of a run with settings a
+    resumed run may not change: resuming, or starting over, would mix or replace it."""
+    header = _header(Path(cfg.out))
+    differs = None if header is None else _differs(cfg, header)
+    if differs is not None:
+        raise checkpoint.CheckpointError(
+            f"{Path(cfg.out) / 'metrics.jsonl'} records a run with other settings "
+            f"({differs}); allowed: that run's settings (a resumed run may change: "
+            f"{', '.join(TrainConfig.RESUME_MAY_CHANGE)}), or another --out")
 
 
 def resolve_resume(cfg: TrainConfig, world: int) -> tuple[Path | None, list[str]]:
     """The checkpoint a ``--resume`` run continues from (None: ``auto`` found none, start
     from step 0) and one line per newer checkpoint skipped. A named checkpoint that cannot
-    be used raises :class:`accord.checkpoint.CheckpointError`."""
+    be used raises :class:`accord.checkpoint.CheckpointError`, and so does ``auto`` without
+    a checkpoint when the directory's records are of a run with other settings (starting
+    over would replace that run)."""
     root = Path(cfg.out) / CHECKPOINTS
+    same_run(cfg)
     if cfg.resume == "auto":
         path, skipped = checkpoint.find(root, world, cfg.fingerprint())
         if path is None:
@@ -88,10 +154,17 @@ def resolve_resume(cfg: TrainConfig, world: int) -> tuple[Path | None, list[str]
     return path, []
 
 
-def resume_plan(cfg: TrainConfig) -> str:
-    """Check ``--resume`` before any worker starts; what the run will do, for the terminal.
-    ConfigError (one line) for a checkpoint that cannot be used."""
+def resume_plan(cfg: TrainConfig) -> tuple[str, bool]:
+    """Check ``--resume`` before any worker starts: what the run will do, for the terminal,
+    and whether there is anything to do (False: the run already ended). ConfigError (one
+    line) for a checkpoint that cannot be used."""
     try:
+        same_run(cfg)
+        ended = ended_run(cfg)
+        if ended is not None:
+            how = "finished" if ended["status"] == "ok" else "ended (diverged)"
+            return (f"nothing to do: run already {how} at step {ended.get('steps')} "
+                    f"({Path(cfg.out) / 'metrics.jsonl'})"), False
         path, skipped = resolve_resume(cfg, cfg.workers)
     except checkpoint.CheckpointError as e:
         hint = ""
@@ -100,21 +173,20 @@ def resume_plan(cfg: TrainConfig) -> str:
         raise ConfigError(f"resume: {e}{hint}") from None
     lines = [f"skipped {line}" for line in skipped]
     if path is None:
+        kept = " (the earlier attempts' records are kept)" if _header(Path(cfg.out)) else ""
         lines.append(f"no complete checkpoint under {Path(cfg.out) / CHECKPOINTS}; "
-                     "starting from step 0")
+                     f"starting from step 0{kept}")
     else:
         lines.append(f"resuming from {path}")
-    return "\n".join(lines)
+    return "\n".join(lines), True
 
 
-def _continue_metrics(path: Path, step: int, record: dict[str, Any]) -> None:
+def _continue_metrics(path: Path, step: int, record: dict[str, Any]) -> list[dict[str, Any]]:
     """Keep the records of ``metrics.jsonl`` up to checkpoint step ``step`` (a crashed run
-    wrote some past it), drop its summary, and add ``record`` (the resume): the file then
-    reads as one run."""
-    from .metrics import read_metrics
-
+    wrote some past it; a torn last line is dropped), drop its summary, and add ``record``
+    (the resume): the file then reads as one run. Returns the records kept."""
     kept = []
-    for r in read_metrics(path) if path.exists() else []:
+    for r in scan_metrics(path).records if path.exists() else []:
         kind = r.get("type")
         if kind == "summary":
             continue
@@ -123,9 +195,19 @@ def _continue_metrics(path: Path, step: int, record: dict[str, Any]) -> None:
         if kind == "event" and r.get("step", 0) >= step:
             continue
         kept.append(r)
+    kept.append(record)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in [*kept, record]), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)
+    return kept
+
+
+def _attempts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier attempts of a run (first step, wall-clock start of the training loop)
+    from their ``start`` records."""
+    return [{"from_step": int(r.get("step", 0)), "started": float(r["time"])}
+            for r in records if r.get("type") == "start"
+            and isinstance(r.get("time"), int | float) and isinstance(r.get("step"), int)]
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -151,46 +233,16 @@ def nonfinite_grads(params) -> bool:
     return bool(flags) and not bool(torch.stack(flags).all())
 
 
-def _finite(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None
-
-
-class ConsensusProbe:
-    """The consensus model (mean of the replicas, or the algorithm's centre such as EASGD's)
-    and ``consensus_distance`` = mean over replicas of ||x_i - mean||^2 (parameters and float
-    buffers), measured on a copy: training state and the algorithm's counters are untouched.
-    Collective: every rank calls ``measure``; rank 0 gets the model to evaluate."""
-
-    def __init__(self, model: torch.nn.Module, comm: Communicator) -> None:
-        self.comm = comm
-        self.flat = FlatBuffer(state_tensors(model))
-        self.mean = self.flat.new_buffer()
-        self.model = copy.deepcopy(model) if comm.rank == 0 else None
-        self.target = FlatBuffer(state_tensors(self.model)) if self.model is not None else None
-
-    @torch.no_grad()
-    def measure(self, agg: Aggregator) -> tuple[torch.nn.Module | None, float]:
-        x = self.flat.load_values()
-        self.mean.copy_(x)
-        self.comm.all_reduce_(self.mean, op="avg")
-        sq = (x - self.mean).double().pow(2).sum().reshape(1)
-        distance = float(self.comm.all_reduce_(sq, op="avg"))
-        if self.target is None:
-            return None, distance
-        self.target.store_values(self.mean)
-        centre = agg.consensus_params()
-        if centre is not None:
-            if len(centre) != len(self.target.tensors):
-                raise RuntimeError(f"{agg.name}: consensus_params gave {len(centre)} tensors "
-                                   f"for a model state of {len(self.target.tensors)}")
-            for t, c in zip(self.target.tensors, centre, strict=True):
-                t.copy_(c)
-        return self.model, distance
-
-
-def state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """What a model-phase algorithm averages: the parameters and floating-point buffers."""
-    return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+def seed_worker(seed: int, rank: int) -> None:
+    """Seed every global generator a task, model, optimizer or user code may draw from
+    (torch on the CPU and every GPU, numpy, ``random``) from (run seed, rank): dropout masks
+    and AdaHessian's Hutchinson probes then repeat from run to run and differ between ranks,
+    as the data streams do. (Initial models come from the task's own seeded generator and
+    data streams from generators keyed (seed, rank), so neither depends on this.)"""
+    value = stream_seed(seed, rank, RNG_KEY)
+    torch.manual_seed(value)  # also seeds every CUDA device
+    np.random.seed(value % 2**32)
+    random.seed(value)
 
 
 def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -231,33 +283,51 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
                 dist.init_process_group(cfg.resolved_backend(), store=store, rank=rank,
                                         world_size=world,
                                         timeout=timedelta(seconds=cfg.timeout))
-        heartbeat = Heartbeat(logs, rank)
-        heartbeat.beat(0, "start")
-        emulate_network(emulated_network(cfg))  # every Communicator of this process
-        compress_payloads(payload_compression(cfg))
         resume = None
         if cfg.resume is not None:  # rank 0 decides, every rank follows
             choice: list[Any] = [None]
             if rank == 0:
-                path, skipped = resolve_resume(cfg, world)
-                choice = [None if path is None else (str(path), skipped)]
+                same_run(cfg)
+                ended = ended_run(cfg)
+                if ended is not None:
+                    choice = [("ended", ended)]
+                else:
+                    path, skipped = resolve_resume(cfg, world)
+                    continued = path is None and _header(out) is not None
+                    choice = [("start", continued) if path is None
+                              else ("checkpoint", (str(path), skipped))]
             if world > 1:
                 dist.broadcast_object_list(choice, src=0)
-            resume = choice[0]
+            kind, detail = choice[0]
+            if kind == "ended":  # nothing to do; every record stays as it was
+                return {**detail, "nothing_to_do": True} if rank == 0 else None
+            resume = detail if kind == "checkpoint" else None
+            continued = kind == "start" and detail
+        else:
+            continued = False
+        heartbeat = Heartbeat(logs, rank)
+        heartbeat.beat(0, "start")
+        emulate_network(emulated_network(cfg))  # every Communicator of this process
+        compress_payloads(payload_compression(cfg))
         if rank == 0:
             tb = out / "tensorboard" if cfg.tensorboard else None
-            if resume is None:
+            now = time.time()
+            if resume is None and not continued:
                 writer = MetricsWriter(out / "metrics.jsonl", tb)
                 writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
                               "hyperparameters": cfg.hyperparameters, "world_size": world,
-                              **run_environment()})
+                              "time": now, **run_environment()})
             else:
-                step = checkpoint.read_manifest(resume[0])["step"]
-                _continue_metrics(out / "metrics.jsonl", step, {
-                    "type": "resume", "step": step, "checkpoint": resume[0],
-                    "skipped": resume[1], "time": time.time(),
+                # a restart keeps the earlier attempts' records (from step 0 without a
+                # checkpoint): the run's wall time and attempts are read from them
+                step = 0 if resume is None else checkpoint.read_manifest(resume[0])["step"]
+                kept = _continue_metrics(out / "metrics.jsonl", step, {
+                    "type": "resume", "step": step,
+                    "checkpoint": None if resume is None else resume[0],
+                    "skipped": [] if resume is None else resume[1], "time": now,
                     "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
                 writer = MetricsWriter(out / "metrics.jsonl", tb, append=True)
+                writer.attempts = _attempts(kept)
         summary = _train(cfg, rank, world, writer, heartbeat, device,
                          None if resume is None else Path(resume[0]))
         heartbeat.beat(cfg.steps, "done")
@@ -343,6 +413,7 @@ def _interrupt_on_sigterm():
 
 def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None,
            heartbeat: Heartbeat, device: torch.device, resume: Path | None = None):
+    seed_worker(cfg.seed, rank)  # before the task builds anything (a resume restores it)
     task = get_task(cfg.task)(cfg.seed, cfg.data_dir, split=cfg.eval_split).to(device)
     model = task.build_model().to(device)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -384,7 +455,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     # steps) are idle, not failures: they get a barrier bounded by idle_timeout first
     idle = dist.new_group(list(range(world)), timeout=timedelta(seconds=cfg.idle_timeout),
                           backend="gloo") if world > 1 else None
-    probe = ConsensusProbe(model, loop_comm)
+    # an algorithm that avoids waits is observed without a global wait (accord.observe)
+    observer = AsyncObserver(model, agg, world, rank, cfg.idle_timeout,
+                             _async_writer(task, model, writer, events)) \
+        if agg.avoids_waits and world > 1 else None
+    probe = ConsensusProbe(model, loop_comm) if observer is None else None
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -402,6 +477,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
         writer.last_eval = dict(extra["last_eval"])
     diverged: dict[str, Any] | None = None
     steps_done = first
+    train_end = time.perf_counter()  # a resume at the last step runs no step
+    if writer is not None:  # the run's wall time counts from its first attempt's start
+        writer.attempts.append({"from_step": first, "started": time.time()})
+        writer.write({"type": "start", "step": first, "time": writer.attempts[-1]["started"]})
     try:
         for step in range(first, cfg.steps):
             heartbeat.beat(step, "compute")
@@ -450,7 +529,21 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                 bar.update(1)
             steps_done = step + 1
             last = step == cfg.steps - 1
-            if (step + 1) % cfg.log_every == 0 or last:
+            if observer is not None:
+                if (step + 1) % cfg.log_every == 0 or last:
+                    heartbeat.beat(step, "record")
+                    observer.submit(step + 1, ctx.loss, injector.drain(), None if writer is None
+                                    else _record_fields(agg, start))
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{float(running):.4g}", refresh=False)
+                # stop only where every rank already waits for every other: the vote adds
+                # no wait there (a diverged run without such a step ends at its last step)
+                if agg.synchronised(step) and _agree(observer.diverged is not None, idle):
+                    observer.flush()
+                    diverged = observer.diverged or {"diverged_step": step + 1,
+                                                     "diverged_reason": "non-finite"}
+                    break
+            elif (step + 1) % cfg.log_every == 0 or last:
                 heartbeat.beat(step, "record")
                 mean_loss = loop_comm.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
                 consensus_model, distance = probe.measure(agg)
@@ -485,6 +578,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                     bar.set_postfix(loss=f"{float(running):.4g}", refresh=False)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 heartbeat.beat(step, "checkpoint")
+                if observer is not None:  # the records up to the checkpoint first
+                    observer.flush()
                 _checkpoint(cfg, step + 1, model, optimizer, agg, idle, writer, {
                     "events": events, "elapsed": time.perf_counter() - start,
                     "running": running,
@@ -492,6 +587,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                     "compressor": (payload_compressor().state_dict()
                                    if payload_compressor() is not None else None)})
         elapsed = time.perf_counter() - start
+        if observer is not None:
+            observer.flush()
+            if diverged is None and observer.diverged is not None:
+                diverged = observer.diverged  # found after the last synchronised step
         if idle is not None:  # fast workers of an asynchronous run wait for the slow ones
             dist.barrier(group=idle)
         heartbeat.beat(steps_done, "summary")
@@ -505,9 +604,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                                                          dtype=torch.float64, device=device))
         summary = None
         if writer is not None:
+            # the run's wall time from its first attempt's start (restarts and lost work
+            # included); train_s is the loop's clock, continued from checkpoints
+            now = time.time()
+            attempts = writer.attempts
             summary = {"type": "summary", "status": "ok" if diverged is None else "diverged",
                        **(diverged or {}), "steps": steps_done,
-                       "time_s": elapsed, "steps_per_s": steps_done / elapsed,
+                       "time_s": now - attempts[0]["started"], "train_s": elapsed,
+                       "attempts": [
+                           {"from_step": a["from_step"],
+                            "seconds": (b["started"] if b is not None else now) - a["started"]}
+                           for a, b in zip(attempts, [*attempts[1:], None], strict=True)],
+                       "steps_per_s": steps_done / elapsed,
                        "comm_bytes": stats.bytes, "comm_bytes_mean": float(mean_bytes),
                        "comm_calls": stats.calls,
                        "comm_s": stats.seconds, "comm": stats.as_dict(),
@@ -518,7 +626,52 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
     finally:
         if bar is not None:
             bar.close()
+        if observer is not None:
+            observer.close(abort=sys.exc_info()[0] is not None)
         agg.close()
+
+
+def _record_fields(agg: Aggregator, start: float) -> dict[str, Any]:
+    """Rank 0's part of an asynchronous step record, taken at the step itself."""
+    stats = agg.comm.stats
+    return {"time_s": time.perf_counter() - start, "comm_bytes": stats.bytes,
+            "comm_calls": stats.calls, "comm_s": stats.seconds,
+            "algo": {k: finite_or_none(v) for k, v in agg.metrics().items()}}
+
+
+def _async_writer(task, model: torch.nn.Module, writer: MetricsWriter | None,
+                  events: dict[str, int]):
+    """What rank 0's observer thread does with a record's gathered numbers: evaluate the
+    consensus and rank 0's own snapshot on copies of the model, write the fault events and
+    the step record (the same fields as the inline path's, plus how stale it is)."""
+    if writer is None:
+        return lambda obs, result: None
+    consensus, replica = copy.deepcopy(model), copy.deepcopy(model)
+    into_consensus = FlatBuffer(state_tensors(consensus))
+    into_replica = FlatBuffer(state_tensors(replica))
+
+    def write(obs, result: dict[str, Any]) -> dict[str, float]:
+        for event in result["events"]:
+            writer.write({"type": "event", **event})
+            events[event["kind"]] = events.get(event["kind"], 0) + 1
+        into_consensus.store_values(result["mean"] if result["centre"] is None
+                                    else result["centre"])
+        into_replica.store_values(result["own"])
+        evaluation = task.evaluate(consensus)
+        own = task.evaluate(replica)
+        fields = dict(obs.record)
+        algo = fields.pop("algo", {})
+        writer.write({"type": "step", "step": obs.step, "loss": finite_or_none(result["loss"]),
+                      **{k: finite_or_none(v) for k, v in evaluation.items()},
+                      **{f"rank0_{k}": finite_or_none(v) for k, v in own.items()},
+                      "consensus_distance": finite_or_none(result["distance"]), **fields,
+                      "events": len(result["events"]),
+                      "consensus_steps": result["consensus_steps"],
+                      "record_lag_s": result["record_lag_s"], "algo": algo})
+        writer.last_eval = {k: finite_or_none(v) for k, v in evaluation.items()}
+        return evaluation
+
+    return write
 
 
 def _checkpoint(cfg: TrainConfig, step: int, model: torch.nn.Module,
@@ -536,17 +689,6 @@ def _checkpoint(cfg: TrainConfig, step: int, model: torch.nn.Module,
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         writer.write({"type": "checkpoint", "step": step, "path": str(path),
                       "seconds": time.perf_counter() - began, "bytes": size})
-
-
-def _divergence(distance: float, evaluation: dict[str, float]) -> str | None:
-    """Why this record shows a diverged run, or None (the training loss alone does not
-    count: a rank's non-finite loss is what the non-finite guard handles)."""
-    if not math.isfinite(distance):
-        return "non-finite parameters"
-    for key, value in evaluation.items():
-        if not math.isfinite(value):
-            return f"non-finite {key} of the consensus model"
-    return None
 
 
 def _agree(flag: bool, group) -> bool:

@@ -18,6 +18,7 @@ mix is summed in fp32 (float64 for float64 parameters) and rounded once into the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -44,6 +45,10 @@ class DPSGD(ModelAggregator):
     hyperparameters = {
         "period": Hyper(1, int, "steps between ring mixes", low=1),
     }
+
+    @classmethod
+    def mixes_before_step(cls, hp: Mapping[str, Any]) -> bool:
+        return True
 
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

@@ -145,6 +145,10 @@ class ElasticAveraging(ModelAggregator):
         #: weight then fades in, see :meth:`note_join`); None: it did not join late
         self.joined_at: int | None = None
 
+    @property
+    def avoids_waits(self) -> bool:
+        return self.engine is not None
+
     def _make_engine(self, first_round: int) -> ExchangeEngine:
         everyone = [self.comm.global_rank(r) for r in range(self.world_size)]
         return ExchangeEngine(self.centre, lambda k: everyone, [everyone], self.weighting,

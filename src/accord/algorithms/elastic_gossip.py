@@ -22,6 +22,7 @@ posted together.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -52,6 +53,10 @@ class ElasticGossip(ModelAggregator):
         "p": Hyper(1.0, float, "probability that a rank initiates", low=0.0, high=1.0),
         "seed": Hyper(0, int, "seed of the peer choices (shared by all ranks)", low=0),
     }
+
+    @classmethod
+    def mixes_before_step(cls, hp: Mapping[str, Any]) -> bool:
+        return True
 
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

@@ -118,6 +118,10 @@ class Gossip(ModelAggregator):
             raise ValueError(f"gossip: peers=2 needs at least 3 workers, got N = {world_size};"
                              " allowed: peers=1")
 
+    @classmethod
+    def mixes_before_step(cls, hp: Mapping[str, Any]) -> bool:
+        return hp["variant"] == "pull"
+
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.peer_buf = self.flat.new_buffer()

@@ -182,6 +182,10 @@ class WAGMA(ModelAggregator):
             raise ValueError(f"wagma: group_size {size} with N = {world_size}; allowed: "
                              f"2 <= group_size <= {max(world_size, 2)}")
 
+    @classmethod
+    def mixes_before_step(cls, hp: Mapping[str, Any]) -> bool:
+        return True
+
     def __init__(self, params, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         hp = self.hp
@@ -227,6 +231,14 @@ class WAGMA(ModelAggregator):
     def _group_global(self, k: int) -> list[int]:
         g = group_of(self.world_size, self.group_size, k, self.rank)
         return [self.global_ranks[r] for r in g]
+
+    @property
+    def avoids_waits(self) -> bool:
+        return self.engine is not None
+
+    def synchronised(self, step: int) -> bool:
+        # the global average (after an arrival barrier) holds every rank at this step
+        return self.world_size > 1 and due(step, self.period)
 
     @staticmethod
     def round_of(step: int, period: int) -> int:
