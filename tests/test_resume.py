@@ -146,7 +146,7 @@ def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path):
     other = _train(out, "--algo", "allreduce", "--resume", "auto", "--seed", "7", steps=5)
     assert other.returncode == 2
     assert len(other.stderr.strip().splitlines()) == 1
-    assert "seed: the run has 0, this has 7" in other.stderr
+    assert "seed was 0, this run has 7" in other.stderr
     same = _train(out, "--algo", "allreduce", "--resume", "auto", steps=5)
     assert same.returncode == 0 and "nothing to do" in same.stderr
     assert (out / "metrics.jsonl").read_bytes() == before

@@ -109,11 +109,11 @@ def _header(out: Path) -> dict[str, Any] | None:
 
 def _differs(cfg: TrainConfig, header: dict[str, Any]) -> str | None:
     """The first setting a resumed run may not change that differs from the run recorded
-    in ``header`` ("seed: the run has 0, this has 7"), or None."""
+    in ``header`` ("seed was 0, this run has 7"), or None."""
     recorded = {**TrainConfig.ADDED_DEFAULTS, **(header.get("config") or {})}
     for key, value in cfg.fingerprint().items():
         if recorded.get(key) != value:
-            return f"{key}: the run has {recorded.get(key)!r}, this has {value!r}"
+            return f"{key} was {recorded.get(key)!r}, this run has {value!r}"
     return None
 
 
