@@ -30,6 +30,7 @@ from accord.ddp_hooks import HOOK_ALGORITHMS  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 20  # seconds, every process group and every torchrun launch's share of it
 LR = 0.1
+CLIP = 2.0
 
 
 # -- the worker (runs on every rank under torchrun) --------------------------------------
@@ -175,6 +176,35 @@ def _every_model_phase_algorithm(rank: int, out: dict) -> None:
         agg.close()
 
 
+def _clip(rank: int, out: dict) -> None:
+    """prepare(..., clip_grad_norm=CLIP) on both paths: allreduce through the DDP hook and
+    local_sgd with period 1 inside the optimizer. With SGD both take the step
+    p - lr mean_i clip(g_i), computed here independently: each rank's gradient on a copy,
+    torch's clip_grad_norm_, and a plain torch.distributed average."""
+    accelerator = _accelerator()
+    for name, hp in (("allreduce", {}), ("local_sgd", {"period": 1})):
+        model = _mlp()
+        ref = copy.deepcopy(model)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        model, opt, agg = acc_accord.prepare(accelerator, model, opt, name,
+                                             clip_grad_norm=CLIP, **hp)
+        rec = out[f"clip_{name}"] = {"norms": [], "params": [], "oracle": []}
+        for step in range(2):
+            batch = _batch(rank, step)
+            ref.load_state_dict(model.module.state_dict())
+            _loss(ref, batch).mul(1.0 + 4.0 * rank).backward()
+            rec["norms"].append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)))
+            clipped = _grads(ref)
+            torch.distributed.all_reduce(clipped)
+            ref.zero_grad()
+            rec["oracle"].append(_flat(model.module.parameters()) - LR * clipped / 2)
+            accelerator.backward(_loss(model, batch).mul(1.0 + 4.0 * rank))
+            opt.step()
+            opt.zero_grad()
+            rec["params"].append(_flat(model.module.parameters()))
+        agg.close()
+
+
 def _scaler(rank: int, out: dict) -> None:
     """fp16's GradScaler (a CPU one here): acga leaves the hook for the optimizer path and
     steps on unscaled gradients, as accord.build on an un-wrapped copy does; one rank's
@@ -241,6 +271,7 @@ def _bad_inputs(rank: int, out: dict) -> None:
         "foreign_parameters": (accelerator, fresh, torch.optim.SGD(
             _mlp().parameters(), lr=LR), "easgd", {}),
         "comm_hook": (hooked, fresh, sgd, "acga", {}),
+        "clip_negative": (accelerator, fresh, sgd, "acga", {"clip_grad_norm": -1.0}),
     }
     errors = out["errors"] = {}
     for key, (a, m, o, name, hp) in cases.items():
@@ -259,6 +290,10 @@ def _bad_inputs(rank: int, out: dict) -> None:
         acc_accord.prepare(accelerator, fresh, sgd, "acga")
     except ValueError as exc:
         errors["sync_each_batch"] = f"{type(exc).__name__}: {exc}"
+    try:  # the hook's clip would see each micro-batch's partial gradient
+        acc_accord.prepare(accelerator, fresh, sgd, "allreduce", clip_grad_norm=1.0)
+    except ValueError as exc:
+        errors["sync_each_batch_clip"] = f"{type(exc).__name__}: {exc}"
 
 
 def _accumulation(rank: int, out: dict) -> None:
@@ -288,6 +323,7 @@ def _worker(out_dir: str) -> None:
     _local_sgd(rank, out)
     _every_model_phase_algorithm(rank, out)
     _scaler(rank, out)
+    _clip(rank, out)
     _bad_inputs(rank, out)
     _accumulation(rank, out)  # last: it sets the (process-wide) accumulation steps to 2
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
@@ -401,6 +437,9 @@ def test_bad_inputs_are_refused_in_one_line(ranks):
         "comm_hook": ("ValueError", "comm_hook='fp16'", "allowed: comm_hook left at 'no'"),
         "note_loss": ("TypeError", "SGD", "accord.accelerate.prepare returned"),
         "sync_each_batch": ("ValueError", "sync_each_batch=True", "sync_each_batch=False"),
+        "clip_negative": ("ValueError", "clip_grad_norm is -1.0", "None (no clipping)"),
+        "sync_each_batch_clip": ("ValueError", "the clip in the DDP hook",
+                                 "sync_each_batch=False"),
     }
     for out in ranks:
         assert set(out["errors"]) == set(expected)
@@ -410,6 +449,17 @@ def test_bad_inputs_are_refused_in_one_line(ranks):
             assert msg.startswith(words[0] + ":"), (key, msg)
             for word in words[1:]:
                 assert word in msg, (key, msg)
+
+
+@pytest.mark.parametrize("name", ["allreduce", "local_sgd"])
+def test_clip_grad_norm_clips_each_ranks_gradient_on_both_paths(ranks, name):
+    for out in ranks:
+        rec = out[f"clip_{name}"]
+        for step in range(2):
+            torch.testing.assert_close(rec["params"][step], rec["oracle"][step], rtol=1e-5,
+                                       atol=1e-6)
+    # not vacuous: rank 1's gradient (its loss is 5x) was clipped, rank 0's was not
+    assert max(ranks[0][f"clip_{name}"]["norms"]) < CLIP < min(ranks[1][f"clip_{name}"]["norms"])
 
 
 def test_gradient_accumulation_steps_once_per_real_step(ranks):

@@ -8,11 +8,14 @@ runs, and an inf on one rank's gradient skipping the step on both.
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from test_acga_math import np_acga_step
 from torch import nn
 from worlds import run_world
 
@@ -28,6 +31,9 @@ WRAP_ALGOS = {
     "easgd": {"period": 2},
     "lsgd": {"period": 2, "pull": 0.3},
 }
+CLIP = 1.0
+CLIP_STEPS = 4
+CLIP_ALGOS = {"allreduce": {}, "acga": {"momentum": 0.5}}
 AMP_ALGOS = {
     "acga": ("acga", {"restore_scale": "mean_norm"}),
     "normalized": ("normalized", {"restore_scale": "mean_norm"}),
@@ -275,8 +281,102 @@ def _errors(rank):
     return out
 
 
+def _clip_loss(model, rank, step):
+    # rank 1's gradient is about 3x rank 0's: with CLIP = 1 only rank 1 is clipped
+    return _loss(model, rank, step) * (1.0 + 2.0 * rank)
+
+
+def _clip_wrap(rank, algo, hp):
+    """accord.wrap(..., clip_grad_norm=CLIP): this rank's raw gradient and the combined
+    gradient the wrapper wrote, per step."""
+    model = _model(10 + rank)
+    opt = accord.wrap(torch.optim.SGD(model.parameters(), lr=0.1), algo,
+                      clip_grad_norm=CLIP, **hp)
+    out = {"raw": [], "combined": []}
+    for step in range(CLIP_STEPS):
+        opt.zero_grad()
+        _clip_loss(model, rank, step).backward()
+        out["raw"].append(_flat(p.grad for p in model.parameters()))
+        opt.step()
+        out["combined"].append(_flat(p.grad for p in model.parameters()))
+    out["params"] = _flat(model.parameters())
+    opt.close()
+    return out
+
+
+def _clip_hook(rank, algo, hp):
+    """The same through DDP and accord.ddp_hook(..., clip_grad_norm=CLIP), with buckets of
+    a few tensors so the clip spans buckets; the raw gradient from an un-wrapped copy."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model(10 + rank)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.0002)
+    agg, hook = accord.ddp_hook(algo, ddp, clip_grad_norm=CLIP, **hp)
+    ddp.register_comm_hook(agg, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    out = {"raw": [], "combined": [], "buckets": []}
+    for step in range(CLIP_STEPS):
+        local = copy.deepcopy(model)
+        _clip_loss(local, rank, step).backward()
+        out["raw"].append(_flat(p.grad for p in local.parameters()))
+        opt.zero_grad()
+        _clip_loss(ddp, rank, step).backward()
+        out["combined"].append(_flat(p.grad for p in model.parameters()))
+        out["buckets"].append(hook.buckets)
+        opt.step()
+    out["params"] = _flat(model.parameters())
+    out["comm"] = _counts(agg.comm.stats.as_dict())
+    del ddp  # before the process group goes
+    return out
+
+
+def _ddp_refused(rank):
+    """wrap / build on a DDP model's parameters: refused on every rank, before any
+    collective; the plain model afterwards, and a DDP whose allreduce accord switched off
+    (accord.accelerate's model-phase path), are accepted."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from accord._ddp import local_gradients
+
+    def refusals(ddp):
+        out = {}
+        for name, fn in {
+            "wrap": lambda: accord.wrap(torch.optim.SGD(ddp.parameters(), lr=0.1),
+                                        "local_sgd"),
+            "wrap_module": lambda: accord.wrap(
+                torch.optim.SGD(ddp.module.parameters(), lr=0.1), "acga"),
+            "build": lambda: accord.build("acga", ddp.parameters()),
+            "build_generator": lambda: accord.build("acga", (p for p in model.parameters())),
+        }.items():
+            try:
+                fn()
+                out[name] = None
+            except Exception as e:  # the test checks the type and message
+                out[name] = (type(e).__name__, str(e))
+        return out
+
+    model = _model(10 + rank)
+    ddp = DistributedDataParallel(model)
+    out = refusals(ddp)
+    del ddp
+    opt = accord.wrap(torch.optim.SGD(model.parameters(), lr=0.1), "local_sgd")
+    out["unwrapped"] = opt.aggregator.name
+    opt.close()
+    ddp = DistributedDataParallel(model)
+    ddp.register_comm_hook(None, local_gradients)
+    opt = accord.wrap(torch.optim.SGD(model.parameters(), lr=0.1), "local_sgd")
+    out["local_hook"] = opt.aggregator.name
+    opt.close()
+    del ddp
+    return out
+
+
 def _world(rank, world):
-    out = {"broadcast": _broadcast(rank), "errors": _errors(rank)}
+    out = {"broadcast": _broadcast(rank), "errors": _errors(rank),
+           "ddp_refused": _ddp_refused(rank)}
+    for algo, hp in CLIP_ALGOS.items():
+        out[("clip_wrap", algo)] = _clip_wrap(rank, algo, hp)
+        out[("clip_hook", algo)] = _clip_hook(rank, algo, hp)
     for algo, hp in WRAP_ALGOS.items():
         out[("explicit", algo)] = _explicit(rank, algo, hp)
         out[("wrapped", algo)] = _wrapped(rank, algo, hp)
@@ -409,3 +509,72 @@ def test_world_goes_on_after_misuse(ranks):
     assert ranks[0]["errors"]["stale_attributes"] == []
     assert torch.equal(ranks[0]["errors"]["after"], ranks[1]["errors"]["after"])
     assert ranks[0]["errors"]["repr"].startswith("AggregatedOptimizer('allreduce', SGD")
+
+
+# -- C. a DDP model's parameters ------------------------------------------------------------
+@pytest.mark.parametrize("name", ["wrap", "wrap_module", "build", "build_generator"])
+def test_a_ddp_models_parameters_are_refused_in_one_line(ranks, name):
+    for r in ranks:
+        kind, text = r["ddp_refused"][name]
+        assert kind == "ValueError" and "\n" not in text, text
+        assert text.startswith("accord.wrap:" if name.startswith("wrap") else "accord.build:")
+        assert "DistributedDataParallel" in text and "ddp.module" in text
+        assert "accord.ddp_hook" in text
+
+
+def test_the_plain_model_and_a_ddp_without_allreduce_are_accepted(ranks):
+    for r in ranks:
+        assert r["ddp_refused"]["unwrapped"] == "local_sgd"
+        assert r["ddp_refused"]["local_hook"] == "local_sgd"
+
+
+# -- D. clip_grad_norm: each rank's gradient clipped before it is combined -----------------
+def _clipped(g: np.ndarray) -> np.ndarray:
+    """torch.nn.utils.clip_grad_norm_'s rule, in float64."""
+    return g * min(1.0, CLIP / (np.linalg.norm(g) + 1e-6))
+
+
+def _oracle(algo, raw_per_rank):
+    """The combined gradient per step from the ranks' raw gradients: clip each, then
+    average (allreduce) or ACGA (the NumPy oracle of test_acga_math)."""
+    out, m = [], None
+    for step in range(CLIP_STEPS):
+        G = np.stack([_clipped(raw[step].double().numpy()) for raw in raw_per_rank])
+        if algo == "allreduce":
+            out.append(G.mean(axis=0))
+        else:
+            d, _, m, *_ = np_acga_step(G, m, CLIP_ALGOS[algo]["momentum"])
+            out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("route", ["clip_wrap", "clip_hook"])
+@pytest.mark.parametrize("algo", list(CLIP_ALGOS))
+def test_clip_grad_norm_clips_each_ranks_gradient_before_combining(ranks, route, algo):
+    runs = [r[(route, algo)] for r in ranks]
+    for step in range(CLIP_STEPS):  # not vacuous: rank 1 is clipped, rank 0 is not
+        assert float(runs[0]["raw"][step].norm()) < CLIP < float(runs[1]["raw"][step].norm())
+    expected = _oracle(algo, [run["raw"] for run in runs])
+    unclipped = [np.mean([run["raw"][step].double().numpy() for run in runs], axis=0)
+                 for step in range(CLIP_STEPS)]
+    for run in runs:
+        for step in range(CLIP_STEPS):
+            np.testing.assert_allclose(run["combined"][step].double().numpy(), expected[step],
+                                       rtol=2e-5, atol=2e-6, err_msg=f"step {step}")
+        if algo == "allreduce":
+            assert not np.allclose(run["combined"][0].double().numpy(), unclipped[0])
+    if route == "clip_hook":
+        assert runs[0]["buckets"][-1] >= 2  # the clip's norm spans several buckets
+        calls, sent = runs[0]["comm"]["allreduce"]
+        # one allreduce per step (two for ACGA: s and d), none started before the clip
+        assert calls == CLIP_STEPS * (1 if algo == "allreduce" else 2)
+        assert sent == calls * 195 * 4  # the 195-parameter model each time
+
+
+@pytest.mark.parametrize("algo", list(CLIP_ALGOS))
+def test_clip_grad_norm_gives_the_same_model_through_wrap_and_the_ddp_hook(ranks, algo):
+    for r in ranks:
+        torch.testing.assert_close(r[("clip_hook", algo)]["params"],
+                                   r[("clip_wrap", algo)]["params"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(ranks[0][("clip_hook", algo)]["params"],
+                       ranks[1][("clip_hook", algo)]["params"])

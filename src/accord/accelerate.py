@@ -69,10 +69,12 @@ Decisions:
   step passes their mean as ``StepContext.loss``. A ``lsgd`` step with no loss noted
   raises (otherwise every worker's loss would count as +inf and rank 0 would always
   lead). Other algorithms ignore the loss; ``note_loss`` is accepted and costs nothing.
-* **Gradient clipping.** ``accelerator.clip_grad_norm_`` clips what ``backward`` left in
-  ``.grad``: the aggregated gradient on the hook path (a no-op for ``acga`` and
-  ``normalized``, whose direction has norm at most 1), each rank's local gradient on the
-  model-phase path (before the aggregator, as ``accord.wrap`` expects).
+* **Gradient clipping.** ``prepare(..., clip_grad_norm=C)`` clips each rank's gradient
+  before the algorithm combines it, on both paths (in the DDP hook, or in the wrapped
+  optimizer's step), as ``accord.wrap`` and the Lightning strategy do. Not
+  ``accelerator.clip_grad_norm_``: it clips what ``backward`` left in ``.grad``, which on
+  the hook path is the aggregated gradient (a no-op for ``acga`` and ``normalized``, whose
+  direction has norm at most 1) and on the model-phase path the local one.
 * **One process.** Refused with a one-line error: accelerate then builds no process group
   and no DDP, and an algorithm in a world of one is not plain training either (ACGA would
   train on unit-norm gradients). On a machine without GPUs accelerate only goes
@@ -106,10 +108,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ._ddp import local_gradients
 from ._extras import require
 from .algorithms import get, validate
 from .core import Aggregator
-from .ddp_hooks import HOOK_ALGORITHMS, ddp_hook
+from .ddp_hooks import HOOK_ALGORITHMS, check_clip_grad_norm, ddp_hook
 from .wrap import AggregatedOptimizer
 
 # here, not at call time: importing this module is the user's statement of intent, and a
@@ -192,15 +195,6 @@ def note_loss(optimizer: torch.optim.Optimizer, loss: torch.Tensor | float) -> N
                         "allowed: the optimizer accord.accelerate.prepare returned")
 
 
-def _local_gradients(state, bucket):
-    """DDP communication hook that leaves each bucket's local gradients as they are: no
-    collective, so DDP's gradient averaging is off. (No annotations: DDP compares them
-    with its own types as objects.)"""
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
-
-
 def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
     """The DDP module ``accelerator.prepare`` returned, under a torch.compile wrapper."""
     while not isinstance(model, DistributedDataParallel):
@@ -211,9 +205,10 @@ def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
 
 
 def _check(accelerator: Any, model: Any, optimizer: Any, algorithm: Any,
-           hyperparameters: dict[str, Any]) -> None:
+           hyperparameters: dict[str, Any], clip_grad_norm: Any) -> None:
     """Every refusal, before anything is prepared or communicated (same on every rank)."""
     where = "accord.accelerate.prepare"
+    check_clip_grad_norm(clip_grad_norm, where)
     if not isinstance(accelerator, accelerate.Accelerator):
         raise TypeError(f"{where}: accelerator is {type(accelerator).__name__}, allowed: an "
                         "accelerate.Accelerator")
@@ -263,10 +258,12 @@ def _check(accelerator: Any, model: Any, optimizer: Any, algorithm: Any,
         raise ValueError(f"{where}: DistributedDataParallelKwargs(comm_hook={hook!r}) "
                          "conflicts with accord's own DDP hook; allowed: comm_hook left at "
                          "'no'")
-    if algorithm in ("normalized", "acga", "adasum") and not _native(accelerator, algorithm) \
+    nonlinear = algorithm in ("normalized", "acga", "adasum") or clip_grad_norm is not None
+    if nonlinear and not _native(accelerator, algorithm) \
             and accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False):
-        raise ValueError(f"{where}: sync_each_batch=True would run {algorithm}'s DDP hook on "
-                         "every micro-batch's partial gradient; allowed: sync_each_batch=False "
+        what = f"{algorithm}'s DDP hook" if clip_grad_norm is None else "the clip in the DDP hook"
+        raise ValueError(f"{where}: sync_each_batch=True would run {what} on every "
+                         "micro-batch's partial gradient; allowed: sync_each_batch=False "
                          "(the default)")
 
 
@@ -282,6 +279,8 @@ def prepare(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     algorithm: str,
+    *,
+    clip_grad_norm: float | None = None,
     **hyperparameters: Any,
 ) -> tuple[nn.Module, torch.optim.Optimizer, Aggregator]:
     """``accelerator.prepare(model, optimizer)`` with ``algorithm`` (an ``accord list``
@@ -291,16 +290,17 @@ def prepare(
     parameters); the returned model is accelerate's ``DistributedDataParallel`` and the
     optimizer its ``AcceleratedOptimizer``, used exactly as ``accelerator.prepare``'s.
     Collective: call on every rank, with the same arguments. Prepare data loaders and
-    schedulers with ``accelerator.prepare`` as usual. See the module docstring for the
-    two paths and what is refused."""
-    _check(accelerator, model, optimizer, algorithm, hyperparameters)
+    schedulers with ``accelerator.prepare`` as usual. ``clip_grad_norm``: the max norm of
+    each rank's gradient, clipped before the algorithm combines it, on both paths (None:
+    no clipping). See the module docstring for the two paths and what is refused."""
+    _check(accelerator, model, optimizer, algorithm, hyperparameters, clip_grad_norm)
     if not _native(accelerator, algorithm):
         prepared, opt = accelerator.prepare(model, optimizer)
         ddp = _find_ddp(prepared)
         if ddp is None:
             raise RuntimeError("accord.accelerate.prepare: accelerator.prepare returned "
                                f"{type(prepared).__name__}, expected DistributedDataParallel")
-        agg, hook = ddp_hook(algorithm, ddp, **hyperparameters)
+        agg, hook = ddp_hook(algorithm, ddp, clip_grad_norm=clip_grad_norm, **hyperparameters)
         ddp.register_comm_hook(agg, hook)
         accelerator.register_for_checkpointing(agg)
         _HOOKED.add(opt)
@@ -310,7 +310,7 @@ def prepare(
     if ddp is None:
         raise RuntimeError("accord.accelerate.prepare: accelerator.prepare returned "
                            f"{type(prepared).__name__}, expected DistributedDataParallel")
-    ddp.register_comm_hook(None, _local_gradients)
+    ddp.register_comm_hook(None, local_gradients)
     ddp.broadcast_buffers = False  # the algorithm averages the buffers itself
     module_params = {id(p) for p in ddp.module.parameters()}
     if any(id(p) not in module_params for g in optimizer.param_groups for p in g["params"]):
@@ -318,7 +318,8 @@ def prepare(
                            "parameters, so the optimizer no longer holds them; build the "
                            "optimizer on model.parameters() after model.to(accelerator.device)")
     inner = _StepWithNotedLoss(optimizer, algorithm, buffers=list(ddp.module.buffers()),
-                               broadcast=False, scaler=accelerator.scaler, **hyperparameters)
+                               broadcast=False, scaler=accelerator.scaler,
+                               clip_grad_norm=clip_grad_norm, **hyperparameters)
     opt = accelerator.prepare(inner)
     inner.accelerated = weakref.ref(opt)
     return prepared, opt, inner.aggregator

@@ -42,6 +42,14 @@ the aggregator's layout and ``metrics()`` reads the last step as after ``after_b
 The per-bucket allreduce is asynchronous (``Communicator.all_reduce_async_``), counted in
 the aggregator's ``stats`` under ``allreduce`` with the seconds from issue to completion.
 
+Clipping. ``clip_grad_norm=`` clips each rank's gradient before it is combined, as
+``accord.wrap(..., clip_grad_norm=)`` does, so both routes train the same model; a
+``clip_grad_norm_`` the user calls after ``backward`` sees the combined gradient instead
+(a no-op for ``acga`` and ``normalized`` at a max norm of 1 or more: their output norm is
+at most 1). The clip needs the norm of the whole local gradient, so with it nothing starts
+per bucket: ``allreduce`` averages the clipped flat gradient at the last bucket (one
+allreduce per step) and ACGA's sum starts there too (no overlap with backward).
+
 Only gradient-phase algorithms have a hook (model-phase ones do not act on gradients;
 use ``accord.build`` for them). Under DDP's ``no_sync`` the hook is not called, so
 gradient accumulation works as with DDP; unused parameters count as zero gradients, as
@@ -57,13 +65,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .algorithms import build
+from .algorithms import get
 from .core import Aggregator
 
 log = logging.getLogger(__name__)
 
 #: registry names that have a DDP communication-hook form
 HOOK_ALGORITHMS = ("allreduce", "normalized", "acga", "adasum")
+
+
+def check_clip_grad_norm(value: Any, where: str) -> float | None:
+    """``value`` as a float, or None; a one-line ValueError when it is not a max norm."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 < value < float("inf")):
+        raise ValueError(f"{where}: clip_grad_norm is {value!r}, allowed: None (no clipping) "
+                         "or a finite number > 0 (the max norm of each rank's gradient)")
+    return float(value)
+
+
+def clip_coefficient(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` scales ``tensors`` by (their total
+    2-norm computed as it does, so the wrapper's and the hook's clips agree), as a tensor:
+    no host read."""
+    total = torch.nn.utils.get_total_norm(tensors)
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
 
 
 def _done_future(value: torch.Tensor) -> torch.futures.Future:
@@ -79,8 +106,9 @@ class CommHook:
     buckets after the first step, so it may change once).
     """
 
-    def __init__(self, aggregator: Aggregator) -> None:
+    def __init__(self, aggregator: Aggregator, clip_grad_norm: float | None = None) -> None:
         self.aggregator = aggregator
+        self.clip_grad_norm = clip_grad_norm
         self.comm = aggregator.comm
         # DDP reads the hook's __name__ and __qualname__ (checks, logging)
         self.__name__ = self.__qualname__ = f"accord_{aggregator.name}_hook"
@@ -121,8 +149,8 @@ class WholeGradientHook(CommHook):
     """Per-bucket work as buckets come (``_start``), the rest once, in the call for the
     last bucket (``_finish``), on the aggregator's flat buffer in parameter order."""
 
-    def __init__(self, aggregator: Aggregator) -> None:
-        super().__init__(aggregator)
+    def __init__(self, aggregator: Aggregator, clip_grad_norm: float | None = None) -> None:
+        super().__init__(aggregator, clip_grad_norm)
         flat = aggregator.flat  # type: ignore[attr-defined]
         self._views = [v.reshape(-1) for v in flat.split(flat.buffer)]
         # this step's buckets: (buffer, its per-parameter pieces, parameter indices, future)
@@ -144,6 +172,10 @@ class WholeGradientHook(CommHook):
                     for _, parts, idx, _ in self._pending:
                         for piece, i in zip(parts, idx, strict=True):
                             self._views[i].copy_(piece)
+                    if self.clip_grad_norm is not None:
+                        coef = clip_coefficient(self._views, self.clip_grad_norm)
+                        for view in self._views:
+                            view.mul_(coef)
                     self._finish()
                     for _, parts, idx, _ in self._pending:
                         for piece, i in zip(parts, idx, strict=True):
@@ -172,22 +204,32 @@ class WholeGradientHook(CommHook):
         raise NotImplementedError
 
 
+class ClippedAllReduceHook(WholeGradientHook):
+    """``allreduce`` with ``clip_grad_norm``: the clip needs the whole local gradient, so
+    the average runs once, at the last bucket, on the clipped flat gradient."""
+
+    def _finish(self) -> None:
+        self.comm.all_reduce_(self.aggregator.flat.buffer, op="avg")  # type: ignore[attr-defined]
+
+
 class NormalizedHook(WholeGradientHook):
     def _finish(self) -> None:
         self.aggregator.combine_(self.aggregator.flat.buffer)  # type: ignore[attr-defined]
 
 
 class ACGAHook(WholeGradientHook):
-    def __init__(self, aggregator: Aggregator) -> None:
-        super().__init__(aggregator)
+    def __init__(self, aggregator: Aggregator, clip_grad_norm: float | None = None) -> None:
+        super().__init__(aggregator, clip_grad_norm)
+        # the sum of clipped gradients needs every bucket's norm first: no early start
+        self._early = aggregator.total is not None and clip_grad_norm is None  # type: ignore[attr-defined]
         self._totals: dict[int, torch.Tensor] = {}  # per bucket index, reused every step
         self._sums: list[torch.futures.Future] = []
 
     def _start(self, index: int, buf: torch.Tensor) -> None:
         if index == 0:
             self._sums = []
-        if self.aggregator.total is None:  # type: ignore[attr-defined]
-            return  # coefficients=sketch: no sum to start; the sketch runs in _finish
+        if not self._early:
+            return  # coefficients=sketch (no sum) or a clip: everything runs in _finish
         total = self._totals.get(index)
         if total is None or total.shape != buf.shape or total.dtype != buf.dtype:
             total = self._totals[index] = torch.empty_like(buf)
@@ -199,6 +241,11 @@ class ACGAHook(WholeGradientHook):
         total = agg.total  # type: ignore[attr-defined]
         if total is None:  # coefficients=sketch
             agg.combine_(agg.flat.buffer, None)  # type: ignore[attr-defined]
+            return
+        if not self._early:  # clipped: s is the sum of the clipped gradients
+            total.copy_(agg.flat.buffer)  # type: ignore[attr-defined]
+            self.comm.all_reduce_(total, exact=True)
+            agg.combine_(agg.flat.buffer, total)  # type: ignore[attr-defined]
             return
         tot_views = [v.reshape(-1) for v in agg.flat.split(total)]  # type: ignore[attr-defined]
         for fut, (_, _, idx, _) in zip(self._sums, self._pending, strict=True):
@@ -229,14 +276,18 @@ def ddp_hook(
     *,
     group: dist.ProcessGroup | None = None,
     broadcast: bool = False,
+    clip_grad_norm: float | None = None,
     **hyperparameters: Any,
 ) -> tuple[Aggregator, CommHook]:
     """``(aggregator, hook)`` for ``ddp_model.register_comm_hook(aggregator, hook)``.
 
     ``model``: the ``DistributedDataParallel`` model (its process group is then the
     aggregator's unless ``group`` is given), the module it wraps, or its parameters.
-    ``broadcast`` defaults to False: DDP already makes the replicas identical. Collective:
-    call on every rank, like ``accord.build``.
+    ``broadcast`` defaults to False: DDP already makes the replicas identical.
+    ``clip_grad_norm``: the max norm of each rank's gradient, clipped inside the hook
+    before it is combined (None: no clipping; a ``clip_grad_norm_`` after ``backward``
+    would clip the combined gradient instead). Collective: call on every rank, like
+    ``accord.build``.
     """
     if name not in _HOOKS:
         raise ValueError(f"algorithm {name!r} has no DDP communication hook; allowed: "
@@ -250,5 +301,8 @@ def ddp_hook(
         params = model.parameters()
     else:
         params = model
-    agg = build(name, params, group=group, broadcast=broadcast, **hyperparameters)
-    return agg, _HOOKS[name](agg)
+    clip = check_clip_grad_norm(clip_grad_norm, "accord.ddp_hook")
+    # the class, not accord.build, which refuses a DDP model's parameters
+    agg = get(name)(params, group=group, broadcast=broadcast, **hyperparameters)
+    hook = ClippedAllReduceHook if name == "allreduce" and clip is not None else _HOOKS[name]
+    return agg, hook(agg, clip)

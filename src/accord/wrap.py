@@ -67,6 +67,21 @@ Decisions:
   with any non-finite gradient is skipped everywhere), so the wrapper passes the caller's
   ``healthy`` (default True) unchanged: a loop that zeroes its own bad gradients (see
   :func:`accord.train.nonfinite_grads`) passes ``healthy=False`` itself.
+* **Not on a DistributedDataParallel model.** DDP averages the gradients during
+  ``backward``, before the wrapper sees them: ``local_sgd`` would be plain DDP, ``acga`` a
+  normalised mean at twice the traffic. The parameters of a live DDP model are therefore
+  refused in one line (so is ``accord.build`` on them; see :mod:`accord._ddp` for how they
+  are recognised). Drop the DDP wrapper and wrap the plain model's optimizer (the wrapper
+  broadcasts rank 0's weights as DDP's constructor did), or keep DDP and use
+  :func:`accord.ddp_hook`. A DDP model whose allreduce accord switched off
+  (``accord.accelerate`` on its model-phase path) is accepted.
+* **Gradient clipping is one rule: this rank's gradient, before it is combined.**
+  ``clip_grad_norm=`` clips the local gradient (after the AMP unscale, with the formula of
+  ``torch.nn.utils.clip_grad_norm_``, no host read) before ``after_backward``; the DDP hook,
+  the Lightning strategy and the accelerate adapter take the same option and clip at the
+  same point, so every route trains the same model. A user's ``clip_grad_norm_`` between
+  ``backward`` and ``opt.step`` acts at that point too; with a DDP hook it would act after
+  the aggregation instead.
 * **Checkpoints.** ``state_dict()`` holds the inner optimizer's state dict, the
   aggregator's and the step counters. The initial broadcast happens when the wrapper is
   built, so load checkpoints after ``wrap`` (each rank then gets its own replica back, which
@@ -83,8 +98,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .algorithms import build
+from ._ddp import refuse_ddp_params
+from .algorithms import get
 from .core import Aggregator, StepContext
+from .ddp_hooks import check_clip_grad_norm, clip_coefficient
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +124,7 @@ class AggregatedOptimizer(torch.optim.Optimizer):
         buffers: Iterable[torch.Tensor] | None = None,
         broadcast: bool = True,
         scaler: torch.amp.GradScaler | None = None,
+        clip_grad_norm: float | None = None,
         **hyperparameters: Any,
     ) -> None:
         # Optimizer.__init__ is not called on purpose: the inner optimizer owns the groups
@@ -119,10 +137,13 @@ class AggregatedOptimizer(torch.optim.Optimizer):
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler: got {type(scaler).__name__}, allowed: None or a "
                             "torch.amp.GradScaler")
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm, "accord.wrap")
+        cls = get(algorithm)
+        params = refuse_ddp_params([p for g in optimizer.param_groups for p in g["params"]],
+                                   "accord.wrap", algorithm)
         self.optimizer = optimizer
-        self.aggregator: Aggregator = build(algorithm, params, group=group, buffers=buffers,
-                                            broadcast=broadcast, **hyperparameters)
+        self.aggregator: Aggregator = cls(params, group=group, buffers=buffers,
+                                          broadcast=broadcast, **hyperparameters)
         self.scaler = scaler
         self._device = self.aggregator.params[0].device
         self._steps = 0
@@ -195,6 +216,8 @@ class AggregatedOptimizer(torch.optim.Optimizer):
         if found_inf is not None and not self._amp_proceed(found_inf,
                                                            self.__dict__.get("grad_scale")):
             return None
+        if self.clip_grad_norm is not None:
+            self._clip()
         self.aggregator.after_backward(ctx)
         out = self.optimizer.step()
         self.aggregator.after_step(ctx)
@@ -232,6 +255,17 @@ class AggregatedOptimizer(torch.optim.Optimizer):
                             per_device[d] = inv.to(d)
                         p.grad.mul_(per_device[d])
         return True
+
+    @torch.no_grad()
+    def _clip(self) -> None:
+        """This rank's gradient scaled to norm at most ``clip_grad_norm`` (the formula of
+        ``torch.nn.utils.clip_grad_norm_``, shared with the DDP hook's clip)."""
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]
+                 if p.grad is not None]
+        if grads:
+            coef = clip_coefficient(grads, self.clip_grad_norm)
+            for grad in grads:
+                grad.mul_(coef.to(grad.device))
 
     def _inf_witness(self) -> torch.optim.Optimizer:
         """A one-element optimizer whose gradient is inf: the scaler's inf check of it
@@ -287,11 +321,16 @@ def wrap(
     buffers: Iterable[torch.Tensor] | None = None,
     broadcast: bool = True,
     scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
     **hyperparameters: Any,
 ) -> AggregatedOptimizer:
     """Wrap ``optimizer`` with the aggregator registered as ``algorithm`` (collective: call
     on every rank). ``group``, ``buffers``, ``broadcast`` and the hyperparameters go to
     :func:`accord.build`; ``scaler`` is the ``torch.amp.GradScaler`` that will call
-    ``scaler.step(opt)``, if any. Returns an :class:`AggregatedOptimizer`."""
+    ``scaler.step(opt)``, if any; ``clip_grad_norm`` the max norm of this rank's gradient,
+    clipped before the aggregator combines it (None: no clipping). Returns an
+    :class:`AggregatedOptimizer`. The optimizer of a ``DistributedDataParallel`` model is
+    refused: drop DDP (see the module docstring) or use :func:`accord.ddp_hook`."""
     return AggregatedOptimizer(optimizer, algorithm, group=group, buffers=buffers,
-                               broadcast=broadcast, scaler=scaler, **hyperparameters)
+                               broadcast=broadcast, scaler=scaler,
+                               clip_grad_norm=clip_grad_norm, **hyperparameters)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._ddp import refuse_ddp_params
 from ..core import Aggregator, resolve_hyperparameters
 
 REGISTRY: dict[str, type[Aggregator]] = {}
@@ -59,8 +60,11 @@ def build(
     """Construct the algorithm registered as ``name`` (collective: call on every rank).
 
     ``buffers`` (e.g. ``model.buffers()``) lets model-phase algorithms treat BatchNorm
-    statistics like parameters; without it they stay local."""
-    return get(name)(params, group=group, buffers=buffers, **hyperparameters)
+    statistics like parameters; without it they stay local. The parameters of a
+    ``DistributedDataParallel`` model are refused (use :func:`accord.ddp_hook` there)."""
+    cls = get(name)
+    params = refuse_ddp_params(params, "accord.build", name)
+    return cls(params, group=group, buffers=buffers, **hyperparameters)
 
 
 def _import_all() -> None:
