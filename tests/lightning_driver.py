@@ -5,6 +5,7 @@ tests/test_lightning.py to check."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ warnings.filterwarnings("ignore")  # Lightning's advice about workers, sanity ch
 torch.set_num_threads(1)
 
 import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
@@ -25,6 +27,7 @@ from accord.lightning import AccordStrategy  # noqa: E402
 
 BATCHES = 8  # per epoch and rank
 BATCH = 8
+CLIP = 3.0  # local gradient norms here are 1.2-4.8 on rank 0, 2.2-7.2 on rank 1
 
 
 def data(rank: int, split: str = "train") -> torch.utils.data.TensorDataset:
@@ -75,12 +78,20 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=self.momentum)
 
 
+def flat_state(state: dict) -> torch.Tensor:
+    return torch.cat([v.detach().reshape(-1) for v in state.values()]).clone()
+
+
 def fit(strategy, rank: int, out: Path, *, epochs: int = 1, model: Net | None = None,
         ckpt_path: str | None = None, validate: bool = False, logger=False,
-        accumulate: int = 1) -> tuple[Net, float]:
+        accumulate: int = 1, callbacks: list | None = None,
+        gradient_clip_val: float | None = None) -> tuple[Net, float]:
     model = model or Net()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs,
-                        logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                        logger=logger, enable_checkpointing=any(
+                            isinstance(c, ModelCheckpoint) for c in callbacks or []),
+                        callbacks=callbacks, gradient_clip_val=gradient_clip_val,
+                        enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
                         num_sanity_val_steps=0, log_every_n_steps=2,
                         accumulate_grad_batches=accumulate,
@@ -92,8 +103,10 @@ def fit(strategy, rank: int, out: Path, *, epochs: int = 1, model: Net | None = 
     return model, time.perf_counter() - start
 
 
-def native(algo: str, rank: int, steps: int, momentum: float = 0.0, **hp) -> torch.Tensor:
-    """The accord-native loop on the same batches: the reference for model-phase runs."""
+def native(algo: str, rank: int, steps: int, momentum: float = 0.0, norms: list | None = None,
+           **hp) -> torch.Tensor:
+    """The accord-native loop on the same batches: the reference for model-phase runs.
+    ``norms`` collects this rank's gradient norm at each step, before any clip."""
     model = Net(momentum=momentum)
     opt = accord.wrap(model.configure_optimizers(), algo, buffers=model.buffers(), **hp)
     batches = list(loader(rank))
@@ -102,6 +115,9 @@ def native(algo: str, rank: int, steps: int, momentum: float = 0.0, **hp) -> tor
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
+        if norms is not None:
+            norms.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]
+                                         ).norm()))
         opt.step(loss=loss.detach())
     opt.aggregator.close()
     return flat(model)
@@ -111,65 +127,107 @@ def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
     res: dict = {}
+    warned: list[str] = []  # accord.lightning's warnings on this rank
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warned.append(record.getMessage())
+
+    logging.getLogger("accord.lightning").addHandler(Collect(logging.WARNING))
 
     # gradient phase: allreduce through the strategy == Lightning's own DDP
     m, res["time_allreduce"] = fit(AccordStrategy("allreduce"), rank, out)
     res["allreduce"] = flat(m)
     m, res["time_ddp"] = fit(DDPStrategy(), rank, out)
     res["ddp"] = flat(m)
-    m, _ = fit(AccordStrategy("acga", momentum=0.9), rank, out)
+    # ... with each rank's gradient clipped in the hook, and DDP options by ddp_kwargs
+    class SeenByDDP(L.Callback):
+        def on_train_end(self, trainer, module) -> None:
+            res["acga_bucket_view"] = trainer.strategy.model.gradient_as_bucket_view
+
+    strategy = AccordStrategy("acga", momentum=0.9, clip_grad_norm=CLIP,
+                              ddp_kwargs={"gradient_as_bucket_view": True})
+    m, _ = fit(strategy, rank, out, callbacks=[SeenByDDP()])
     res["acga"] = flat(m)
     ref = Net()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     agg = accord.build("acga", ref.parameters(), momentum=0.9)
+    res["acga_norms"] = []
     for step, (x, y) in enumerate(loader(rank)):
         ref_opt.zero_grad()
         torch.nn.functional.mse_loss(ref(x), y).backward()
+        # the reference clips with torch's own function, then aggregates
+        res["acga_norms"].append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)))
         agg.after_backward(accord.StepContext(step=step))
         ref_opt.step()
     res["acga_native"] = flat(ref)
 
     # model phase: equal to the native loop, replicas differ between syncs
-    for algo, hp in (("local_sgd", {"period": 3}), ("easgd", {"period": 2})):
+    # (local_sgd with each rank's gradient clipped before the optimizer step)
+    for algo, hp in (("local_sgd", {"period": 3, "clip_grad_norm": CLIP}),
+                     ("easgd", {"period": 2})):
         m, res[f"time_{algo}"] = fit(AccordStrategy(algo, **hp), rank, out)
         res[algo] = flat(m)
         res[f"{algo}_steps"] = torch.stack(m.after_step)
-        res[f"{algo}_native"] = native(algo, rank, BATCHES, **hp)
+        res[f"{algo}_norms"] = []
+        res[f"{algo}_native"] = native(algo, rank, BATCHES, norms=res[f"{algo}_norms"], **hp)
 
     # asynchronous: wait-avoiding WAGMA runs through the strategy
     m, res["time_wagma"] = fit(AccordStrategy("wagma", period=2), rank, out, validate=True)
     res["wagma_val"] = float(m.trainer_ref.callback_metrics["val_loss"])
 
-    # consensus evaluation: validation sees the mean of the replicas
+    # consensus evaluation: validation sees the mean of the replicas; ModelCheckpoint saves
+    # from inside validation (its on_validation_end, the consensus model swapped in)
     m, _ = fit(AccordStrategy("local_sgd", period=3), rank, out, validate=True,
-               logger=CSVLogger(str(out), name="csv", version=rank))
+               logger=CSVLogger(str(out), name="csv", version=rank),
+               callbacks=[ModelCheckpoint(dirpath=str(out / "mc"), filename="val",
+                                          save_on_train_epoch_end=False)])
     res["val_seen"] = m.seen_in_validation[-1]
     res["val_final"] = flat(m)
     res["val_loss"] = float(m.trainer_ref.callback_metrics["val_loss"])
     res["csv"] = str(out / "csv" / f"version_{rank}" / "metrics.csv")
+    ckpt = torch.load(out / "mc" / "val.ckpt", weights_only=False)
+    res["mc_top"] = flat_state(ckpt["state_dict"])
+    res["mc_replica"] = flat_state(ckpt["accord"]["ranks"][rank]["module"])
 
     # gradient accumulation: the aggregator runs once per optimizer step
     strategy = AccordStrategy("local_sgd", period=1)
     fit(strategy, rank, out, accumulate=2)
     res["accumulate_steps"] = strategy.accord_steps
     strategy = AccordStrategy("acga")
-    fit(strategy, rank, out, accumulate=2)
+    warned.clear()
+    fit(strategy, rank, out, accumulate=2, gradient_clip_val=0.5)
     res["accumulate_acga_gathers"] = strategy.aggregator.comm.stats.as_dict()["allgather"]["calls"]
+    res["clip_after_warnings"] = list(warned)
 
     # checkpoint at the end of epoch 1 (replicas differ there), resume for epoch 2
+    def traffic(strategy: AccordStrategy) -> dict:
+        return {k: (v["calls"], v["bytes"])
+                for k, v in strategy.aggregator.comm.stats.as_dict().items()}
+
     for algo in ("local_sgd", "easgd"):
         hp = {"period": 3}
-        m, _ = fit(AccordStrategy(algo, **hp), rank, out, epochs=2, model=Net(momentum=0.9))
+        straight = AccordStrategy(algo, **hp)
+        m, _ = fit(straight, rank, out, epochs=2, model=Net(momentum=0.9))
         res[f"straight_{algo}"] = flat(m)
-        m, _ = fit(AccordStrategy(algo, **hp), rank, out, epochs=1, model=Net(momentum=0.9))
+        res[f"straight_comm_{algo}"] = traffic(straight)
+        first = AccordStrategy(algo, **hp)
+        m, _ = fit(first, rank, out, epochs=1, model=Net(momentum=0.9))
         ckpt = str(out / f"mid_{algo}.ckpt")
         m.trainer_ref.save_checkpoint(ckpt)
         res[f"at_checkpoint_{algo}"] = flat(m)
+        centre = first.aggregator.consensus_params()
+        res[f"centre_{algo}"] = None if centre is None else torch.cat(
+            [c.reshape(-1) for c in centre]).clone()
+        saved = torch.load(ckpt, weights_only=False)
+        res[f"ckpt_top_{algo}"] = flat_state(saved["state_dict"])
+        res[f"ckpt_replica_{algo}"] = flat_state(saved["accord"]["ranks"][rank]["module"])
         resumed = AccordStrategy(algo, **hp)
         m, _ = fit(resumed, rank, out, epochs=2, model=Net(seed=5, momentum=0.9),
                    ckpt_path=ckpt)
         res[f"resumed_{algo}"] = flat(m)
         res[f"resumed_steps_{algo}"] = resumed.accord_steps
+        res[f"resumed_comm_{algo}"] = traffic(resumed)
     ckpt = str(out / "mid_local_sgd.ckpt")
     try:
         fit(AccordStrategy("easgd"), rank, out, epochs=2, ckpt_path=ckpt)

@@ -44,9 +44,21 @@ def test_allreduce_through_the_strategy_equals_lightning_ddp(ranks):
     assert _diff(ranks[0]["allreduce"], ranks[1]["allreduce"]) == 0
 
 
+CLIP = 3.0  # lightning_driver.CLIP
+
+
 def test_acga_through_the_hook_equals_accord_build(ranks):
+    # with clip_grad_norm: the reference clips each rank's gradient with torch's
+    # clip_grad_norm_, then aggregates
     for r in ranks:
-        torch.testing.assert_close(r["acga"], r["acga_native"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(r["acga"], r["acga_native"], rtol=1e-5, atol=1e-6)
+    norms = ranks[0]["acga_norms"] + ranks[1]["acga_norms"]
+    assert min(norms) < CLIP < max(norms)  # the clip acted at some steps, not at all
+
+
+def test_ddp_options_pass_as_ddp_kwargs(ranks):
+    for r in ranks:
+        assert r["acga_bucket_view"] is True
 
 
 @pytest.mark.parametrize("algo,period", [("local_sgd", 3), ("easgd", 2)])
@@ -54,6 +66,9 @@ def test_model_phase_equals_the_native_loop_and_replicas_differ_between_syncs(ra
                                                                               period):
     for r in ranks:
         torch.testing.assert_close(r[algo], r[f"{algo}_native"], rtol=1e-6, atol=1e-7)
+    if algo == "local_sgd":  # run with clip_grad_norm, which acted at some steps
+        norms = ranks[0]["local_sgd_norms"] + ranks[1]["local_sgd_norms"]
+        assert min(norms) < CLIP < max(norms)
     steps0, steps1 = ranks[0][f"{algo}_steps"], ranks[1][f"{algo}_steps"]
     gaps = [_diff(a, b) for a, b in zip(steps0, steps1, strict=True)]
     assert gaps[0] > 1e-3  # no gradient allreduce: different data, different replicas
@@ -75,6 +90,37 @@ def test_validation_runs_on_the_consensus_model(ranks):
         torch.testing.assert_close(r["val_seen"], mean, rtol=1e-6, atol=1e-7)
 
 
+def test_a_checkpoint_saved_during_validation_keeps_each_replica(ranks):
+    # ModelCheckpoint saves while validation has the consensus model swapped in: the top
+    # level is that model, and each rank's entry is its own replica, not the consensus
+    mean = (ranks[0]["val_final"] + ranks[1]["val_final"]) / 2
+    for r in ranks:
+        torch.testing.assert_close(r["mc_top"], mean, rtol=1e-6, atol=1e-7)
+        assert torch.equal(r["mc_replica"], r["val_final"])
+
+
+@pytest.mark.parametrize("algo", ["local_sgd", "easgd"])
+def test_the_checkpoints_top_level_model_is_the_consensus(ranks, algo):
+    at0, at1 = ranks[0][f"at_checkpoint_{algo}"], ranks[1][f"at_checkpoint_{algo}"]
+    mean = (at0 + at1) / 2
+    expected = mean if algo == "local_sgd" else ranks[0][f"centre_{algo}"]
+    if algo == "easgd":  # not vacuous: the centre is neither the mean nor rank 0's replica
+        assert _diff(expected, mean) > 1e-4 and _diff(expected, at0) > 1e-4
+    for r in ranks:
+        torch.testing.assert_close(r[f"ckpt_top_{algo}"], expected, rtol=1e-6, atol=1e-7)
+    for rank, r in enumerate(ranks):  # and each replica below it
+        assert torch.equal(r[f"ckpt_replica_{algo}"], ranks[rank][f"at_checkpoint_{algo}"])
+
+
+@pytest.mark.parametrize("algo", ["local_sgd", "easgd"])
+def test_traffic_counters_resume_from_the_checkpoint(ranks, algo):
+    for r in ranks:
+        # the resumed run's counters = those of the uninterrupted 16 steps (no second
+        # initial broadcast, and the first 8 steps' traffic carried over)
+        assert r[f"resumed_comm_{algo}"] == r[f"straight_comm_{algo}"]
+    assert ranks[0][f"straight_comm_{algo}"]["initial_broadcast"][1] > 0
+
+
 def test_aggregator_metrics_reach_the_logger(ranks):
     with open(ranks[0]["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
@@ -91,6 +137,14 @@ def test_gradient_accumulation_calls_the_aggregator_once_per_optimizer_step(rank
     for r in ranks:
         assert r["accumulate_steps"] == 4  # 8 batches, accumulate 2
         assert r["accumulate_acga_gathers"] == 4
+
+
+def test_lightnings_clip_after_the_hook_is_named_in_one_warning(ranks):
+    # that run sets Trainer(gradient_clip_val=0.5) with acga: once, on rank 0
+    warned = ranks[0]["clip_after_warnings"]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert "gradient_clip_val=0.5" in warned[0] and "clip_grad_norm=" in warned[0]
+    assert ranks[1]["clip_after_warnings"] == []
 
 
 @pytest.mark.parametrize("algo", ["local_sgd", "easgd"])
@@ -117,6 +171,15 @@ def test_bad_strategy_arguments_are_one_line_errors():
         AccordStrategy("sgd")
     with pytest.raises(ValueError, match="model-phase algorithm"):
         AccordStrategy("easgd", ddp_kwargs={"static_graph": True})
+    # a DDP option given as a hyperparameter: one line naming ddp_kwargs=
+    for algo in ("acga", "easgd"):
+        with pytest.raises(ValueError) as err:
+            AccordStrategy(algo, find_unused_parameters=True)
+        text = str(err.value)
+        assert "\n" not in text and "DistributedDataParallel option" in text
+        assert "ddp_kwargs={'find_unused_parameters': True}" in text
+    with pytest.raises(ValueError, match=r"clip_grad_norm is 0, allowed: None"):
+        AccordStrategy("acga", clip_grad_norm=0)
 
 
 def test_the_example_runs():

@@ -27,16 +27,36 @@ Decisions:
   count is the ``StepContext.step`` an algorithm's periods and warm-ups use, and it is
   checkpointed. The loss handed to loss-aware algorithms (LSGD) is what the optimizer
   step returned (the training step's loss under automatic optimization).
-* **Checkpoints keep every replica.** Lightning writes rank 0's module and optimizer
-  state only; under model-phase algorithms the replicas (and their optimizer states)
-  differ. ``save_checkpoint`` therefore gathers, on every rank (it is collective, as
-  ``Trainer.save_checkpoint`` already is), each rank's module state, optimizer states
-  and aggregator state into ``checkpoint["accord"]``, and rank 0 writes it. On
-  ``fit(ckpt_path=...)`` each rank's ``load_checkpoint`` swaps its own module and
-  optimizer states into the dictionary Lightning restores from, and the aggregator
-  state is loaded once the aggregator exists; the initial broadcast is skipped on a
-  resume. A checkpoint from another algorithm or world size is refused with one line.
-  Gradient-phase algorithms keep identical replicas and store rank 0's state once.
+* **Checkpoints: the consensus model on top, every replica below.** Lightning writes
+  rank 0's module and optimizer state only; under model-phase algorithms the replicas
+  (and their optimizer states) differ. The top-level ``state_dict`` -- what
+  ``load_from_checkpoint`` loads and what ``ModelCheckpoint`` ranks by the validation
+  metrics of the consensus model -- is the consensus model (as in validation: the
+  algorithm's centre or the mean of the replicas, one allreduce on a communicator of its
+  own). ``save_checkpoint`` also gathers, on every rank (it is collective, as
+  ``Trainer.save_checkpoint`` already is), each rank's module state, optimizer states,
+  aggregator state and traffic counters into ``checkpoint["accord"]``, and rank 0 writes
+  it. A checkpoint taken during validation (``ModelCheckpoint``'s ``on_validation_end``
+  runs before the strategy's, while the consensus model is swapped in) still stores each
+  rank's own replica. On ``fit(ckpt_path=...)`` each rank's ``load_checkpoint`` swaps
+  its own module and optimizer states into the dictionary Lightning restores from, and
+  the aggregator state and counters are loaded once the aggregator exists (so
+  ``accord/comm_bytes`` continues from the checkpoint); the initial broadcast is skipped
+  on a resume. A checkpoint from another algorithm or world size is refused with one
+  line. Gradient-phase algorithms keep identical replicas and store rank 0's state once.
+* **DDP options** (``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``, ...)
+  go in ``ddp_kwargs=``, for the gradient-phase algorithms (the others run without DDP).
+  Given as keywords they would read as algorithm hyperparameters: refused in one line
+  naming ``ddp_kwargs=``.
+* **Gradient clipping.** ``clip_grad_norm=C`` clips each rank's gradient before it is
+  combined, the rule of ``accord.wrap`` and ``accord.ddp_hook``: in the DDP hook for
+  gradient-phase algorithms, right after the backward pass (before the optimizer step and
+  before Lightning's own clip) for model-phase ones. Lightning's ``gradient_clip_val``
+  clips what is in ``.grad`` before the optimizer step: each rank's own gradient under
+  model-phase algorithms (the same rule), the combined one under gradient-phase
+  algorithms, which the strategy says once in a warning (for ``acga``/``normalized`` a
+  limit >= 1 does nothing). Refused under a GradScaler (16-mixed): the gradients would
+  still carry the loss scale (not tested here: fp16 needs a GPU).
 * **Metrics.** Every ``log_every_n_steps`` optimizer steps the aggregator's ``metrics()``
   and its communicated bytes go to the trainer's loggers as ``accord/<name>`` (rank 0,
   through ``logger.log_metrics``, so they appear next to the module's own metrics).
@@ -49,38 +69,48 @@ Decisions:
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ._extras import require
 from .algorithms import get as get_algorithm
 from .algorithms import validate
 from .comm import Communicator, FlatBuffer
 from .core import Aggregator, StepContext
-from .ddp_hooks import HOOK_ALGORITHMS, ddp_hook
-from .train import state_tensors
+from .ddp_hooks import HOOK_ALGORITHMS, check_clip_grad_norm, clip_coefficient, ddp_hook
+from .observe import state_tensors
 
 _pl = require("lightning.pytorch", "lightning")
 DDPStrategy = _pl.strategies.DDPStrategy
 
 __all__ = ["AccordStrategy"]
 
+log = logging.getLogger(__name__)
+
 #: options of DDPStrategy that AccordStrategy passes through; every other keyword is an
 #: accord hyperparameter
 _STRATEGY_OPTIONS = ("accelerator", "parallel_devices", "cluster_environment",
                      "checkpoint_io", "precision_plugin", "process_group_backend", "timeout",
                      "start_method")
+#: DistributedDataParallel's own options: given as hyperparameters, they are refused with
+#: a line naming ddp_kwargs= (DDPStrategy would have taken them as **kwargs)
+_DDP_OPTIONS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters) - {
+    "self", "module"}
 
 
 class AccordStrategy(DDPStrategy):
     """A Lightning DDP strategy whose aggregation is an accord algorithm; see the module
     docstring. ``algo`` and keyword hyperparameters as for :func:`accord.build`;
-    ``ddp_kwargs`` go to ``DistributedDataParallel`` (gradient-phase algorithms); the
-    options of ``DDPStrategy`` (``timeout``, ``process_group_backend``, ``start_method``,
-    ...) are accepted by name."""
+    ``ddp_kwargs`` go to ``DistributedDataParallel`` (gradient-phase algorithms);
+    ``clip_grad_norm`` is the max norm of each rank's gradient, clipped before it is
+    combined (None: no clipping); the options of ``DDPStrategy`` (``timeout``,
+    ``process_group_backend``, ``start_method``, ...) are accepted by name."""
 
     strategy_name = "accord"
 
@@ -90,12 +120,22 @@ class AccordStrategy(DDPStrategy):
         *,
         consensus_eval: bool = True,
         ddp_kwargs: Mapping[str, Any] | None = None,
+        clip_grad_norm: float | None = None,
         **kwargs: Any,
     ) -> None:
         options = {k: kwargs.pop(k) for k in _STRATEGY_OPTIONS if k in kwargs}
         # checked here, in the process that builds the Trainer, before any worker starts
         self.algo = algo
+        hyper = get_algorithm(algo).hyperparameters
+        for key in kwargs:
+            if key in _DDP_OPTIONS and key not in hyper:
+                raise ValueError(
+                    f"AccordStrategy: {key}={kwargs[key]!r} is a DistributedDataParallel "
+                    f"option, not a hyperparameter of {algo!r}; allowed: "
+                    f"ddp_kwargs={{{key!r}: {kwargs[key]!r}}}, with the algorithms that run "
+                    f"under DDP ({', '.join(HOOK_ALGORITHMS)})")
         self.hyperparameters = validate(algo, kwargs)
+        self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm, "AccordStrategy")
         self._given_hyperparameters = dict(kwargs)
         if not isinstance(consensus_eval, bool):
             raise TypeError(f"consensus_eval: got {consensus_eval!r}, allowed: True or False")
@@ -121,7 +161,9 @@ class AccordStrategy(DDPStrategy):
         resuming = self._resume is not None
         if self.gradient_phase:
             self.model = self._setup_model(module)
-            self.aggregator, hook = ddp_hook(self.algo, self.model, **self._given_hyperparameters)
+            self.aggregator, hook = ddp_hook(self.algo, self.model,
+                                             clip_grad_norm=self.clip_grad_norm,
+                                             **self._given_hyperparameters)
             self.model.register_comm_hook(self.aggregator, hook)
         else:  # no DDP: the algorithm is the only communication
             self.aggregator = get_algorithm(self.algo)(
@@ -130,17 +172,35 @@ class AccordStrategy(DDPStrategy):
         if resuming:
             self.aggregator.load_state_dict(self._resume["aggregator"])
             self.accord_steps = int(self._resume["steps"])
+            if self._resume.get("comm") is not None:  # the traffic so far, not from zero
+                self.aggregator.comm.stats.load(self._resume["comm"])
             self._resume = None
 
     def setup(self, trainer: Any) -> None:
+        if self.clip_grad_norm is not None and \
+                getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "AccordStrategy: clip_grad_norm with a GradScaler precision (16-mixed) would "
+                "clip gradients still multiplied by the loss scale; allowed: precision "
+                "bf16-mixed or 32, or Trainer(gradient_clip_val=...) with a model-phase "
+                "algorithm (there it clips each rank's unscaled gradient)")
         super().setup(trainer)
         if len(self.optimizers) > 1:
             raise ValueError(f"AccordStrategy: got {len(self.optimizers)} optimizers, allowed: "
                              "one (the aggregator runs once per optimizer step)")
+        if self.gradient_phase and trainer.gradient_clip_val and self.global_rank == 0:
+            log.warning(
+                "AccordStrategy(%r): Trainer(gradient_clip_val=%s) clips the gradient DDP's "
+                "hook already combined, not each rank's (for acga and normalized, whose output "
+                "norm is at most 1, a limit >= 1 does nothing); pass "
+                "AccordStrategy(..., clip_grad_norm=...) to clip each rank's gradient before "
+                "it is combined", self.algo, trainer.gradient_clip_val)
 
     # -- the step -------------------------------------------------------------------------
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any],
                        model: Any = None, **kwargs: Any) -> Any:
+        if self.clip_grad_norm is not None and not self.gradient_phase:
+            closure = self._clipping(optimizer, closure)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         agg = self.aggregator
         if agg is None:
@@ -160,7 +220,48 @@ class AccordStrategy(DDPStrategy):
                     logger.log_metrics(metrics, step=trainer.global_step)
         return output
 
+    def _clipping(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure`` (the backward pass), then this rank's gradient clipped to
+        ``clip_grad_norm``: before the optimizer step and the algorithm, and before
+        Lightning's own ``gradient_clip_val``."""
+        def clipped() -> Any:
+            out = closure()
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"]
+                     if p.grad is not None]
+            if grads:
+                with torch.no_grad():
+                    coef = clip_coefficient(grads, self.clip_grad_norm)
+                    for grad in grads:
+                        grad.mul_(coef.to(grad.device))
+            return out
+        return clipped
+
     # -- consensus evaluation ---------------------------------------------------------------
+    @torch.no_grad()
+    def _swap_in_consensus(self) -> list[torch.Tensor]:
+        """Put the consensus model (the algorithm's centre, or the mean of the replicas:
+        collective) into the module, on every rank; returns this rank's replica."""
+        agg = self.aggregator
+        assert agg is not None
+        tensors = state_tensors(self.lightning_module)
+        own = [t.detach().clone() for t in tensors]
+        centre = agg.consensus_params()
+        if centre is not None:
+            for t, c in zip(tensors, centre, strict=True):
+                t.copy_(c)
+        else:
+            flat = FlatBuffer(tensors)
+            mean = flat.load_values()
+            # a communicator of its own: evaluation traffic is not the algorithm's
+            Communicator(agg.group).all_reduce_(mean, op="avg", kind="consensus_eval")
+            flat.store_values(mean)
+        return own
+
+    @torch.no_grad()
+    def _swap_back(self, own: list[torch.Tensor]) -> None:
+        for t, mine in zip(state_tensors(self.lightning_module), own, strict=True):
+            t.copy_(mine)
+
     def on_validation_start(self) -> None:
         super().on_validation_start()
         agg = self.aggregator
@@ -169,24 +270,11 @@ class AccordStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         if trainer is None or trainer.state.fn != _pl.trainer.states.TrainerFn.FITTING:
             return
-        tensors = state_tensors(self.lightning_module)
-        with torch.no_grad():
-            self._own = [t.detach().clone() for t in tensors]
-            centre = agg.consensus_params()
-            if centre is not None:
-                for t, c in zip(tensors, centre, strict=True):
-                    t.copy_(c)
-            else:
-                flat = FlatBuffer(tensors)
-                mean = flat.load_values()
-                Communicator(agg.group).all_reduce_(mean, op="avg", kind="consensus_eval")
-                flat.store_values(mean)
+        self._own = self._swap_in_consensus()
 
     def on_validation_end(self) -> None:
         if self._own is not None:
-            with torch.no_grad():
-                for t, own in zip(state_tensors(self.lightning_module), self._own, strict=True):
-                    t.copy_(own)
+            self._swap_back(self._own)
             self._own = None
         super().on_validation_end()
 
@@ -195,17 +283,44 @@ class AccordStrategy(DDPStrategy):
                         storage_options: Any = None) -> None:
         agg = self.aggregator
         if agg is not None:
-            own = {"aggregator": agg.state_dict(), "steps": self.accord_steps}
+            own = {"aggregator": agg.state_dict(), "steps": self.accord_steps,
+                   "comm": agg.comm.stats.as_dict()}
             if self.gradient_phase:
                 ranks = [own]  # identical replicas: rank 0's state serves every rank
             else:
-                own["module"] = checkpoint.get("state_dict")
+                # the top level is what load_from_checkpoint and ModelCheckpoint's ranking
+                # (by metrics of the consensus model) see: the consensus model, not rank 0's
+                # replica; each rank's replica goes below it, for an exact resume
+                own["module"], checkpoint["state_dict"] = self._replica_and_consensus()
                 own["optimizer_states"] = checkpoint.get("optimizer_states")
                 ranks = [None] * self.world_size if self.global_rank == 0 else None
                 dist.gather_object(own, ranks, dst=0)  # rank 0 writes the file
             checkpoint["accord"] = {"algo": self.algo, "world_size": self.world_size,
                                     "hyperparameters": self.hyperparameters, "ranks": ranks}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _replica_and_consensus(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Copies of the module's state dict holding this rank's replica and holding the
+        consensus model (collective, unless validation already swapped it in)."""
+        def copied() -> dict[str, Any]:
+            return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in self.lightning_module_state_dict().items()}
+
+        if self._own is not None:
+            # ModelCheckpoint saves in its on_validation_end, which Lightning calls before
+            # the strategy's: the module still holds the consensus model
+            consensus = copied()
+            shown = [t.detach().clone() for t in state_tensors(self.lightning_module)]
+            self._swap_back(self._own)
+            replica = copied()
+            self._swap_back(shown)
+            return replica, consensus
+        replica = copied()
+        mine = self._swap_in_consensus()
+        try:
+            return replica, copied()
+        finally:
+            self._swap_back(mine)
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
@@ -224,7 +339,8 @@ class AccordStrategy(DDPStrategy):
         if "module" in own:  # this rank's replica, not rank 0's
             checkpoint["state_dict"] = own["module"]
             checkpoint["optimizer_states"] = own["optimizer_states"]
-        self._resume = {"aggregator": own["aggregator"], "steps": own["steps"]}
+        self._resume = {"aggregator": own["aggregator"], "steps": own["steps"],
+                        "comm": own.get("comm")}
         return checkpoint
 
     def teardown(self) -> None:
