@@ -177,18 +177,24 @@ def _every_model_phase_algorithm(rank: int, out: dict) -> None:
 
 
 def _clip(rank: int, out: dict) -> None:
-    """prepare(..., clip_grad_norm=CLIP) on both paths: allreduce through the DDP hook and
-    local_sgd with period 1 inside the optimizer. With SGD both take the step
-    p - lr mean_i clip(g_i), computed here independently: each rank's gradient on a copy,
-    torch's clip_grad_norm_, and a plain torch.distributed average."""
-    accelerator = _accelerator()
-    for name, hp in (("allreduce", {}), ("local_sgd", {"period": 1})):
+    """prepare(..., clip_grad_norm=CLIP) on both paths: allreduce through the DDP hook,
+    local_sgd with period 1 inside the optimizer, and allreduce under a (CPU) GradScaler,
+    which moves it inside the optimizer (the hook would clip scaled gradients). With SGD
+    all take the step p - lr mean_i clip(g_i), computed here independently: each rank's
+    gradient on a copy, torch's clip_grad_norm_, and a plain torch.distributed average."""
+    for key, name, hp in (("allreduce", "allreduce", {}),
+                          ("local_sgd", "local_sgd", {"period": 1}),
+                          ("allreduce_scaled", "allreduce", {})):
+        accelerator = _accelerator()
+        if key.endswith("scaled"):
+            accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         model = _mlp()
         ref = copy.deepcopy(model)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         model, opt, agg = acc_accord.prepare(accelerator, model, opt, name,
                                              clip_grad_norm=CLIP, **hp)
-        rec = out[f"clip_{name}"] = {"norms": [], "params": [], "oracle": []}
+        rec = out[f"clip_{key}"] = {"norms": [], "params": [], "oracle": [],
+                                    "inner": type(opt.optimizer).__name__}
         for step in range(2):
             batch = _batch(rank, step)
             ref.load_state_dict(model.module.state_dict())
@@ -451,10 +457,12 @@ def test_bad_inputs_are_refused_in_one_line(ranks):
                 assert word in msg, (key, msg)
 
 
-@pytest.mark.parametrize("name", ["allreduce", "local_sgd"])
+@pytest.mark.parametrize("name", ["allreduce", "local_sgd", "allreduce_scaled"])
 def test_clip_grad_norm_clips_each_ranks_gradient_on_both_paths(ranks, name):
     for out in ranks:
         rec = out[f"clip_{name}"]
+        hooked = name == "allreduce"  # a scaler moves allreduce into the optimizer
+        assert (rec["inner"] == "_StepWithNotedLoss") is not hooked, rec["inner"]
         for step in range(2):
             torch.testing.assert_close(rec["params"][step], rec["oracle"][step], rtol=1e-5,
                                        atol=1e-6)

@@ -71,7 +71,9 @@ Decisions:
   lead). Other algorithms ignore the loss; ``note_loss`` is accepted and costs nothing.
 * **Gradient clipping.** ``prepare(..., clip_grad_norm=C)`` clips each rank's gradient
   before the algorithm combines it, on both paths (in the DDP hook, or in the wrapped
-  optimizer's step), as ``accord.wrap`` and the Lightning strategy do. Not
+  optimizer's step after the unscale), as ``accord.wrap`` and the Lightning strategy do;
+  under fp16's scaler it moves every algorithm to the model-phase path (the hook would
+  clip gradients still multiplied by the loss scale). Not
   ``accelerator.clip_grad_norm_``: it clips what ``backward`` left in ``.grad``, which on
   the hook path is the aggregated gradient (a no-op for ``acga`` and ``normalized``, whose
   direction has norm at most 1) and on the model-phase path the local one.
@@ -259,7 +261,7 @@ def _check(accelerator: Any, model: Any, optimizer: Any, algorithm: Any,
                          "conflicts with accord's own DDP hook; allowed: comm_hook left at "
                          "'no'")
     nonlinear = algorithm in ("normalized", "acga", "adasum") or clip_grad_norm is not None
-    if nonlinear and not _native(accelerator, algorithm) \
+    if nonlinear and not _native(accelerator, algorithm, clip_grad_norm) \
             and accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False):
         what = f"{algorithm}'s DDP hook" if clip_grad_norm is None else "the clip in the DDP hook"
         raise ValueError(f"{where}: sync_each_batch=True would run {what} on every "
@@ -267,11 +269,12 @@ def _check(accelerator: Any, model: Any, optimizer: Any, algorithm: Any,
                          "(the default)")
 
 
-def _native(accelerator: Any, algorithm: str) -> bool:
+def _native(accelerator: Any, algorithm: str, clip_grad_norm: float | None) -> bool:
     """Whether the algorithm runs inside the optimizer (DDP's allreduce off) rather than
-    as a DDP hook."""
-    return algorithm not in HOOK_ALGORITHMS or (
-        accelerator.scaler is not None and algorithm in SCALE_INVARIANT)
+    as a DDP hook. Under a scaler the hook would see scaled gradients, wrong for a
+    scale-invariant algorithm and for a clip alike."""
+    return algorithm not in HOOK_ALGORITHMS or (accelerator.scaler is not None and (
+        algorithm in SCALE_INVARIANT or clip_grad_norm is not None))
 
 
 def prepare(
@@ -294,7 +297,7 @@ def prepare(
     each rank's gradient, clipped before the algorithm combines it, on both paths (None:
     no clipping). See the module docstring for the two paths and what is refused."""
     _check(accelerator, model, optimizer, algorithm, hyperparameters, clip_grad_norm)
-    if not _native(accelerator, algorithm):
+    if not _native(accelerator, algorithm, clip_grad_norm):
         prepared, opt = accelerator.prepare(model, optimizer)
         ddp = _find_ddp(prepared)
         if ddp is None:
