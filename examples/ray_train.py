@@ -141,12 +141,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="Ray Train's run storage; default: a temporary directory")
     ap.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
     args = ap.parse_args(argv)
+    try:
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError as exc:  # one line, as accord's other integrations say it
+        raise SystemExit(f"{ap.prog}: this needs the optional package 'ray', which is not "
+                         f"installed ({exc}); install it with: pip install 'accord[ray]'"
+                         ) from None
     hp = dict(args.set)  # accord converts and checks the strings
     validate(args.algo, hp, args.workers)  # a bad name or value fails before Ray starts
-
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the local Ray workers
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
