@@ -230,3 +230,14 @@ def test_no_deprecation_warnings(results):
 def test_rejects_model_phase_algorithms_without_a_group():
     with pytest.raises(ValueError, match="no DDP communication hook"):
         accord.ddp_hook("easgd", [torch.zeros(2, requires_grad=True)])
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), float("nan"), True, "1"])
+def test_a_bad_clip_grad_norm_is_refused_before_anything_is_built(value):
+    # no process group here: the check comes first
+    with pytest.raises(ValueError, match=r"accord.ddp_hook: clip_grad_norm is .*, allowed: "
+                                         r"None \(no clipping\) or a finite number > 0"):
+        accord.ddp_hook("acga", [torch.zeros(2, requires_grad=True)], clip_grad_norm=value)
+    with pytest.raises(ValueError, match=r"accord.wrap: clip_grad_norm is .*, allowed: None"):
+        accord.wrap(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1), "acga",
+                    clip_grad_norm=value)

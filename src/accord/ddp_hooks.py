@@ -48,7 +48,10 @@ Clipping. ``clip_grad_norm=`` clips each rank's gradient before it is combined, 
 (a no-op for ``acga`` and ``normalized`` at a max norm of 1 or more: their output norm is
 at most 1). The clip needs the norm of the whole local gradient, so with it nothing starts
 per bucket: ``allreduce`` averages the clipped flat gradient at the last bucket (one
-allreduce per step) and ACGA's sum starts there too (no overlap with backward).
+allreduce per step) and ACGA's sum starts there too (no overlap with backward). Under
+fp16's ``GradScaler`` the hook sees gradients still multiplied by the loss scale, so the
+clip would compare the scaled norm: clip through ``accord.wrap(..., scaler=,
+clip_grad_norm=)`` there (``accord.accelerate`` moves such runs into the optimizer).
 
 Only gradient-phase algorithms have a hook (model-phase ones do not act on gradients;
 use ``accord.build`` for them). Under DDP's ``no_sync`` the hook is not called, so
