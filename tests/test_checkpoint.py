@@ -3,15 +3,19 @@ detected with one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from cli_util import no_workers, run_cli, tree
 from worlds import run_world
 
 import accord
 from accord import checkpoint as ck
+from accord import cli
+from accord.config import validate
 
 K = 3
 
@@ -99,14 +103,24 @@ def _save(root: Path, step: int, config=None) -> Path:
                        config=config or {"algo": "allreduce"})
 
 
-def _fake_rank(path: Path, rank: int) -> None:
-    """Add a second rank's file to a world-of-one checkpoint, as a 2-rank manifest."""
+def _commit(path: Path, **changes) -> None:
+    """Write the manifest of the rank files in ``path`` (sizes and hashes as they are now),
+    with ``changes`` to its fields: a checkpoint made or edited by hand."""
     manifest = json.loads((path / "manifest.json").read_text())
-    data = (path / "rank0.pt").read_bytes()
-    (path / f"rank{rank}.pt").write_bytes(data)
-    manifest["files"][f"rank{rank}.pt"] = dict(manifest["files"]["rank0.pt"])
-    manifest["world_size"] = rank + 1
+    manifest["files"] = {f.name: {"bytes": f.stat().st_size,
+                                  "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                         for f in sorted(path.glob("rank*.pt"))}
+    manifest.update(changes)
     (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _fake_rank(path: Path, rank: int) -> None:
+    """Make a world-of-one checkpoint a world of ``rank + 1``: rank 0's state saved again as
+    every rank's, each with its own rank and the new world size."""
+    state = torch.load(path / "rank0.pt", weights_only=False)
+    for r in range(rank + 1):
+        torch.save({**state, "rank": r, "world_size": rank + 1}, path / f"rank{r}.pt")
+    _commit(path, world_size=rank + 1)
 
 
 def test_complete_checkpoint_verifies(tmp_path):
@@ -170,3 +184,143 @@ def test_prune_keeps_the_newest_complete_ones(tmp_path):
     removed = ck.prune(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["step-10", "step-20", "step-25"]
     assert [p.name for p in ck.step_dirs(tmp_path)] == ["step-50", "step-40", "step-30"]
+
+
+# -- hand-edited checkpoints: one line, through the API and `accord train --resume` --------
+
+ARGS = ["--task", "linreg", "--workers", "1", "--steps", "30", "--no-progress"]
+
+
+def _run_checkpoint(out: Path, step: int) -> Path:
+    """A checkpoint of the run ``accord train --out OUT *ARGS`` would make, made by hand
+    (a one-layer model: only the manifest and the rank file's own fields are read before
+    workers start)."""
+    cfg = cli._config_from_args(cli.build_parser().parse_args(
+        ["train", "--out", str(out), *ARGS]))
+    validate(cfg)
+    return accord.save(out / "checkpoints" / f"step-{step}", torch.nn.Linear(2, 1),
+                       step=step, config=cfg.fingerprint())
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(edit(manifest)))
+
+
+def _drop_bytes(m):
+    del m["files"]["rank0.pt"]["bytes"]
+    return m
+
+
+HAND_EDITS = {
+    "only_format": (lambda m: {"format": 1},
+                    "field 'step': expected an integer >= 0, got nothing (missing)"),
+    "a_list": (lambda m: [1],
+               "expected a JSON object (a checkpoint manifest), got a list of 1"),
+    "file_without_bytes": (_drop_bytes, "field 'files[\"rank0.pt\"].bytes': expected an "
+                                        "integer >= 0, got nothing (missing)"),
+    "step_edited": (lambda m: {**m, "step": 10},
+                    "field 'step': expected 20 (the directory is step-20), got 10"),
+    "world_size_a_string": (lambda m: {**m, "world_size": "1"},
+                            "field 'world_size': expected an integer >= 1, got \"1\""),
+    "unknown_field": (lambda m: {**m, "note": "x"},
+                      "field 'note': expected no such field (known: format, step, "
+                      "world_size, created, config, files), got \"x\""),
+    "a_file_too_many": (lambda m: {**m, "files": {**m["files"], "rank1.pt":
+                                                  m["files"]["rank0.pt"]}},
+                        "field 'files': expected one entry per rank of world_size 1 "
+                        "(rank0.pt), got rank0.pt, rank1.pt"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HAND_EDITS))
+def test_a_hand_edited_manifest_is_refused_named_and_skipped_by_auto(tmp_path, monkeypatch,
+                                                                     edit):
+    """Valid JSON that is not a manifest raised KeyError / AttributeError from inside, and
+    a manifest whose step was edited from 20 to 10 was trusted (the run resumed "at step
+    10" from the weights of step 20)."""
+    change, message = HAND_EDITS[edit]
+    no_workers(monkeypatch)
+    out = tmp_path / "run"
+    good = _run_checkpoint(out, 10)
+    bad = _run_checkpoint(out, 20)
+    _edit_manifest(bad, change)
+    line = f"checkpoint {bad}: manifest.json: {message}"
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.verify(bad)
+    assert str(info.value) == line
+    before = tree(tmp_path)
+    code, err, _ = run_cli(["train", "--out", str(out), *ARGS, "--resume", str(bad)])
+    assert (code, err) == (2, [f"accord train: error: resume: {line}"])
+    assert tree(tmp_path) == before  # nothing written
+    code, err, _ = run_cli(["train", "--out", str(out), *ARGS, "--resume", "auto"])
+    assert code == "launched"  # from the older, intact checkpoint
+    assert err == [f"accord train: skipped {line}", f"resuming from {good}"]
+
+
+def test_a_rank_file_of_another_step_is_refused(tmp_path, monkeypatch):
+    """A checkpoint renamed with its manifest edited to agree (step-20 made step-10): the
+    rank file still says step 20. verify reads that from the file's pickle (no tensor is
+    built); load checks what it loaded."""
+    no_workers(monkeypatch)
+    out = tmp_path / "run"
+    good = _run_checkpoint(out, 5)
+    saved = _run_checkpoint(out, 20)
+    bad = saved.with_name("step-10")
+    saved.rename(bad)
+    _edit_manifest(bad, lambda m: {**m, "step": 10})
+    line = (f"checkpoint {bad}: rank0.pt holds step 20, manifest.json says 10 (edited or "
+            "mixed up by hand?)")
+    for call in (ck.verify, ck.read):
+        with pytest.raises(ck.CheckpointError) as info:
+            call(bad)
+        assert str(info.value) == line
+    code, err, _ = run_cli(["train", "--out", str(out), *ARGS, "--resume", str(bad)])
+    assert (code, err) == (2, [f"accord train: error: resume: {line}"])
+    code, err, _ = run_cli(["train", "--out", str(out), *ARGS, "--resume", "auto"])
+    assert code == "launched"
+    assert err == [f"accord train: skipped {line}", f"resuming from {good}"]
+
+
+def test_resume_naming_a_file_is_one_line(tmp_path, monkeypatch):
+    """It raised NotADirectoryError from inside."""
+    no_workers(monkeypatch)
+    out = tmp_path / "run"
+    path = _run_checkpoint(out, 10) / "rank0.pt"
+    before = tree(tmp_path)
+    code, err, _ = run_cli(["train", "--out", str(out), *ARGS, "--resume", str(path)])
+    assert (code, err) == (2, [f"accord train: error: resume: checkpoint {path}: not a "
+                               "directory; allowed: a checkpoint directory "
+                               "(OUT/checkpoints/step-<S>)"])
+    assert tree(tmp_path) == before
+
+
+def test_the_peek_reads_a_real_rank_file(tmp_path):
+    path = _save(tmp_path, 7)
+    head = ck.peek(path / "rank0.pt")
+    assert {k: head[k] for k in ("format", "rank", "world_size", "step")} == \
+        {"format": ck.FORMAT, "rank": 0, "world_size": 1, "step": 7}
+    (tmp_path / "x.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="^not a torch.save zip archive"):
+        ck.peek(tmp_path / "x.pt")
+
+
+def test_save_refuses_a_step_its_directory_name_contradicts(tmp_path):
+    with pytest.raises(ValueError, match=r"^step: got 10 for the directory step-20, allowed: "
+                                         r"20 \(a step-<S> directory holds step S\)$"):
+        accord.save(tmp_path / "step-20", _model(0), step=10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_into_a_model_of_another_shape_is_one_line(tmp_path):
+    """torch's RuntimeError was a block of lines."""
+    path = _save(tmp_path, 3)
+    other = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4),
+                                torch.nn.Dropout(0.3), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    with pytest.raises(ck.CheckpointError) as info:
+        accord.load(path, other)
+    assert str(info.value).startswith(
+        "checkpoint: the model is not the one saved (size mismatch for 0.weight: copying a "
+        "param with shape torch.Size([10, 5]) from checkpoint, the shape in current model is "
+        "torch.Size([4, 5]).; +")
+    assert "\n" not in str(info.value)

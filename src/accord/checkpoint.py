@@ -6,12 +6,22 @@ A checkpoint is a directory::
     step-<S>/manifest.json  written last, by rank 0: step, world size, each file's size and
                             SHA-256, the run's config (``accord train``), format version
 
-It counts only once ``manifest.json`` exists. Every rank writes its file under a temporary
-name and renames it into place, hashes what is on disk, and hands the size and hash to rank
-0; rank 0 checks each file's size on disk and commits the manifest by an atomic rename
-(the files share one filesystem: one node, or a shared directory). A crash at any point
-before the rename leaves a directory without a manifest, which :func:`verify` reports as
-incomplete and :func:`find` skips.
+It counts only once ``manifest.json`` exists. Its schema (:data:`MANIFEST_SCHEMA`, with
+:mod:`accord.schema`) is declared once here and used by :func:`save` before it writes and by
+:func:`read_manifest` when it reads: every field of its type, no other field, one entry in
+``files`` per rank named ``rank<r>.pt``; a ``step-<S>`` directory's manifest says step
+``S``. Each rank file's own ``format``, ``rank``, ``world_size`` and ``step``
+(:data:`RANK_FILE_SCHEMA`) must agree with the manifest: :func:`verify` reads them from the
+file's pickle without building a tensor (cheap beside the SHA-256 it already computes), and
+:func:`read` checks what it loaded. So a manifest edited by hand (its step changed from 20
+to 10) is refused, or skipped by :func:`find`, in one line naming the file and the field,
+instead of resuming "at step 10" from the weights of step 20.
+
+Every rank writes its file under a temporary name and renames it into place, hashes what is
+on disk, and hands the size and hash to rank 0; rank 0 checks each file's size on disk and
+commits the manifest by an atomic rename (the files share one filesystem: one node, or a
+shared directory). A crash at any point before the rename leaves a directory without a
+manifest, which :func:`verify` reports as incomplete and :func:`find` skips.
 
 Why not ``torch.distributed.checkpoint``: it saves one logical state, deduplicating tensors
 that ranks hold under the same key on the assumption that they are replicas of one value,
@@ -26,12 +36,17 @@ barriers). :func:`load` is local: each rank reads and checks its own file.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import io
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,8 +54,35 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .schema import AnyJSON, Int, MapOf, Number, Record, SchemaError, Text, parse_json, validate
+
 FORMAT = 1
 MANIFEST = "manifest.json"
+#: a checkpoint directory written by ``accord train``: the step is in its name
+STEP_DIR = re.compile(r"step-(0|[1-9][0-9]*)")
+
+MANIFEST_SCHEMA = Record({
+    "format": Int(),  # checked first, against FORMAT: another format may have other fields
+    "step": Int(0),
+    "world_size": Int(1),
+    "created": Number(0),
+    "config": MapOf(AnyJSON(), expected="an object (the run's settings)"),
+    "files": MapOf(
+        Record({"bytes": Int(0),
+                "sha256": Text(pattern="[0-9a-f]{64}",
+                               expected="a SHA-256 (64 lowercase hex digits)")},
+               required=("bytes", "sha256"), expected='an object {"bytes", "sha256"}'),
+        key=Text(pattern=r"rank(0|[1-9][0-9]*)\.pt", expected="rank<r>.pt"),
+        nonempty=True, expected='an object {"rank<r>.pt": {"bytes", "sha256"}, ...}'),
+}, required=("format", "step", "world_size", "created", "config", "files"),
+    expected="a JSON object (a checkpoint manifest)")
+
+#: the fields of a rank file (a ``torch.save``'d dict) that must agree with the manifest;
+#: its other entries (model, optimizer, aggregator, rng, comm, extra) are not JSON
+RANK_FILE_SCHEMA = Record({"format": Int(), "rank": Int(0), "world_size": Int(1),
+                           "step": Int(0)},
+                          required=("format", "rank", "world_size", "step"), extra=True,
+                          expected="a dict (a rank file saved by accord.save)")
 
 
 class CheckpointError(ValueError):
@@ -105,6 +147,12 @@ def save(
     ``config``: a JSON-able description of the run, stored in the manifest and compared by
     :func:`find` / :func:`verify`. Returns the checkpoint directory."""
     path = Path(path)
+    step = _check_step(path, step)
+    config = dict(config or {})
+    try:  # before anything is written: the manifest must be able to hold it
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config: not JSON ({e}); allowed: a JSON-able mapping") from None
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
@@ -114,7 +162,7 @@ def save(
     if distributed:
         dist.barrier(group)
     path.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "rank": rank, "world_size": world, "step": int(step),
+    state = {"format": FORMAT, "rank": rank, "world_size": world, "step": step,
              "model": model.state_dict(), "rng": rng_state(), "extra": dict(extra or {})}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
@@ -141,10 +189,11 @@ def save(
             if not on_disk.exists() or on_disk.stat().st_size != part["bytes"]:
                 raise CheckpointError(f"checkpoint {path}: rank {r}'s file is not where rank 0 "
                                       "can read it (checkpoints need one shared filesystem)")
-        manifest = {"format": FORMAT, "step": int(step), "world_size": world,
-                    "created": time.time(), "config": dict(config or {}),
+        manifest = {"format": FORMAT, "step": step, "world_size": world,
+                    "created": time.time(), "config": config,
                     "files": {p["file"]: {"bytes": p["bytes"], "sha256": p["sha256"]}
                               for p in parts}}
+        _check_manifest(path, manifest)  # what the reader will demand, before committing
         tmp_manifest = path / (MANIFEST + ".tmp")
         tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         os.replace(tmp_manifest, path / MANIFEST)
@@ -153,19 +202,136 @@ def save(
     return path
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+def _check_step(path: Path, step: int) -> int:
+    """``step`` as an int, refused (ValueError, one line) when a ``step-<S>`` directory's
+    name says another step: the reader would refuse the checkpoint."""
+    value = int(step)
+    named = STEP_DIR.fullmatch(path.name)
+    if named is not None and int(named[1]) != value:
+        raise ValueError(f"step: got {value} for the directory {path.name}, allowed: "
+                         f"{named[1]} (a step-<S> directory holds step S)")
+    return value
+
+
+def _check_manifest(path: Path, manifest: Any) -> dict[str, Any]:
+    """``manifest`` when it matches :data:`MANIFEST_SCHEMA` and its directory; else one
+    :class:`CheckpointError` line naming the field and what was expected."""
+    where = f"checkpoint {path}: {MANIFEST}"
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: format {manifest.get('format')!r}, this version "
+                              f"reads format {FORMAT}")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        validate(MANIFEST_SCHEMA, manifest)
+    except SchemaError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    world, files = manifest["world_size"], manifest["files"]
+    wanted = [_rank_file(r) for r in range(world)]
+    if sorted(files) != sorted(wanted):
+        listed = ", ".join(sorted(files, key=lambda n: int(n[4:-3]))[:6]) + \
+            (", ..." if len(files) > 6 else "")
+        raise CheckpointError(
+            f"{where}: field 'files': expected one entry per rank of world_size {world} "
+            f"({wanted[0]}" + (f" to {wanted[-1]}" if world > 1 else "") + f"), got {listed}")
+    named = STEP_DIR.fullmatch(path.name)
+    if named is not None and int(named[1]) != manifest["step"]:
+        raise CheckpointError(f"{where}: field 'step': expected {named[1]} (the directory "
+                              f"is {path.name}), got {manifest['step']}")
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the checkpoint directory ``path``, checked against
+    :data:`MANIFEST_SCHEMA` and the directory's name; :class:`CheckpointError` (one line)
+    otherwise. Reads no rank file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: not a directory; allowed: a checkpoint "
+                              "directory (OUT/checkpoints/step-<S>)")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such directory; allowed: a checkpoint "
+                              "directory (OUT/checkpoints/step-<S>)")
+    try:
+        data = (path / MANIFEST).read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: incomplete (no {MANIFEST}; it was being "
                               "written when the run stopped)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, this "
-                              f"version reads format {FORMAT}")
-    return manifest
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} cannot be read "
+                              f"({e.strerror or e})") from None
+    try:
+        manifest = parse_json(data)
+    except SchemaError as e:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({e})") from None
+    return _check_manifest(path, manifest)
+
+
+class _Stub:
+    """Whatever a pickle builds, built as nothing: :func:`peek` reads a rank file's plain
+    fields without constructing its tensors or running any class of the file."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _PeekUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict  # a state_dict's container, harmless
+        return _Stub
+
+    def persistent_load(self, pid: Any) -> Any:  # a tensor's storage: not read
+        return None
+
+
+def peek(file: str | os.PathLike) -> Any:
+    """The top-level object of a ``torch.save`` file with every tensor, array and class
+    instance replaced by a stub: its plain fields (ints, strings, lists, dicts) as saved.
+    Reads only the archive's pickle (kilobytes), not the tensors' bytes. Raises
+    ``ValueError`` for a file that is not a ``torch.save`` zip archive."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            pickles = [n for n in archive.namelist()
+                       if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise ValueError("no data.pkl in the archive")
+            data = archive.read(pickles[0])
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"not a torch.save zip archive ({e})") from None
+    try:
+        return _PeekUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # noqa: BLE001 - any damage to the pickle is one line
+        raise ValueError(f"its pickle cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _check_rank_state(path: Path, name: str, state: Any, manifest: Mapping[str, Any],
+                      rank: int) -> None:
+    """A rank file's own fields agree with the manifest (the step above all: a manifest
+    edited from step 20 to 10 would resume "at step 10" from the weights of step 20)."""
+    try:
+        validate(RANK_FILE_SCHEMA, state)
+    except SchemaError as e:
+        raise CheckpointError(f"checkpoint {path}: {name}: {e}") from None
+    for field, want in (("format", FORMAT), ("rank", rank),
+                        ("world_size", manifest["world_size"]), ("step", manifest["step"])):
+        if state[field] != want:
+            said = "this version reads" if field == "format" else f"{MANIFEST} says"
+            raise CheckpointError(f"checkpoint {path}: {name} holds {field} {state[field]}, "
+                                  f"{said} {want} (edited or mixed up by hand?)")
 
 
 def _check_file(path: Path, name: str, entry: Mapping[str, Any]) -> None:
@@ -203,7 +369,8 @@ def _compare(path: Path, manifest: Mapping[str, Any], world_size: int | None,
 def verify(path: str | os.PathLike, world_size: int | None = None,
            config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a complete, intact checkpoint matching ``world_size`` and ``config``
-    (when given); :class:`CheckpointError` (one line) otherwise. Reads every file."""
+    (when given); :class:`CheckpointError` (one line) otherwise. Reads every file (its
+    SHA-256, and the fields of its pickle that must agree with the manifest)."""
     path = Path(path)
     manifest = read_manifest(path)
     _compare(path, manifest, world_size, config)
@@ -213,6 +380,14 @@ def verify(path: str | os.PathLike, world_size: int | None = None,
             raise CheckpointError(f"checkpoint {path}: the manifest lists no file for rank {r}")
     for name, entry in sorted(files.items()):
         _check_file(path, name, entry)
+    for r in range(manifest["world_size"]):
+        name = _rank_file(r)
+        try:
+            head = peek(path / name)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path}: {name} is not a rank file ({e})") \
+                from None
+        _check_rank_state(path, name, head, manifest, r)
     return manifest
 
 
@@ -262,8 +437,9 @@ def prune(root: str | os.PathLike, keep: int) -> list[Path]:
 
 def read(path: str | os.PathLike, *, group: dist.ProcessGroup | None = None,
          map_location: Any = "cpu") -> dict[str, Any]:
-    """This rank's part of the checkpoint at ``path``, checked against the manifest (size and
-    SHA-256) and the world size; :class:`CheckpointError` (one line) otherwise."""
+    """This rank's part of the checkpoint at ``path``, checked against the manifest (size,
+    SHA-256, and the file's own rank, world size and step) and the world size;
+    :class:`CheckpointError` (one line) otherwise."""
     path = Path(path)
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
@@ -274,7 +450,18 @@ def read(path: str | os.PathLike, *, group: dist.ProcessGroup | None = None,
     if name not in manifest["files"]:
         raise CheckpointError(f"checkpoint {path}: the manifest lists no file for rank {rank}")
     _check_file(path, name, manifest["files"][name])
-    return torch.load(path / name, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path / name, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - its hash matched: say what torch says, once
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {path}: {name} cannot be loaded "
+                              f"({type(e).__name__}: {first})") from e
+    _check_rank_state(path, name, state, manifest, rank)
+    for key in ("model", "rng"):
+        if not isinstance(state.get(key), Mapping):
+            raise CheckpointError(f"checkpoint {path}: {name}: field '{key}': expected a "
+                                  f"dict, got {type(state.get(key)).__name__}")
+    return state
 
 
 def restore(state: Mapping[str, Any], model: torch.nn.Module | None = None,
@@ -283,7 +470,14 @@ def restore(state: Mapping[str, Any], model: torch.nn.Module | None = None,
     """Put a state from :func:`read` back into the objects given (any subset: a loop may
     restore the model and optimizer before it builds the aggregator)."""
     if model is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # torch's message is a block: its first difference
+            lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+            more = f"; +{len(lines) - 1} more" if len(lines) > 1 else ""
+            raise CheckpointError(f"checkpoint: the model is not the one saved "
+                                  f"({lines[0] if lines else e}{more}); allowed: a model "
+                                  "of the same parameter names and shapes") from None
     if optimizer is not None:
         if "optimizer" not in state:
             raise CheckpointError("checkpoint: saved without an optimizer state")
