@@ -118,7 +118,8 @@ def test_resume_refuses_another_config_with_one_line(tmp_path):
     assert "a resumed run may change: steps" in line
     missing = _train(out, "--algo", "allreduce", "--resume", str(tmp_path / "nowhere"))
     assert missing.returncode == 2
-    assert "incomplete (no manifest.json" in missing.stderr.strip().splitlines()[-1]
+    assert f"{str(tmp_path / 'nowhere')!r} does not exist" in \
+        missing.stderr.strip().splitlines()[-1]
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path):

@@ -692,8 +692,9 @@ def check_label(label: str, what: str = "label") -> None:
                           "letters, digits, '.', '_' and '-' (not '.' or '..')")
 
 
-def plan(specs: list[RunSpec], out: Path) -> list[TrainConfig]:
-    """Validate every run before any starts; ConfigError names the run and the field."""
+def plan(specs: list[RunSpec], out: Path, *, create: bool = True) -> list[TrainConfig]:
+    """Validate every run before any starts; ConfigError names the run and the field.
+    ``create``: then create ``out`` and check it is writable (:func:`check_out`)."""
     configs = []
     labels: dict[tuple, RunSpec] = {}
     for spec in specs:
@@ -712,6 +713,13 @@ def plan(specs: list[RunSpec], out: Path) -> list[TrainConfig]:
             raise ConfigError(f"run {spec.label} ({spec.task}, {spec.workers} workers): {e}") \
                 from None
         configs.append(cfg)
+    if create:
+        check_out(out)
+    return configs
+
+
+def check_out(out: Path) -> None:
+    """Create ``out`` and check it is writable; ConfigError (one line) if not."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".accord-write-test").write_text("")
@@ -719,7 +727,6 @@ def plan(specs: list[RunSpec], out: Path) -> list[TrainConfig]:
     except OSError as e:
         raise ConfigError(f"out: cannot write to {str(out)!r} ({e.strerror}); allowed: a "
                           "writable directory") from None
-    return configs
 
 
 # -- reuse ------------------------------------------------------------------------------------

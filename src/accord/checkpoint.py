@@ -40,6 +40,7 @@ import collections
 import hashlib
 import io
 import json
+import numbers
 import os
 import pickle
 import random
@@ -146,6 +147,14 @@ def save(
     of optimizer steps taken. ``extra``: anything else this rank must get back (picklable).
     ``config``: a JSON-able description of the run, stored in the manifest and compared by
     :func:`find` / :func:`verify`. Returns the checkpoint directory."""
+    # checked before anything is written: a negative step would make a checkpoint that
+    # resumes "before the start" (and step-<S> names that sort wrong)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step: got {step!r} ({type(step).__name__}), allowed: an integer "
+                        ">= 0 (the optimizer steps taken)")
+    if step < 0:
+        raise ValueError(f"step: got {step!r}, allowed: an integer >= 0 (the optimizer steps "
+                         "taken)")
     path = Path(path)
     step = _check_step(path, step)
     config = dict(config or {})

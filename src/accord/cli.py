@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import algorithms, bench, report, rundir
-from .config import EVAL_SPLITS, ConfigError, TrainConfig, apply_settings, validate
+from .config import EVAL_SPLITS, ConfigError, TrainConfig, apply_settings, check_writable, validate
 from .failures import one_line
 from .launch import launch, launched_here, under_torchrun
 from .metrics import read_metrics
@@ -165,7 +165,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     driver = rank == 0 and not launched_here()  # checks and locks the run directory
     try:
         cfg = _config_from_args(args)
-        validate(cfg)
+        if args.overwrite and cfg.resume is not None:
+            raise ConfigError(f"overwrite: got --overwrite with --resume {cfg.resume}; "
+                              "allowed: one of them (--resume continues the run in --out, "
+                              "--overwrite clears it first)")
+        # the run directory is created last: a refused run leaves none behind
+        validate(cfg, check_out=False)
         if driver:
             if cfg.resume is None:
                 rundir.prepare(cfg.out, args.overwrite)
@@ -175,6 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     print(f"{PROG} train: {note}", file=sys.stderr)
                 if not todo and not under_torchrun():
                     return 0  # (under torchrun every rank learns it from rank 0)
+        check_writable(cfg.out)
     except ConfigError as e:
         if rank == 0:  # under torchrun every rank validates; one line is enough
             print(f"{PROG} train: error: {e}", file=sys.stderr)
@@ -326,7 +332,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated worker counts (custom default 4; filters a preset)")
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds (custom default 0; filters a preset)")
-    p.add_argument("--steps", type=int, default=200, help="custom matrix: steps per run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="custom matrix: steps per run (default 200; a preset sets its own)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, as in `accord train --set`")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -341,6 +348,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="one tuning seed: the same as --tune-seeds S")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-progress", action="store_true")
+
+
+#: steps per run of a custom matrix without --steps
+CUSTOM_STEPS = 200
 
 
 def _tune_seeds(args: argparse.Namespace) -> tuple[list[int], str | None]:
@@ -372,11 +383,16 @@ def _bench_specs(args: argparse.Namespace
             raise ConfigError(f"preset {args.preset!r}: no run matches the --tasks/--workers/"
                               "--seeds filters")
     algos = [a for a in args.algos.split(",") if a.strip()]
+    steps = CUSTOM_STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise ConfigError(f"steps: got {steps}, allowed: an integer >= 1")
     if algos or args.variant or not args.preset:
-        if args.steps < 1:
-            raise ConfigError(f"steps: got {args.steps}, allowed: an integer >= 1")
         specs += bench.custom(algos, args.variant, tasks or ["digits"], workers or [4],
-                              seeds or [0], args.steps)
+                              seeds or [0], steps)
+    elif args.steps is not None:  # a preset's runs have their own steps: never ignore a flag
+        raise ConfigError(f"steps: got {args.steps} with --preset {args.preset}, whose runs set "
+                          "their own steps; allowed: --steps only with --algos or --variant (a "
+                          "custom matrix)")
     try:
         specs = bench.apply_overrides(specs, args.set)
     except ValueError as e:
@@ -397,9 +413,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         specs, grid, tune_seeds = _bench_specs(args)
-        configs = bench.plan(specs, out)
+        configs = bench.plan(specs, out, create=False)
         if grid:  # every tuning run validated too, before any run starts
-            bench.plan(bench.tuning_specs(specs, grid, tune_seeds), out)
+            bench.plan(bench.tuning_specs(specs, grid, tune_seeds), out, create=False)
+        bench.check_out(out)  # last: a refused bench leaves no directory behind
     except ConfigError as e:
         print(f"{PROG} bench: error: {e}", file=sys.stderr)
         return 2
@@ -427,7 +444,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The quick preset, its report, and the final table."""
     args = argparse.Namespace(preset="quick", algos="", variant=[], tasks=None, workers=None,
-                              seeds=None, steps=200, set=[], out=args.out, no_progress=False,
+                              seeds=None, steps=None, set=[], out=args.out, no_progress=False,
                               tune=[], tune_seed=None, tune_seeds=None)
     code = cmd_bench(args)
     if code == 0:

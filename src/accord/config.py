@@ -377,10 +377,12 @@ def payload_compression(cfg: TrainConfig) -> Any:
     try:
         if not isinstance(cfg.compress, str):
             raise ValueError(f"compress: got {cfg.compress!r}")
+        if cfg.compress.endswith(":"):  # "powersgd:" would quietly take the default rank
+            raise ValueError(f"compress: got {cfg.compress!r}")
         compressor = Compressor.from_spec(cfg.compress)
     except ValueError:
         raise ConfigError(f"compress: got {cfg.compress!r}, allowed: none, bf16, fp16, "
-                          "powersgd, powersgd:RANK") from None
+                          "powersgd, powersgd:RANK (RANK an integer >= 1)") from None
     if cfg.algo not in COMPRESSIBLE:
         raise ConfigError(f"compress: {cfg.algo!r} sends its payload point to point or by "
                           "broadcast, which --compress does not compress; allowed with: "
@@ -505,6 +507,9 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     integer("checkpoint_every", 0)
     integer("keep", 1, MAX_KEEP)
     text("resume", optional=True, path=True)
+    if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
+        # (AUTO, Auto: not the keyword, and not a checkpoint either)
+        fail("resume", cfg.resume, f"{_allowed('resume')}; {cfg.resume!r} does not exist")
     integer("max_restarts", 0, MAX_RESTARTS)
     emulated_network(cfg)
     payload_compression(cfg)
@@ -531,6 +536,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
         if value is not None and not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:
             raise ConfigError(f"hyperparameter {key!r}: got {value!r}, allowed: seconds >= "
                               f"{MIN_TIMEOUT_S:g} and <= {MAX_TIMEOUT_S:g}")
+    _check_algorithm_timeouts(cfg, hp)
     need(not cfg.tensorboard or tensorboard_available(), "tensorboard", cfg.tensorboard,
          "only with the tensorboard package installed (pip install tensorboard)")
     if cfg.device == "cuda" or cfg.backend == "nccl":
@@ -566,7 +572,30 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
             need(getattr(cfg, name) is None, name, getattr(cfg, name),
                  "only with --fault-tolerant")
     if check_out:
-        _check_writable(cfg.out)
+        check_writable(cfg.out)
+
+
+def _check_algorithm_timeouts(cfg: TrainConfig, given: Mapping[str, Any]) -> None:
+    """The timeout hierarchy for an algorithm with timeouts of its own (wagma): its wait for
+    a slow worker (``idle_timeout``) is at least what a started collective may take (its own
+    ``timeout``, and the run's ``--timeout``); wagma would otherwise raise it silently. Only
+    what the user set is checked (the defaults are the algorithm's, not the run's)."""
+    hp = cfg.hyperparameters
+    if "idle_timeout" not in hp:
+        return
+    idle, own = hp["idle_timeout"], hp.get("timeout") or 0.0
+    if "idle_timeout" in given:
+        floor, what = max((own, "the algorithm's timeout"), (cfg.timeout, "--timeout"))
+        if idle < floor:
+            raise ConfigError(f"hyperparameter 'idle_timeout': got {given['idle_timeout']!r}, "
+                              f"allowed: seconds >= {floor:g} ({what}: a wait for a slow "
+                              f"worker is at least a started collective's timeout) and <= "
+                              f"{MAX_TIMEOUT_S:g}")
+    elif "timeout" in given and own > idle:
+        raise ConfigError(f"hyperparameter 'timeout': got {given['timeout']!r}, allowed: "
+                          f"seconds >= {MIN_TIMEOUT_S:g} and <= {idle:g} (the algorithm's "
+                          "idle_timeout: a started collective's timeout is at most the wait "
+                          "for a slow worker)")
 
 
 #: fault kinds a fault-tolerant run takes (freeze rewinds a rank's model, not wired)
@@ -732,7 +761,9 @@ def _check_gpus(cfg: TrainConfig) -> None:
                           f"most one worker per GPU ({gpus} here), or the CPU")
 
 
-def _check_writable(out: str) -> None:
+def check_writable(out: str) -> None:
+    """Create ``out`` if needed and write a probe file there; ConfigError (one line) if that
+    fails."""
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)

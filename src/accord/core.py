@@ -14,6 +14,7 @@ all ranks always take the same decision and enter the same collectives.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -131,16 +132,19 @@ class Hyper:
             if not isinstance(value, bool):
                 raise bad
         elif self.kind is int:
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            # numbers.Integral / Real: numpy scalars (np.int64, np.float32) are numbers too
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise bad
-            if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
-                raise bad
+            if not isinstance(value, numbers.Integral):
+                number = float(value)
+                if not math.isfinite(number) or number != int(number):
+                    raise bad
             value = int(value)
             if not -INT64_MAX <= value <= INT64_MAX:  # must fit a tensor / a C++ seed
                 raise ValueError(f"hyperparameter {name!r}: got {value!r}, allowed: "
                                  f"{self.allowed()} and within +-(2**63 - 1)")
         elif self.kind is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise bad
             try:
                 value = float(value)
@@ -201,6 +205,20 @@ def _tensors(name: str, given: Any, example: str) -> list[torch.Tensor]:
     return out
 
 
+def _refuse_closed(method):
+    """``method`` (a hook) raising a one-line RuntimeError once its aggregator is closed."""
+
+    @functools.wraps(method)
+    def hook(self: Aggregator, ctx: StepContext) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} ({self.name!r}): {method.__name__} "
+                               "called after close(); allowed: build a new aggregator")
+        return method(self, ctx)
+
+    hook._refuses_closed = True  # type: ignore[attr-defined]
+    return hook
+
+
 class Aggregator:
     """Base class: both hooks are no-ops; subclasses override what they need.
 
@@ -222,6 +240,18 @@ class Aggregator:
     #: the paper this algorithm follows (title, arXiv id) for the README and ``accord list``
     paper: ClassVar[str] = ""
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
+    _closed = False  # set by close()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A closed aggregator has stopped its background engine and may have dropped its
+        # buffers: a hook called then would fail deep inside (wagma) or go on without its
+        # engine (asynchronous easgd). Every subclass's hooks refuse it in one line instead
+        # (a flag read per call: no communication, no sync).
+        super().__init_subclass__(**kwargs)
+        for hook in ("after_backward", "after_step"):
+            method = cls.__dict__.get(hook)
+            if method is not None and not getattr(method, "_refuses_closed", False):
+                setattr(cls, hook, _refuse_closed(method))
 
     def __init__(
         self,
@@ -311,9 +341,11 @@ class Aggregator:
         return None
 
     # -- the two plug-in points -------------------------------------------------------
+    @_refuse_closed
     def after_backward(self, ctx: StepContext) -> None:
         """Called after ``loss.backward()`` and before ``optimizer.step()``."""
 
+    @_refuse_closed
     def after_step(self, ctx: StepContext) -> None:
         """Called after ``optimizer.step()``."""
 

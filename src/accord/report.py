@@ -1384,9 +1384,14 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     root = Path(runs_dir)
     if not root.is_dir():
         raise ReportError(f"runs directory {str(root)!r} does not exist")
-    for name, value in (("--target-acc", target_acc), ("--target-loss", target_loss)):
-        if value is not None and not math.isfinite(value):
-            raise ReportError(f"{name}: got {value!r}, allowed: a finite number")
+    # an accuracy is a fraction and every task's loss is >= 0: a target outside that range
+    # is never reached, and the report would say so of every run instead of refusing it
+    for name, value, ok, allowed in (
+            ("--target-acc", target_acc, lambda x: 0 <= x <= 1,
+             "a number from 0 to 1 (accuracy as a fraction, e.g. 0.9)"),
+            ("--target-loss", target_loss, lambda x: x >= 0, "a finite number >= 0")):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ReportError(f"{name}: got {value!r}, allowed: {allowed}")
     runs = [load_run(d, root, note) for d in find_runs(root)]
     if not runs:
         raise ReportError(f"no runs (no metrics.jsonl) under {str(root)!r}")

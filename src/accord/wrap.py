@@ -330,7 +330,31 @@ def wrap(
     ``scaler.step(opt)``, if any; ``clip_grad_norm`` the max norm of this rank's gradient,
     clipped before the aggregator combines it (None: no clipping). Returns an
     :class:`AggregatedOptimizer`. The optimizer of a ``DistributedDataParallel`` model is
-    refused: drop DDP (see the module docstring) or use :func:`accord.ddp_hook`."""
+    refused: drop DDP (see the module docstring) or use :func:`accord.ddp_hook`, and so is
+    an optimizer whose step needs a closure (LBFGS)."""
+    _refuse_closure_optimizer(optimizer)
     return AggregatedOptimizer(optimizer, algorithm, group=group, buffers=buffers,
                                broadcast=broadcast, scaler=scaler,
                                clip_grad_norm=clip_grad_norm, **hyperparameters)
+
+
+def _refuse_closure_optimizer(optimizer: Any) -> None:
+    """TypeError (one line) for an optimizer whose ``step`` requires a closure (LBFGS): the
+    wrapper steps without one (see "No closures" above), so it would fail only at the first
+    step, inside torch, after the collective construction on every rank."""
+    import inspect
+
+    step = getattr(type(optimizer), "step", None)
+    if not isinstance(optimizer, torch.optim.Optimizer) or step is None:
+        return  # the wrapper's own checks name the wrong type
+    try:
+        params = list(inspect.signature(step).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if required:
+        raise TypeError(f"optimizer: got {type(optimizer).__name__}, whose step() requires "
+                        f"{', '.join(required)} (a closure re-evaluating the loss, which the "
+                        "aggregator's replicas would not agree on); allowed: an optimizer "
+                        "whose step() takes no closure, e.g. SGD, Adam, AdamW")
