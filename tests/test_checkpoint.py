@@ -216,7 +216,7 @@ HAND_EDITS = {
     "only_format": (lambda m: {"format": 1},
                     "field 'step': expected an integer >= 0, got nothing (missing)"),
     "a_list": (lambda m: [1],
-               "expected a JSON object (a checkpoint manifest), got a list of 1"),
+               "expected a JSON object (a checkpoint manifest), got [1]"),
     "file_without_bytes": (_drop_bytes, "field 'files[\"rank0.pt\"].bytes': expected an "
                                         "integer >= 0, got nothing (missing)"),
     "step_edited": (lambda m: {**m, "step": 10},

@@ -8,6 +8,7 @@ import math
 import threading
 
 import pytest
+from cli_util import no_workers, run_cli, tree
 
 from accord.network import (
     ALLGATHER,
@@ -282,30 +283,44 @@ def test_profile_file(tmp_path):
     assert net.pairs == {(0, 2): SLOW}
     assert net.describe() == "1 Gbit/s, 5 ms; ranks 0-2: 100 Mbit/s, 50 ms"
     net.check_ranks(3)
-    with pytest.raises(ValueError, match=r"^network profile: pair \[0, 2\] names a rank >= "
-                                         r"the world size 2; allowed: ranks 0 to 1$"):
+    with pytest.raises(ValueError, match=r"^--network-profile '.*net.json': pair \[0, 2\] names "
+                                         r"a rank >= the world size 2; allowed: ranks 0 to 1$"):
         net.check_ranks(2)
     assert parse_network_profile({"default": "10gbit"}).pairs == {}
 
 
+LINK_FORM = r"BANDWIDTH\[,LATENCY\] such as 1gbit,5ms"
+
+
 @pytest.mark.parametrize("profile, message", [
-    ([], r"^P: got \[\]; allowed: \{\"default\""),
-    ({"links": []}, r"^P: got \{'links': \[\]\}; allowed"),
-    ({"default": "1gbit", "extra": 1}, r"^P: got .*; allowed"),
-    ({"default": "1gb"}, r"^P default: got '1gb'; allowed: BANDWIDTH"),
-    ({"default": "1gbit", "links": {}}, r"^P: 'links' got \{\}; allowed"),
-    ({"default": "1gbit", "links": [{"ranks": [0, 1]}]}, r"^P links\[0\]: got .*; allowed"),
+    ([], r'^P: expected an object \{"default": "1gbit,5ms", "links": \[.*\]\}, got \[\]$'),
+    ({"links": []}, rf"^P: field 'default': expected {LINK_FORM} .*, got nothing \(missing\)$"),
+    ({"default": "1gbit", "extra": 1},
+     r"^P: field 'extra': expected no such field \(known: default, links\), got 1$"),
+    ({"default": "1gb"}, rf"^P: field 'default': expected {LINK_FORM} .*, got \"1gb\"$"),
+    ({"default": "1gbit", "links": {}},
+     r"^P: field 'links': expected a list of \{\"ranks\": \[a, b\], .*, got \{\}$"),
+    ({"default": "1gbit", "links": [{"ranks": [0, 1]}]},
+     rf"^P: field 'links\[0\].link': expected {LINK_FORM}.*, got nothing \(missing\)$"),
     ({"default": "1gbit", "links": [{"ranks": [1, 1], "link": "1gbit"}]},
-     r"^P links\[0\] ranks: got \[1, 1\]; allowed: two distinct ranks"),
+     r"^P: field 'links\[0\].ranks': expected two distinct ranks, integers >= 0, such as "
+     r"\[0, 1\], got \[1, 1\]$"),
     ({"default": "1gbit", "links": [{"ranks": [0, -1], "link": "1gbit"}]},
-     r"^P links\[0\] ranks: got \[0, -1\]"),
+     r"^P: field 'links\[0\].ranks': expected two distinct ranks.*, got \[0, -1\]$"),
+    ({"default": "1gbit", "links": [{"ranks": [{}, 1], "link": "1gbit"}]},
+     r"^P: field 'links\[0\].ranks': expected two distinct ranks.*, got \[\{\}, 1\]$"),
     ({"default": "1gbit", "links": [{"ranks": [0, 1], "link": "1gbit"},
                                     {"ranks": [1, 0], "link": "1mbit"}]},
-     r"^P links\[1\] ranks: pair \[0, 1\] given twice"),
+     r"^P: field 'links\[1\].ranks': expected a pair not given before \(one link per "
+     r"pair\), got \[0, 1\] again$"),
     ({"default": "1gbit", "links": [{"ranks": [0, 1], "link": "fast"}]},
-     r"^P links\[0\] link: got 'fast'; allowed: BANDWIDTH"),
+     rf"^P: field 'links\[0\].link': expected {LINK_FORM}.*, got \"fast\"$"),
+    ({"default": "0.1kbit"}, r"^P: field 'default': expected a link of finite bandwidth, "
+                             r"at least 1kbit \(125 B/s\), got \"0.1kbit\"$"),
 ])
 def test_profile_errors(profile, message):
+    """One schema (network.PROFILE_SCHEMA): the field and what was expected. ranks [{}, 1]
+    raised TypeError (unhashable) from inside."""
     with pytest.raises(ValueError, match=message):
         parse_network_profile(profile, source="P")
 
@@ -315,12 +330,58 @@ def test_profile_file_errors(tmp_path):
         load_network_profile(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{")
-    with pytest.raises(ValueError, match=r"^--network-profile: '.*bad.json' is not JSON: "):
+    with pytest.raises(ValueError, match=r"^--network-profile '.*bad.json': expected JSON, "
+                                         r"got Expecting property name enclosed in double "
+                                         r"quotes at line 1 column 2$"):
         load_network_profile(bad)
     wrong = tmp_path / "wrong.json"
     wrong.write_text('{"default": "1gbit", "links": [{"ranks": [0, 0], "link": "1gbit"}]}')
-    with pytest.raises(ValueError, match=r"^--network-profile '.*wrong.json' links\[0\] ranks"):
+    with pytest.raises(ValueError, match=r"^--network-profile '.*wrong.json': field "
+                                         r"'links\[0\].ranks': expected two distinct"):
         load_network_profile(wrong)
+
+
+PROFILE = '{"default": "1gbit,5ms", "links": [{"ranks": [0, 1], "link": "100mbit"}]}'
+
+
+@pytest.mark.parametrize("content, message", [
+    (PROFILE.encode("utf-16"), "expected UTF-8 text, got UTF-16 text (it starts with a "
+                               "UTF-16 byte order mark)"),
+    (b"\x00\x01\xfe\xfa" * 64, "expected UTF-8 text, got the byte 0xfe at offset 2, which "
+                               "is not UTF-8 (a binary file?)"),
+    ("[" * 100_000 + "]" * 100_000, "expected JSON nested at most 64 deep, got deeper "
+                                    "nesting"),
+    ('{"default": "1gbit", "links": ' + "[" * 70 + "]" * 70 + "}",
+     "expected JSON nested at most 64 deep, got deeper nesting"),
+    ("1" * 5000, "expected JSON, got Exceeds the limit (4300 digits) for integer string "
+                 "conversion: value has 5000 digits; use sys.set_int_max_str_digits() to "
+                 "increase the limit"),
+])
+def test_a_profile_that_is_not_utf8_json_names_the_option_and_the_file(tmp_path, monkeypatch,
+                                                                        content, message):
+    """UTF-16 and binary files said only "'utf-8' codec can't decode byte 0xff", naming
+    neither the option nor the file; nesting 100,000 deep raised RecursionError."""
+    path = tmp_path / "links.json"
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        path.write_bytes(content)
+    line = f"--network-profile {str(path)!r}: {message}"
+    with pytest.raises(ValueError) as info:
+        load_network_profile(path)
+    assert str(info.value) == line
+    no_workers(monkeypatch)
+    out = tmp_path / "run"
+    before = tree(tmp_path)
+    code, err, _ = run_cli(["train", "--out", str(out), "--network-profile", str(path)])
+    assert (code, err) == (2, [f"accord train: error: {line}"])
+    assert tree(tmp_path) == before  # nothing written
+
+
+def test_a_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "links.json"
+    path.write_bytes(PROFILE.encode("utf-8-sig"))
+    assert load_network_profile(path).pairs == {(0, 1): Link(1.25e7, 0.0)}
 
 
 def test_network_pairs_checked():

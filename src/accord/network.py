@@ -57,10 +57,14 @@ cost about ``2 M beta`` instead of ``log2 N M beta``; contention between concurr
 of one rank (the background exchange thread and the compute thread) is not modelled.
 
 A per-rank-pair profile (``--network-profile FILE``) gives some pairs a link of their own
-(:class:`Network`, :func:`load_network_profile`). A collective is as slow as its slowest
-link among the group's ranks (the maximum of the per-link costs); a point-to-point call
-uses the link between the two ranks, and ``multi_exchange`` the slowest link from this
-rank to any of its peers.
+(:class:`Network`, :func:`load_network_profile`); its schema, :data:`PROFILE_SCHEMA`
+(:mod:`accord.schema`), is the one the reader checks: ``default`` a link, ``links`` a list of
+``{"ranks": [a, b], "link": ...}`` with two distinct ranks >= 0, each pair once, no other
+field; a file that is not UTF-8 JSON, nests deeper than ``accord.schema.MAX_DEPTH`` or
+breaks the schema is refused in one line naming the option, the file and the field. A
+collective is as slow as its slowest link among the group's ranks (the maximum of the
+per-link costs); a point-to-point call uses the link between the two ranks, and
+``multi_exchange`` the slowest link from this rank to any of its peers.
 
 The emulated time is a lower bound: :func:`wait_for` sleeps only for what is left of the
 cost after the real call returned; a call that already took longer is not shortened.
@@ -68,7 +72,6 @@ cost after the real call returned; a call that already took longer is not shorte
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -76,7 +79,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from .schema import Custom, ListOf, Record, SchemaError, read_json, validate
 
 __all__ = [
     "ALLGATHER", "ALLREDUCE", "BROADCAST", "EXCHANGE", "MULTI_EXCHANGE", "OPS",
@@ -97,9 +102,10 @@ _POINT_TO_POINT = (SEND, RECV, EXCHANGE, MULTI_EXCHANGE)
 MIN_BANDWIDTH = 1e3 / 8  # bytes per second: 1 kbit/s
 MAX_LATENCY = 60.0  # seconds
 
-_ALLOWED = ("allowed: BANDWIDTH[,LATENCY] such as 1gbit,5ms or 100mbit (bandwidth in "
-            "kbit|mbit|gbit|tbit per second, also written kbps|mbps|gbps|tbps, all bits; "
-            "or kB/s|MB/s|GB/s|TB/s in bytes; latency in us|ms|s, default 0)")
+_FORM = ("BANDWIDTH[,LATENCY] such as 1gbit,5ms or 100mbit (bandwidth in "
+         "kbit|mbit|gbit|tbit per second, also written kbps|mbps|gbps|tbps, all bits; "
+         "or kB/s|MB/s|GB/s|TB/s in bytes; latency in us|ms|s, default 0)")
+_ALLOWED = "allowed: " + _FORM
 _PREFIX = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
 # bits: kbit, Mbit/s, gbps (any case); bytes: the B must be upper case and /s written,
@@ -187,37 +193,84 @@ def _check_call(op: str, payload_bytes: int, received_bytes: int | None) -> None
             raise ValueError(f"received_bytes: got {received_bytes!r}; allowed: 0 or more")
 
 
-def parse_network(text: str, *, source: str = "--network") -> Link:
-    """The :class:`Link` of ``BANDWIDTH[,LATENCY]`` text such as ``1gbit,5ms``,
-    ``100mbit,50ms``, ``10gbit`` or ``100MB/s,200us``. Bandwidth units are decimal:
-    ``1gbit`` is 1e9 bit/s = 1.25e8 bytes/s; ``kbps|mbps|gbps|tbps`` are bits too, and
-    bytes are written ``kB/s|MB/s|GB/s|TB/s``. A bare number is refused. ``source``
-    names the setting in errors."""
+class _BadLink(ValueError):
+    """Link text that is not one: ``why`` for ``--network`` ("allowed: ..."), ``expected``
+    for a profile's field."""
+
+    def __init__(self, why: str, expected: str) -> None:
+        super().__init__(why)
+        self.why, self.expected = why, expected
+
+
+def _parse_link(text: Any) -> Link:
     if not isinstance(text, str):
-        raise ValueError(f"{source}: got {text!r}; {_ALLOWED}")
+        raise _BadLink(_ALLOWED, _FORM)
     parts = [p.strip() for p in text.split(",")]
     if len(parts) > 2 or not parts[0]:
-        raise ValueError(f"{source}: got {text!r}; {_ALLOWED}")
+        raise _BadLink(_ALLOWED, _FORM)
     bits, octets = _BITS.fullmatch(parts[0]), _BYTES.fullmatch(parts[0])
     if bits:
         bandwidth = float(bits[1]) * _PREFIX[bits[2].lower()] / 8
     elif octets:
         bandwidth = float(octets[1]) * _PREFIX[octets[2].lower()]
     else:
-        raise ValueError(f"{source}: got {text!r}; {_ALLOWED}")
+        raise _BadLink(_ALLOWED, _FORM)
     latency = 0.0
     if len(parts) == 2:
         lat = _LATENCY.fullmatch(parts[1])
         if not lat:
-            raise ValueError(f"{source}: got {text!r}; {_ALLOWED}")
+            raise _BadLink(_ALLOWED, _FORM)
         latency = float(lat[1]) * _SECONDS[lat[2].lower()]
     if not (math.isfinite(bandwidth) and bandwidth >= MIN_BANDWIDTH):
-        raise ValueError(f"{source}: got {text!r}; bandwidth must be finite and at least "
-                         f"1kbit (125 B/s)")
+        raise _BadLink("bandwidth must be finite and at least 1kbit (125 B/s)",
+                       "a link of finite bandwidth, at least 1kbit (125 B/s)")
     if latency > MAX_LATENCY:
-        raise ValueError(f"{source}: got {text!r}; latency must be between 0 and "
-                         f"{MAX_LATENCY:g}s")
+        raise _BadLink(f"latency must be between 0 and {MAX_LATENCY:g}s",
+                       f"a link of latency 0 to {MAX_LATENCY:g}s")
     return Link(bandwidth, latency)
+
+
+def parse_network(text: str, *, source: str = "--network") -> Link:
+    """The :class:`Link` of ``BANDWIDTH[,LATENCY]`` text such as ``1gbit,5ms``,
+    ``100mbit,50ms``, ``10gbit`` or ``100MB/s,200us``. Bandwidth units are decimal:
+    ``1gbit`` is 1e9 bit/s = 1.25e8 bytes/s; ``kbps|mbps|gbps|tbps`` are bits too, and
+    bytes are written ``kB/s|MB/s|GB/s|TB/s``. A bare number is refused. ``source``
+    names the setting in errors."""
+    try:
+        return _parse_link(text)
+    except _BadLink as e:
+        raise ValueError(f"{source}: got {text!r}; {e.why}") from None
+
+
+def _link_problem(value: Any) -> str | None:
+    try:
+        _parse_link(value)
+    except _BadLink as e:
+        return e.expected
+    return None
+
+
+def _pair_problem(value: Any) -> str | None:
+    ok = isinstance(value, list) and len(value) == 2 and all(
+        type(r) is int and r >= 0 for r in value) and value[0] != value[1]
+    return None if ok else _PAIR
+
+
+_PAIR = "two distinct ranks, integers >= 0, such as [0, 1]"
+_LINK = Custom(_FORM, _link_problem)
+
+#: ``--network-profile FILE``: ``{"default": "1gbit,5ms", "links": [{"ranks": [0, 3],
+#: "link": "100mbit,50ms"}]}`` (``links`` optional; each pair once, see
+#: :func:`parse_network_profile`)
+PROFILE_SCHEMA = Record({
+    "default": _LINK,
+    "links": ListOf(Record({"ranks": Custom(_PAIR, _pair_problem), "link": _LINK},
+                           required=("ranks", "link"),
+                           expected='an object {"ranks": [a, b], "link": '
+                                    '"BANDWIDTH[,LATENCY]"}'),
+                    expected='a list of {"ranks": [a, b], "link": "BANDWIDTH[,LATENCY]"}'),
+}, required=("default",), expected='an object {"default": "1gbit,5ms", "links": '
+                                   '[{"ranks": [0, 1], "link": "100mbit,50ms"}, ...]}')
 
 
 class Network:
@@ -227,8 +280,10 @@ class Network:
     unordered). Immutable after construction."""
 
     def __init__(self, default: Link,
-                 pairs: Mapping[tuple[int, int], Link] | None = None) -> None:
+                 pairs: Mapping[tuple[int, int], Link] | None = None, *,
+                 source: str = "network profile") -> None:
         self.default = default
+        self.source = source  # names the profile in errors (its option and file)
         links: dict[frozenset[int], Link] = {}
         for pair, link in (pairs or {}).items():
             key = frozenset(pair)
@@ -251,7 +306,7 @@ class Network:
         """Refuse pairs naming a rank outside a world of ``world_size`` ranks."""
         for key in self._pairs:
             if max(key) >= world_size:
-                raise ValueError(f"network profile: pair {sorted(key)} names a rank >= "
+                raise ValueError(f"{self.source}: pair {sorted(key)} names a rank >= "
                                  f"the world size {world_size}; allowed: ranks 0 to "
                                  f"{world_size - 1}")
 
@@ -302,51 +357,34 @@ class Network:
 def parse_network_profile(profile: object, *, source: str = "--network-profile") -> Network:
     """The :class:`Network` of a profile object
     ``{"default": "1gbit,5ms", "links": [{"ranks": [0, 3], "link": "100mbit,50ms"}]}``
-    (``links`` optional). ``source`` names the profile in errors."""
-    form = ('allowed: {"default": "1gbit,5ms", "links": [{"ranks": [0, 1], '
-            '"link": "100mbit,50ms"}, ...]}')
-    if not isinstance(profile, dict) or set(profile) - {"default", "links"} \
-            or "default" not in profile:
-        raise ValueError(f"{source}: got {_short(profile)}; {form}")
-    default = parse_network(profile["default"], source=f"{source} default")
-    entries = profile.get("links", [])
-    if not isinstance(entries, list):
-        raise ValueError(f"{source}: 'links' got {_short(entries)}; {form}")
-    pairs: dict[tuple[int, int], Link] = {}
-    for i, entry in enumerate(entries):
-        where = f"{source} links[{i}]"
-        if not isinstance(entry, dict) or set(entry) != {"ranks", "link"}:
-            raise ValueError(f"{where}: got {_short(entry)}; allowed: "
-                             '{"ranks": [a, b], "link": "BANDWIDTH[,LATENCY]"}')
-        ranks = entry["ranks"]
-        if (not isinstance(ranks, list) or len(ranks) != 2 or len(set(ranks)) != 2
-                or any(type(r) is not int or r < 0 for r in ranks)):
-            raise ValueError(f"{where} ranks: got {_short(ranks)}; allowed: two distinct "
-                             "ranks, integers >= 0, such as [0, 1]")
-        key = (min(ranks), max(ranks))
-        if key in pairs:
-            raise ValueError(f"{where} ranks: pair {list(key)} given twice; allowed: "
-                             "one link per pair")
-        pairs[key] = parse_network(entry["link"], source=f"{where} link")
-    return Network(default, pairs)
+    (``links`` optional), checked against :data:`PROFILE_SCHEMA`: ``ValueError`` (a
+    :class:`accord.schema.SchemaError`), one line starting with ``source`` and naming the
+    field, otherwise."""
+    try:
+        validate(PROFILE_SCHEMA, profile)
+        pairs: dict[tuple[int, int], Link] = {}
+        for i, entry in enumerate(profile.get("links", [])):
+            key = (min(entry["ranks"]), max(entry["ranks"]))
+            if key in pairs:
+                raise SchemaError(f"links[{i}].ranks", "a pair not given before (one link "
+                                  "per pair)", f"{list(key)} again")
+            pairs[key] = _parse_link(entry["link"])
+    except SchemaError as e:
+        raise e.in_file(source) from None
+    return Network(_parse_link(profile["default"]), pairs, source=source)
 
 
 def load_network_profile(path: str | Path) -> Network:
-    """The :class:`Network` of a JSON profile file (see :func:`parse_network_profile`)."""
+    """The :class:`Network` of a JSON profile file (see :func:`parse_network_profile`);
+    ``ValueError`` (one line naming ``--network-profile``, the file and the field) for a
+    file that cannot be read, is not UTF-8 JSON, or is not a profile."""
+    source = f"--network-profile {str(path)!r}"
     try:
-        profile = json.loads(Path(path).read_text())
+        profile = read_json(path, source)
     except OSError as e:
         raise ValueError(f"--network-profile: cannot read {str(path)!r}: "
                          f"{e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--network-profile: {str(path)!r} is not JSON: {e.msg} at line "
-                         f"{e.lineno}") from None
-    return parse_network_profile(profile, source=f"--network-profile {str(path)!r}")
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return parse_network_profile(profile, source=source)
 
 
 # -- clocks and waiting --------------------------------------------------------------

@@ -89,8 +89,8 @@ class SchemaError(ValueError):
 
 
 def got(value: Any) -> str:
-    """What a value is, short and on one line: ``'abc'``, ``-3``, ``null``, ``a list of
-    2``, ``an object with keys a, b``."""
+    """What a value is, short and on one line: ``"abc"``, ``-3``, ``null``, ``[1, 1]``,
+    and for a long list or object ``a list of 200``, ``an object with keys a, b, ...``."""
     if value is _MISSING:
         return "nothing (missing)"
     if value is None:
@@ -103,6 +103,13 @@ def got(value: Any) -> str:
     if isinstance(value, str):
         text = json.dumps(value)
         return text if len(text) <= 40 else text[:36] + '..."'
+    if isinstance(value, list | dict):  # shown whole when short: [1, 1], {"a": 2}
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = ""
+        if text and len(text) <= 40:
+            return text
     if isinstance(value, list):
         return f"a list of {len(value)}"
     if isinstance(value, dict):
