@@ -484,3 +484,62 @@ def test_membership_of_fault_tolerant_runs(tmp_path):
     assert figure.read_bytes().startswith(PNG_SIGNATURE)
     assert "(figures/digits_w3_participants.png)" in text
     assert not (root / "figures" / "linreg_w2_participants.png").exists()
+
+
+def test_a_metrics_file_nested_100000_deep_is_one_line_and_nothing_is_written(tmp_path,
+                                                                              capsys):
+    """json.loads raised RecursionError out of accord report."""
+    root = tmp_path / "runs"
+    (root / "deep").mkdir(parents=True)
+    (root / "deep" / "metrics.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    assert report.run(parse([str(root)])) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "accord report: warning: deep/metrics.jsonl: not a metrics file (none of its 1 line "
+        "is a JSON record); skipped",
+        f"accord report: error: no readable run under {str(root)!r}: 1 run directory and "
+        "none holds a metrics record (first: deep: metrics.jsonl: not a metrics file (none "
+        "of its 1 line is a JSON record))"]
+    assert sorted(p.name for p in root.rglob("*")) == ["deep", "metrics.jsonl"]
+    # a deep record beside good ones: that line is skipped, the run still counts
+    records = write_run(root, "good", algo="allreduce", seed=0)
+    path = root / "good" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    deep = json.dumps({"type": "step", "step": 3, "algo": {}})
+    deep = deep.replace("{}", "{\"x\": " * 70 + "1" + "}" * 70)
+    path.write_text("\n".join(lines[:2] + [deep] + lines[2:]) + "\n")
+    warnings: list[str] = []
+    report.write_report(root, target_acc=0.5, figures=False, warn=warnings.append)
+    assert "good/metrics.jsonl: 1 malformed JSON line skipped (line 3)" in warnings
+    row = read_csv(root / "summary.csv")[0]
+    assert float(row["eval_acc_mean"]) == records[-1]["eval_acc"]
+
+
+def test_records_that_break_the_metrics_schema_are_one_warning_per_type(tmp_path):
+    """Each type's first bad record names its line and field (a step record whose step was
+    a string was "without an integer 'step'"; a header whose config was a list was read as
+    a run of task '?'; a time_s of "fast" was taken as no time)."""
+    root = tmp_path / "runs"
+    records = write_run(root, "good", algo="allreduce", seed=0)
+    write_run(root, "other", algo="acga", seed=0)
+    path = root / "good" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[3] = json.dumps({**json.loads(lines[3]), "step": "5"})
+    lines[4] = json.dumps({**json.loads(lines[4]), "time_s": "fast"})
+    lines[5] = json.dumps({**json.loads(lines[5]), "eval_acc": [0.5]})
+    path.write_text("\n".join(lines) + "\n")
+    bad_header = root / "other" / "metrics.jsonl"
+    other = bad_header.read_text().splitlines()
+    other[0] = json.dumps({**json.loads(other[0]), "config": ["digits"]})
+    bad_header.write_text("\n".join(other) + "\n")
+    warnings: list[str] = []
+    report.write_report(root, target_acc=0.5, figures=False, warn=warnings.append)
+    assert warnings == [
+        "good/metrics.jsonl: 3 step records skipped, not of the metrics schema (line 4: "
+        "field 'step': expected an integer >= 0, got \"5\")",
+        "other/metrics.jsonl: 1 header record skipped, not of the metrics schema (line 1: "
+        "field 'config': expected an object (the run's config), got [\"digits\"])"]
+    rows = read_csv(root / "summary.csv")
+    assert [r["label"] for r in rows] == ["allreduce"]  # "other" has no header: not a result
+    assert float(rows[0]["eval_acc_mean"]) == records[-1]["eval_acc"]
+    text = (root / "report.md").read_text(encoding="utf-8")
+    assert "`other`" in text.split("## Failed, interrupted and incomplete runs")[1]

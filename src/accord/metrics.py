@@ -1,4 +1,14 @@
-"""Run records: ``metrics.jsonl`` (one JSON object per line) and the run's environment."""
+"""Run records: ``metrics.jsonl`` (one JSON object per line) and the run's environment.
+
+The records' schema (:data:`RECORD_SCHEMAS`, by ``type``, with :mod:`accord.schema`) is the
+one every reader of a run applies through :func:`scan_metrics` (resuming, the bench's reuse,
+``accord report``): the fields they read have their types (``header``: ``config`` an
+object, ``world_size`` an integer >= 1; ``step``: ``step`` an integer >= 0, ``loss`` and
+every ``eval_*`` a number or null; ``summary``: ``status`` a string, ``steps`` an integer;
+...), any other field is free (a record may carry more than its readers use), and a record
+of another ``type`` passes as it is (a reader decides what an unknown type means). A
+writer checks a record with :func:`check_record`.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .schema import (
+    AnyJSON,
+    Int,
+    ListOf,
+    MapOf,
+    Nullable,
+    Number,
+    Record,
+    SchemaError,
+    Text,
+    parse_json,
+    validate,
+)
 
 
 def git_revision() -> str | None:
@@ -112,24 +136,73 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 #: the summary's ``status``; a file without a summary record is "incomplete"
 STATUSES = ("ok", "diverged", "failed", "interrupted")
 
+#: a metric: null when it was not finite (``NaN`` too, which only a hand-edit writes)
+_METRIC = Nullable(Number(finite=False))
+_STEP = Int(0)
+_OBJECT = MapOf(AnyJSON())
+_LIFECYCLE = Record({"step": _STEP}, extra=True)
+
+#: every record's schema by its ``type`` (see the module docstring)
+RECORD_SCHEMAS: dict[str, Record] = {
+    "header": Record({"config": MapOf(AnyJSON(), expected="an object (the run's config)"),
+                      "algorithm": Text(), "hyperparameters": _OBJECT,
+                      "world_size": Int(1), "time": Number()},
+                     required=("config",), extra=True),
+    "step": Record({"step": _STEP, "loss": _METRIC, "consensus_distance": _METRIC,
+                    "time_s": Number(finite=False), "comm_bytes": Number(0, finite=False),
+                    "comm_calls": Int(0), "comm_s": Number(finite=False),
+                    "algo": _OBJECT},
+                   required=("step",), extra=True,
+                   prefixed={"eval_": _METRIC, "rank0_eval_": _METRIC}),
+    "summary": Record({"status": Text(), "steps": _STEP, "time_s": Number(finite=False),
+                       "steps_per_s": Nullable(Number(finite=False)),
+                       "comm_bytes": Number(0, finite=False),
+                       "comm_bytes_mean": Number(0, finite=False),
+                       "error": Nullable(Text()), "failed_rank": Nullable(Int(0)),
+                       "failed_step": Nullable(_STEP), "diverged_step": Nullable(_STEP),
+                       "diverged_reason": Nullable(Text()),
+                       "consequences": ListOf(_OBJECT)},
+                      required=("status",), extra=True, prefixed={"eval_": _METRIC}),
+    "event": Record({"kind": Text(), "step": Nullable(_STEP)}, required=("kind",),
+                    extra=True),
+    "start": _LIFECYCLE, "resume": _LIFECYCLE, "restart": _LIFECYCLE,
+    "checkpoint": _LIFECYCLE,
+}
+
+
+def check_record(record: Any) -> dict[str, Any]:
+    """``record`` when it is a JSON object whose fields match its type's schema
+    (:data:`RECORD_SCHEMAS`); :class:`accord.schema.SchemaError` naming the first wrong
+    field otherwise. A record of another type is not checked beyond being an object."""
+    if not isinstance(record, dict):
+        raise SchemaError("", "a JSON object (a record)", type(record).__name__)
+    kind = record.get("type")
+    schema = RECORD_SCHEMAS.get(kind) if isinstance(kind, str) else None
+    return validate(schema, record) if schema is not None else record
+
 
 @dataclass
 class MetricsScan:
-    """A tolerant read of ``metrics.jsonl``: the JSON object lines, and what was not one."""
+    """A tolerant read of ``metrics.jsonl``: the records that match their schema, and the
+    lines that are not one."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     lines: int = 0  # non-blank lines
     malformed: list[int] = field(default_factory=list)  # line numbers: not a JSON object
+    #: records whose fields do not match their type's schema: (line number, type, error)
+    invalid: list[tuple[int, str, SchemaError]] = field(default_factory=list)
 
     @property
     def readable(self) -> bool:
-        """True when at least one line is a JSON object (random bytes are not)."""
+        """True when at least one line is a record (random bytes are not)."""
         return bool(self.records)
 
 
 def scan_metrics(path: str | Path) -> MetricsScan:
-    """Every line of ``path`` that is a JSON object, in order, plus the numbers of the
-    lines that are not (torn, binary). Undecodable bytes never raise; OSError does."""
+    """Every line of ``path`` that is a record of its schema (:func:`check_record`), in
+    order; the numbers of the lines that are not JSON objects (torn, binary, nested deeper
+    than ``accord.schema.MAX_DEPTH``), and the records that break their schema. Undecodable
+    bytes never raise; OSError does."""
     text = Path(path).read_bytes().decode("utf-8", errors="replace")
     scan = MetricsScan()
     for number, line in enumerate(text.split("\n"), 1):
@@ -137,13 +210,16 @@ def scan_metrics(path: str | Path) -> MetricsScan:
             continue
         scan.lines += 1
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = parse_json(line)
+        except SchemaError:
             record = None
-        if isinstance(record, dict):
-            scan.records.append(record)
-        else:
+        if not isinstance(record, dict):
             scan.malformed.append(number)
+            continue
+        try:
+            scan.records.append(check_record(record))
+        except SchemaError as e:
+            scan.invalid.append((number, str(record.get("type")), e))
     return scan
 
 

@@ -34,10 +34,15 @@ status), also when no ``tuning.json`` describes them; the section "Tuning" shows
 
 **Reading.** ``event`` records are normal (injected faults, excluded gradients): counted,
 never warned about. Each problem of a file is one warning line for that file, however
-many lines it affects: malformed (non-JSON) lines, step records without an integer
-``step``, records of an unknown type. A file in which no line is a JSON record (binary,
-random bytes) or that cannot be read is one warning and an *unreadable* run; when no run
-under ``RUNS_DIR`` can be read at all, the report is an error (exit status 2).
+many lines it affects: malformed lines (not JSON, or nested deeper than
+``accord.schema.MAX_DEPTH``), records that break the metrics schema
+(``accord.metrics.RECORD_SCHEMAS``: a step record without an integer ``step``, a header
+whose ``config`` is not an object, a ``time_s`` that is not a number, ...; one line per
+record type, naming the first such record's line and field), records of an unknown type.
+Such lines and records are skipped. A file in which no line is a record (binary, random
+bytes, JSON of another shape) or that cannot be read is one warning and an *unreadable*
+run; when no run under ``RUNS_DIR`` can be read at all, the report is an error (exit
+status 2) and writes nothing.
 
 **Grouping.** A group is (task, workers, network, label), where label is ``config.label``
 of the header or else the algorithm, and network the emulated link (``config.network``, or
@@ -395,15 +400,29 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
         warn(f"{where}: {run.unreadable}; skipped")
         return run
     if scan.lines and not scan.readable:
-        run.unreadable = (f"not a metrics file (none of its {scan.lines} "
-                          f"line{'s' * (scan.lines != 1)} is a JSON record)")
+        lines = f"{scan.lines} line{'s' * (scan.lines != 1)}"
+        if scan.invalid:  # JSON objects, but none a record of its schema
+            number, _, error = scan.invalid[0]
+            run.unreadable = (f"not a metrics file (none of its {lines} is a record of the "
+                              f"metrics schema; line {number}: {error})")
+        else:
+            run.unreadable = f"not a metrics file (none of its {lines} is a JSON record)"
         warn(f"{where}: {run.unreadable}; skipped")
         return run
     if scan.malformed:
         n = len(scan.malformed)
         warn(f"{where}: {n} malformed JSON line{'s' * (n != 1)} skipped "
              f"({_lines(scan.malformed)})")
-    bad_steps: list[int] = []
+    # records that break their type's schema (accord.metrics.RECORD_SCHEMAS): one warning
+    # per type, naming the first one's line and field
+    invalid: dict[str, list[tuple[int, Exception]]] = {}
+    for number, kind, error in scan.invalid:
+        invalid.setdefault(kind, []).append((number, error))
+    for kind, found in sorted(invalid.items()):
+        n = len(found)
+        number, error = found[0]
+        warn(f"{where}: {n} {kind} record{'s' * (n != 1)} skipped, not of the metrics "
+             f"schema (line {number}: {error})")
     unknown: Counter[str] = Counter()
     records = []
     for record in scan.records:
@@ -411,12 +430,7 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
         if kind == "header":
             run.header = record
         elif kind == "step":
-            step = record.get("step")
-            if isinstance(step, int) and not isinstance(step, bool):
-                run.steps.append(record)
-            else:
-                bad_steps.append(step)
-                continue
+            run.steps.append(record)
         elif kind == "summary":
             run.summary = record
         elif kind == "event":
@@ -435,9 +449,6 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
             unknown[str(kind)] += 1
             continue
         records.append(record)
-    if bad_steps:
-        n = len(bad_steps)
-        warn(f"{where}: {n} step record{'s' * (n != 1)} without an integer 'step' skipped")
     if unknown:
         n = sum(unknown.values())
         kinds = ", ".join(repr(k) for k in sorted(unknown)[:5])
