@@ -258,12 +258,20 @@ def test_malformed_tuning_files_are_one_warning_each(tmp_path):
     assert len(warnings) == 5
     by_file = {w.split(":")[0]: w for w in warnings}
     assert set(by_file) == {f"{n}/tuning.json" for n in [*bad, "binary"]}
-    assert by_file["torn/tuning.json"].startswith("torn/tuning.json: not JSON (line 1")
-    assert by_file["shape/tuning.json"] == ("shape/tuning.json: not a tuning file ('arms' is "
-                                            "not a list); skipped")
-    assert "version 3; this accord reads versions 1, 2" in by_file["future/tuning.json"]
-    assert "arms[0].points[0] has no 'setting' object" in by_file["point/tuning.json"]
-    assert all(w.endswith("; skipped") for w in warnings)
+    assert by_file == {  # one schema (accord.tuning.SCHEMAS): the field and what was expected
+        "torn/tuning.json": "torn/tuning.json: not a tuning file (expected JSON, got "
+                            "Expecting ',' delimiter at line 1 column 35); skipped",
+        "shape/tuning.json": "shape/tuning.json: not a tuning file (field 'arms': expected a "
+                             "list of objects, got {\"a\": 1}); skipped",
+        "future/tuning.json": "future/tuning.json: not a tuning file (field 'version': "
+                              "expected 1 or 2 (the versions this accord reads), got 3); "
+                              "skipped",
+        "point/tuning.json": "point/tuning.json: not a tuning file (field "
+                             "'arms[0].points[0].setting': expected an object (a grid "
+                             "point's setting), got nothing (missing)); skipped",
+        "binary/tuning.json": "binary/tuning.json: not a tuning file (expected UTF-8 text, "
+                              "got UTF-16 text (it starts with a UTF-16 byte order mark)); "
+                              "skipped"}
     assert "## Tuning" not in text and "## Warnings" in text
     assert "Set aside: 1 tuning run " in text and "no tuning.json describes them" in text
     assert read_csv(root / "summary.csv")[0]["n_seeds"] == "1"
@@ -314,15 +322,15 @@ def test_several_tuning_seeds_show_mean_spread_and_each_seed(tmp_path):
     points[1]["value"] = 0.85
     (root / "tuning.json").write_text(json.dumps(data), encoding="utf-8")
     report.write_report(root, figures=False, warn=warnings.append)
-    assert warnings == ["tuning.json: not a tuning file (arms[0].points[1].value 0.85 is not "
-                        "the mean of its runs (0.8)); skipped"]
+    assert warnings == ["tuning.json: not a tuning file (field 'arms[0].points[1].value': "
+                        "expected the mean of its runs (0.8), got 0.85); skipped"]
     points[1]["value"] = 0.8
     points[3]["status"] = "ok"
     (root / "tuning.json").write_text(json.dumps(data), encoding="utf-8")
     warnings.clear()
     report.write_report(root, figures=False, warn=warnings.append)
-    assert warnings == ["tuning.json: not a tuning file (arms[0].points[3].status 'ok' does "
-                        "not follow from its runs ('diverged')); skipped"]
+    assert warnings == ["tuning.json: not a tuning file (field 'arms[0].points[3].status': "
+                        "expected \"diverged\" (what its runs say), got \"ok\"); skipped"]
 
 
 # -- the verdict -------------------------------------------------------------------------------

@@ -20,9 +20,14 @@ saying why on one line each (``bench: rerunning LABEL TASK xN seed K: the config
 A field missing from an older header counts as changed. Before a run starts, its
 directory is removed, so no file of an earlier attempt is mixed in.
 
-**Outcomes.** Each run's outcome is appended to ``OUT/bench.jsonl``: ``ok``, ``diverged``
-(with ``diverged_step``), ``failed`` (with ``error``) or ``interrupted``; the bench goes
-on after a failed or diverged run and stops (resumably) when interrupted. The summary
+**Outcomes.** Each run's outcome is appended to ``OUT/bench.jsonl`` (``OUTCOME_SCHEMA``,
+checked before each line is written: ``run``, ``label``, ``task``, ``workers``, ``seed``,
+``seconds``, ``status``): ``ok``, ``diverged`` (with ``diverged_step``), ``failed`` (with
+``error``) or ``interrupted``; the bench goes on after a failed or diverged run and stops
+(resumably) when interrupted. What the bench reads back is the run directories'
+``metrics.jsonl`` (:func:`previous`, through ``accord.metrics.scan_metrics`` and its schema)
+and ``tuning.json`` (``accord.tuning``'s schema, checked when written and when read); a
+``tuning.json`` that cannot be read is written anew. The summary
 table (:func:`summary_table`) averages only the seeds that ended ok under the requested
 config; a diverged seed is never averaged but named in the row's note ("seed 2 diverged
 at step 40"), as are failed runs and runs not done; a missing value is shown as ``-``.
@@ -81,7 +86,10 @@ from .config import MAX_SEED, ConfigError, TrainConfig, apply_settings, validate
 from .launch import launch
 from .metrics import Outcome, run_outcome, scan_metrics
 from .rundir import holder
-from .tuning import TUNING_FILE, Malformed, Tuning, TuningArm, TuningPoint, TuningRun, best_point
+from .schema import Int, Nullable, Number, Record, SchemaError, Text
+from .schema import validate as check_schema
+from .tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, TuningRun, best_point
+from .tuning import load as load_tuning
 from .tuning import parse as parse_tuning
 
 
@@ -625,15 +633,17 @@ def choose(specs: list[RunSpec], grid: dict[str, list[str]],
         # a bench over part of the group (--tasks fashion after --tasks digits) keeps the
         # other arms' tuning when it was the same grid and seeds
         try:
-            before = parse_tuning(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, Malformed, RecursionError):
+            before = load_tuning(path)
+        except (OSError, SchemaError):  # unreadable or not of the schema: written anew
             before = None
         if before is not None and (before.grid, before.seeds) == (record.grid, record.seeds):
             mine = {(a.task, a.workers, a.label) for a in arm_rows}
             record.arms = [a for a in before.arms
                            if (a.task, a.workers, a.label) not in mine] + arm_rows
+        data = record.to_json()
+        parse_tuning(data)  # what every reader will demand (accord.tuning.SCHEMAS)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record.to_json(), indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         tmp.replace(path)
         files.append(path)
     return TuningChoice(chosen, files, records)
@@ -852,6 +862,15 @@ def _clear(run_dir: Path, out: Path) -> None:
 
 # -- running ----------------------------------------------------------------------------------
 
+#: a line of ``OUT/bench.jsonl``, one per run the bench started (accord never reads it back:
+#: the run directories are the bench's state; this is its log, for people and scripts)
+OUTCOME_SCHEMA = Record({
+    "run": Text(), "label": Text(), "task": Text(), "workers": Int(1), "seed": Int(),
+    "seconds": Number(),  # a wall-clock difference: negative if the clock was set back
+    "status": Text(choices=("ok", "diverged", "failed", "interrupted")),
+    "diverged_step": Nullable(Int(0)), "error": Text(),
+}, required=("run", "label", "task", "workers", "seed", "seconds", "status"))
+
 @dataclass
 class BenchResult:
     ran: int = 0  # runs that ended (ok or diverged) in this bench
@@ -917,7 +936,7 @@ def run_bench(configs: list[TrainConfig], out: Path, *, progress: bool = True,
             elif record["status"] == "failed":
                 result.failed.append((name, record["error"]))
                 bar.write(f"bench: {name} failed: {record['error']}")
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps(check_schema(OUTCOME_SCHEMA, record, "bench.jsonl")) + "\n")
             log.flush()
             bar.update(weight)
             if launched.returncode == 130:

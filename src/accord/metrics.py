@@ -136,8 +136,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 #: the summary's ``status``; a file without a summary record is "incomplete"
 STATUSES = ("ok", "diverged", "failed", "interrupted")
 
-#: a metric: null when it was not finite (``NaN`` too, which only a hand-edit writes)
+#: a number a reader takes as missing when it is null (a metric that was not finite, a
+#: time or a count an older writer left out); ``NaN`` too, which only a hand-edit writes
 _METRIC = Nullable(Number(finite=False))
+_COUNT = Nullable(Number(0, finite=False))
 _STEP = Int(0)
 _OBJECT = MapOf(AnyJSON())
 _LIFECYCLE = Record({"step": _STEP}, extra=True)
@@ -149,15 +151,13 @@ RECORD_SCHEMAS: dict[str, Record] = {
                       "world_size": Int(1), "time": Number()},
                      required=("config",), extra=True),
     "step": Record({"step": _STEP, "loss": _METRIC, "consensus_distance": _METRIC,
-                    "time_s": Number(finite=False), "comm_bytes": Number(0, finite=False),
-                    "comm_calls": Int(0), "comm_s": Number(finite=False),
-                    "algo": _OBJECT},
+                    "time_s": _METRIC, "comm_bytes": _COUNT, "comm_calls": Nullable(Int(0)),
+                    "comm_s": _METRIC, "algo": _OBJECT},
                    required=("step",), extra=True,
                    prefixed={"eval_": _METRIC, "rank0_eval_": _METRIC}),
-    "summary": Record({"status": Text(), "steps": _STEP, "time_s": Number(finite=False),
-                       "steps_per_s": Nullable(Number(finite=False)),
-                       "comm_bytes": Number(0, finite=False),
-                       "comm_bytes_mean": Number(0, finite=False),
+    "summary": Record({"status": Text(), "steps": Nullable(_STEP), "time_s": _METRIC,
+                       "steps_per_s": _METRIC, "comm_bytes": _COUNT,
+                       "comm_bytes_mean": _COUNT,
                        "error": Nullable(Text()), "failed_rank": Nullable(Int(0)),
                        "failed_step": Nullable(_STEP), "diverged_step": Nullable(_STEP),
                        "diverged_reason": Nullable(Text()),

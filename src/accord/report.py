@@ -118,7 +118,8 @@ line there). Under a section's settings table, a note names the keys tuned for i
 (e.g. "lr chosen per arm on the val split, seeds 100, 101, 102: see Tuning"), and says so
 when the evaluation runs' config differs from the chosen value. A ``tuning.json`` that
 cannot be read or does not have the shape of :mod:`accord.tuning` (version 2, or version 1
-of a single tuning seed) is one warning line and is skipped.
+of a single tuning seed: ``accord.tuning.SCHEMAS``) is one warning line naming the field and
+is skipped.
 
 **Emulated network.** When a section's runs emulated a network (``config.network`` or
 ``config.network_profile``, ``accord train --network``), a line under its settings table
@@ -208,8 +209,9 @@ from typing import Any
 
 from .metrics import Outcome, run_outcome, scan_metrics
 from .network import Link, load_network_profile, parse_network
-from .tuning import TUNING_FILE, Malformed, Tuning, TuningArm, TuningPoint, scalar_key, setting_key
-from .tuning import parse as parse_tuning
+from .schema import SchemaError
+from .tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, scalar_key, setting_key
+from .tuning import load as load_tuning
 
 log = logging.getLogger(__name__)
 
@@ -495,23 +497,18 @@ def _fmt_seeds(seeds: list[int]) -> str:
 
 
 def load_tunings(root: Path, warn: Warn) -> list[Tuning]:
-    """Every readable tuning.json under root; one warning per file that is not."""
+    """Every readable tuning.json under root; one warning per file that is not (naming the
+    field, see accord.tuning.SCHEMAS)."""
     tunings = []
     for path in sorted(p for p in root.rglob(TUNING_FILE) if p.is_file()):
         name = _relative(path.parent, root)
         where = _relative(path, root)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            tunings.append(parse_tuning(data, name))
+            tunings.append(load_tuning(path, where, name))
         except OSError as e:
             warn(f"{where}: cannot be read ({e.strerror or e}); skipped")
-        except (ValueError, UnicodeDecodeError) as e:
-            why = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
-            warn(f"{where}: not JSON ({why}); skipped")
-        except Malformed as e:
-            warn(f"{where}: not a tuning file ({e}); skipped")
-        except RecursionError:
-            warn(f"{where}: not a tuning file (nested too deeply); skipped")
+        except SchemaError as e:
+            warn(f"{where}: not a tuning file ({e.detail()}); skipped")
     return tunings
 
 

@@ -29,15 +29,41 @@ or ``status`` does not follow from its runs is refused, naming the field.
 
 Version 1 (one tuning seed: ``"seed": 100`` instead of ``seeds``, and each point's own
 ``value``, ``status`` and ``run`` instead of ``runs``) is still read, as points with one run.
+
+The schema of each version (:data:`SCHEMAS`, with :mod:`accord.schema`) is declared here once:
+the bench checks what it writes against it (:meth:`Tuning.to_json`, then :func:`parse`) and
+the bench and the report read through :func:`load` / :func:`parse`. A file that is not UTF-8
+JSON, nests too deep or breaks the schema is refused with one
+:class:`accord.schema.SchemaError` naming the file and the field; fields of their own that a
+file carries beyond these are allowed (older and newer writers agree on the fields above).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from typing import Any
+
+from .schema import (
+    AnyJSON,
+    Boolean,
+    Const,
+    Custom,
+    Int,
+    ListOf,
+    MapOf,
+    Nullable,
+    Number,
+    Record,
+    SchemaError,
+    Text,
+    got,
+    read_json,
+    validate,
+)
 
 TUNING_FILE = "tuning.json"
 TUNING_VERSION = 2
@@ -47,8 +73,8 @@ STATUS_ORDER = ("diverged", "failed", "not run")
 STATUSES = ("ok", *STATUS_ORDER)
 
 
-class Malformed(Exception):
-    """What is wrong with a tuning.json, in a few words (the field's path first)."""
+#: what is wrong with a tuning.json (the name older callers catch)
+Malformed = SchemaError
 
 
 @dataclass(frozen=True)
@@ -181,12 +207,7 @@ def setting_key(setting: dict[str, Any]) -> tuple:
     return tuple(sorted((k, scalar_key(v)) for k, v in setting.items()))
 
 
-# -- reading ----------------------------------------------------------------------------------
-
-def _need(cond: bool, what: str) -> None:
-    if not cond:
-        raise Malformed(what)
-
+# -- the schema and reading --------------------------------------------------------------
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -204,86 +225,96 @@ def _show(value: Any) -> str:
     return f"{value:.6g}" if _is_number(value) else json.dumps(value)
 
 
-def _run(data: dict[str, Any], at: str, seed: Any = None) -> TuningRun:
+_SCALAR = "a number or a string"
+_GRID = MapOf(ListOf(Custom(_SCALAR, lambda v: None if isinstance(v, str) or _is_number(v)
+                            else _SCALAR), min_len=1),
+              nonempty=True, expected="a non-empty object of lists (each key's values)")
+_SETTING = MapOf(AnyJSON(), expected="an object (a grid point's setting)")
+_VALUE = Nullable(Number(finite=False))
+_RUN = Record({"seed": Nullable(Int()), "value": _VALUE, "status": Text(),
+               "run": Nullable(Text())}, extra=True)
+_POINTS = {
+    1: Record({"setting": _SETTING, "value": _VALUE, "status": Text(),
+               "run": Nullable(Text())}, required=("setting",), extra=True),
+    2: Record({"setting": _SETTING, "runs": ListOf(_RUN, min_len=1), "value": _VALUE,
+               "std": _VALUE, "status": Text()}, required=("setting", "runs"), extra=True),
+}
+
+
+def _arm_schema(version: int) -> Record:
+    return Record({"task": Text(), "workers": Int(1), "label": Text(), "metric": Text(),
+                   "higher": Boolean(), "points": ListOf(_POINTS[version]),
+                   "chosen": Nullable(_SETTING), "chosen_value": _VALUE},
+                  required=("task", "workers", "label", "points"), extra=True)
+
+
+#: each readable version's schema; a point's ``value`` and ``status`` must also follow from
+#: its runs (checked by :func:`parse`)
+SCHEMAS: dict[int, Record] = {
+    1: Record({"version": Const(1), "grid": _GRID, "seed": Nullable(Int()), "split": Text(),
+               "arms": ListOf(_arm_schema(1))}, required=("version", "grid", "arms"),
+              extra=True),
+    2: Record({"version": Const(2), "grid": _GRID, "seeds": ListOf(Int(), min_len=1),
+               "split": Text(), "arms": ListOf(_arm_schema(2))},
+              required=("version", "grid", "seeds", "arms"), extra=True),
+}
+
+
+def _run(data: dict[str, Any], seed: Any = None) -> TuningRun:
     value = data.get("value")
-    _need(value is None or _is_number(value), f"{at}.value is not a number or null")
     status = data.get("status", "ok" if value is not None else "not run")
-    _need(isinstance(status, str), f"{at}.status is not a string")
-    seed = data.get("seed", seed)
-    _need(seed is None or _is_int(seed), f"{at}.seed is not an integer")
-    run = data.get("run")
-    return TuningRun(seed, _num(value) if status == "ok" else None, status,
-                     run if isinstance(run, str) else None)
+    return TuningRun(data.get("seed", seed), _num(value) if status == "ok" else None, status,
+                     data.get("run"))
 
 
-def _point(data: Any, at: str, version: int, seed: int | None) -> TuningPoint:
-    _need(isinstance(data, dict) and isinstance(data.get("setting"), dict),
-          f"{at} has no 'setting' object")
+def _point(data: dict[str, Any], at: str, version: int, seed: int | None) -> TuningPoint:
     if version == 1:
-        return TuningPoint(data["setting"], (_run(data, at, seed),))
-    runs = data.get("runs")
-    _need(isinstance(runs, list) and bool(runs), f"{at}.runs is not a non-empty list")
-    for k, run in enumerate(runs):
-        _need(isinstance(run, dict), f"{at}.runs[{k}] is not an object")
-    point = TuningPoint(data["setting"],
-                        tuple(_run(r, f"{at}.runs[{k}]") for k, r in enumerate(runs)))
+        return TuningPoint(data["setting"], (_run(data, seed),))
+    point = TuningPoint(data["setting"], tuple(_run(r) for r in data["runs"]))
     status, value = data.get("status", point.status), data.get("value", point.value)
-    _need(status == point.status,
-          f"{at}.status {status!r} does not follow from its runs ({point.status!r})")
-    _need(value is None and point.value is None or _is_number(value)
-          and point.value is not None and math.isclose(value, point.value, rel_tol=1e-9,
-                                                       abs_tol=1e-12),
-          f"{at}.value {_show(value)} is not the mean of its runs ({_show(point.value)})")
+    if status != point.status:
+        raise SchemaError(f"{at}.status", f"{json.dumps(point.status)} (what its runs say)",
+                          got(status))
+    if not (value is None and point.value is None or _is_number(value)
+            and point.value is not None
+            and math.isclose(value, point.value, rel_tol=1e-9, abs_tol=1e-12)):
+        raise SchemaError(f"{at}.value", f"the mean of its runs ({_show(point.value)})",
+                          _show(value))
     return point
 
 
 def parse(data: Any, name: str = "") -> Tuning:
-    """A tuning.json's content (version 1 or 2) as a :class:`Tuning`; :class:`Malformed`
-    (naming the field) when it does not have this shape."""
-    _need(isinstance(data, dict), "not a JSON object")
+    """A tuning.json's content (version 1 or 2) as a :class:`Tuning`;
+    :class:`accord.schema.SchemaError` (naming the field) when it does not have the shape
+    of :data:`SCHEMAS`."""
+    if not isinstance(data, dict):
+        raise SchemaError("", "a JSON object (a tuning file)", got(data))
     version = data.get("version")
-    _need(version in READABLE_VERSIONS,
-          f"version {version!r}; this accord reads versions "
-          f"{', '.join(map(str, READABLE_VERSIONS))}")
-    grid = data.get("grid")
-    _need(isinstance(grid, dict) and bool(grid), "'grid' is not a non-empty object")
-    for key, values in grid.items():
-        _need(isinstance(values, list) and bool(values)
-              and all(isinstance(v, str | int | float) for v in values),
-              f"grid {key!r} is not a non-empty list of numbers or strings")
-    if version == 1:
-        seed = data.get("seed")
-        _need(seed is None or _is_int(seed), "'seed' is not an integer")
-        seeds = [] if seed is None else [seed]
-    else:
-        seed = None
-        seeds = data.get("seeds")
-        _need(isinstance(seeds, list) and bool(seeds) and all(_is_int(s) for s in seeds),
-              "'seeds' is not a non-empty list of integers")
-    split = data.get("split", "val")
-    _need(isinstance(split, str), "'split' is not a string")
-    arms = data.get("arms")
-    _need(isinstance(arms, list), "'arms' is not a list")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        readable = " or ".join(map(str, READABLE_VERSIONS))
+        raise SchemaError("version", f"{readable} (the versions this accord reads)",
+                          got(version))
+    validate(SCHEMAS[version], data)
+    seed = data.get("seed") if version == 1 else None
+    seeds = ([] if seed is None else [seed]) if version == 1 else data["seeds"]
     parsed = []
-    for i, arm in enumerate(arms):
-        where = f"arms[{i}]"
-        _need(isinstance(arm, dict), f"{where} is not an object")
-        for key, ok in (("task", isinstance(arm.get("task"), str)),
-                        ("workers", _is_int(arm.get("workers"))),
-                        ("label", isinstance(arm.get("label"), str)),
-                        ("points", isinstance(arm.get("points"), list))):
-            _need(ok, f"{where}.{key} missing or of the wrong type")
+    for i, arm in enumerate(data["arms"]):
         metric = arm.get("metric", "eval_acc")
-        _need(isinstance(metric, str), f"{where}.metric is not a string")
-        higher = arm.get("higher", "loss" not in metric)
-        _need(isinstance(higher, bool), f"{where}.higher is not true or false")
-        chosen = arm.get("chosen")
-        _need(chosen is None or isinstance(chosen, dict), f"{where}.chosen is not an object")
-        chosen_value = arm.get("chosen_value")
-        _need(chosen_value is None or _is_number(chosen_value),
-              f"{where}.chosen_value is not a number")
-        points = [_point(p, f"{where}.points[{j}]", version, seed)
+        points = [_point(p, f"arms[{i}].points[{j}]", version, seed)
                   for j, p in enumerate(arm["points"])]
-        parsed.append(TuningArm(arm["task"], arm["workers"], arm["label"], metric, higher,
-                                points, chosen or None, _num(chosen_value)))
-    return Tuning(grid, seeds, split, parsed, name)
+        parsed.append(TuningArm(arm["task"], arm["workers"], arm["label"], metric,
+                                arm.get("higher", "loss" not in metric), points,
+                                arm.get("chosen") or None, _num(arm.get("chosen_value"))))
+    return Tuning(data["grid"], seeds, data.get("split", "val"), parsed, name)
+
+
+def load(path: str | os.PathLike, file: str | None = None, name: str = "") -> Tuning:
+    """The :class:`Tuning` in the file at ``path``; :class:`accord.schema.SchemaError`
+    naming the file (``file``, default the path) and the field when it is not UTF-8 JSON of
+    that shape. ``OSError`` (missing, unreadable) is the caller's to word."""
+    file = str(path) if file is None else file
+    data = read_json(path, file)
+    try:
+        return parse(data, name)
+    except SchemaError as e:
+        raise e.in_file(file) from None
