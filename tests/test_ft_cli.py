@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,62 @@ def test_a_replacement_too_late_to_join_does_not_hold_the_run(tmp_path: Path) ->
     assert [r["rank"] for r in stopped] == [1] and stopped[0]["reason"] == "the run had ended"
     # the stopped replacement is not reported as a failed worker
     assert [r["rank"] for r in recs if r.get("kind") == "worker_exit"] == [1]  # the kill
+
+
+# -- parity with the local launcher (tests/test_failures.py tests it the same way) ----------
+
+def test_a_diverged_run_says_so_and_exits_3(tmp_path: Path) -> None:
+    """A NaN spread by the allreduce (--nonfinite off) is divergence in the fault-tolerant
+    loop too: every replica stops at that record, the summary says diverged, exit 3."""
+    out = tmp_path / "run"
+    res = accord_train("--algo", "allreduce", "--workers", "2", "--steps", "12", "--out",
+                       str(out), "--fault-tolerant", "--log-every", "2", "--nonfinite", "off",
+                       "--fault", "nan:rank=0,step=3", "--no-progress")
+    assert res.returncode == 3, res.stderr
+    assert "diverged at step 4: non-finite parameters" in res.stderr
+    recs = records(out)
+    summary = recs[-1]
+    assert summary["status"] == "diverged" and summary["diverged_step"] == 4
+    assert summary["diverged_reason"] == "non-finite parameters"
+    assert summary["steps"] == 4  # every replica stopped at that record
+    assert [r["step"] for r in recs if r.get("type") == "step"] == [2, 4]
+    assert not [r for r in recs if r.get("kind") in ("worker_exit", "respawn")]
+    assert not (out / ".accord.lock").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_signal_interrupts_like_the_local_launcher(tmp_path: Path, sig: int) -> None:
+    """SIGTERM or SIGINT to the launcher: every worker stopped, summary interrupted, exit
+    130, the lock released (it exited -15 with no summary and left the lock)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "RUST_LOG": "warn", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(SRC) + (os.pathsep + os.environ["PYTHONPATH"]
+                                     if os.environ.get("PYTHONPATH") else "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accord", "train", "--algo", "allreduce", "--workers", "2",
+         "--steps", "400", "--log-every", "2", "--out", str(out), "--fault-tolerant",
+         "--fault", "delay:rank=all,seconds=0.05", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+        # a background job ignores SIGINT, and that survives exec: a terminal's default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        worker_file = out / "logs" / "ft0.jsonl"
+        for _ in range(1200):  # until a step is committed
+            time.sleep(0.1)
+            if worker_file.exists() and '"type": "step"' in worker_file.read_text():
+                break
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "accord train: error: interrupted"
+    summary = records(out)[-1]
+    assert summary["status"] == "interrupted"
+    assert summary["error"] == "interrupted (SIGINT or SIGTERM)"
+    assert isinstance(summary["interrupted_step"], int) and summary["interrupted_step"] < 400
+    assert not (out / ".accord.lock").exists()

@@ -29,7 +29,14 @@ Worker (:func:`ft_worker_main`): the step is the committed step of the quorum
 ``ft.refresh`` points the aggregator at the current quorum; the loop's own collectives
 (the record's mean loss and consensus) go through a second :class:`accord.ft.FTCommunicator`
 inside the bracket (a failure discards the step). A worker that joins late (respawned)
-skips its data stream to the live step.
+skips its data stream to the live step. At a record, non-finite parameters on any replica or
+a non-finite evaluation of the consensus model is divergence, as in the local loop: the
+participants agree on it by a MAX inside the step, stop at that committed record and exit 3,
+and the summary says ``diverged`` (``diverged_step``, ``diverged_reason``).
+
+Signals, exit codes, the summary and the lock are the local launcher's
+(:mod:`accord.launch`): SIGINT or SIGTERM stop every worker and end the run ``interrupted``
+(exit 130); the lock ``OUT/.accord.lock`` is released however the run ends.
 """
 
 from __future__ import annotations
@@ -40,12 +47,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, ft_timeouts
-from .launch import LAUNCHED, _die_with_parent, _stop
+from .launch import CLEAN_EXITS, LAUNCHED, _die_with_parent, _stop
 from .rundir import RunLock
 
 REPLICA_ENV = "ACCORD_FT_REPLICA"
@@ -55,6 +63,10 @@ START_TIMEOUT_S = 300.0  # the start barrier's bound (also bounded by idle_timeo
 #: once a worker has finished every step, the others have this long to finish theirs;
 #: then the launcher stops them (a quorum timeout and more: their last steps' quorums)
 END_GRACE_S = 15.0
+#: a replica's divergence reason when only another replica's evaluation was non-finite
+ANOTHER = "non-finite on another replica"
+#: a worker's exit status when the run diverged (as the local launcher's workers)
+DIVERGED_EXIT = 3
 
 
 def _worker_file(logs: Path, i: int) -> Path:
@@ -81,20 +93,42 @@ def ft_worker_env(i: int, lighthouse: str, joiner: bool) -> dict[str, str]:
 
 
 def ft_launch(cfg: TrainConfig) -> Any:
-    """Run ``cfg`` fault-tolerant on ``cfg.workers`` local processes (module docstring)."""
+    """Run ``cfg`` fault-tolerant on ``cfg.workers`` local processes (module docstring).
+
+    Ends as the local launcher does (:func:`accord.launch.launch`): it holds
+    ``OUT/.accord.lock`` while the run lives; SIGINT or SIGTERM stop every worker, the
+    summary says ``interrupted`` and the exit status is 130; a diverged run's summary says
+    ``diverged`` (the caller exits 3)."""
+    from .launch import LaunchResult, _terminated
+
+    out = Path(cfg.out)
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        return LaunchResult(2, None, str(e))
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM (a scheduler, the bench stopping a run) ends the run like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    try:
+        return _ft_run(cfg, out)
+    except KeyboardInterrupt:  # before any worker started: nothing to record
+        return LaunchResult(130, None, "interrupted")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        lock.release()
+
+
+def _ft_run(cfg: TrainConfig, out: Path) -> Any:
+    """The body of :func:`ft_launch`, with the run directory locked."""
     from .launch import LaunchResult
 
     os.environ.setdefault("RUST_LOG", "warn")  # before torchft starts its logger
     from . import ft
     from .metrics import run_environment
 
-    out = Path(cfg.out)
     logs = out / "logs"
-    lock = RunLock(out)
-    try:
-        lock.acquire()
-    except ConfigError as e:
-        return LaunchResult(2, None, str(e))
     timeouts = ft_timeouts(cfg)
     logs.mkdir(parents=True, exist_ok=True)
     for pattern in ("ft*.jsonl", "ft-ready-*", "ft-go", "rank*.heartbeat", "rank*.error",
@@ -178,7 +212,7 @@ def ft_launch(cfg: TrainConfig) -> Any:
                                                 "time": now})
                     continue
                 del procs[i]
-                if code == 0 or p in ended:
+                if code in CLEAN_EXITS or p in ended:  # done, or stopped at divergence
                     continue
                 launcher_events.append({"type": "event", "kind": "worker_exit", "rank": i,
                                         "returncode": code, "time": now,
@@ -208,14 +242,13 @@ def ft_launch(cfg: TrainConfig) -> Any:
             f.close()
         if server is not None:
             server.shutdown()
-        try:
-            summary = _write_metrics(out, [logs], cfg, header, launcher_events,
-                                     time.time() - start, interrupted)
-        finally:
-            lock.release()
+        at = [s for s in (_last_step(logs, i) for i in mine) if s is not None]
+        summary = _write_metrics(out, [logs], cfg, header, launcher_events,
+                                 time.time() - start, interrupted,
+                                 interrupted_step=max(at, default=None))
     if interrupted:
         return LaunchResult(130, None, "interrupted")
-    if summary["status"] != "ok":
+    if summary["status"] not in ("ok", "diverged"):  # diverged: the caller says so, exit 3
         return LaunchResult(1, None, summary.get("error", "no worker finished the run"))
     return LaunchResult(0)
 
@@ -250,7 +283,10 @@ def _records(logs: Path | list[Path], i: int) -> list[dict[str, Any]]:
 
 
 def _finished(logs: Path, i: int, steps: int) -> bool:
-    return any(r.get("type") == "done" and r.get("steps", 0) >= steps
+    """Worker ``i`` ended the run: every step done, or it stopped at divergence (every
+    participant stops at the same record)."""
+    return any(r.get("type") == "done" and (r.get("steps", 0) >= steps
+                                            or r.get("diverged_step") is not None)
                for r in _records(logs, i))
 
 
@@ -271,7 +307,7 @@ def _hung(logs: Path, i: int, deadline: float) -> bool:
 
 def _write_metrics(out: Path, logs: list[Path], cfg: TrainConfig, header: dict[str, Any],
                    launcher_events: list[dict[str, Any]], elapsed: float,
-                   interrupted: bool) -> dict[str, Any]:
+                   interrupted: bool, interrupted_step: int | None = None) -> dict[str, Any]:
     """metrics.jsonl from the workers' files in the ``logs`` directories (written once,
     at the end of the run; ``elapsed``: the run's wall time)."""
     steps: dict[int, dict[str, Any]] = {}
@@ -318,10 +354,18 @@ def _write_metrics(out: Path, logs: list[Path], cfg: TrainConfig, header: dict[s
                  if k.startswith("eval_")}
     if steps:
         last_eval = {k: v for k, v in steps[max(steps)].items() if k.startswith("eval_")}
+    # the replicas that stopped at divergence; the most specific reason first (quorum rank
+    # 0 evaluated the consensus model, the others know only the consensus distance)
+    diverged = sorted((d for d in dones if d.get("diverged_step") is not None),
+                      key=lambda d: (d["diverged_step"], ANOTHER in d.get("diverged_reason", "")))
     summary: dict[str, Any] = {"type": "summary", "status": "ok" if complete else "failed"}
     if interrupted:
         summary["status"] = "interrupted"
         summary["error"] = "interrupted (SIGINT or SIGTERM)"
+        summary["interrupted_step"] = interrupted_step
+    elif diverged:
+        summary.update({"status": "diverged", "diverged_step": diverged[0]["diverged_step"],
+                        "diverged_reason": diverged[0].get("diverged_reason")})
     elif not complete:
         summary["error"] = (f"no worker finished the {cfg.steps} steps (fewer than "
                             f"--min-workers {cfg.min_workers} left, or every worker died)")
@@ -460,9 +504,9 @@ def ft_worker_main(cfg: TrainConfig) -> int:
     replica = int(os.environ[REPLICA_ENV])
     logs = Path(cfg.out) / "logs"
     try:
-        _ft_worker(cfg, replica, os.environ[LIGHTHOUSE_ENV],
-                   os.environ.get(JOINER_ENV) == "1", logs)
-        code = 0
+        diverged = _ft_worker(cfg, replica, os.environ[LIGHTHOUSE_ENV],
+                              os.environ.get(JOINER_ENV) == "1", logs)
+        code = DIVERGED_EXIT if diverged else 0
     except KeyboardInterrupt:
         code = 130
     except BaseException as exc:  # noqa: BLE001 - one line here, the traceback on disk
@@ -476,7 +520,8 @@ def ft_worker_main(cfg: TrainConfig) -> int:
 
 
 def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
-               logs: Path) -> None:
+               logs: Path) -> bool:
+    """Train as replica ``replica`` until the run ends; True if it diverged."""
     import torch
     import torch.distributed as dist
 
@@ -484,6 +529,7 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
     from .comm import CommStats, FlatBuffer
     from .core import StepContext
     from .failures import Heartbeat
+    from .observe import divergence
     from .tasks import get_task, to_device
     from .train import _finite, _guard, make_optimizer, seed_worker, state_tensors
 
@@ -532,6 +578,7 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
     params = list(model.parameters())
     stream = task.train_stream(replica, cfg.resolved_batch_size())
     consumed = 0
+    diverged: dict[str, Any] | None = None
     try:
         if not joiner:  # the start barrier: the first quorum has every launched worker
             (logs / f"ft-ready-{replica}").touch()
@@ -551,7 +598,7 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                 # not train alone from scratch
                 emit({"type": "done", "rank": replica, "steps": 0, "discarded": 0,
                       "note": "no live peer to join"})
-                return
+                return False
             first = False
             if worker.healed and step > 0 and hasattr(agg, "note_join"):
                 agg.note_join(step)  # joined the running job: e.g. EASGD's fade-in
@@ -590,6 +637,7 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
             n, rank = book.world_size, book.rank
             participants = list(worker.participants or [])
             record = None
+            flagged = None
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 heartbeat.beat(step, "record")
                 mean_loss = book.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
@@ -621,6 +669,15 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                               "comm_s": stats.seconds, "participants": participants,
                               "n": n, "writer": replica,
                               "algo": {k: _finite(v) for k, v in agg.metrics().items()}}
+                # diverged, as in the local loop: non-finite parameters on any replica (the
+                # distance), or a non-finite evaluation of the consensus model (quorum rank
+                # 0's); agreed by a MAX inside the step, so every participant stops at the
+                # same committed record
+                reason = divergence(distance, evaluation if record is not None else {})
+                flag = book.all_reduce_(torch.tensor([float(reason is not None)]), op="max",
+                                        kind="diverged")
+                if bool(flag[0] > 0):
+                    flagged = {"diverged_step": step + 1, "diverged_reason": reason or ANOTHER}
             committed = worker.end()
             for event in injector.drain():
                 emit({"type": "event", **event})
@@ -629,12 +686,17 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                       "participants": participants, "time": time.time()})
             elif record is not None:
                 emit(record)
+            if committed and flagged is not None:
+                diverged = flagged
+                break
         stats = agg.comm.stats
         heartbeat.beat(worker.step, "done")
         emit({"type": "done", "rank": replica, "steps": worker.step,
               "discarded": worker.discarded, "participants": worker.participants,
               "time_s": time.perf_counter() - start, "comm_bytes": stats.bytes,
-              "comm_calls": stats.calls, "comm_s": stats.seconds, "comm": stats.as_dict()})
+              "comm_calls": stats.calls, "comm_s": stats.seconds, "comm": stats.as_dict(),
+              **(diverged or {})})
+        return diverged is not None
     finally:
         outf.close()
         heartbeat.close()
