@@ -8,6 +8,23 @@ import os
 
 import pytest
 
+try:  # the hostile-input tier (tests/test_hostile.py); the other tests do without it
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is in the dev extra
+    settings = None
+if settings is not None:
+    # the same examples on every run and machine, a fixed budget per property (CI's time is
+    # counted), no example database left in the tree; HYPOTHESIS_PROFILE=explore searches
+    # afresh with ten times the budget (and keeps what it finds in .hypothesis/)
+    settings.register_profile(
+        "ci", derandomize=True, max_examples=100, deadline=None, database=None,
+        print_blob=False, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                 HealthCheck.too_slow])
+    settings.register_profile(
+        "explore", max_examples=1000, deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 #: ``ACCORD_SLOW_TESTS=1 make test`` also runs the tests marked slow (variants of a case
 #: that a faster test already covers; left out of CI's time budget)
 SLOW = os.environ.get("ACCORD_SLOW_TESTS") == "1"

@@ -71,14 +71,12 @@ class SchemaError(ValueError):
         super().__init__(self._text())
 
     def _text(self) -> str:
-        where = f"field '{self.field}': " if self.field else ""
-        text = f"{where}expected {self.expected}, got {self.got}"
-        return f"{self.file}: {text}" if self.file else text
+        return f"{_one_line(self.file)}: {self.detail()}" if self.file else self.detail()
 
     def detail(self) -> str:
         """The message without the file's name."""
         where = f"field '{self.field}': " if self.field else ""
-        return f"{where}expected {self.expected}, got {self.got}"
+        return _one_line(f"{where}expected {self.expected}, got {self.got}")
 
     def in_file(self, file: str) -> SchemaError:
         """The same error, naming ``file``."""
@@ -86,6 +84,16 @@ class SchemaError(ValueError):
 
     def __reduce__(self):  # picklable across processes, with its fields
         return (SchemaError, (self.field, self.expected, self.got, self.file))
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every line break (of any kind ``str.splitlines`` knows) made a space:
+    a name taken from a file or a command line must not break the one line."""
+    return " ".join(text.splitlines())
+
+
+def _name(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else json.dumps(key)
 
 
 def got(value: Any) -> str:
@@ -113,7 +121,8 @@ def got(value: Any) -> str:
     if isinstance(value, list):
         return f"a list of {len(value)}"
     if isinstance(value, dict):
-        keys = ", ".join(list(map(str, value))[:4]) + (", ..." if len(value) > 4 else "")
+        keys = ", ".join(_name(str(k)) for k in list(value)[:4]) + \
+            (", ..." if len(value) > 4 else "")
         return f"an object with keys {keys}" if value else "an empty object"
     return type(value).__name__
 
@@ -124,7 +133,7 @@ def join(at: str, key: str | int) -> str:
         return f"{at}[{key}]"
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
         return f"{at}.{key}" if at else key
-    return f'{at}[{json.dumps(key)}]'
+    return f"{at}[{json.dumps(key)}]"
 
 
 # -- types --------------------------------------------------------------------------------
