@@ -258,6 +258,19 @@ def test_a_hand_edited_manifest_is_refused_named_and_skipped_by_auto(tmp_path, m
     assert err == [f"accord train: skipped {line}", f"resuming from {good}"]
 
 
+def test_a_config_key_with_a_line_break_keeps_the_refusal_one_line(tmp_path, monkeypatch):
+    """Found by the hostile tier: a manifest whose config gained the key "\\r" was refused
+    in two lines (the key printed raw)."""
+    no_workers(monkeypatch)
+    out = tmp_path / "run"
+    bad = _run_checkpoint(out, 20)
+    _edit_manifest(bad, lambda m: {**m, "config": {**m["config"], "\r": []}})
+    code, err, _ = run_cli(["train", "--out", str(out), *ARGS, "--resume", str(bad)])
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f'accord train: error: resume: checkpoint {bad}: "\\r" was [], '
+                             "this run has None; allowed: the checkpointed run's value")
+
+
 def test_a_rank_file_of_another_step_is_refused(tmp_path, monkeypatch):
     """A checkpoint renamed with its manifest edited to agree (step-20 made step-10): the
     rank file still says step 20. verify reads that from the file's pickle (no tensor is

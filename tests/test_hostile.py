@@ -419,3 +419,19 @@ def test_mutated_tuning_file(cwd, real_run, content):
         assert err == [] or (len(err) == 1 and err[0].startswith(
             "accord report: warning: tuning.json: not a tuning file (")
             and err[0].endswith("); skipped")), err
+
+
+# -- defects the tier found outside the files it guards: pinned until fixed ----------------
+
+@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError), reason=(
+    "cli.py: argparse turns the value of --FLAG=-- into [] (CPython drops a '--' value), "
+    "which reaches .split()/.partition() as a list; found by HYPOTHESIS_PROFILE=explore. "
+    "The fix belongs in cli._Parser (refuse a '--' value in one line); then drop this mark"))
+@pytest.mark.parametrize("argv", [["train", "--set=--"], ["train", "--algo=--"],
+                                  ["bench", "--workers=--"],
+                                  ["bench", "--algos", "allreduce", "--preset=--"]])
+def test_a_flag_value_of_two_dashes_is_one_line(cwd, argv):
+    with fresh(cwd) as here:
+        code, err, _ = run_cli([*argv, "--out", "o"])
+        _one_line_refusal(code, err, argv[0])
+        assert tree(here) == {}

@@ -88,7 +88,11 @@ RANK_FILE_SCHEMA = Record({"format": Int(), "rank": Int(0), "world_size": Int(1)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (incomplete, corrupt, or from another run);
-    the message is one line naming what is wrong."""
+    the message is one line naming what is wrong (a line break in a name it quotes, such as
+    a config key of a hand-edited manifest, is made a space)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 def _sha256(path: Path) -> str:
@@ -370,8 +374,10 @@ def _compare(path: Path, manifest: Mapping[str, Any], world_size: int | None,
                 saved[key] = value
         for key in sorted(set(saved) | set(config)):
             if saved.get(key) != config.get(key):
+                # a hand-made key may hold a line break: quoted, the line stays one
+                name = key if isinstance(key, str) and key.isidentifier() else json.dumps(key)
                 raise CheckpointError(
-                    f"checkpoint {path}: {key} was {saved.get(key)!r}, this run has "
+                    f"checkpoint {path}: {name} was {saved.get(key)!r}, this run has "
                     f"{config.get(key)!r}; allowed: the checkpointed run's value")
 
 
