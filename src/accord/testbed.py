@@ -73,6 +73,8 @@ _NAME = re.compile(r"^acctb-(\d+)-")
 NETNS_ETC = Path("/etc/netns")
 #: torchrun's rendezvous port and the Lighthouse's, on host 0
 RDZV_PORT = 29400
+#: an Ethernet frame of a 1500-byte MTU as the qdisc counts it (IP packet + 14-byte header)
+_FRAME = 1514
 LIGHTHOUSE_PORT = 29510
 
 
@@ -265,13 +267,20 @@ class Testbed:
             _ip("-n", sw, "link", "set", f"p{i}", "master", "br0")
             _ip("-n", sw, "link", "set", f"p{i}", "up")
             _ip("-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", IFACE)
+            # frames of one MTU: veths otherwise hand the qdisc 64 KiB TSO/GSO segments,
+            # which a shaper must let through whole (bursts a real link never sends)
+            _ip("-n", ns, "link", "set", IFACE, "gso_max_size", str(_FRAME))
             _ip("-n", ns, "link", "set", IFACE, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             if self.network is not None:
                 self._shape(i)
 
     def _shape(self, i: int) -> None:
-        """htb on host i's egress: class 1:<j+10> at link(i, j) for traffic to host j."""
+        """htb on host i's egress: for each host j a class at link(i, j) (1:1jj) with two
+        children, one for small packets (TCP ACKs, prio 0) and one for the rest. Without
+        the ACK class an exchange in both directions at once ran at half speed: each
+        direction's ACKs queued behind the other's data, stalling TCP's window growth (a
+        modern host's fq_codel keeps them apart; this kernel has no fq_codel)."""
         ns = self.ns(i)
         _tc(ns, "qdisc", "add", "dev", IFACE, "root", "handle", "1:", "htb", "default", "1")
         # unclassified traffic (ARP) at the default link, so it cannot bypass the shaping
@@ -281,20 +290,30 @@ class Testbed:
             if j == i:
                 continue
             link = self.link(i, j)
-            cls = f"1:{j + 10}"
-            # a burst of at least one 64 KiB GSO segment: veths hand htb TSO-sized packets
-            burst = max(64 * 1024 + 1514, int(link.bandwidth * 0.002))
-            _tc(ns, "class", "add", "dev", IFACE, "parent", "1:", "classid", cls, "htb",
-                "rate", _rate(link), "burst", str(burst), "cburst", str(burst))
-            if link.latency > 0:
-                _tc(ns, "qdisc", "add", "dev", IFACE, "parent", cls, "netem",
-                    "delay", f"{link.latency * 1e6:.0f}us", "limit", "100000")
-            else:
-                _tc(ns, "qdisc", "add", "dev", IFACE, "parent", cls, "pfifo",
-                    "limit", "10000")
-            _tc(ns, "filter", "add", "dev", IFACE, "parent", "1:", "protocol", "ip",
-                "prio", "1", "u32", "match", "ip", "dst", f"{self.addr(j)}/32",
-                "flowid", cls)
+            pair, acks, data = (f"1:{k + j:x}" for k in (0x100, 0x200, 0x300))
+            # a bucket of two frames (or 200 us at the link's rate): a larger one lets a
+            # small message through at memory speed, which no real link does
+            burst = ["burst", str(max(2 * _FRAME, int(link.bandwidth * 2e-4)))]
+            rate = link.bandwidth
+            _tc(ns, "class", "add", "dev", IFACE, "parent", "1:", "classid", pair, "htb",
+                "rate", _rate(link), *burst)
+            for cls, share, prio in ((acks, 0.1, "0"), (data, 0.9, "1")):
+                _tc(ns, "class", "add", "dev", IFACE, "parent", pair, "classid", cls, "htb",
+                    "rate", _rate(Link(rate * share)), "ceil", _rate(link), "prio", prio,
+                    *burst)
+                if link.latency > 0:
+                    _tc(ns, "qdisc", "add", "dev", IFACE, "parent", cls, "netem",
+                        "delay", f"{link.latency * 1e6:.0f}us", "limit", "100000")
+                else:
+                    _tc(ns, "qdisc", "add", "dev", IFACE, "parent", cls, "pfifo",
+                        "limit", "10000")
+            dst = ["match", "ip", "dst", f"{self.addr(j)}/32"]
+            # IP total length below 64 bytes: a bare ACK (52 bytes with TCP timestamps)
+            _tc(ns, "filter", "add", "dev", IFACE, "parent", "1:", "protocol", "ip", "prio",
+                "1", "u32", *dst, "match", "u16", "0x0000", "0xffc0", "at", "2",
+                "flowid", acks)
+            _tc(ns, "filter", "add", "dev", IFACE, "parent", "1:", "protocol", "ip", "prio",
+                "2", "u32", *dst, "flowid", data)
 
     def down(self) -> None:
         """Kill every process in the hosts, delete the namespaces and /etc/netns files."""
