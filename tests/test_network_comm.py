@@ -28,13 +28,14 @@ def _expected(op: str, n: int, m: int, received: int | None = None) -> float:
         return 0.0
     if op == "allreduce":
         return 2 * (n - 1) * a + 2 * (n - 1) / n * m * b
-    if op == "allgather":
-        return (n - 1) * a + (n - 1) * m * b
+    if op == "allgather":  # one peer at n = 2: send and receive add up
+        return (n - 1) * a + (2 if n == 2 else n - 1) * m * b
     if op == "broadcast":
         return math.ceil(math.log2(n)) * (a + m * b)
     if op in ("send", "recv"):
         return a + m * b
-    return a + max(m, received if received is not None else m) * b  # exchanges
+    r = received if received is not None else m  # exchanges: one peer, the sum
+    return a + ((m + r) if op == "exchange" or n == 2 else max(m, r)) * b
 
 
 def _every_op(rank: int, world: int) -> list[tuple[str, float]]:
@@ -69,7 +70,7 @@ def _every_op(rank: int, world: int) -> list[tuple[str, float]]:
         # a ring exchange: send right, receive from the left
         c.multi_exchange_([(torch.ones(N_FLOATS), right)], [(torch.empty(N_FLOATS), left)])
         note("multi_exchange")
-        if world == 2:  # unequal directions: both pay for the larger message
+        if world == 2:  # unequal directions: both pay for both messages
             sizes = (N_FLOATS, 2 * N_FLOATS) if rank == 0 else (2 * N_FLOATS, N_FLOATS)
             c.exchange_(torch.ones(sizes[0]), torch.empty(sizes[1]), 1 - rank)
             note("exchange")
@@ -86,8 +87,10 @@ def test_every_operation_waits_its_formula(world):
         names = [op for op, _ in ops]
         assert names[:5] == ["allreduce"] * 3 + ["allgather", "broadcast"]
         for op, waited in ops:
-            size = {"allgather": 40, "exchange": 2 * m}.get(op, m)
-            assert waited == pytest.approx(_expected(op, world, size), rel=1e-12), (rank, op)
+            size = {"allgather": 40}.get(op, m)
+            received = 2 * m if op == "exchange" else None  # m one way, 2m the other
+            assert waited == pytest.approx(_expected(op, world, size, received),
+                                           rel=1e-12), (rank, op)
         assert ("exchange" in names) == (world == 2)
         assert ("send" in names or "recv" in names) == (rank < world - world % 2)
 

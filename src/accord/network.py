@@ -26,12 +26,15 @@ op                  Communicator method                seconds
                     ``all_reduce_async_``              (ring: N-1 rounds of reduce-scatter
                                                        and N-1 of all-gather, M/N each)
 ``allgather``       ``all_gather``                     ``(N-1) alpha + (N-1) m beta``, m =
-                                                       this rank's contribution (ring)
+                                                       this rank's contribution (ring);
+                                                       ``alpha + 2 m beta`` at N = 2
 ``broadcast``       ``broadcast_``                     ``ceil(log2 N) (alpha + M beta)``
                                                        (binomial tree)
 ``send``, ``recv``  ``send``, ``recv_``                ``alpha + M beta`` (one message)
-``exchange``        ``exchange_``                      ``alpha + max(M, R) beta``
-``multi_exchange``  ``multi_exchange_``                ``alpha + max(M, R) beta``
+``exchange``        ``exchange_``                      ``alpha + (M + R) beta``
+``multi_exchange``  ``multi_exchange_``                ``alpha + max(M, R) beta``;
+                                                       ``alpha + (M + R) beta`` with one
+                                                       peer
 ==================  =================================  ===================================
 
 Every op costs 0 when ``N == 1``. ``M`` is what the Communicator counts as payload bytes
@@ -40,8 +43,15 @@ except where the Communicator counts 0 although the wire carries data: ``recv`` 
 the received tensor's bytes, and ``broadcast`` costs the buffer's bytes on every rank
 (the Communicator counts them on the source only). ``R`` is the bytes received.
 
-- ``exchange``: the send and the receive with one peer run at once on a full-duplex link,
-  so the larger of the two messages decides.
+- ``exchange`` (and ``multi_exchange`` or the N = 2 all-gather, whose only peer is the one
+  it both sends to and receives from): the send and the receive with one peer do *not*
+  overlap on gloo, although the link is full duplex, so both messages count. Measured on
+  links shaped with ``tc`` between network namespaces (``benchmarks/network_calibration.py``,
+  :mod:`accord.testbed`): an exchange of 1 MB each way took 1.94-2.09x the time of one
+  direction at 10 and 100 Mbit/s and N = 2-4, while two raw TCP streams in opposite
+  directions each ran at full speed; the N = 2 all-gather took 1.57-1.66x one direction
+  (partly overlapped: the sum charges it 0.8x), the N = 2 allreduce 1.07-1.13x (gloo
+  overlaps there, and the ring formula holds).
 - ``multi_exchange``: every send and receive of a step is posted at once from one network
   interface. Sends share its outgoing side, so they cost their total ``M``; receives
   arrive in parallel on its incoming side, costing their total ``R``; the two directions
@@ -49,6 +59,19 @@ the received tensor's bytes, and ``broadcast`` costs the buffer's bytes on every
   posts nothing is no communication and is not waited for (the caller skips it).
 - The operation is chosen by the Communicator *method*, not by its free-form ``kind``
   label (``gossip``, ``initial_broadcast``, ``meta``, ...).
+
+Calibration (``benchmarks/network_calibration.py``, one rank per namespace, 40 kB and 1 MB,
+10 and 100 Mbit/s, N = 2-4): allreduce, ring all-gather (N >= 3), send/recv, broadcast at
+N = 2 and 4, multi_exchange over a ring of distinct peers, and the background engine's
+rounds are within 4-13% of these formulas for 1 MB; the real calls are 4-5% slower than
+the formulas at every size, which is TCP/IP's header overhead (1448 payload bytes per
+1514-byte frame), left out so that ``--network 1gbit`` means a 1 Gbit/s payload rate.
+Small messages at 100 Mbit/s take 1.5-3.9x their formula on the testbed: several
+milliseconds per ring step that are the 2 shared cores' scheduling of N processes, not
+the network, so no per-message cost was added for them. Broadcast at N = 3 took one round,
+not the binomial tree's two, because the testbed gives every pair of hosts a link of its
+own and the root sends to both children at once; on hosts with one network interface
+each, the formula's rounds hold.
 
 What the model leaves out, on purpose: backends pick latency-optimal algorithms for small
 messages (recursive doubling, ``ceil(log2 N) alpha``), so small allreduces are charged more
@@ -170,14 +193,18 @@ class Link:
         if op == ALLREDUCE:
             return 2 * (n - 1) * alpha + 2 * (n - 1) / n * m / self.bandwidth
         if op == ALLGATHER:
-            return (n - 1) * (alpha + m / self.bandwidth)
+            # at N = 2 the ring's next and previous rank are one peer: see _ONE_PEER
+            wire = 2 * m if n == 2 else (n - 1) * m
+            return (n - 1) * alpha + wire / self.bandwidth
         if op == BROADCAST:
             rounds = (n - 1).bit_length()  # ceil(log2 n)
             return rounds * (alpha + m / self.bandwidth)
         if op in (SEND, RECV):
             return alpha + m / self.bandwidth
-        wire = max(m, m if received_bytes is None else received_bytes)
-        return alpha + wire / self.bandwidth
+        r = m if received_bytes is None else received_bytes
+        if op == EXCHANGE or n == 2:  # one peer: the two directions follow each other
+            return alpha + (m + r) / self.bandwidth
+        return alpha + max(m, r) / self.bandwidth
 
 
 def _check_call(op: str, payload_bytes: int, received_bytes: int | None) -> None:
