@@ -31,16 +31,28 @@ from .wrap import AggregatedOptimizer, wrap
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # the task base classes, imported on first use (importing the built-in tasks loads
+    # their data libraries)
+    if name in ("Task", "ClassificationTask"):
+        from . import tasks
+
+        return getattr(tasks, name)
+    raise AttributeError(f"module 'accord' has no attribute {name!r}")
+
 __all__ = [
     "REGISTRY",
     "AggregatedOptimizer",
     "Aggregator",
     "CheckpointError",
+    "ClassificationTask",
     "CommStats",
     "Communicator",
     "FlatBuffer",
     "Hyper",
     "StepContext",
+    "Task",
     "build",
     "ddp_hook",
     "due",

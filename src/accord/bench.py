@@ -107,7 +107,7 @@ class RunSpec:
     point: str = ""  # a tuning run: its grid point's directory, between label and seed
 
     def config(self, out: Path) -> TrainConfig:
-        run_dir = out / self.group / self.task / f"w{self.workers}" / self.label
+        run_dir = out / self.group / task_dir(self.task) / f"w{self.workers}" / self.label
         if self.point:
             run_dir = run_dir / self.point
         run_dir = run_dir / f"seed{self.seed}"
@@ -116,6 +116,18 @@ class RunSpec:
                            label=self.label, progress=False,
                            hyperparameters=dict(self.hyperparameters),
                            **{"log_every": max(1, self.steps // 20), **self.train})
+
+
+def task_dir(task: str) -> str:
+    """The directory name of a task's runs: a built-in task's name, or for a user task
+    (``path/to/file.py:Name``, ``pkg.mod:Name``) ``file.Name`` / ``pkg.mod.Name`` with
+    anything but letters, digits, ``.``, ``_`` and ``-`` dropped (never a path)."""
+    if ":" not in task:
+        return task
+    target, _, attr = task.rpartition(":")
+    stem = Path(target).stem if target.endswith(".py") else target
+    name = re.sub(r"[^A-Za-z0-9._-]", "", f"{stem}.{attr}").strip(".")
+    return name or "task"
 
 
 def _matrix(arms: list[tuple[str, str, dict, dict]], tasks: list[tuple[str, int, dict]],
@@ -427,6 +439,34 @@ def apply_overrides(specs: list[RunSpec], settings: list[str]) -> list[RunSpec]:
     return out
 
 
+
+def apply_faults(specs: list[RunSpec], faults: list[str]) -> list[RunSpec]:
+    """``--fault SPEC`` (repeatable) for every run: added to the run's own faults, and named
+    in its label (``acga`` -> ``acga_slow-rank1-factor3``), so a run with injected faults
+    never shares a directory, a reuse or a report row with one without. ConfigError (one
+    line) for a spec that does not parse for a run's world size and steps."""
+    if not faults:
+        return specs
+    from . import faults as fault_specs
+
+    tags = []
+    for text in faults:
+        kind, _, rest = text.partition(":")
+        fields = [f.replace("=", "") for f in rest.split(",") if f]
+        tags.append("-".join([kind, *fields]))
+    tag = re.sub(r"[^A-Za-z0-9._-]", "", "_".join(tags))
+    out = []
+    for spec in specs:
+        for text in faults:
+            try:
+                fault_specs.parse(text, spec.workers, spec.steps)
+            except ValueError as e:
+                raise ConfigError(f"--fault: {str(e).splitlines()[0]}") from None
+        label = f"{spec.label}_{tag}"
+        check_label(label)
+        out.append(replace(spec, label=label, train={
+            **spec.train, "faults": [*spec.train.get("faults", []), *faults]}))
+    return out
 
 
 # -- tuning -----------------------------------------------------------------------------------

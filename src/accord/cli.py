@@ -26,7 +26,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train with N gloo workers on localhost (or under torchrun).")
     d = TrainConfig()
     p.add_argument("--algo", default=d.algo, help="registry name (see `accord list`)")
-    p.add_argument("--task", default=d.task, help=f"one of: {', '.join(sorted(TASKS))}")
+    p.add_argument("--task", default=d.task, help=f"one of: {', '.join(sorted(TASKS))}, or "
+                   "your own accord.Task as module:Name or path/to/file.py:Name")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default 2; under torchrun: its world size)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
@@ -336,6 +337,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="custom matrix: steps per run (default 200; a preset sets its own)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, as in `accord train --set`")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a fault into every run, as `accord train --fault` (repeat "
+                        "for several); named in each run's label")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="tune KEY (any --set key; repeat for a grid) per arm on the tuning "
                         "seeds, each point judged by its mean over them on the validation "
@@ -397,6 +401,7 @@ def _bench_specs(args: argparse.Namespace
         specs = bench.apply_overrides(specs, args.set)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    specs = bench.apply_faults(specs, args.fault)
     grid = bench.parse_tune(getattr(args, "tune", []))
     if not grid and args.preset in bench.TUNED_PRESETS:
         grid = bench.TUNED_PRESETS[args.preset][1]

@@ -62,7 +62,7 @@ from .core import Aggregator, StepContext
 from .failures import Heartbeat, attribute, is_consequence, one_line, wait_for_reports
 from .metrics import MetricsWriter, run_environment, scan_metrics
 from .observe import AsyncObserver, ConsensusProbe, divergence, finite_or_none, state_tensors
-from .tasks import get_task, stream_seed, to_device
+from .tasks import get_task, stream_seed, task_source, to_device
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,12 @@ def _continue_metrics(path: Path, step: int, record: dict[str, Any]) -> list[dic
     return kept
 
 
+def _task_source(cfg: TrainConfig) -> dict[str, Any]:
+    """A user task's spec, file and SHA-256 for the header (nothing for a built-in one)."""
+    source = task_source(cfg.task)
+    return {} if source is None else {"task_source": source}
+
+
 def _attempts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The earlier attempts of a run (first step, wall-clock start of the training loop)
     from their ``start`` records."""
@@ -316,7 +322,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
                 writer = MetricsWriter(out / "metrics.jsonl", tb)
                 writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
                               "hyperparameters": cfg.hyperparameters, "world_size": world,
-                              "time": now, **run_environment()})
+                              "time": now, **_task_source(cfg), **run_environment()})
             else:
                 # a restart keeps the earlier attempts' records (from step 0 without a
                 # checkpoint): the run's wall time and attempts are read from them

@@ -143,11 +143,105 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+#: user tasks loaded by spec ("module:Name" or "file.py:Name"), so each is imported once
+_LOADED: dict[str, type[Task]] = {}
+
+
 def get_task(name: str) -> type[Task]:
-    try:
+    """A built-in task by name, or a user's :class:`Task` subclass by import path:
+    ``my_pkg.my_mod:MyTask`` (importable from the current directory or PYTHONPATH) or
+    ``path/to/file.py:MyTask``. ValueError (one line) for anything else."""
+    if name in TASKS:
         return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}") from None
+    if isinstance(name, str) and ":" in name:
+        if name not in _LOADED:
+            _LOADED[name] = _load(name)
+        return _LOADED[name]
+    raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}, or your "
+                     "own Task as module:Name or path/to/file.py:Name")
+
+
+def is_file_spec(spec: str) -> bool:
+    """True for ``path/to/file.py:Name`` (a file), False for ``module:Name``."""
+    target = spec.rpartition(":")[0]
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def task_source(spec: str) -> dict[str, Any] | None:
+    """What a run records of a user task: its spec, the file its class came from and that
+    file's SHA-256 (None for a built-in task)."""
+    if spec in TASKS:
+        return None
+    import hashlib
+    import inspect
+
+    cls = get_task(spec)
+    try:
+        path = inspect.getsourcefile(cls)
+    except TypeError:
+        path = None
+    digest = None
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            digest = None
+    return {"spec": spec, "file": path, "sha256": digest}
+
+
+def _load(spec: str) -> type[Task]:
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr.isidentifier():
+        raise ValueError(f"task {spec!r}: allowed: a built-in task, module:Name or "
+                         "path/to/file.py:Name")
+    try:
+        if is_file_spec(spec):
+            path = os.path.abspath(target)
+            if not os.path.isfile(path):
+                raise ValueError(f"task {spec!r}: no file {path}")
+            # a stable module name per file, so workers and pickles agree on it
+            import hashlib
+
+            mod_name = "accord_user_task_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+            module = sys.modules.get(mod_name)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise ValueError(f"task {spec!r}: {path} is not a Python file")
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[mod_name] = module
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[mod_name]
+                    raise
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` would find it
+            module = importlib.import_module(target)
+    except ValueError:
+        raise
+    except ModuleNotFoundError as e:
+        raise ValueError(f"task {spec!r}: cannot import {target!r} ({e}); allowed: a module "
+                         "on PYTHONPATH or in the current directory, or a .py file") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"task {spec!r}: importing {target!r} failed: "
+                         f"{type(e).__name__}: {first}") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ValueError(f"task {spec!r}: {target!r} has no {attr!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        what = f"the class {cls.__name__}" if isinstance(cls, type) else type(cls).__name__
+        raise ValueError(f"task {spec!r}: {attr!r} is {what}, allowed: a subclass of "
+                         "accord.Task")
+    return cls
 
 
 def _import_all() -> None:

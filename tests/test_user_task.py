@@ -1,0 +1,107 @@
+"""A user's task by import path (``--task file.py:Name`` / ``module:Name``) reaches train,
+bench and report exactly as a built-in task does, and a bad one is refused in one line
+before any worker starts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import accord
+from accord.cli import main
+from accord.tasks import get_task, task_source
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "user_task.py"
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, err.getvalue()
+
+
+def test_a_task_file_and_a_module_give_the_same_class_of_accord_task(tmp_path, monkeypatch):
+    by_file = get_task(f"{EXAMPLE}:TwoMoons")
+    assert issubclass(by_file, accord.Task) and by_file.name == "two-moons"
+    assert get_task(f"{EXAMPLE}:TwoMoons") is by_file  # imported once
+    source = task_source(f"{EXAMPLE}:TwoMoons")
+    assert source["file"] == str(EXAMPLE)
+    import hashlib
+
+    assert source["sha256"] == hashlib.sha256(EXAMPLE.read_bytes()).hexdigest()
+    assert task_source("digits") is None
+    (tmp_path / "my_tasks.py").write_text(EXAMPLE.read_text())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    by_module = get_task("my_tasks:TwoMoons")
+    assert issubclass(by_module, accord.Task) and by_module.name == "two-moons"
+
+
+@pytest.mark.parametrize("spec,says", [
+    ("nowhere/none.py:Task", "no file"),
+    ("no_such_module_xyz:Task", "cannot import 'no_such_module_xyz'"),
+    (f"{EXAMPLE}:Missing", "has no 'Missing'"),
+    (f"{EXAMPLE}:math", "is module, allowed: a subclass of accord.Task"),
+    (f"{EXAMPLE}:Iterator", "allowed: a subclass of accord.Task"),
+    ("digits:", "allowed: a built-in task, module:Name or path/to/file.py:Name"),
+    ("mnist", "unknown task 'mnist'"),
+])
+def test_a_bad_task_is_one_line_before_any_worker(tmp_path, spec, says):
+    out = tmp_path / "run"
+    code, err = _cli("train", "--task", spec, "--out", str(out), "--no-progress")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], lines
+    assert not out.exists()
+
+
+def test_a_task_file_that_fails_to_import_is_one_line(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("raise RuntimeError('no data here\\nsecond line')\n")
+    code, err = _cli("train", "--task", f"{bad}:Task", "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"accord train: error: task '{bad}:Task': importing '{bad}' failed: RuntimeError: "
+        "no data here"]
+
+
+def test_train_bench_and_report_run_a_user_task_with_a_straggler(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    spec = f"{EXAMPLE}:TwoMoons"
+    bench = subprocess.run(
+        [sys.executable, "-m", "accord", "bench", "--tasks", spec, "--algos", "allreduce,acga",
+         "--workers", "2", "--steps", "30", "--seeds", "0", "--fault", "slow:rank=1,factor=3",
+         "--out", str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert bench.returncode == 0, bench.stderr
+    runs = sorted((tmp_path / "b").rglob("metrics.jsonl"))
+    assert len(runs) == 2
+    # the task's directory is a name, never its path (an absolute one would escape --out)
+    assert {p.relative_to(tmp_path / "b").parts[:3] for p in runs} == {
+        ("custom", "user_task.TwoMoons", "w2")}
+    for path in runs:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        header, summary = records[0], records[-1]
+        assert header["config"]["task"] == spec
+        # bench --fault reaches every arm and is named in its label
+        assert header["config"]["faults"] == ["slow:rank=1,factor=3"]
+        assert header["config"]["label"].endswith("_slow-rank1-factor3")
+        assert summary["events"] == {"slow": 30}
+        assert header["task_source"]["sha256"] == task_source(spec)["sha256"]
+        assert summary["status"] == "ok" and summary["eval_acc"] > 0.8
+    report = subprocess.run([sys.executable, "-m", "accord", "report", str(tmp_path / "b"),
+                             "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert spec in text and "acga_slow-rank1-factor3" in text
