@@ -186,8 +186,11 @@ def save(
         state["comm"] = counted.comm.stats.as_dict()
     final = path / _rank_file(rank)
     tmp = final.with_name(final.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb+") as f:
+    # through a Python file, not a path: a refused write (a full disk, a file-size limit)
+    # then keeps its errno (torch's own writer says only "unexpected pos")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
     mine = {"file": final.name, "bytes": final.stat().st_size, "sha256": _sha256(final)}

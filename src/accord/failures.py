@@ -10,7 +10,8 @@ process sees is rarely the root cause. Every worker therefore leaves evidence in
   algorithm's hooks and the optimizer; ``record``: a metrics record; ``done``), with the
   time the phase began. Rewritten in place twice per step (a few microseconds).
 * ``rank<r>.error``: on an exception, one JSON line (time, error message, step); the
-  traceback goes to ``rank<r>.traceback``.
+  traceback goes to ``rank<r>.traceback``. Under the local launcher the same record also
+  goes through a pipe (:func:`send_report`): a worker whose disk is full cannot write it.
 
 :func:`attribute` reads them (plus, from the local launcher, each process's exit code)
 and names the root cause:
@@ -27,6 +28,7 @@ Every other worker's error is listed as a consequence of the root cause.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -46,6 +48,80 @@ CONSEQUENCES = ("connection closed by peer", "connection reset by peer", "broken
 def one_line(exc: BaseException) -> str:
     """``Type: first line of the message``: how a failure is named everywhere."""
     return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+
+
+class StorageError(OSError):
+    """A write that the storage refused (a full disk, a file-size limit, a read-only file
+    system, no permission), named in one line: ``cannot write PATH: ENOSPC (No space left
+    on device)``. An OSError, with the original ``errno`` and the path as ``filename``."""
+
+    def __init__(self, path: str | os.PathLike, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error), os.fspath(path))
+
+    def __str__(self) -> str:
+        code = errno.errorcode.get(self.errno, f"errno {self.errno}") \
+            if self.errno is not None else "error"
+        return f"cannot write {self.filename}: {code} ({self.strerror})"
+
+
+def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError | None:
+    """``exc`` (raised while writing ``path``) as a :class:`StorageError`, or None when no
+    OSError is behind it. torch's writer raises a RuntimeError of its own ("unexpected pos")
+    whose context is the OSError of the failed write: that one is found too."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        if isinstance(error, StorageError):
+            return error
+        if isinstance(error, OSError) and error.errno is not None:
+            return StorageError(error.filename or path, error)
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+#: the environment variable naming the pipe a worker of the local launcher reports its
+#: error on: a worker whose disk is full cannot leave ``rank<r>.error`` there
+REPORT_FD = "ACCORD_REPORT_FD"
+
+
+def send_report(record: dict[str, Any]) -> None:
+    """Hand this worker's error record to the local launcher through its pipe (one write of
+    one line, below PIPE_BUF, so it arrives whole); nothing without a launcher."""
+    fd = os.environ.get(REPORT_FD)
+    if not fd:
+        return
+    record = {**record, "error": str(record.get("error", ""))[:1000]}  # well below PIPE_BUF
+    try:
+        os.write(int(fd), (json.dumps(record) + "\n").encode())
+    except (OSError, ValueError):
+        pass  # evidence only
+
+
+def read_reports(fds: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """The error records the workers sent on their pipes (``fds``: rank -> read end,
+    non-blocking), by rank."""
+    out = {}
+    for rank, fd in fds.items():
+        data = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "error" in record:
+                out[rank] = {**record, "rank": rank}
+    return out
 
 
 def is_consequence(message: str) -> bool:
@@ -146,12 +222,14 @@ def _gone(beat: Beat) -> bool:
 
 
 def attribute(logs: Path, world: int, exits: dict[int, Exit] | None = None,
-              ignore: int | None = None) -> Failure:
+              ignore: int | None = None,
+              reported: dict[int, dict[str, Any]] | None = None) -> Failure:
     """The root cause of a failed run (see the module docstring). ``exits``: the local
     launcher's view of each process; without it (under torchrun) a process that is gone
     is found by its pid when it ran on this host. ``ignore``: a rank whose liveness is
-    not in question (the caller itself)."""
-    errors = read_errors(logs)
+    not in question (the caller itself). ``reported``: error records the workers sent on
+    the launcher's pipes (:func:`read_reports`), for ranks whose file could not be written."""
+    errors = {**(reported or {}), **read_errors(logs)}
     beats = read_beats(logs)
     primaries: list[tuple[float, int, str]] = []
     for r in range(world):

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, ft_timeouts
+from .failures import StorageError
 from .launch import CLEAN_EXITS, LAUNCHED, _die_with_parent, _stop
 from .rundir import RunLock
 
@@ -243,9 +244,13 @@ def _ft_run(cfg: TrainConfig, out: Path) -> Any:
         if server is not None:
             server.shutdown()
         at = [s for s in (_last_step(logs, i) for i in mine) if s is not None]
-        summary = _write_metrics(out, [logs], cfg, header, launcher_events,
-                                 time.time() - start, interrupted,
-                                 interrupted_step=max(at, default=None))
+        try:
+            summary = _write_metrics(out, [logs], cfg, header, launcher_events,
+                                     time.time() - start, interrupted,
+                                     interrupted_step=max(at, default=None))
+        except StorageError as e:  # (a full disk): the workers' own files stay in logs/
+            return LaunchResult(130 if interrupted else 1, None,
+                                f"{e} (no summary; the workers' records: {logs}/ft<i>.jsonl)")
     if interrupted:
         return LaunchResult(130, None, "interrupted")
     if summary["status"] not in ("ok", "diverged"):  # diverged: the caller says so, exit 3
@@ -388,7 +393,11 @@ def _write_metrics(out: Path, logs: list[Path], cfg: TrainConfig, header: dict[s
         "events": counts, **last_eval})
     path = out / "metrics.jsonl"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *records, summary]))
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *records, summary]))
+    except OSError as e:  # whole or not at all: an earlier metrics.jsonl stays as it was
+        tmp.unlink(missing_ok=True)
+        raise StorageError(path, e) from None
     os.replace(tmp, path)
     return summary
 
@@ -510,8 +519,12 @@ def ft_worker_main(cfg: TrainConfig) -> int:
     except KeyboardInterrupt:
         code = 130
     except BaseException as exc:  # noqa: BLE001 - one line here, the traceback on disk
-        (logs / f"rank{replica}.traceback").write_text(traceback.format_exc())
-        (logs / f"rank{replica}.error").write_text(one_line(exc) + "\n")
+        for name, text in ((f"rank{replica}.traceback", traceback.format_exc()),
+                           (f"rank{replica}.error", one_line(exc) + "\n")):
+            try:  # evidence only: on a full disk it cannot be written
+                (logs / name).write_text(text)
+            except OSError:
+                (logs / name).unlink(missing_ok=True)
         print(f"accord train: worker {replica}: {one_line(exc)}", file=sys.stderr)
         code = 1
     sys.stdout.flush()
@@ -542,7 +555,10 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
     outf = _worker_file(logs, replica).open("a", buffering=1)
 
     def emit(record: dict[str, Any]) -> None:
-        outf.write(json.dumps(record) + "\n")
+        try:
+            outf.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise StorageError(_worker_file(logs, replica), e) from None
 
     heartbeat = Heartbeat(logs, replica)
     heartbeat.beat(0, "start")
@@ -698,7 +714,10 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
               **(diverged or {})})
         return diverged is not None
     finally:
-        outf.close()
+        try:
+            outf.close()
+        except OSError:
+            pass  # a line a full disk refused: already raised as a StorageError
         heartbeat.close()
         try:
             worker.shutdown()

@@ -16,6 +16,13 @@ and its cause, lists the other ranks' errors as consequences (:mod:`accord.failu
 and writes that as the final summary of ``metrics.jsonl``, so a run never hangs on a dead
 worker and its record blames the right rank. Exit codes of the workers: 0 (ok) and 3
 (diverged, see :func:`accord.train.run_worker`) are clean ends.
+
+Each worker also hands its error record to the launcher through a pipe of its own
+(``ACCORD_REPORT_FD``): when ``OUT/logs`` is on a full disk its ``rank<r>.error`` cannot be
+written, and the run's one line still names the error (a
+:class:`accord.failures.StorageError`: the file and the errno). The final summary is
+written whole or not at all (:func:`finish_summary`); when it cannot be, the one line says
+so and why.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
-from .failures import Exit, Failure, attribute
+from .failures import REPORT_FD, Exit, Failure, StorageError, attribute, read_reports
+from .metrics import append_record
 from .rundir import RunLock
 
 GRACE_S = 3.0  # after the first failure, time the others get to exit on their own
@@ -107,28 +115,39 @@ def launch(cfg: TrainConfig, *, quiet: bool = False) -> LaunchResult:
             result, failure = _attempt(attempt_cfg, logs, quiet, restart)
             if failure is None or restart == cfg.max_restarts:
                 if failure is not None:
-                    finish_summary(out / "metrics.jsonl", "failed", failure.record())
+                    _unwritten(result, finish_summary(out / "metrics.jsonl", "failed",
+                                                      failure.record()))
                 return result
-            _append(out / "metrics.jsonl", {
-                "type": "restart", "restart": restart + 1, "max_restarts": cfg.max_restarts,
-                "time": time.time(), **failure.record()})
+            try:
+                append_record(out / "metrics.jsonl", {
+                    "type": "restart", "restart": restart + 1,
+                    "max_restarts": cfg.max_restarts, "time": time.time(),
+                    **failure.record()})
+            except StorageError as e:  # a restart could not be recorded: nor would its run
+                _unwritten(result, finish_summary(out / "metrics.jsonl", "failed",
+                                                  failure.record()))
+                result.message += f"; not restarted: {e}"
+                return result
             print(f"accord train: {result.message}; restarting every worker from the newest "
                   f"checkpoint (restart {restart + 1} of {cfg.max_restarts})", file=sys.stderr)
             attempt_cfg = dataclasses.replace(cfg, resume="auto")
         return result  # pragma: no cover - the loop always returns
     except KeyboardInterrupt:
-        finish_summary(out / "metrics.jsonl", "interrupted",
-                       {"error": "interrupted (SIGINT or SIGTERM)"}, keep=("interrupted",))
-        return LaunchResult(130, None, "interrupted")
+        result = LaunchResult(130, None, "interrupted")
+        _unwritten(result, finish_summary(out / "metrics.jsonl", "interrupted",
+                                          {"error": "interrupted (SIGINT or SIGTERM)"},
+                                          keep=("interrupted",)))
+        return result
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         lock.release()
 
 
-def _append(path: Path, record: dict) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def _unwritten(result: LaunchResult, reason: str | None) -> None:
+    """Add to the run's one line that its summary could not be written, and why."""
+    if reason is not None:
+        result.message += f" (no summary: {reason})"
 
 
 def _attempt(cfg: TrainConfig, logs: Path, quiet: bool,
@@ -144,6 +163,7 @@ def _attempt(cfg: TrainConfig, logs: Path, quiet: bool,
     cmd = [sys.executable, "-m", "accord", "train", *cfg.to_argv()]
     procs: list[subprocess.Popen] = []
     files = []
+    reports: dict[int, int] = {}  # rank -> read end of the pipe it reports its error on
     try:
         for rank in range(cfg.workers):
             if rank == 0 and not quiet:
@@ -152,10 +172,18 @@ def _attempt(cfg: TrainConfig, logs: Path, quiet: bool,
                 f = (logs / f"rank{rank}.log").open("ab" if restart else "wb")
                 files.append(f)
                 stdout, stderr = f, subprocess.STDOUT
-            procs.append(subprocess.Popen(
-                cmd, env=worker_env(rank, cfg.workers, store.port, restart, cfg.max_restarts),
-                stdout=stdout, stderr=stderr, preexec_fn=_die_with_parent))
-        result, failure = _wait(procs, logs, cfg.timeout)
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            reports[rank] = read
+            env = worker_env(rank, cfg.workers, store.port, restart, cfg.max_restarts)
+            env[REPORT_FD] = str(write)
+            try:
+                procs.append(subprocess.Popen(
+                    cmd, env=env, stdout=stdout, stderr=stderr, pass_fds=(write,),
+                    preexec_fn=_die_with_parent))
+            finally:
+                os.close(write)
+        result, failure = _wait(procs, logs, cfg.timeout, reports)
         if failure is not None:
             _stop(procs)
         return result, failure
@@ -166,6 +194,8 @@ def _attempt(cfg: TrainConfig, logs: Path, quiet: bool,
         _stop(procs)
         for f in files:
             f.close()
+        for fd in reports.values():
+            os.close(fd)
         del store
 
 
@@ -184,8 +214,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _wait(procs: list[subprocess.Popen], logs: Path,
-          timeout: float) -> tuple[LaunchResult, Failure | None]:
+def _wait(procs: list[subprocess.Popen], logs: Path, timeout: float,
+          reports: dict[int, int] | None = None) -> tuple[LaunchResult, Failure | None]:
     exits: dict[int, Exit] = {}
     failed_at: float | None = None
     stopped = False
@@ -205,26 +235,40 @@ def _wait(procs: list[subprocess.Popen], logs: Path,
         time.sleep(0.05)
     if failed_at is None:
         return LaunchResult(0), None
-    failure = attribute(logs, len(procs), exits)
+    failure = attribute(logs, len(procs), exits, reported=read_reports(reports or {}))
     message = f"worker rank {failure.rank} failed"
     if failure.step is not None:
         message += f" at step {failure.step}"
     message += f": {failure.error}"
-    if failure.rank:
+    # (a pointer only to a file that is there: on a full disk it may not be)
+    if failure.rank and (logs / f"rank{failure.rank}.log").exists():
         message += f" (log: {logs / f'rank{failure.rank}.log'})"
-    elif failure.rank == 0:
+    elif failure.rank == 0 and _nonempty(logs / "rank0.traceback"):
         message += f" (traceback: {logs / 'rank0.traceback'})"
     return LaunchResult(1, failure.rank, message), failure
 
 
-def finish_summary(path: Path, status: str, fields: dict, keep: tuple[str, ...] = ()) -> None:
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def finish_summary(path: Path, status: str, fields: dict,
+                   keep: tuple[str, ...] = ()) -> str | None:
     """Make the last record of ``metrics.jsonl`` a summary with ``status`` and ``fields``
     (replacing a summary rank 0 wrote, unless its status is ok, diverged or in ``keep``),
-    keeping the last evaluation. Written to a temporary file and renamed: never half a file."""
+    keeping the last evaluation. Written to a temporary file and renamed: never half a file.
+
+    Returns None when the file ends with a summary (or has no records to end), else one
+    line saying why it could not be written. A full disk may not hold the new copy: then
+    the summary is appended instead (a record is whole or absent), or rank 0's own failed
+    summary is kept; the records already there are never touched."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
-        return
+        return None
     records = []
     for line in lines:
         try:
@@ -232,12 +276,12 @@ def finish_summary(path: Path, status: str, fields: dict, keep: tuple[str, ...] 
         except ValueError:
             continue
     if not records:
-        return
+        return None
     old = records[-1] if records[-1].get("type") == "summary" else None
     # a run that ended by itself (every step done, or diverged) keeps its summary whatever
     # happened afterwards (a worker failing at exit, a signal during teardown)
     if old is not None and old.get("status") in (*keep, "ok", "diverged"):
-        return
+        return None
     if old is not None:
         records.pop()
     evals = [r for r in records if r.get("type") == "step"]
@@ -245,10 +289,25 @@ def finish_summary(path: Path, status: str, fields: dict, keep: tuple[str, ...] 
     kept = {k: v for k, v in (old or {}).items()
             if k not in ("type", "status", "error", "failed_rank", "failed_step",
                          "consequences")}
-    records.append({"type": "summary", "status": status, **last, **kept, **fields})
+    summary = {"type": "summary", "status": status, **last, **kept, **fields}
+    records.append(summary)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if old is not None:
+            return None  # rank 0's own summary (failed or interrupted) stays
+        try:
+            append_record(path, summary)
+        except StorageError as e:
+            return str(e)
+        return None
     os.replace(tmp, path)
+    return None
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .failures import StorageError
 from .schema import (
     AnyJSON,
     Int,
@@ -82,7 +83,13 @@ def tensorboard_available() -> bool:
 
 
 class MetricsWriter:
-    """Appends records to a JSONL file, flushed after each so a crash loses nothing.
+    """Appends records to a JSONL file, each written whole before ``write`` returns, so a
+    crash loses nothing.
+
+    A record is whole or absent: a write the storage refuses (disk full, a file-size limit)
+    cuts the part of the line that was written and raises
+    :class:`accord.failures.StorageError` naming the file and the errno, so the records
+    before it stay intact and the file stays readable.
 
     With ``tensorboard_dir``, every number of a ``step`` record is also written as a
     TensorBoard scalar at that step (the algorithm's metrics under ``algo/``)."""
@@ -90,7 +97,12 @@ class MetricsWriter:
     def __init__(self, path: Path, tensorboard_dir: Path | None = None,
                  append: bool = False) -> None:
         self.path = Path(path)
-        self.file = self.path.open("a" if append else "w", encoding="utf-8")
+        # unbuffered: a failed write leaves nothing in a buffer that a later flush or close
+        # would write after the cut
+        self.fd: int | None = os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC),
+            0o644)
+        self.size = os.fstat(self.fd).st_size  # the end of the last whole record
         self.last_eval: dict[str, Any] = {"eval_loss": None}  # until the first evaluation
         #: the run's attempts so far ({"from_step", "started"}), set by the training loop
         self.attempts: list[dict[str, Any]] = []
@@ -107,8 +119,10 @@ class MetricsWriter:
             self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        if self.fd is None:
+            raise ValueError(f"{self.path}: the metrics writer is closed")
+        self.size = _append_whole(self.fd, self.size, self.path,
+                                  (json.dumps(record, allow_nan=False) + "\n").encode())
         if self.tb is not None and record.get("type") == "step":
             step = record["step"]
             flat = {k: v for k, v in record.items() if k not in ("type", "step", "algo")}
@@ -119,11 +133,46 @@ class MetricsWriter:
             self.tb.flush()
 
     def close(self) -> None:
-        if not self.file.closed:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def _append_whole(fd: int, size: int, path: Path, data: bytes) -> int:
+    """Append ``data`` to the file open as ``fd`` (``O_APPEND``, ``size`` bytes of whole
+    records); the new size. On a refused write the partial line is cut (the file is ``size``
+    bytes again) and a StorageError naming ``path`` is raised."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise StorageError(path, e) from None
+    return size + len(data)
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record to ``path`` whole or not at all (StorageError, one line); a torn
+    last line (a writer killed mid-write) is ended first, so the record starts a line."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:
+        raise StorageError(path, e) from None
+    try:
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        data = (json.dumps(record, allow_nan=False) + "\n").encode()
+        _append_whole(fd, size, path, b"\n" + data if torn else data)
+    finally:
+        os.close(fd)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -193,10 +193,12 @@ is written without figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -207,6 +209,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .failures import StorageError, storage_error
 from .metrics import Outcome, run_outcome, scan_metrics
 from .network import Link, load_network_profile, parse_network
 from .schema import SchemaError
@@ -1440,29 +1443,30 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
             note("figures not drawn: matplotlib is not installed (pip install "
                  "'accord[plots]')")
     else:
-        for section in sections if figures else []:
-            drawn[section.slug] = draw_section(section, styles, out / FIGURE_DIR)
-            if _membership_runs(section):
-                name = f"{section.slug}_participants.png"
-                draw_membership(section, styles, out / FIGURE_DIR / name)
-                members_drawn[section.slug] = name
-        for c in comparisons if figures else []:
-            if draw_links(c, styles, out / FIGURE_DIR / c.figure):
-                links_drawn[c.figure] = c.figure
-        taken: set[str] = set()
-        for i, t in enumerate(tunings if figures else []):
-            for task, workers in t.sections():
-                slug = f"tuning_{_slug(task, workers)}"
-                name, n = f"{slug}.png", 1
-                while name in taken:
-                    n += 1
-                    name = f"{slug}-{n}.png"
-                taken.add(name)
-                draw_tuning(t, _arms_of(t, task, workers), styles, out / FIGURE_DIR / name)
-                tuning_drawn[i, task, workers] = name
+        with _writing(out / FIGURE_DIR):  # a full disk, a file-size limit: one line
+            for section in sections if figures else []:
+                drawn[section.slug] = draw_section(section, styles, out / FIGURE_DIR)
+                if _membership_runs(section):
+                    name = f"{section.slug}_participants.png"
+                    draw_membership(section, styles, out / FIGURE_DIR / name)
+                    members_drawn[section.slug] = name
+            for c in comparisons if figures else []:
+                if draw_links(c, styles, out / FIGURE_DIR / c.figure):
+                    links_drawn[c.figure] = c.figure
+            taken: set[str] = set()
+            for i, t in enumerate(tunings if figures else []):
+                for task, workers in t.sections():
+                    slug = f"tuning_{_slug(task, workers)}"
+                    name, n = f"{slug}.png", 1
+                    while name in taken:
+                        n += 1
+                        name = f"{slug}-{n}.png"
+                    taken.add(name)
+                    draw_tuning(t, _arms_of(t, task, workers), styles, out / FIGURE_DIR / name)
+                    tuning_drawn[i, task, workers] = name
 
-    _write_points(out / "points.csv", sections)
-    _write_summary(out / "summary.csv", sections)
+    _replace(out / "points.csv", lambda p: _write_points(p, sections))
+    _replace(out / "summary.csv", lambda p: _write_summary(p, sections))
 
     counts = Counter(r.status for r in evaluated)
     lines = [f"# accord report: {_md(root.resolve().name or root)}", "",
@@ -1519,8 +1523,37 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
             lines.append(f"- ... and {len(collected) - len(shown)} more")
         lines.append("")
     path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    _replace(path, lambda p: p.write_text("\n".join(lines), encoding="utf-8"))
     return path
+
+
+def _replace(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a temporary file, then rename it to ``path``: an earlier report's file stays
+    whole unless the new one is; a refused write is one StorageError line (:func:`_writing`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with _writing(path):
+        try:
+            write(tmp)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+
+
+def _savefig(fig: Any, path: Path) -> None:
+    """``fig.savefig(path)`` through a temporary file (an earlier figure stays whole, and a
+    refused write names the figure's file)."""
+    _replace(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or None))
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A write of the report: an OSError (ENOSPC, EFBIG, EROFS, EACCES) becomes one
+    :class:`accord.failures.StorageError` line naming ``path`` and the errno."""
+    try:
+        yield
+    except OSError as e:
+        raise storage_error(e, path) from None
 
 
 # -- CSV files ------------------------------------------------------------------------------
@@ -1666,7 +1699,7 @@ def draw_section(section: Section, styles: dict[str, tuple[str, str]], folder: P
                            bbox_to_anchor=(0.81, 0.5), fontsize=8, frameon=False)
         fig.suptitle(f"{section.title}: against {xlabel}")
         name = f"{section.slug}_{axis}.png"
-        fig.savefig(folder / name)
+        _savefig(fig, folder / name)
         names.append(name)
     return names
 
@@ -1703,7 +1736,7 @@ def draw_membership(section: Section, styles: dict[str, tuple[str, str]], path: 
     fig.legend(*ax.get_legend_handles_labels(), loc="center left",
                bbox_to_anchor=(0.73, 0.5), fontsize=8, frameon=False)
     fig.suptitle(f"{section.title}: participants per step")
-    fig.savefig(path)
+    _savefig(fig, path)
 
 
 def draw_links(c: LinkComparison, styles: dict[str, tuple[str, str]], path: Path) -> bool:
@@ -1745,7 +1778,7 @@ def draw_links(c: LinkComparison, styles: dict[str, tuple[str, str]], path: Path
     direction = ">=" if c.higher else "<="
     target = f"{c.metric} {direction} {_fmt(c.target)}" if c.target is not None else "none"
     fig.suptitle(f"{c.title}: time to target ({target}) by link")
-    fig.savefig(path)
+    _savefig(fig, path)
     return True
 
 
@@ -1845,7 +1878,7 @@ def draw_tuning(t: Tuning, arms: list[TuningArm], styles: dict[str, tuple[str, s
     seed = f", {_fmt_seeds(t.seeds)}" if t.seeds else ""
     fig.suptitle(f"{task}, {workers} worker{'s' if workers != 1 else ''}: tuning on the "
                  f"{t.split} split{seed}")
-    fig.savefig(path)
+    _savefig(fig, path)
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -1878,5 +1911,8 @@ def run(args: argparse.Namespace) -> int:
     except ReportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:  # not bad input: the storage refused a write (exit 1)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     print(f"report: {path}")
     return 0

@@ -59,7 +59,16 @@ from . import algorithms, checkpoint, faults
 from .comm import Communicator, FlatBuffer, compress_payloads, emulate_network, payload_compressor
 from .config import SECOND_ORDER, ConfigError, TrainConfig, emulated_network, payload_compression
 from .core import Aggregator, StepContext
-from .failures import Heartbeat, attribute, is_consequence, one_line, wait_for_reports
+from .failures import (
+    Heartbeat,
+    StorageError,
+    attribute,
+    is_consequence,
+    one_line,
+    send_report,
+    storage_error,
+    wait_for_reports,
+)
 from .metrics import MetricsWriter, run_environment, scan_metrics
 from .observe import AsyncObserver, ConsensusProbe, divergence, finite_or_none, state_tensors
 from .tasks import get_task, stream_seed, task_source, to_device
@@ -197,7 +206,11 @@ def _continue_metrics(path: Path, step: int, record: dict[str, Any]) -> list[dic
         kept.append(r)
     kept.append(record)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    except OSError as e:  # metrics.jsonl stays as it was
+        tmp.unlink(missing_ok=True)
+        raise StorageError(path, e) from None
     os.replace(tmp, path)
     return kept
 
@@ -387,9 +400,10 @@ def _report(exc: BaseException, cfg: TrainConfig, rank: int, world: int, logs: P
         message = one_line(exc)
         if heartbeat is not None:
             heartbeat.beat(heartbeat.step, "failed")
-        (logs / f"rank{rank}.traceback").write_text(traceback.format_exc())
-        (logs / f"rank{rank}.error").write_text(json.dumps(
-            {"rank": rank, "time": time.time(), "error": message, "step": step}) + "\n")
+        record = {"rank": rank, "time": time.time(), "error": message, "step": step}
+        send_report(record)  # to the local launcher: logs/ may be on the disk that is full
+        _evidence(logs / f"rank{rank}.traceback", traceback.format_exc())
+        _evidence(logs / f"rank{rank}.error", json.dumps(record) + "\n")
     if writer is None:
         return
     # give the root cause time to leave its report (an interruption from the user: briefly)
@@ -397,12 +411,28 @@ def _report(exc: BaseException, cfg: TrainConfig, rank: int, world: int, logs: P
         wait_for_reports(logs, world, rank, min(1.0 if interrupted else 5.0, cfg.timeout))
     failure = attribute(logs, world, ignore=rank)
     if interrupted and (failure.rank is None or failure.rank == rank):
-        writer.write({"type": "summary", "status": "interrupted",
-                      "error": "interrupted (SIGINT or SIGTERM)", "interrupted_step": step,
-                      **writer.last_eval})
+        summary = {"type": "summary", "status": "interrupted",
+                   "error": "interrupted (SIGINT or SIGTERM)", "interrupted_step": step,
+                   **writer.last_eval}
     else:
-        writer.write({"type": "summary", "status": "failed", **failure.record(),
-                      **writer.last_eval})
+        summary = {"type": "summary", "status": "failed", **failure.record(),
+                   **writer.last_eval}
+    try:
+        writer.write(summary)
+    except OSError:
+        pass  # metrics.jsonl is on the full disk: the launcher says so in its one line
+
+
+def _evidence(path: Path, text: str) -> None:
+    """Write a failing worker's evidence file, or none at all: on a full disk a partial
+    file would be misread (an empty traceback, a torn error line)."""
+    try:
+        path.write_text(text)
+    except OSError:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _interrupt_on_sigterm():
@@ -688,8 +718,23 @@ def _checkpoint(cfg: TrainConfig, step: int, model: torch.nn.Module,
     newest ``keep`` and record what it cost."""
     began = time.perf_counter()
     root = Path(cfg.out) / CHECKPOINTS
-    path = checkpoint.save(root / f"step-{step}", model, optimizer, agg, step, extra=extra,
-                           config=cfg.fingerprint(), group=group)
+    target = root / f"step-{step}"
+    try:
+        path = checkpoint.save(target, model, optimizer, agg, step, extra=extra,
+                               config=cfg.fingerprint(), group=group)
+    except (OSError, RuntimeError) as exc:
+        error = storage_error(exc, target)
+        if error is None:
+            raise
+        # this rank's partial file goes: it holds space on a full disk and never counted
+        # (the checkpoint has no manifest); the previous checkpoint is untouched
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for name in [f"rank{rank}.pt.tmp", *(["manifest.json.tmp"] if rank == 0 else [])]:
+            try:
+                (target / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise error from None
     if writer is not None:
         checkpoint.prune(root, cfg.keep)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
