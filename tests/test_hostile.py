@@ -423,10 +423,6 @@ def test_mutated_tuning_file(cwd, real_run, content):
 
 # -- defects the tier found outside the files it guards: pinned until fixed ----------------
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError), reason=(
-    "cli.py: argparse turns the value of --FLAG=-- into [] (CPython drops a '--' value), "
-    "which reaches .split()/.partition() as a list; found by HYPOTHESIS_PROFILE=explore. "
-    "The fix belongs in cli._Parser (refuse a '--' value in one line); then drop this mark"))
 @pytest.mark.parametrize("argv", [["train", "--set=--"], ["train", "--algo=--"],
                                   ["bench", "--workers=--"],
                                   ["bench", "--algos", "allreduce", "--preset=--"]])
@@ -437,12 +433,6 @@ def test_a_flag_value_of_two_dashes_is_one_line(cwd, argv):
         assert tree(here) == {}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bench.plan: 'run LABEL (TASK, N workers): ...' prints a task name of --tasks raw, so a "
-    "control character such as \\x1e (a line break to str.splitlines) splits the refusal in "
-    "two; found by HYPOTHESIS_PROFILE=explore. The fix belongs in bench.plan / the --tasks "
-    "check (quote the name, or refuse an unknown task before naming the run); then drop "
-    "this mark"))
 def test_a_task_name_with_a_control_character_is_one_line(cwd):
     with fresh(cwd) as here:
         code, err, _ = run_cli(["bench", "--out", "o", "--algos", "allreduce", "--tasks=0\x1e"])

@@ -760,7 +760,7 @@ def plan(specs: list[RunSpec], out: Path, *, create: bool = True) -> list[TrainC
         try:
             validate(cfg, check_out=False)
         except ConfigError as e:
-            raise ConfigError(f"run {spec.label} ({spec.task}, {spec.workers} workers): {e}") \
+            raise ConfigError(f"run {spec.label} ({spec.task!r}, {spec.workers} workers): {e}") \
                 from None
         configs.append(cfg)
     if create:

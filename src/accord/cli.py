@@ -464,6 +464,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse hands the value of --FLAG=-- on as [] (it reads '--' as the end of
+        # options), which would reach the settings' parsers as a list (checked by the
+        # command's parser, so the line names the command)
+        for arg in [] if self.prog == PROG else sys.argv[1:] if args is None else args:
+            if isinstance(arg, str) and arg.startswith("--") and arg.endswith("=--"):
+                self.error(f"argument {arg[:-3]}: got '--', allowed: a value")
+        return super().parse_known_args(args, namespace)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__)
