@@ -690,8 +690,8 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                 # 0's); agreed by a MAX inside the step, so every participant stops at the
                 # same committed record
                 reason = divergence(distance, evaluation if record is not None else {})
-                flag = book.all_reduce_(torch.tensor([float(reason is not None)]), op="max",
-                                        kind="diverged")
+                flag = book.all_reduce_(torch.tensor([float(reason is not None)]),  # host: gloo
+                                        op="max", kind="diverged")
                 if bool(flag[0] > 0):
                     flagged = {"diverged_step": step + 1, "diverged_reason": reason or ANOTHER}
             committed = worker.end()

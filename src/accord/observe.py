@@ -123,7 +123,7 @@ class _Snapshot:
     """A host copy of this rank's model state, shared by the records that use it."""
 
     def __init__(self, numel: int, dtype: torch.dtype) -> None:
-        self.values = torch.empty(numel, dtype=dtype)
+        self.values = torch.empty(numel, dtype=dtype)  # host: the observer's group is gloo
         self.version = 0
         self.users = 0
 
@@ -163,7 +163,7 @@ class AsyncObserver:
         self.group = dist.new_group(list(range(world)), backend="gloo",
                                     timeout=timedelta(seconds=idle_timeout))
         self.pool = [_Snapshot(values.numel(), values.dtype) for _ in range(SNAPSHOTS)]
-        self.mean = torch.empty(values.numel(), dtype=values.dtype)
+        self.mean = torch.empty(values.numel(), dtype=values.dtype)  # host: gloo group
         self.queue: deque[Observation] = deque()
         self.cond = threading.Condition()
         self.busy = False  # the thread is working on an observation it popped
@@ -252,7 +252,8 @@ class AsyncObserver:
         with self.cond:  # the compute thread may refresh a waiting snapshot: copy under lock
             x = obs.snapshot.values.clone()
             version = obs.snapshot.version
-        head = torch.tensor([obs.loss, float(version), -float(version)], dtype=torch.float64)
+        head = torch.tensor([obs.loss, float(version), -float(version)],  # host: gloo group
+                            dtype=torch.float64)
         lows = head.clone()
         dist.all_reduce(head, group=group)  # sum of the losses (the rest is overwritten)
         dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
