@@ -85,6 +85,7 @@ def _train(*args: str) -> subprocess.CompletedProcess:
                            *args], capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow  # CI time: test_observe trains easgd with AdaHessian, bit for bit
 def test_adahessian_trains_under_easgd_and_is_refused_for_gradient_phase(tmp_path):
     # with a frozen window on rank 1 (a second-order step cannot run on its zeroed,
     # graph-free gradient) and dynamic weighting, as in the dynamic-weighting preset

@@ -93,7 +93,8 @@ def _summary(out: Path) -> dict:
     return read_metrics(out / "metrics.jsonl")[-1]
 
 
-@pytest.mark.parametrize("workers", [2, 4])
+# 4 workers: the same code path as 2, slower (a slow variant)
+@pytest.mark.parametrize("workers", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", sorted(FAULTS))
 def test_the_failed_rank_is_named_everywhere(tmp_path, kind, workers):
     out = tmp_path / "run"
@@ -114,7 +115,9 @@ def test_the_failed_rank_is_named_everywhere(tmp_path, kind, workers):
     assert f"rank 1 at step 4: {summary['error'][:20]}" in row
 
 
-@pytest.mark.parametrize("kind", sorted(FAULTS))
+# a hang is named under torchrun as under the local launcher (covered there): slow variant
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "hang" else k
+                                  for k in sorted(FAULTS)])
 def test_under_torchrun_rank_0_names_the_failed_rank(tmp_path, kind):
     out = tmp_path / "run"
     proc = _train(out, "--fault", FAULTS[kind], torchrun=True)

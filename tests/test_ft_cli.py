@@ -231,6 +231,7 @@ def test_torchft_missing_is_one_line(tmp_path: Path, monkeypatch) -> None:
     assert str(e.value) == "--fault-tolerant needs torchft: pip install 'accord[ft]'"
 
 
+@pytest.mark.slow  # CI time: a variant of the fault-tolerant runs above
 def test_two_hosts_with_an_external_lighthouse(tmp_path: Path) -> None:
     """Several hosts, played on this one: `accord ft-lighthouse`, two launchers with their
     own --replicas and --out (worker 1 killed at step 20 on the first), then `accord
@@ -292,6 +293,7 @@ def test_two_hosts_with_an_external_lighthouse(tmp_path: Path) -> None:
     assert "no metrics.jsonl" in bad.stderr
 
 
+@pytest.mark.slow  # CI time: a variant of the fault-tolerant runs above
 def test_a_replacement_too_late_to_join_does_not_hold_the_run(tmp_path: Path) -> None:
     """Worker 1 dies at step 55 of 60 and is respawned, but the survivors finish before
     the replacement is up: alone, below --min-workers 2, it waits for a quorum that cannot

@@ -47,9 +47,11 @@ def _steps(out: Path) -> list[dict]:
 
 
 # (local_sgd: the crash test below)
-@pytest.mark.parametrize("algo,sets", [("acga", []), ("easgd", ["--set", "period=2"]),
-                                       # PowerSGD's error memories and Q are checkpointed
-                                       ("allreduce", ["--compress", "powersgd"])])
+# easgd and PowerSGD: slow variants (tests/test_state.py checks every algorithm's state)
+@pytest.mark.parametrize("algo,sets", [
+    ("acga", []), pytest.param("easgd", ["--set", "period=2"], marks=pytest.mark.slow),
+    # PowerSGD's error memories and Q are checkpointed
+    pytest.param("allreduce", ["--compress", "powersgd"], marks=pytest.mark.slow)])
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path, algo, sets):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _train(straight, "--algo", algo, *sets).returncode == 0
@@ -220,6 +222,7 @@ def test_torchrun_restarts_resume_from_the_checkpoint(tmp_path):
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow  # CI time: the restart itself is covered by the tests above
 def test_the_report_reads_a_restarted_run_as_one(tmp_path):
     runs = tmp_path / "runs"
     out = runs / "crashed"
