@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/accord demo
 
 test: setup
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n 2 --durations=25
 
 bench: setup
 	$(PY) benchmarks/adacons_toy.py
