@@ -760,7 +760,9 @@ def plan(specs: list[RunSpec], out: Path, *, create: bool = True) -> list[TrainC
         try:
             validate(cfg, check_out=False)
         except ConfigError as e:
-            raise ConfigError(f"run {spec.label} ({spec.task!r}, {spec.workers} workers): {e}") \
+            # a task name with a control character would split the line: quoted then
+            task = spec.task if spec.task.isprintable() else repr(spec.task)
+            raise ConfigError(f"run {spec.label} ({task}, {spec.workers} workers): {e}") \
                 from None
         configs.append(cfg)
     if create:
