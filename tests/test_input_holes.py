@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from test_report import write_run
 
 import accord
@@ -151,17 +150,6 @@ def report_args(argv: list[str]):
 
 
 # -- the Python API (a gloo world of one in this process) -----------------------------------
-
-@pytest.fixture
-def world_of_one():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
 
 def test_numpy_scalars_are_numbers(world_of_one):
     model = torch.nn.Linear(3, 2)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
+from test_input_holes import report_args
 from test_report import write_run
 
 import accord
@@ -195,25 +195,6 @@ def test_a_report_that_does_not_fit_is_one_line_and_the_old_one_stays(tmp_path, 
         with pytest.raises(StorageError, match=f"cannot write {out / 'points.csv'}: EFBIG"):
             report.write_report(runs, out, figures=False, warn=lambda m: None)
     assert files() == before
-
-
-def report_args(argv: list[str]):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    report.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["report", *argv])
-
-
-@pytest.fixture
-def world_of_one():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one(tmp_path, world_of_one):
