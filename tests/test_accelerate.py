@@ -25,7 +25,9 @@ accelerate = pytest.importorskip("accelerate")
 
 import accord  # noqa: E402
 import accord.accelerate as acc_accord  # noqa: E402
-from accord.ddp_hooks import HOOK_ALGORITHMS  # noqa: E402
+from accord.ddp_hooks import hook_algorithms  # noqa: E402
+
+HOOK_ALGORITHMS = hook_algorithms()
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 20  # seconds, every process group and every torchrun launch's share of it

@@ -114,7 +114,7 @@ from ._ddp import local_gradients
 from ._extras import require
 from .algorithms import get, validate
 from .core import Aggregator
-from .ddp_hooks import HOOK_ALGORITHMS, check_clip_grad_norm, ddp_hook
+from .ddp_hooks import check_clip_grad_norm, ddp_hook
 from .wrap import AggregatedOptimizer
 
 # here, not at call time: importing this module is the user's statement of intent, and a
@@ -124,12 +124,6 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.utils import DDPCommunicationHookType, DistributedType  # noqa: E402
 
 __all__ = ["note_loss", "prepare"]
-
-#: gradient-phase algorithms whose output does not scale with the loss scale (fp16 moves
-#: them to the model-phase path, where the gradients are unscaled first)
-SCALE_INVARIANT = ("normalized", "acga")
-#: algorithms that read StepContext.loss
-LOSS_AWARE = ("lsgd",)
 
 # AcceleratedOptimizers returned on the hook path (note_loss accepts them as no-ops)
 _HOOKED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -169,7 +163,7 @@ class _StepWithNotedLoss(AggregatedOptimizer):
         if loss is None and self._loss_sum is not None:
             loss = self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = None, 0
-        if loss is None and self.aggregator.name in LOSS_AWARE:
+        if loss is None and self.aggregator.reads_loss:
             raise RuntimeError(
                 f"accord.accelerate: {self.aggregator.name} needs the training loss; call "
                 "accord.accelerate.note_loss(optimizer, loss) after each backward, before "
@@ -260,7 +254,8 @@ def _check(accelerator: Any, model: Any, optimizer: Any, algorithm: Any,
         raise ValueError(f"{where}: DistributedDataParallelKwargs(comm_hook={hook!r}) "
                          "conflicts with accord's own DDP hook; allowed: comm_hook left at "
                          "'no'")
-    nonlinear = algorithm in ("normalized", "acga", "adasum") or clip_grad_norm is not None
+    cls = get(algorithm)
+    nonlinear = not cls.linear or clip_grad_norm is not None
     if nonlinear and not _native(accelerator, algorithm, clip_grad_norm) \
             and accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False):
         what = f"{algorithm}'s DDP hook" if clip_grad_norm is None else "the clip in the DDP hook"
@@ -273,8 +268,11 @@ def _native(accelerator: Any, algorithm: str, clip_grad_norm: float | None) -> b
     """Whether the algorithm runs inside the optimizer (DDP's allreduce off) rather than
     as a DDP hook. Under a scaler the hook would see scaled gradients, wrong for a
     scale-invariant algorithm and for a clip alike."""
-    return algorithm not in HOOK_ALGORITHMS or (accelerator.scaler is not None and (
-        algorithm in SCALE_INVARIANT or clip_grad_norm is not None))
+    cls = get(algorithm)
+    # a scale-invariant combination of scaled gradients would not be scaled: the optimizer
+    # path unscales first (the fp16 GradScaler's order)
+    return cls.ddp_hook_form is None or (accelerator.scaler is not None and (
+        cls.scale_invariant or clip_grad_norm is not None))
 
 
 def prepare(

@@ -357,14 +357,11 @@ def _launched_here() -> bool:
     return launched_here()
 
 
-#: algorithms whose payloads travel by sum/avg allreduce, which --compress compresses; the
-#: others send theirs point to point (gossip, elastic_gossip, dpsgd, adasum) or by
-#: broadcast (lsgd), and push-sum weights must stay exact
-COMPRESSIBLE = ("allreduce", "normalized", "acga", "local_sgd", "easgd", "diloco", "grawa",
-                "wagma")
-#: those whose allreduced payload is a gradient (DiLoCo: its outer gradient), which a
-#: low-rank compressor with error feedback may approximate; the others average parameters
-LOW_RANK = ("allreduce", "normalized", "acga", "diloco")
+def _algorithms_with(capability: str) -> str:
+    """The registry names whose class declares ``capability`` true, comma-separated."""
+    from .algorithms import REGISTRY
+
+    return ", ".join(n for n, c in sorted(REGISTRY.items()) if getattr(c, capability))
 
 
 def payload_compression(cfg: TrainConfig) -> Any:
@@ -383,14 +380,18 @@ def payload_compression(cfg: TrainConfig) -> Any:
     except ValueError:
         raise ConfigError(f"compress: got {cfg.compress!r}, allowed: none, bf16, fp16, "
                           "powersgd, powersgd:RANK (RANK an integer >= 1)") from None
-    if cfg.algo not in COMPRESSIBLE:
+    from .algorithms import get
+
+    cls = get(cfg.algo)  # each class declares what --compress may touch
+    if not cls.compressible:
         raise ConfigError(f"compress: {cfg.algo!r} sends its payload point to point or by "
                           "broadcast, which --compress does not compress; allowed with: "
-                          f"{', '.join(COMPRESSIBLE)}")
-    if compressor.scheme == "powersgd" and cfg.algo not in LOW_RANK:
+                          f"{_algorithms_with('compressible')}")
+    if compressor.scheme == "powersgd" and not cls.low_rank:
         raise ConfigError(f"compress: {cfg.compress!r} approximates a sum of gradients by a "
                           f"low-rank matrix, not the parameters {cfg.algo!r} averages; "
-                          f"allowed with it: {', '.join(LOW_RANK)} (else bf16 or fp16)")
+                          f"allowed with it: {_algorithms_with('low_rank')} (else bf16 or "
+                          "fp16)")
     return compressor
 
 
@@ -713,10 +714,6 @@ def _check_second_order(cfg: TrainConfig) -> None:
     """AdaHessian estimates the Hessian diagonal from p.grad's graph (a Hessian-vector
     product after ``backward(create_graph=True)``): a gradient-phase algorithm replaces
     p.grad by a combination of every rank's gradients first, which has no local graph."""
-    from .ddp_hooks import HOOK_ALGORITHMS
-
-    gradient_phase = cfg.algo in HOOK_ALGORITHMS or (
-        cfg.algo == "local_sgd" and cfg.hyperparameters.get("warmup_steps", 0) > 0)
     from . import algorithms
     from .core import resolve_hyperparameters
 
@@ -730,7 +727,7 @@ def _check_second_order(cfg: TrainConfig) -> None:
             f"optimizer: got {cfg.optimizer!r} with {cfg.algo!r}, allowed: an algorithm "
             "that does not mix the parameters before the optimizer step (this one changes "
             "them in place after backward, under AdaHessian's Hessian-vector product)")
-    if gradient_phase:
+    if hp is not None and cls.rewrites_gradients(hp):
         raise ConfigError(
             f"optimizer: got {cfg.optimizer!r} with {cfg.algo!r}, allowed: a model-phase "
             "algorithm (a gradient-phase one rewrites p.grad before AdaHessian's Hessian-"

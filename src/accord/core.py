@@ -78,6 +78,11 @@ def due(step: int, period: int, warmup_steps: int = 0) -> bool:
 
 INT64_MAX = 2**63 - 1
 
+#: the values of ``Aggregator.phase``
+PHASES = ("gradient", "model")
+#: the values of ``Aggregator.ddp_hook_form`` (besides None), see :mod:`accord.ddp_hooks`
+DDP_HOOK_FORMS = ("average", "combine", "sum_then_combine")
+
 
 @dataclass(frozen=True)
 class Hyper:
@@ -240,6 +245,36 @@ class Aggregator:
     #: the paper this algorithm follows (title, arXiv id) for the README and ``accord list``
     paper: ClassVar[str] = ""
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
+
+    # -- capabilities: everything the rest of accord asks about an algorithm ------------
+    #: "gradient": combines the ranks' gradients in ``after_backward`` (before the
+    #: optimizer step); "model": acts on the parameters in ``after_step``
+    phase: ClassVar[str] = "model"
+    #: its payloads travel by sum/average allreduce, which ``--compress bf16|fp16`` may
+    #: round (payloads sent point to point or by broadcast are never compressed)
+    compressible: ClassVar[bool] = False
+    #: the allreduced payload is a gradient (not parameters), so low-rank PowerSGD with
+    #: error feedback may approximate it (``--compress powersgd``)
+    low_rank: ClassVar[bool] = False
+    #: the DDP communication-hook form (:data:`accord.ddp_hooks.HOOK_FORMS`): "average"
+    #: (each bucket averaged as it comes), "combine" (``combine_(flat)`` on the whole
+    #: gradient at the last bucket), "sum_then_combine" (each bucket's sum started as it
+    #: comes, then ``combine_(flat, total)``), or None: no hook form
+    ddp_hook_form: ClassVar[str | None] = None
+    #: the combination does not change when every gradient is multiplied by one factor
+    #: (an fp16 loss scale), so it may run on scaled gradients
+    scale_invariant: ClassVar[bool] = False
+    #: the combination is linear in the gradients, so applying it to each micro-batch's
+    #: partial gradient gives the same result as applying it once
+    linear: ClassVar[bool] = False
+    #: it reads ``StepContext.loss`` (integrations must pass the loss)
+    reads_loss: ClassVar[bool] = False
+    #: what it does when the participants change between steps (``--fault-tolerant``), as
+    #: one line; None: refused under ``--fault-tolerant`` for :attr:`ft_refusal`
+    fault_tolerant: ClassVar[str | None] = None
+    #: why ``--fault-tolerant`` refuses it (read when :attr:`fault_tolerant` is None)
+    ft_refusal: ClassVar[str] = "it declares no membership rule for a changing world"
+
     _closed = False  # set by close()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -314,6 +349,21 @@ class Aggregator:
     def check(cls, hp: Mapping[str, Any], world_size: int) -> None:
         """Constraints between hyperparameters and the world size; ValueError if violated.
         Runs before any worker starts (CLI) and again in the constructor."""
+
+    @classmethod
+    def rewrites_gradients(cls, hp: Mapping[str, Any]) -> bool:
+        """True when, with hyperparameters ``hp``, ``after_backward`` replaces p.grad by a
+        combination of every rank's gradients at some step (a second-order optimizer's
+        Hessian-vector product then finds no local graph, so it is refused)."""
+        return cls.phase == "gradient"
+
+    @classmethod
+    def check_fault_tolerant(cls, hp: Mapping[str, Any]) -> None:
+        """ValueError (one line) when, with hyperparameters ``hp``, this algorithm cannot
+        run under ``--fault-tolerant``."""
+        if cls.fault_tolerant is None:
+            raise ValueError(f"--fault-tolerant: algorithm {cls.name!r} is refused: "
+                             f"{cls.ft_refusal}")
 
     @classmethod
     def mixes_before_step(cls, hp: Mapping[str, Any]) -> bool:

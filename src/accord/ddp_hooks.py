@@ -73,8 +73,15 @@ from .core import Aggregator
 
 log = logging.getLogger(__name__)
 
-#: registry names that have a DDP communication-hook form
-HOOK_ALGORITHMS = ("allreduce", "normalized", "acga", "adasum")
+
+def hook_algorithms() -> tuple[str, ...]:
+    """Registry names of the algorithms with a DDP communication-hook form (the class
+    declares it: ``Aggregator.ddp_hook_form``)."""
+    from .algorithms import REGISTRY, load_plugins
+
+    load_plugins()
+    return tuple(name for name, cls in sorted(REGISTRY.items())
+                 if cls.ddp_hook_form is not None)
 
 
 def check_clip_grad_norm(value: Any, where: str) -> float | None:
@@ -215,7 +222,11 @@ class ClippedAllReduceHook(WholeGradientHook):
         self.comm.all_reduce_(self.aggregator.flat.buffer, op="avg")  # type: ignore[attr-defined]
 
 
-class NormalizedHook(WholeGradientHook):
+class CombineHook(WholeGradientHook):
+    """Form ``combine``: nothing to start per bucket; the aggregator's ``combine_(flat)``
+    runs on the whole gradient at the last bucket (normalized's global norm, AdaSum's
+    blocking point-to-point exchanges of the whole vector)."""
+
     def _finish(self) -> None:
         self.aggregator.combine_(self.aggregator.flat.buffer)  # type: ignore[attr-defined]
 
@@ -259,17 +270,14 @@ class ACGAHook(WholeGradientHook):
         agg.combine_(agg.flat.buffer, total)  # type: ignore[attr-defined]
 
 
-class AdaSumHook(WholeGradientHook):
-    # its exchanges are blocking point-to-point calls: nothing is started per bucket
-    def _finish(self) -> None:
-        self.aggregator.combine_(self.aggregator.flat.buffer)  # type: ignore[attr-defined]
-
-
-_HOOKS: dict[str, type[CommHook]] = {
-    "allreduce": AllReduceHook,
-    "normalized": NormalizedHook,
-    "acga": ACGAHook,
-    "adasum": AdaSumHook,
+#: ``Aggregator.ddp_hook_form`` -> the hook class that runs it; the aggregator provides
+#: ``flat`` (its flat gradient buffer) for every form but ``average``, ``combine_(flat)``
+#: for ``combine`` and ``total`` (a buffer for the sum, or None) and
+#: ``combine_(flat, total)`` for ``sum_then_combine``
+HOOK_FORMS: dict[str, type[CommHook]] = {
+    "average": AllReduceHook,
+    "combine": CombineHook,
+    "sum_then_combine": ACGAHook,
 }
 
 
@@ -292,9 +300,11 @@ def ddp_hook(
     would clip the combined gradient instead). Collective: call on every rank, like
     ``accord.build``.
     """
-    if name not in _HOOKS:
+    cls = get(name)
+    if cls.ddp_hook_form is None:
         raise ValueError(f"algorithm {name!r} has no DDP communication hook; allowed: "
-                         f"{', '.join(HOOK_ALGORITHMS)} (the gradient-phase algorithms)")
+                         f"{', '.join(hook_algorithms())} (the gradient-phase algorithms "
+                         "that declare a ddp_hook_form)")
     params: Iterable[torch.Tensor]
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         if group is None:
@@ -306,6 +316,7 @@ def ddp_hook(
         params = model
     clip = check_clip_grad_norm(clip_grad_norm, "accord.ddp_hook")
     # the class, not accord.build, which refuses a DDP model's parameters
-    agg = get(name)(params, group=group, broadcast=broadcast, **hyperparameters)
-    hook = ClippedAllReduceHook if name == "allreduce" and clip is not None else _HOOKS[name]
+    agg = cls(params, group=group, broadcast=broadcast, **hyperparameters)
+    form = cls.ddp_hook_form
+    hook = ClippedAllReduceHook if form == "average" and clip is not None else HOOK_FORMS[form]
     return agg, hook(agg, clip)

@@ -25,7 +25,9 @@ Membership rules (what an algorithm does when the participants change between st
 is the number of participants of the current step, read at every :meth:`FTWorker.begin`,
 and every replicated quantity (DiLoCo's outer model, EASGD's centre) is consistent
 because every participant ends a committed step with the same value, a discarded step is
-rolled back on every survivor, and a joiner receives it with the peer's state)::
+rolled back on every survivor, and a joiner receives it with the peer's state). Each
+algorithm declares its rule on its class (``Aggregator.fault_tolerant``, one line; None
+refuses it with ``ft_refusal``); ``accord list`` shows them. The built-in ones::
 
     allreduce    mean over the participants (the Manager's avg divides by N)
     normalized   1/N over the participants
@@ -43,10 +45,10 @@ rolled back on every survivor, and a joiner receives it with the peer's state)::
                  a joiner's weight fades in from 0 over half_life steps
     grawa        weights renormalised over the participants' gathered norms
 
-Refused at start with one line (:data:`FT_REFUSED`, :func:`check_algorithm`): algorithms
-whose schedule is built on a fixed N or that talk point to point. Refused option of an
-allowed algorithm: easgd ``asynchronous`` (its background engine has fixed ranks and its
-own store).
+Refused at start with one line (:func:`check_algorithm`): algorithms whose schedule is
+built on a fixed N or that talk point to point. Refused option of an allowed algorithm
+(``Aggregator.check_fault_tolerant``): easgd ``asynchronous`` (its background engine has
+fixed ranks and its own store).
 
 Timeouts (:class:`FTTimeouts`, checked by :func:`check_timeouts`)::
 
@@ -101,39 +103,38 @@ from .comm import CommStats, emulated_network, payload_compressor
 
 log = logging.getLogger(__name__)
 
-#: algorithms that run under --fault-tolerant (their membership rules: module docstring)
-FT_ALGORITHMS: tuple[str, ...] = (
-    "allreduce", "normalized", "acga", "local_sgd", "diloco", "easgd", "grawa",
-)
-
-#: algorithms refused under --fault-tolerant, with the one-line reason
-FT_REFUSED: dict[str, str] = {
-    "wagma": "its butterfly groups and subgroup process groups are built once for a fixed N",
-    "gossip": "it sends point to point to peers drawn for a fixed N",
-    "dpsgd": "it mixes point to point with ring neighbours of a fixed N",
-    "elastic_gossip": "it sends point to point to peers drawn for a fixed N",
-    "adasum": "its recursive-doubling tree of point-to-point exchanges is built for a fixed N",
-    "lsgd": "its leader groups are process subgroups built once for a fixed N",
-}
-
 #: torchft's environment variables that would override the checked timeouts
 TORCHFT_TIMEOUT_ENV = ("TORCHFT_TIMEOUT_SEC", "TORCHFT_QUORUM_TIMEOUT_SEC",
                        "TORCHFT_CONNECT_TIMEOUT_SEC")
 
 
+def ft_algorithms() -> dict[str, str]:
+    """Registry name -> membership rule of every algorithm that runs fault-tolerant (each
+    declares its own rule: ``Aggregator.fault_tolerant``)."""
+    from .algorithms import REGISTRY, load_plugins
+
+    load_plugins()
+    return {name: cls.fault_tolerant for name, cls in sorted(REGISTRY.items())
+            if cls.fault_tolerant is not None}
+
+
 def check_algorithm(name: str, hyperparameters: Mapping[str, Any] | None = None) -> None:
     """ValueError (one line) unless algorithm ``name`` with these hyperparameters can run
-    fault-tolerant."""
-    hp = dict(hyperparameters or {})
-    if name in FT_REFUSED:
-        raise ValueError(f"--fault-tolerant: algorithm {name!r} is refused: {FT_REFUSED[name]}")
-    if name not in FT_ALGORITHMS:
-        raise ValueError(f"--fault-tolerant: algorithm {name!r} has no membership rule; "
-                         f"allowed: {', '.join(FT_ALGORITHMS)}")
-    if name == "easgd":
-        if hp.get("asynchronous"):
-            raise ValueError("--fault-tolerant: easgd asynchronous=true is refused: its "
-                             "background engine has fixed ranks and its own store")
+    fault-tolerant (the class decides: ``fault_tolerant``, ``check_fault_tolerant``)."""
+    from .algorithms import get
+    from .core import resolve_hyperparameters
+
+    try:
+        cls = get(name)
+    except (TypeError, ValueError):
+        raise ValueError(f"--fault-tolerant: algorithm {name!r} is unknown; allowed: "
+                         f"{', '.join(ft_algorithms())}") from None
+    given = dict(hyperparameters or {})
+    try:
+        hp = resolve_hyperparameters(name, cls.hyperparameters, given)
+    except (TypeError, ValueError):
+        hp = given  # a bad value is named by the hyperparameter check
+    cls.check_fault_tolerant(hp)
 
 
 # -- timeouts ---------------------------------------------------------------------------

@@ -83,7 +83,7 @@ from .algorithms import get as get_algorithm
 from .algorithms import validate
 from .comm import Communicator, FlatBuffer
 from .core import Aggregator, StepContext
-from .ddp_hooks import HOOK_ALGORITHMS, check_clip_grad_norm, clip_coefficient, ddp_hook
+from .ddp_hooks import check_clip_grad_norm, clip_coefficient, ddp_hook, hook_algorithms
 from .observe import state_tensors
 
 _pl = require("lightning.pytorch", "lightning")
@@ -133,7 +133,7 @@ class AccordStrategy(DDPStrategy):
                     f"AccordStrategy: {key}={kwargs[key]!r} is a DistributedDataParallel "
                     f"option, not a hyperparameter of {algo!r}; allowed: "
                     f"ddp_kwargs={{{key!r}: {kwargs[key]!r}}}, with the algorithms that run "
-                    f"under DDP ({', '.join(HOOK_ALGORITHMS)})")
+                    f"under DDP ({', '.join(hook_algorithms())})")
         self.hyperparameters = validate(algo, kwargs)
         self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm, "AccordStrategy")
         self._given_hyperparameters = dict(kwargs)
@@ -142,11 +142,12 @@ class AccordStrategy(DDPStrategy):
         if ddp_kwargs is not None and not isinstance(ddp_kwargs, Mapping):
             raise TypeError(f"ddp_kwargs: got {type(ddp_kwargs).__name__}, allowed: a dict of "
                             "DistributedDataParallel options")
-        self.gradient_phase = algo in HOOK_ALGORITHMS
+        # the algorithms with a DDP hook form run under DDP, the others in the optimizer
+        self.gradient_phase = get_algorithm(algo).ddp_hook_form is not None
         if ddp_kwargs and not self.gradient_phase:
             raise ValueError(f"ddp_kwargs: {algo!r} is a model-phase algorithm, which does not "
                              "use DistributedDataParallel; allowed: ddp_kwargs only with "
-                             f"{', '.join(HOOK_ALGORITHMS)}")
+                             f"{', '.join(hook_algorithms())}")
         super().__init__(**options, **dict(ddp_kwargs or {}))
         self.consensus_eval = consensus_eval
         self.aggregator: Aggregator | None = None

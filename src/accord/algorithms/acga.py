@@ -330,6 +330,11 @@ class ACGA(Aggregator):
     description = "adaptive consensus gradient aggregation: weights by agreement with the mean"
     paper = ("Adaptive Consensus Gradients Aggregation for Scaled Distributed Training, "
              "arXiv 2411.03742")
+    phase = "gradient"
+    compressible = low_rank = scale_invariant = True
+    ddp_hook_form = "sum_then_combine"
+    fault_tolerant = ("a, c and the sorted momentum have length N: when N changes the "
+                      "momentum restarts from sort(a) of that step, as at step 0")
     hyperparameters = {
         "momentum": Hyper(0.99, float, "subspace momentum beta on the sorted coefficients",
                           low=0.0, high=1.0, high_open=True),

@@ -275,6 +275,9 @@ class AdaSum(Aggregator):
     name = "adasum"
     description = "adaptive summation: pairwise sums that average agreeing, add orthogonal parts"
     paper = "Scaling Distributed Training with Adaptive Summation, arXiv 2006.02924"
+    phase = "gradient"
+    ddp_hook_form = "combine"
+    ft_refusal = "its recursive-doubling tree of point-to-point exchanges is built for a fixed N"
     hyperparameters = {
         "per_layer": Hyper(True, bool, "dot products and norms per parameter tensor (Horovod)"),
     }

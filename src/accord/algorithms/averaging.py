@@ -38,6 +38,10 @@ class GradientAveraging(Aggregator):
     name = "allreduce"
     description = "gradient averaging (synchronous data parallelism, as DDP)"
     paper = "baseline"
+    phase = "gradient"
+    compressible = low_rank = linear = True
+    ddp_hook_form = "average"
+    fault_tolerant = "mean over the participants (the Manager's avg divides by N)"
     hyperparameters: dict[str, Hyper] = {}
 
     def __init__(self, params, **kwargs: Any) -> None:
@@ -67,6 +71,10 @@ class NormalizedAveraging(Aggregator):
     name = "normalized"
     description = "average of unit-norm worker gradients (ACGA with coefficients 1/N)"
     paper = "ablation of arXiv 2411.03742"
+    phase = "gradient"
+    compressible = low_rank = scale_invariant = True
+    ddp_hook_form = "combine"
+    fault_tolerant = "1/N over the participants"
     hyperparameters = {
         "restore_scale": Hyper("none", str, "multiply d by the mean worker gradient norm",
                                choices=("none", "mean_norm")),

@@ -42,6 +42,9 @@ class DiLoCo(ModelAggregator):
     name = "diloco"
     description = "DiLoCo: inner local steps, outer Nesterov step on the averaged model delta"
     paper = "DiLoCo: Distributed Low-Communication Training of Language Models, arXiv 2311.08105"
+    compressible = low_rank = True
+    fault_tolerant = ("the outer model and momentum are replicated and travel with the state; "
+                      "the delta is theta minus the mean over the participants")
     hyperparameters = {
         "period": Hyper(50, int, "inner steps between outer steps", low=1),
         "outer_lr": Hyper(0.7, float, "outer learning rate", low=0.0, low_open=True),

@@ -42,6 +42,7 @@ class DPSGD(ModelAggregator):
     name = "dpsgd"
     description = "D-PSGD: synchronous ring mixing (1/3 self, 1/3 each neighbour)"
     paper = "Can Decentralized Algorithms Outperform Centralized Algorithms?, arXiv 1705.09056"
+    ft_refusal = "it mixes point to point with ring neighbours of a fixed N"
     hyperparameters = {
         "period": Hyper(1, int, "steps between ring mixes", low=1),
     }

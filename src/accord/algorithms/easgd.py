@@ -90,6 +90,10 @@ class ElasticAveraging(ModelAggregator):
     name = "easgd"
     description = "elastic averaging SGD: workers and a replicated centre pull on each other"
     paper = "Deep learning with Elastic Averaging SGD, arXiv 1412.6651"
+    compressible = True
+    fault_tolerant = ("beta is kept and alpha = beta / N follows N; the centre is replicated "
+                      "(rolled back with a discarded step, sent to a joiner); dynamic weights "
+                      "renormalise over the participants, a joiner's fades in")
     hyperparameters = {
         "alpha": Hyper(None, float, "elastic pull of a worker toward the centre (beta / N)",
                        low=0.0, high=1.0),
@@ -105,6 +109,12 @@ class ElasticAveraging(ModelAggregator):
         "timeout": Hyper(60.0, float, "asynchronous: seconds an exchange round may take",
                          low=0.0, low_open=True),
     }
+
+    @classmethod
+    def check_fault_tolerant(cls, hp: Mapping[str, Any]) -> None:
+        if hp.get("asynchronous"):
+            raise ValueError("--fault-tolerant: easgd asynchronous=true is refused: its "
+                             "background engine has fixed ranks and its own store")
 
     @classmethod
     def check(cls, hp: Mapping[str, Any], world_size: int) -> None:

@@ -46,6 +46,7 @@ class ElasticGossip(ModelAggregator):
     name = "elastic_gossip"
     description = "elastic gossip: symmetric elastic pull between random peer pairs"
     paper = "Elastic Gossip, arXiv 1812.02407"
+    ft_refusal = "it sends point to point to peers drawn for a fixed N"
     hyperparameters = {
         "alpha": Hyper(0.5, float, "elastic pull toward each peer", low=0.0, high=1.0,
                        low_open=True),

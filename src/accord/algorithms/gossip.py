@@ -103,6 +103,7 @@ class Gossip(ModelAggregator):
     name = "gossip"
     description = "gossip SGD: pull-average with a random peer, or push-sum (SGP)"
     paper = "How to scale distributed deep learning?, arXiv 1611.04581; SGP, arXiv 1811.10792"
+    ft_refusal = "it sends point to point to peers drawn for a fixed N"
     hyperparameters = {
         "variant": Hyper("pull", str, "pull: average with a random peer; push_sum: SGP",
                          choices=("pull", "push_sum")),

@@ -73,6 +73,8 @@ class GRAWA(ModelAggregator):
     name = "grawa"
     description = "gradient-weighted averaging: pull toward a centre favouring small gradients"
     paper = "GRAWA: Gradient-based Weighted Averaging for Distributed Training, arXiv 2403.04206"
+    compressible = True
+    fault_tolerant = "weights renormalised over the participants' gathered norms"
     hyperparameters = {
         "period": Hyper(4, int, "local steps between pulls", low=1),
         "pull": Hyper(0.1, float, "lambda: fraction of the way to the centre", low=0.0,

@@ -22,6 +22,7 @@ not repeat it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,6 +38,8 @@ class LocalSGD(ModelAggregator):
     name = "local_sgd"
     description = "local SGD: average parameters every `period` steps (post-local with warm-up)"
     paper = "Local SGD Converges Fast and Communicates Little, arXiv 1805.09767; 1808.07217"
+    compressible = True
+    fault_tolerant = "model average over the participants; the period counts committed steps"
     hyperparameters = {
         "period": Hyper(4, int, "local steps between parameter averages", low=1),
         "warmup_steps": Hyper(0, int, "initial steps of plain gradient averaging", low=0),
@@ -46,6 +49,10 @@ class LocalSGD(ModelAggregator):
         super().__init__(params, **kwargs)
         self.grads = FlatBuffer(self.params) if self.hp["warmup_steps"] > 0 else None
         self.syncs = 0
+
+    @classmethod
+    def rewrites_gradients(cls, hp: Mapping[str, Any]) -> bool:
+        return hp.get("warmup_steps", 0) > 0  # post-local SGD averages gradients first
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:

@@ -78,6 +78,8 @@ class LeaderSGD(ModelAggregator):
     name = "lsgd"
     description = "leader SGD: pull toward the worker with the lowest recent loss"
     paper = "Leader Stochastic Gradient Descent for Distributed Training, arXiv 1905.10395"
+    reads_loss = True
+    ft_refusal = "its leader groups are process subgroups built once for a fixed N"
     hyperparameters = {
         "period": Hyper(4, int, "steps between (local) leader communications", low=1),
         "pull": Hyper(0.1, float, "c: pull toward the leader at a communication", low=0.0,

@@ -156,6 +156,8 @@ class WAGMA(ModelAggregator):
     description = ("wait-avoiding group model averaging: rotating butterfly groups, "
                    "global average every `period` steps")
     paper = "Breaking (Global) Barriers ... Wait-Avoiding Group Averaging, arXiv 2005.00124"
+    compressible = True
+    ft_refusal = "its butterfly groups and subgroup process groups are built once for a fixed N"
     hyperparameters = {
         "group_size": Hyper(None, int, "ranks per group S (default: largest power of two "
                             "<= sqrt(N), at least 2)", low=2),

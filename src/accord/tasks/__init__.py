@@ -163,8 +163,9 @@ def get_task(name: str) -> type[Task]:
 
 def is_file_spec(spec: str) -> bool:
     """True for ``path/to/file.py:Name`` (a file), False for ``module:Name``."""
-    target = spec.rpartition(":")[0]
-    return target.endswith(".py") or "/" in target or "\\" in target
+    from .._imports import is_file
+
+    return is_file(spec.rpartition(":")[0])
 
 
 def task_source(spec: str) -> dict[str, Any] | None:
@@ -191,49 +192,13 @@ def task_source(spec: str) -> dict[str, Any] | None:
 
 
 def _load(spec: str) -> type[Task]:
-    import importlib
-    import importlib.util
-    import os
-    import sys
+    from .._imports import import_target
 
     target, _, attr = spec.rpartition(":")
     if not target or not attr.isidentifier():
         raise ValueError(f"task {spec!r}: allowed: a built-in task, module:Name or "
                          "path/to/file.py:Name")
-    try:
-        if is_file_spec(spec):
-            path = os.path.abspath(target)
-            if not os.path.isfile(path):
-                raise ValueError(f"task {spec!r}: no file {path}")
-            # a stable module name per file, so workers and pickles agree on it
-            import hashlib
-
-            mod_name = "accord_user_task_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-            module = sys.modules.get(mod_name)
-            if module is None:
-                loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-                if loader_spec is None or loader_spec.loader is None:
-                    raise ValueError(f"task {spec!r}: {path} is not a Python file")
-                module = importlib.util.module_from_spec(loader_spec)
-                sys.modules[mod_name] = module
-                try:
-                    loader_spec.loader.exec_module(module)
-                except BaseException:
-                    del sys.modules[mod_name]
-                    raise
-        else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.insert(0, os.getcwd())  # as `python -m` would find it
-            module = importlib.import_module(target)
-    except ValueError:
-        raise
-    except ModuleNotFoundError as e:
-        raise ValueError(f"task {spec!r}: cannot import {target!r} ({e}); allowed: a module "
-                         "on PYTHONPATH or in the current directory, or a .py file") from None
-    except Exception as e:  # noqa: BLE001 - the user's module failed to import
-        first = (str(e).splitlines() or [""])[0]
-        raise ValueError(f"task {spec!r}: importing {target!r} failed: "
-                         f"{type(e).__name__}: {first}") from None
+    module = import_target(target, f"task {spec!r}", prefix="accord_user_task_")
     cls = getattr(module, attr, None)
     if cls is None:
         raise ValueError(f"task {spec!r}: {target!r} has no {attr!r}")
