@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import algorithms, bench, report, rundir
-from .config import EVAL_SPLITS, ConfigError, TrainConfig, apply_settings, check_writable, validate
+from . import algorithms, bench, report, rundir, settings
+from .config import ConfigError, TrainConfig, apply_settings, check_writable, load_plugins, validate
 from .failures import one_line
 from .launch import launch, launched_here, under_torchrun
 from .metrics import read_metrics
-from .tasks import TASKS
 from .train import resume_plan, run_worker
 
 PROG = "accord"
@@ -24,131 +23,24 @@ PROG = "accord"
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one algorithm on one task with N workers",
                        description="Train with N gloo workers on localhost (or under torchrun).")
-    d = TrainConfig()
-    p.add_argument("--algo", default=d.algo, help="registry name (see `accord list`)")
-    p.add_argument("--task", default=d.task, help=f"one of: {', '.join(sorted(TASKS))}, or "
-                   "your own accord.Task as module:Name or path/to/file.py:Name")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default 2; under torchrun: its world size)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="run directory (metrics.jsonl, logs/)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: task's)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="per-worker micro-batch size (default: task's)")
-    p.add_argument("--accum-steps", type=int, default=d.accum_steps,
-                   help="micro-batches accumulated locally per optimizer step")
-    p.add_argument("--optimizer", default=d.optimizer,
-                   help="sgd, nesterov, adam, adamw or adahessian (pytorch-optimizer's; "
-                        "model-phase algorithms only)")
-    p.add_argument("--momentum", type=float, default=None,
-                   help="optimizer momentum (default 0 for sgd, 0.9 for nesterov)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--oracle-lr", action="store_true",
-                   help="exact line-search step size (linreg only, sgd without momentum)")
-    p.add_argument("--log-every", type=int, default=d.log_every,
-                   help="steps between metrics records (each evaluates on rank 0)")
-    p.add_argument("--timeout", type=float, default=d.timeout,
-                   help="seconds a started collective may take (process-group timeout)")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
-                   help="seconds a worker may wait for another worker's compute (a slow "
-                        "rank, rank 0 evaluating); >= --timeout")
-    p.add_argument("--backend", default=d.backend,
-                   help="auto (nccl on GPUs, gloo on the CPU), gloo or nccl")
-    p.add_argument("--device", default=d.device,
-                   help="auto (cuda when available), cpu or cuda: one process per GPU")
-    p.add_argument("--data-dir", default=None,
-                   help="directory of the task's data files (default: the task's own)")
-    p.add_argument("--eval-split", default=d.eval_split, metavar="{" + ",".join(EVAL_SPLITS) + "}",
-                   help="val evaluates on a held-out part of the training data (excluded "
-                        "from training), for tuning; test (default) on the test split")
-    p.add_argument("--compress", default="none", metavar="none|bf16|fp16|powersgd[:R]",
-                   help="compress model-size sum/avg allreduces: bf16/fp16 (half the bytes) "
-                        "or rank-R PowerSGD with error feedback (default rank 4)")
-    p.add_argument("--network", default=None, metavar="BANDWIDTH[,LATENCY]",
-                   help="emulate a slower network, e.g. 1gbit,5ms or 100mbit,50ms: every "
-                        "communication takes at least its alpha-beta time on that link")
-    p.add_argument("--network-profile", default=None, metavar="FILE",
-                   help='JSON {"default": "1gbit,5ms", "links": [{"ranks": [0, 3], '
-                        '"link": "100mbit,50ms"}]}: per-rank-pair links')
-    p.add_argument("--label", default=None,
-                   help="name of this variant in reports (default: the algorithm)")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard event files to OUT/tensorboard")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    settings.add_arguments(p, TrainConfig)  # one option per declared setting
     p.add_argument("--overwrite", action="store_true",
                    help="--out may hold an earlier run: remove its metrics.jsonl, logs/ and "
                         "tensorboard/ first")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm hyperparameter, or a training setting the algorithm does "
                         "not define; prefix algo. or train. to choose")
-    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                   help="inject a fault (repeatable): delay:rank=R|random|all,seconds=X or "
-                        "median=X,sigma=S; slow:rank=R|random,factor=F; "
-                        "freeze:rank=R,start=A,end=B; nan:rank=R,step=S[,value=inf]; "
-                        "crash/kill:rank=R,step=S; delay/slow take start=A,end=B "
-                        "(see accord.faults)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
-                   help="write a checkpoint to OUT/checkpoints/step-<S> every K steps (0: "
-                        "none)")
-    p.add_argument("--keep", type=int, default=d.keep,
-                   help="complete checkpoints to keep (older ones are deleted)")
-    p.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="continue from the newest complete checkpoint in OUT/checkpoints "
-                        "(auto: start from step 0 if there is none) or from PATH")
-    p.add_argument("--max-restarts", type=int, default=d.max_restarts, metavar="R",
-                   help="when a worker dies, stop the others and restart all of them from the "
-                        "newest checkpoint, up to R times (under torchrun: torchrun's own "
-                        "--max-restarts with --resume auto)")
-    p.add_argument("--nonfinite", default=d.nonfinite,
-                   help="a rank's NaN/Inf gradient: exclude (zero it, default), skip (every "
-                        "rank skips the step) or off")
-    p.add_argument("--fault-tolerant", action="store_true",
-                   help="torchft: each worker is its own replica group; a dead worker's "
-                        "peers go on without it (needs accord[ft]; see docs/ft-design.md)")
-    p.add_argument("--min-workers", type=int, default=d.min_workers, metavar="M",
-                   help="with --fault-tolerant: the fewest workers a step commits with "
-                        "(default 1)")
-    p.add_argument("--respawn", type=int, nargs="?", const=True, default=0, metavar="K",
-                   help="with --fault-tolerant: replace a dead worker (same index), at most "
-                        "K times over the run (bare --respawn: as many as --workers); the "
-                        "replacement receives a live peer's state")
-    p.add_argument("--lighthouse", default=None, metavar="http://HOST:PORT",
-                   help="with --fault-tolerant, several hosts: the Lighthouse `accord "
-                        "ft-lighthouse` serves (this launcher starts none)")
-    p.add_argument("--replicas", default=None, metavar="LIST",
-                   help="with --lighthouse: the worker indices this host runs, e.g. 0-3 "
-                        "or 4,5 (default: all)")
-    p.add_argument("--ft-host", default=None, metavar="HOST",
-                   help="with --fault-tolerant: the name other hosts reach this host's "
-                        "workers at (default: localhost, or this host's name with "
-                        "--lighthouse)")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig(
-        algo=args.algo, task=args.task, steps=args.steps, seed=args.seed, out=args.out,
-        lr=args.lr, batch_size=args.batch_size, accum_steps=args.accum_steps,
-        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-        oracle_lr=args.oracle_lr, log_every=args.log_every, timeout=args.timeout,
-        idle_timeout=args.idle_timeout,
-        backend=args.backend, device=args.device, data_dir=args.data_dir,
-        eval_split=args.eval_split, network=args.network, compress=args.compress,
-        network_profile=args.network_profile, progress=not args.no_progress,
-        label=args.label, tensorboard=args.tensorboard,
-        faults=list(args.fault), nonfinite=args.nonfinite,
-        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
-        max_restarts=args.max_restarts, fault_tolerant=args.fault_tolerant,
-        min_workers=args.min_workers, respawn=args.respawn, lighthouse=args.lighthouse,
-        replicas=args.replicas, ft_host=args.ft_host)
+    cfg = settings.from_args(TrainConfig, args)
+    load_plugins(cfg)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.workers is not None and args.workers != world:
             raise ConfigError(f"workers: got {args.workers}, but torchrun started {world} "
                               "processes; allowed: omit --workers or pass the same number")
         cfg.workers = world
-    elif args.workers is not None:
-        cfg.workers = args.workers
     try:
         algorithms.get(cfg.algo)
     except ValueError as e:

@@ -13,12 +13,13 @@ import math
 import numbers
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import algorithms, faults
+from . import algorithms, faults, settings
 from .metrics import tensorboard_available
+from .settings import setting
 from .tasks import EVAL_SPLITS, get_task
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "adahessian")
@@ -35,57 +36,162 @@ class ConfigError(ValueError):
     """A bad setting, reported as one line before any worker starts."""
 
 
+# Bounds users meet (each error message states the one that applies).
+MAX_WORKERS_PER_CPU = 64  # the local launcher starts one process per worker
+MAX_SEED = 2**63 - 1  # seeds go to torch.manual_seed / numpy SeedSequence as int64
+MAX_LR = 1e6
+MAX_WEIGHT_DECAY = 1e6
+MAX_ACCUM_STEPS = 1024  # micro-batches per optimizer step
+MAX_KEEP = 10**6  # checkpoints kept
+MAX_RESTARTS = 1000
+# A started collective's timeout; workers meet first in the job's store, bounded by the
+# idle timeout (see accord.train), so a slow start does not need a long timeout.
+MIN_TIMEOUT_S = 1.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # one week
+
+
+
 @dataclass
 class TrainConfig:
-    algo: str = "allreduce"
-    task: str = "digits"
-    workers: int = 2
-    steps: int = 100
-    seed: int = 0
-    out: str = "runs/run"
-    lr: float | None = None  # None: the task's default
-    batch_size: int | None = None  # per worker and micro-step; None: the task's default
-    accum_steps: int = 1
-    optimizer: str = "sgd"
-    momentum: float | None = None  # optimizer momentum; None: 0 for sgd, 0.9 for nesterov
-    weight_decay: float = 0.0
-    oracle_lr: bool = False
-    log_every: int = 10
-    timeout: float = 60.0  # process-group timeout in seconds: a started collective
-    idle_timeout: float = 1800.0  # seconds a worker may wait for another's compute
-    backend: str = "auto"  # auto: nccl on CUDA devices, gloo on the CPU
-    device: str = "auto"  # auto: cuda when available, else cpu
-    data_dir: str | None = None  # where a task looks for its data files (task default if None)
-    eval_split: str = "test"  # "test", or "val": a held-out part of the training data
-    network: str | None = None  # emulated link BANDWIDTH[,LATENCY], e.g. "1gbit,5ms"
-    network_profile: str | None = None  # JSON file: a default link and per-rank-pair links
-    compress: str = "none"  # payload compression: none, bf16, fp16, powersgd[:RANK]
-    progress: bool = True
-    label: str | None = None  # name of this variant in reports (default: the algorithm)
-    tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    faults: list[str] = field(default_factory=list)
-    nonfinite: str = "exclude"  # a rank's non-finite gradient: exclude it, skip the step, off
-    checkpoint_every: int = 0  # steps between checkpoints in OUT/checkpoints (0: none)
-    keep: int = 3  # complete checkpoints kept (older ones are deleted)
-    resume: str | None = None  # "auto" (newest complete checkpoint, if any) or a checkpoint
-    max_restarts: int = 0  # the local launcher restarts every worker after a failure
+    """The settings of one training run. Each field is declared once (:func:`setting`):
+    the ``accord train`` option, the worker hand-over, the words of its error, ``--set``,
+    resume and older records all come from its declaration (:mod:`accord.settings`)."""
+
+    algo: str = setting("allreduce", help="registry name (see `accord list`)")
+    task: str = setting("digits", help="a built-in task (digits, fashion, linreg, "
+                        "shakespeare), or your own accord.Task as module:Name or "
+                        "path/to/file.py:Name")
+    workers: int = setting(2, parse_default=None, allowed="computed",
+                           help="worker processes (default 2; under torchrun: its world size)")
+    steps: int = setting(100, allowed="an integer >= 1", resumable=True,
+                         help="optimizer steps")
+    seed: int = setting(0, allowed="an integer >= 0 and <= 2**63 - 1", help="random seed")
+    out: str = setting("runs/run", resumable=True,
+                       help="run directory (metrics.jsonl, logs/)")
+    lr: float | None = setting(None, settable=True, allowed=f"a number > 0 and <= {MAX_LR:g}",
+                               help="learning rate (default: the task's)")
+    # per worker and micro-step; None: the task's default
+    batch_size: int | None = setting(None, settable=True, allowed="computed",
+                                     help="per-worker micro-batch size (default: the task's)")
+    accum_steps: int = setting(1, settable=True,
+                               allowed=f"an integer >= 1 and <= {MAX_ACCUM_STEPS}",
+                               help="micro-batches accumulated locally per optimizer step")
+    optimizer: str = setting("sgd", settable=True, allowed=", ".join(OPTIMIZERS),
+                             help="sgd, nesterov, adam, adamw or adahessian (pytorch-"
+                                  "optimizer's; model-phase algorithms only)")
+    momentum: float | None = setting(None, settable=True, allowed="a number >= 0 and < 1",
+                                     help="optimizer momentum (default 0 for sgd, 0.9 for "
+                                          "nesterov)")
+    weight_decay: float = setting(0.0, settable=True,
+                                  allowed=f"a number >= 0 and <= {MAX_WEIGHT_DECAY:g}",
+                                  help="optimizer weight decay")
+    oracle_lr: bool = setting(False, settable=True, allowed="true or false",
+                              help="exact line-search step size (linreg only, sgd without "
+                                   "momentum)")
+    log_every: int = setting(10, settable=True, resumable=True, allowed="an integer >= 1",
+                             help="steps between metrics records (each evaluates on rank 0)")
+    # process-group timeout in seconds: a started collective
+    timeout: float = setting(60.0, settable=True, resumable=True,
+                             allowed=(f"seconds >= {MIN_TIMEOUT_S:g} and <= "
+                                      f"{MAX_TIMEOUT_S:g} ({MAX_TIMEOUT_S / 86400:g} days)"),
+                             help="seconds a started collective may take (process-group "
+                                  "timeout)")
+    idle_timeout: float = setting(1800.0, settable=True, resumable=True, allowed="computed",
+                                  help="seconds a worker may wait for another worker's "
+                                       "compute (a slow rank, rank 0 evaluating); >= "
+                                       "--timeout")
+    backend: str = setting("auto", allowed=", ".join(BACKENDS),
+                           help="auto (nccl on GPUs, gloo on the CPU), gloo or nccl")
+    device: str = setting("auto", allowed=", ".join(DEVICES),
+                          help="auto (cuda when available), cpu or cuda: one process per GPU")
+    data_dir: str | None = setting(None, resumable=True,
+                                   help="directory of the task's data files (default: the "
+                                        "task's own)")
+    eval_split: str = setting("test", settable=True, added="test",
+                              allowed=", ".join(EVAL_SPLITS),
+                              metavar="{" + ",".join(EVAL_SPLITS) + "}",
+                              help="val evaluates on a held-out part of the training data "
+                                   "(excluded from training), for tuning; test (default) on "
+                                   "the test split")
+    network: str | None = setting(None, resumable=True, added=None,
+                                  metavar="BANDWIDTH[,LATENCY]",
+                                  help="emulate a slower network, e.g. 1gbit,5ms or "
+                                       "100mbit,50ms: every communication takes at least its "
+                                       "alpha-beta time on that link")
+    network_profile: str | None = setting(None, resumable=True, added=None, metavar="FILE",
+                                          help='JSON {"default": "1gbit,5ms", "links": '
+                                               '[{"ranks": [0, 3], "link": "100mbit,50ms"}]}: '
+                                               "per-rank-pair links")
+    compress: str = setting("none", added="none", metavar="none|bf16|fp16|powersgd[:R]",
+                            help="compress model-size sum/avg allreduces: bf16/fp16 (half the "
+                                 "bytes) or rank-R PowerSGD with error feedback (default "
+                                 "rank 4)")
+    progress: bool = setting(True, flag="--no-progress", resumable=True,
+                             allowed="true or false", help="no progress bar")
+    label: str | None = setting(None, resumable=True,
+                                help="name of this variant in reports (default: the "
+                                     "algorithm)")
+    tensorboard: bool = setting(False, resumable=True, allowed="true or false",
+                                help="also write TensorBoard event files to OUT/tensorboard")
+    hyperparameters: dict[str, Any] = setting(factory=dict, cli=False,
+                                              help="the algorithm's (--set KEY=VALUE)")
+    faults: list[str] = setting(factory=list, flag="--fault", metavar="SPEC", resumable=True,
+                                help="inject a fault (repeatable): delay:rank=R|random|all,"
+                                     "seconds=X or median=X,sigma=S; slow:rank=R|random,"
+                                     "factor=F; freeze:rank=R,start=A,end=B; nan:rank=R,"
+                                     "step=S[,value=inf]; crash/kill:rank=R,step=S; delay/slow "
+                                     "take start=A,end=B (see accord.faults)")
+    plugins: list[str] = setting(factory=list, flag="--plugin", metavar="MODULE|FILE.py",
+                                 resumable=True, added=[],
+                                 help="import a module that registers algorithms "
+                                      "(repeatable): my_pkg.algos or path/to/algos.py "
+                                      "(installed plugins load by themselves)")
+    nonfinite: str = setting("exclude", settable=True, allowed=", ".join(NONFINITE),
+                             help="a rank's NaN/Inf gradient: exclude (zero it, default), "
+                                  "skip (every rank skips the step) or off")
+    checkpoint_every: int = setting(0, resumable=True, metavar="K",
+                                    allowed="an integer >= 0 (0: no checkpoints)",
+                                    help="write a checkpoint to OUT/checkpoints/step-<S> every "
+                                         "K steps (0: none)")
+    keep: int = setting(3, resumable=True, allowed=f"an integer >= 1 and <= {MAX_KEEP}",
+                        help="complete checkpoints to keep (older ones are deleted)")
+    resume: str | None = setting(None, resumable=True, metavar="auto|PATH",
+                                 allowed="auto or the path of a checkpoint directory "
+                                         "(OUT/checkpoints/step-<S>)",
+                                 help="continue from the newest complete checkpoint in "
+                                      "OUT/checkpoints (auto: start from step 0 if there is "
+                                      "none) or from PATH")
+    max_restarts: int = setting(0, resumable=True, metavar="R",
+                                allowed=f"an integer >= 0 and <= {MAX_RESTARTS}",
+                                help="when a worker dies, stop the others and restart all of "
+                                     "them from the newest checkpoint, up to R times (under "
+                                     "torchrun: torchrun's own --max-restarts with --resume "
+                                     "auto)")
     # fault-tolerant mode on torchft (accord.ft, accord.ft_run); left out of to_json and
     # to_argv when fault_tolerant is False, so a normal run's records are unchanged
-    fault_tolerant: bool = False
-    min_workers: int = 1  # the fewest participants a step may commit with
-    # the most dead workers the launcher replaces (same index) over the run; 0: none.
+    fault_tolerant: bool = setting(False, ft=True,
+                                   help="torchft: each worker is its own replica group; a "
+                                        "dead worker's peers go on without it (needs "
+                                        "accord[ft]; see docs/ft-design.md)")
+    min_workers: int = setting(1, ft=True, metavar="M",
+                               help="with --fault-tolerant: the fewest workers a step "
+                                    "commits with (default 1)")
     # True (older configs, bare --respawn) means `workers`
-    respawn: int = 0
-    # several hosts: an external Lighthouse (`accord ft-lighthouse`), the worker indices
-    # this launcher starts (e.g. "0-3"; default all), the name peers reach them at
-    lighthouse: str | None = None
-    replicas: str | None = None
-    ft_host: str | None = None
-
-    # -- settings reachable with --set key=value when the algorithm has no such key --------
-    SETTABLE = ("lr", "batch_size", "accum_steps", "optimizer", "momentum", "weight_decay",
-                "oracle_lr", "log_every", "timeout", "idle_timeout", "nonfinite", "eval_split")
+    respawn: int = setting(0, ft=True, const=True, metavar="K",
+                           help="with --fault-tolerant: replace a dead worker (same index), "
+                                "at most K times over the run (bare --respawn: as many as "
+                                "--workers); the replacement receives a live peer's state")
+    lighthouse: str | None = setting(None, ft=True, metavar="http://HOST:PORT",
+                                     help="with --fault-tolerant, several hosts: the "
+                                          "Lighthouse `accord ft-lighthouse` serves (this "
+                                          "launcher starts none)")
+    replicas: str | None = setting(None, ft=True, metavar="LIST",
+                                   help="with --lighthouse: the worker indices this host "
+                                        "runs, e.g. 0-3 or 4,5 (default: all)")
+    ft_host: str | None = setting(None, ft=True, metavar="HOST",
+                                  help="with --fault-tolerant: the name other hosts reach "
+                                       "this host's workers at (default: localhost, or this "
+                                       "host's name with --lighthouse)")
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else get_task(self.task).default_lr
@@ -113,20 +219,6 @@ class TrainConfig:
             return self.momentum
         return 0.9 if self.optimizer == "nesterov" else 0.0
 
-    #: settings a resumed run may change; every other one must equal the checkpointed run's
-    RESUME_MAY_CHANGE = ("steps", "out", "log_every", "timeout", "idle_timeout", "progress",
-                         "label", "tensorboard", "data_dir", "faults", "checkpoint_every",
-                         "keep", "resume", "max_restarts", "network", "network_profile")
-
-    #: fields added after runs and checkpoints were first recorded, with the value a record
-    #: that lacks them ran with (so an older run is reused and an older checkpoint resumed)
-    ADDED_DEFAULTS = {"eval_split": "test", "network": None, "network_profile": None,
-                      "compress": "none"}
-
-    #: the fault-tolerant fields, recorded only in a fault-tolerant run's config
-    FT_FIELDS = ("fault_tolerant", "min_workers", "respawn", "lighthouse", "replicas",
-                 "ft_host")
-
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if not self.fault_tolerant:
@@ -141,64 +233,37 @@ class TrainConfig:
 
     def to_argv(self) -> list[str]:
         """Arguments of ``accord train`` that rebuild this config (for worker processes)."""
-        argv = ["--algo", self.algo, "--task", self.task, "--workers", str(self.workers),
-                "--steps", str(self.steps), "--seed", str(self.seed), "--out", self.out,
-                "--accum-steps", str(self.accum_steps), "--optimizer", self.optimizer,
-                "--weight-decay", repr(self.weight_decay), "--log-every", str(self.log_every),
-                "--timeout", repr(self.timeout), "--idle-timeout", repr(self.idle_timeout),
-                "--backend", self.backend, "--device", self.device,
-                "--nonfinite", self.nonfinite, "--eval-split", self.eval_split]
-        if self.lr is not None:
-            argv += ["--lr", repr(self.lr)]
-        if self.batch_size is not None:
-            argv += ["--batch-size", str(self.batch_size)]
-        if self.momentum is not None:
-            argv += ["--momentum", repr(self.momentum)]
-        if self.data_dir is not None:
-            argv += ["--data-dir", self.data_dir]
-        if self.compress != "none":
-            argv += ["--compress", self.compress]
-        if self.network is not None:
-            argv += ["--network", self.network]
-        if self.network_profile is not None:
-            argv += ["--network-profile", self.network_profile]
-        if self.label is not None:
-            argv += ["--label", self.label]
-        if self.tensorboard:
-            argv.append("--tensorboard")
-        if self.oracle_lr:
-            argv.append("--oracle-lr")
-        if not self.progress:
-            argv.append("--no-progress")
-        for key, value in self.hyperparameters.items():
-            if value is None:  # an unset optional hyperparameter
-                continue
-            text = json.dumps(value) if isinstance(value, bool) else str(value)
-            argv += ["--set", f"algo.{key}={text}"]
-        for spec in self.faults:
-            argv += ["--fault", spec]
-        if self.checkpoint_every:
-            argv += ["--checkpoint-every", str(self.checkpoint_every), "--keep", str(self.keep)]
-        if self.resume is not None:
-            argv += ["--resume", self.resume]
-        if self.max_restarts:
-            argv += ["--max-restarts", str(self.max_restarts)]
-        if self.fault_tolerant:
-            argv += ["--fault-tolerant", "--min-workers", str(self.min_workers)]
-            if self.respawn:
-                argv += ["--respawn", str(int(self.respawn))]
-            for option, value in (("--lighthouse", self.lighthouse),
-                                  ("--replicas", self.replicas), ("--ft-host", self.ft_host)):
-                if value is not None:
-                    argv += [option, str(value)]
-        return argv
+        return settings.to_argv(self)
 
 
-def apply_settings(cfg: TrainConfig, settings: list[str]) -> None:
+#: settings reachable with --set key=value when the algorithm has no such key
+TrainConfig.SETTABLE = settings.names(TrainConfig, "settable")
+#: settings a resumed run may change; every other one must equal the checkpointed run's
+TrainConfig.RESUME_MAY_CHANGE = settings.names(TrainConfig, "resumable")
+#: fields added after runs and checkpoints were first recorded, with the value a record
+#: that lacks them ran with (so an older run is reused and an older checkpoint resumed)
+TrainConfig.ADDED_DEFAULTS = settings.added_defaults(TrainConfig)
+#: the fault-tolerant fields, recorded only in a fault-tolerant run's config
+TrainConfig.FT_FIELDS = settings.names(TrainConfig, "ft")
+
+
+def load_plugins(cfg: TrainConfig) -> None:
+    """Import the run's plugin algorithms (``--plugin``; installed entry points load by
+    themselves); ConfigError (one line) for one that cannot be loaded."""
+    if not isinstance(cfg.plugins, list) or not all(isinstance(s, str) for s in cfg.plugins):
+        raise ConfigError(f"plugins: got {cfg.plugins!r}, allowed: a list of module paths or "
+                          ".py files")
+    try:
+        algorithms.load_plugins(cfg.plugins)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def apply_settings(cfg: TrainConfig, given: list[str]) -> None:
     """Apply ``--set key=value`` items: an algorithm hyperparameter if the algorithm has
     that key, else a training setting. ``algo.key`` / ``train.key`` force the target."""
     spec = algorithms.get(cfg.algo).hyperparameters
-    for item in settings:
+    for item in given:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
@@ -264,20 +329,6 @@ class ConfigTypeError(ConfigError, TypeError):
     a TypeError for Python callers."""
 
 
-# Bounds users meet (each error message states the one that applies).
-MAX_WORKERS_PER_CPU = 64  # the local launcher starts one process per worker
-MAX_SEED = 2**63 - 1  # seeds go to torch.manual_seed / numpy SeedSequence as int64
-MAX_LR = 1e6
-MAX_WEIGHT_DECAY = 1e6
-MAX_ACCUM_STEPS = 1024  # micro-batches per optimizer step
-MAX_KEEP = 10**6  # checkpoints kept
-MAX_RESTARTS = 1000
-# A started collective's timeout; workers meet first in the job's store, bounded by the
-# idle timeout (see accord.train), so a slow start does not need a long timeout.
-MIN_TIMEOUT_S = 1.0
-MAX_TIMEOUT_S = 7 * 24 * 3600.0  # one week
-
-
 def max_workers() -> int:
     """The most workers the local launcher starts on this machine."""
     return MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
@@ -299,29 +350,8 @@ def _allowed(name: str, cfg: TrainConfig | None = None) -> str:
         timeout = cfg.timeout if cfg is not None and _is_real(cfg.timeout) else MIN_TIMEOUT_S
         return (f"seconds >= timeout ({timeout:g}) and <= {MAX_TIMEOUT_S:g} "
                 f"({MAX_TIMEOUT_S / 86400:g} days)")
-    return {
-        "steps": "an integer >= 1",
-        "seed": "an integer >= 0 and <= 2**63 - 1",
-        "lr": f"a number > 0 and <= {MAX_LR:g}",
-        "accum_steps": f"an integer >= 1 and <= {MAX_ACCUM_STEPS}",
-        "momentum": "a number >= 0 and < 1",
-        "weight_decay": f"a number >= 0 and <= {MAX_WEIGHT_DECAY:g}",
-        "log_every": "an integer >= 1",
-        "timeout": (f"seconds >= {MIN_TIMEOUT_S:g} and <= {MAX_TIMEOUT_S:g} "
-                    f"({MAX_TIMEOUT_S / 86400:g} days)"),
-        "optimizer": ", ".join(OPTIMIZERS),
-        "backend": ", ".join(BACKENDS),
-        "device": ", ".join(DEVICES),
-        "nonfinite": ", ".join(NONFINITE),
-        "eval_split": ", ".join(EVAL_SPLITS),
-        "oracle_lr": "true or false",
-        "progress": "true or false",
-        "tensorboard": "true or false",
-        "checkpoint_every": "an integer >= 0 (0: no checkpoints)",
-        "keep": f"an integer >= 1 and <= {MAX_KEEP}",
-        "max_restarts": f"an integer >= 0 and <= {MAX_RESTARTS}",
-        "resume": "auto or the path of a checkpoint directory (OUT/checkpoints/step-<S>)",
-    }.get(name, "a valid value")
+    words = settings.allowed(TrainConfig, name)
+    return words if words and words != "computed" else "a valid value"
 
 
 def _split(cfg: TrainConfig | None) -> str:
@@ -473,6 +503,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
         value = getattr(cfg, name)
         need(isinstance(value, str) and value in choices, name, value)
 
+    load_plugins(cfg)  # before the algorithm's name is looked up
     try:
         algorithms.get(cfg.algo)
         task = get_task(cfg.task)
