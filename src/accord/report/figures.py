@@ -209,14 +209,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .failures import StorageError, storage_error
-from .metrics import Outcome, run_outcome, scan_metrics
-from .network import Link, load_network_profile, parse_network
-from .schema import SchemaError
-from .tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, scalar_key, setting_key
-from .tuning import load as load_tuning
+from ..failures import StorageError, storage_error
+from ..metrics import Outcome, run_outcome, scan_metrics
+from ..network import Link, load_network_profile, parse_network
+from ..schema import SchemaError
+from ..tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, scalar_key, setting_key
+from ..tuning import load as load_tuning
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # accord.report, as before the move
 
 PROG = "accord report"
 BASELINE = "allreduce"
