@@ -14,6 +14,11 @@ or, the same two hooks inside an optimizer::
     ...
     opt.step(loss=loss.detach())
 
+your own algorithm, registered under its name (see examples/plugin_algorithm.py)::
+
+    @accord.register
+    class MyAlgorithm(accord.Aggregator): ...
+
 and checkpoints that keep every rank's replica::
 
     accord.save("ckpt/step-100", model, opt, step=100)     # collective
@@ -22,7 +27,7 @@ and checkpoints that keep every rank's replica::
 
 from __future__ import annotations
 
-from .algorithms import REGISTRY, build, list_algorithms
+from .algorithms import REGISTRY, build, list_algorithms, load_plugin, register
 from .checkpoint import CheckpointError, load, save
 from .comm import CommStats, Communicator, FlatBuffer
 from .core import Aggregator, Hyper, StepContext, due
@@ -58,6 +63,8 @@ __all__ = [
     "due",
     "list_algorithms",
     "load",
+    "load_plugin",
+    "register",
     "save",
     "wrap",
 ]

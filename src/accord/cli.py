@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -189,13 +190,39 @@ def _format_summary(cfg: TrainConfig, s: dict) -> str:
     return ", ".join(parts) + f"\nmetrics: {Path(cfg.out) / 'metrics.jsonl'}"
 
 
+def _plugins(args: argparse.Namespace) -> list[str]:
+    """``--plugin`` modules, loaded here (ConfigError, one line, for one that fails)."""
+    plugins = [algorithms.absolute_spec(s) for s in getattr(args, "plugins", None) or []]
+    try:
+        algorithms.load_plugins(plugins)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return plugins
+
+
+def capabilities(cls: type) -> str:
+    """What an algorithm's class declares, in words (``accord list -v``)."""
+    compress = ("bf16, fp16, powersgd" if cls.low_rank else "bf16, fp16") \
+        if cls.compressible else "no"
+    return (f"phase {cls.phase}; --compress {compress}; DDP hook "
+            f"{cls.ddp_hook_form or 'no'}; --fault-tolerant "
+            f"{cls.fault_tolerant or 'refused: ' + cls.ft_refusal}")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    try:
+        _plugins(args)
+    except ConfigError as e:
+        print(f"{PROG} list: error: {e}", file=sys.stderr)
+        return 2
     rows = algorithms.list_algorithms()
     width = max(map(len, rows))
     for name, desc in rows.items():
         print(f"{name:<{width}}  {desc}")
         if args.verbose:
-            for key, h in algorithms.get(name).hyperparameters.items():
+            cls = algorithms.get(name)
+            print(f"{'':<{width}}    {capabilities(cls)}")
+            for key, h in cls.hyperparameters.items():
                 print(f"{'':<{width}}    {key}={h.default!r}  ({h.allowed()}) {h.help}")
     return 0
 
@@ -232,6 +259,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault into every run, as `accord train --fault` (repeat "
                         "for several); named in each run's label")
+    p.add_argument("--plugin", action="append", default=[], dest="plugins",
+                   metavar="MODULE|FILE.py",
+                   help="import a module that registers algorithms, in the bench and in every "
+                        "run (repeatable), as `accord train --plugin`")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="tune KEY (any --set key; repeat for a grid) per arm on the tuning "
                         "seeds, each point judged by its mean over them on the validation "
@@ -278,6 +309,7 @@ def _bench_specs(args: argparse.Namespace
         if not specs:
             raise ConfigError(f"preset {args.preset!r}: no run matches the --tasks/--workers/"
                               "--seeds filters")
+    plugins = _plugins(args)  # before any algorithm name is looked up
     algos = [a for a in args.algos.split(",") if a.strip()]
     steps = CUSTOM_STEPS if args.steps is None else args.steps
     if steps < 1:
@@ -294,6 +326,8 @@ def _bench_specs(args: argparse.Namespace
     except ValueError as e:
         raise ConfigError(str(e)) from None
     specs = bench.apply_faults(specs, args.fault)
+    if plugins:  # each run's workers import them too
+        specs = [dataclasses.replace(s, train={**s.train, "plugins": plugins}) for s in specs]
     grid = bench.parse_tune(getattr(args, "tune", []))
     if not grid and args.preset in bench.TUNED_PRESETS:
         grid = bench.TUNED_PRESETS[args.preset][1]
@@ -371,7 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     p = sub.add_parser("list", help="list algorithms with a one-line description")
-    p.add_argument("-v", "--verbose", action="store_true", help="also list hyperparameters")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also list capabilities and hyperparameters")
+    p.add_argument("--plugin", action="append", default=[], dest="plugins",
+                   metavar="MODULE|FILE.py", help="also list the algorithms this module "
+                   "registers (repeatable)")
     _bench_parser(sub)
     report.add_parser(sub)
     p = sub.add_parser("demo", help="the quick comparison on digits, with its report")

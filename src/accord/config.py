@@ -253,6 +253,7 @@ def load_plugins(cfg: TrainConfig) -> None:
     if not isinstance(cfg.plugins, list) or not all(isinstance(s, str) for s in cfg.plugins):
         raise ConfigError(f"plugins: got {cfg.plugins!r}, allowed: a list of module paths or "
                           ".py files")
+    cfg.plugins = [algorithms.absolute_spec(s) for s in cfg.plugins]
     try:
         algorithms.load_plugins(cfg.plugins)
     except ValueError as e:

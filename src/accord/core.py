@@ -385,6 +385,11 @@ class Aggregator:
         there without adding a wait. Asked only of aggregators that avoid waits."""
         return False
 
+    def on_world_change(self, launch_world_size: int) -> None:
+        """Called under ``--fault-tolerant`` after ``comm``, ``rank`` and ``world_size``
+        were pointed at a new quorum: re-derive what depends on N (``launch_world_size``
+        is the number of workers launched). Default: nothing depends on N."""
+
     def consensus_params(self) -> list[torch.Tensor] | None:
         """Tensors (one per parameter, then per buffer) to evaluate as the run's consensus
         model, or None for the mean of the replicas. EASGD returns its centre."""

@@ -435,10 +435,9 @@ def refresh(agg: Any, comm: FTCommunicator, launch_world_size: int) -> None:
     agg.group = None
     agg.world_size = comm.world_size
     agg.rank = comm.rank
-    if getattr(agg, "name", "") == "easgd":
-        if agg.hp.get("alpha") is not None:
-            agg.beta = min(1.0, agg.hp["alpha"] * launch_world_size)
-        agg.alpha = agg.beta / agg.world_size
+    on_change = getattr(agg, "on_world_change", None)
+    if on_change is not None:  # what the algorithm derives from N (its class decides)
+        on_change(launch_world_size)
 
 
 class FTWorker:

@@ -111,6 +111,22 @@ def load_plugin(spec: str) -> list[str]:
     return added
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a file path made absolute (a run records it so, and a worker or a
+    resumed run started elsewhere finds the same file); a module path unchanged."""
+    from .._imports import is_file
+
+    if not isinstance(spec, str):
+        return spec
+    head, sep, tail = spec.rpartition(":")
+    target, suffix = (head, sep + tail) if sep and tail.isidentifier() and head else (spec, "")
+    if not is_file(target):
+        return spec
+    import os
+
+    return os.path.abspath(target) + suffix
+
+
 def load_plugins(specs: Iterable[str] = ()) -> None:
     """Load the installed entry points (once) and then ``specs`` (ValueError for a spec)."""
     global _ENTRY_POINTS_LOADED

@@ -110,6 +110,13 @@ class ElasticAveraging(ModelAggregator):
                          low=0.0, low_open=True),
     }
 
+    def on_world_change(self, launch_world_size: int) -> None:
+        # beta (the centre's moving rate) is kept and alpha = beta / N follows N; a given
+        # alpha meant beta = alpha * N at launch
+        if self.hp.get("alpha") is not None:
+            self.beta = min(1.0, self.hp["alpha"] * launch_world_size)
+        self.alpha = self.beta / self.world_size
+
     @classmethod
     def check_fault_tolerant(cls, hp: Mapping[str, Any]) -> None:
         if hp.get("asynchronous"):
