@@ -30,17 +30,75 @@ if settings is not None:
 SLOW = os.environ.get("ACCORD_SLOW_TESTS") == "1"
 
 
+#: The tiers of the suite, by what a test needs (``pytest -m worlds`` runs one tier;
+#: ``make test`` reports each tier's count and time at the end):
+#: unit - no process group, no worker process (maths, parsing, records, analysis);
+#: worlds - real gloo process groups of 2 to 8 ranks started by the test (tests/worlds.py);
+#: app - the command line and the launcher: worker processes, run directories, resume;
+#: integrations - Lightning, accelerate, Ray, the optional extras;
+#: ft - the fault-tolerant mode on torchft, and several hosts over network namespaces.
+TIERS = {
+    "unit": ("test_core", "test_layout", "test_loop", "test_network", "test_report",
+             "test_report_network", "test_report_tuning", "test_tiers"),
+    "worlds": ("test_acga_math", "test_acga_sketch", "test_adasum", "test_buffers",
+               "test_compress", "test_compress_comm", "test_ddp_hooks", "test_decentralized",
+               "test_devices", "test_dynamic_weighting", "test_faults",
+               "test_model_averaging", "test_network_comm", "test_observe", "test_state",
+               "test_wait_avoiding", "test_worlds", "test_wrap"),
+    "app": ("test_adahessian", "test_bad_inputs", "test_bench", "test_bench_tune",
+            "test_checkpoint", "test_cli", "test_data_tasks", "test_eval_split",
+            "test_failures", "test_hostile", "test_input_holes", "test_plugins",
+            "test_resume", "test_storage", "test_user_task"),
+    "integrations": ("test_accelerate", "test_extras", "test_lightning", "test_ray_example"),
+    "ft": ("test_ft", "test_ft_cli", "test_ft_loop", "test_testbed"),
+}
+TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+def tier_of(path: str) -> str:
+    """The tier of a test file (a path or node id); "unclassified" when none names it."""
+    return TIER_OF.get(Path(path.split("::")[0]).stem, "unclassified")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a variant left out unless ACCORD_SLOW_TESTS=1")
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: the {tier} tier (tests/conftest.py)")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(item.nodeid)))
     if SLOW:
         return
     skip = pytest.mark.skip(reason="slow variant: set ACCORD_SLOW_TESTS=1 to run it")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each tier's passed / failed / skipped count and the seconds its tests took (summed
+    over the workers: with -n 2 the wall time is about half)."""
+    rows: dict[str, list[float]] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if not nodeid:
+                continue
+            row = rows.setdefault(tier_of(nodeid), [0, 0, 0, 0.0])
+            if report.when == "call" or outcome in ("skipped", "error"):
+                index = {"passed": 0, "failed": 1, "skipped": 2, "error": 1}[outcome]
+                row[index] += 1
+            row[3] += getattr(report, "duration", 0.0)
+    if not rows:
+        return
+    terminalreporter.section("tiers")
+    for tier in [*TIERS, "unclassified"]:
+        if tier in rows:
+            p, f, s, secs = rows[tier]
+            terminalreporter.write_line(f"{tier:<13} {int(p):>5} passed {int(f):>3} failed "
+                                        f"{int(s):>3} skipped {secs:>8.1f} s")
 
 
 @pytest.fixture
