@@ -10,13 +10,16 @@ steps in turn (interleaved, so a slow phase of the machine hits every arm alike)
 
 * ``compute``: the same loop with no communication;
 * ``ddp``: torch ``DistributedDataParallel`` (its own bucketed allreduce);
-* ``hook-<algo>``: DDP with ``accord.ddp_hook(<algo>)`` for allreduce, normalized, acga,
-  acga-sketch (``coefficients=sketch``, default ``sketch_size``) and adasum;
+* ``hook-<algo>``: DDP with ``accord.ddp_hook(<algo>)`` for allreduce, normalized, acga
+  (the default, ``coefficients=auto``), acga-exact, acga-gather, acga-sketch (those
+  ``coefficients``, default ``sketch_size``) and adasum;
 * ``<algo>``: accord's native path (``accord.wrap``) for the same algorithms.
 
 Printed per model and world size: the median step time of each arm over the rounds, its
-ratio to DDP, and the payload bytes per step of each native algorithm relative to
-``allreduce``.
+ratio to DDP and to accord's ``allreduce`` arm (``hook-*`` arms: to ``hook-allreduce``),
+and the payload bytes per step of each accord arm relative to ``allreduce``. At the end,
+the side-by-side table of every arm's step time over ``allreduce``'s (``hook-*`` over
+DDP's) for every model and world size.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-GRADIENT_ALGOS = ("allreduce", "normalized", "acga", "acga-sketch", "adasum")
+GRADIENT_ALGOS = ("allreduce", "normalized", "acga", "acga-exact", "acga-gather",
+                  "acga-sketch", "adasum")
 ARMS = ("compute", "ddp", *(f"hook-{a}" for a in GRADIENT_ALGOS), *GRADIENT_ALGOS)
 # arm name -> (algorithm, hyperparameters)
 SPECS = {a: (a, {}) for a in GRADIENT_ALGOS}
-SPECS["acga-sketch"] = ("acga", {"coefficients": "sketch"})
+for _mode in ("exact", "gather", "sketch"):
+    SPECS[f"acga-{_mode}"] = ("acga", {"coefficients": _mode})
 MLP = (1024, 2304, 2304, 1024, 10)
 
 
@@ -133,12 +138,14 @@ def main() -> int:
     if unknown or "ddp" not in arm_names:
         ap.error(f"--arms: got {args.arms!r}; allowed: ddp plus any of {', '.join(ARMS)}")
     ctx = mp.get_context("spawn")
+    ratios: dict[str, dict[str, float]] = {}
+    columns: dict[str, None] = {}  # model and world size, in the order run
     for model_name in args.models.split(","):
         params = sum(p.numel() for p in _model(model_name).parameters())
         print(f"\n{model_name}: {params / 1e6:.3f}M parameters, gloo, 1 thread per process; "
               f"median of {args.rounds} interleaved rounds of {args.steps} steps per arm")
-        print(f"{'workers':>7} {'arm':<16} {'step ms':>9} {'vs DDP':>8} {'bytes/step':>11} "
-              f"{'vs allreduce':>13}")
+        print(f"{'workers':>7} {'arm':<16} {'step ms':>9} {'vs DDP':>8} {'vs allreduce':>13} "
+              f"{'bytes/step':>11} {'vs allreduce':>13}")
         for world in (int(w) for w in args.workers.split(",")):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -158,10 +165,24 @@ def main() -> int:
                 rel = (f"{nbytes / base_bytes:>12.2f}x" if nbytes is not None and base_bytes
                        else f"{'-':>13}")
                 shown = f"{nbytes / 1e6:>9.2f}MB" if nbytes is not None else f"{'-':>11}"
+                base = result.get("hook-allreduce" if name.startswith("hook-") else "allreduce")
+                vs_base = f"{seconds / base[0]:>12.2f}x" if base else f"{'-':>13}"
                 print(f"{world:>7} {name:<16} {seconds * 1e3:>9.1f} "
-                      f"{seconds / result['ddp'][0]:>7.2f}x {shown} {rel}")
+                      f"{seconds / result['ddp'][0]:>7.2f}x {vs_base} {shown} {rel}")
+                # side by side: native arms over allreduce's step, hook arms over DDP's
+                ref = result["ddp"] if name.startswith("hook-") else result.get("allreduce")
+                if ref and name not in ("ddp", "allreduce"):
+                    ratios.setdefault(name, {})[f"{model_name} N={world}"] = seconds / ref[0]
+                    columns.setdefault(f"{model_name} N={world}", None)
     print("bytes/step: payload bytes per step on rank 0 (accord arms; DDP's own traffic is "
           "not counted)")
+    if ratios:
+        print("\nstep time / accord allreduce (hook-* arms: / DDP), median of "
+              f"{args.rounds} interleaved rounds")
+        print(f"{'arm':<16}" + "".join(f"{c:>13}" for c in columns))
+        for name, row in ratios.items():
+            print(f"{name:<16}" + "".join(
+                f"{row[c]:>12.2f}x" if c in row else f"{'-':>13}" for c in columns))
     return 0
 
 

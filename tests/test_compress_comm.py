@@ -23,7 +23,10 @@ COMPRESSIBLE = tuple(sorted(n for n, c in BUILTIN.items() if c.compressible))
 LOW_RANK = tuple(sorted(n for n, c in BUILTIN.items() if c.low_rank))
 
 HP = {"local_sgd": {"period": 2}, "easgd": {"period": 2}, "diloco": {"period": 2},
-      "grawa": {"period": 2}, "wagma": {"period": 2}}
+      "grawa": {"period": 2}, "wagma": {"period": 2},
+      # the route whose allreduces the compressor acts on (with a compressor set, the
+      # default auto takes it on this model; without, it all-gathers the gradient)
+      "acga": {"coefficients": "exact"}}
 
 
 def _model() -> torch.nn.Module:

@@ -27,9 +27,13 @@ VARIANTS = {
     "allreduce": ("allreduce", {}, {}),
     "normalized": ("normalized", {}, {}),
     "normalized_scale": ("normalized", {"restore_scale": "mean_norm"}, {}),
-    "acga": ("acga", {"momentum": 0.9}, {}),
-    "acga_layer": ("acga", {"per_layer": True, "momentum": 0.9}, {}),
-    "acga_view": ("acga", {"momentum": 0.9}, {"gradient_as_bucket_view": True}),
+    "acga": ("acga", {"momentum": 0.9, "coefficients": "exact"}, {}),
+    "acga_layer": ("acga", {"per_layer": True, "momentum": 0.9, "coefficients": "exact"}, {}),
+    "acga_view": ("acga", {"momentum": 0.9, "coefficients": "exact"},
+                  {"gradient_as_bucket_view": True}),
+    # the default (coefficients=auto) on this small model: the whole gradient all-gathered
+    "acga_gather": ("acga", {"momentum": 0.9}, {}),
+    "acga_gather_layer": ("acga", {"momentum": 0.9, "per_layer": True}, {}),
     # 7460 parameters: a 256-number sketch; per layer, the three weight matrices are
     # sketched to 128 numbers and the five smaller tensors sent exactly
     "acga_sketch": ("acga", {"momentum": 0.9, "coefficients": "sketch", "sketch_size": 256},
@@ -171,7 +175,8 @@ def test_ddp_replicas_identical(results, variant):
         assert torch.equal(per_rank[r][variant]["params"], first), (variant, r)
 
 
-@pytest.mark.parametrize("variant", ["acga", "acga_layer", "acga_view", "acga_sketch",
+@pytest.mark.parametrize("variant", ["acga", "acga_layer", "acga_view", "acga_gather",
+                                     "acga_gather_layer", "acga_sketch",
                                      "acga_sketch_layer"])
 def test_acga_momentum_state_equals_aggregator(results, variant):
     world, per_rank = results
@@ -200,6 +205,9 @@ def test_every_collective_counted(results, variant):
             assert got[kind]["bytes"] == ref[kind]["bytes"], (variant, kind)
         if variant == "allreduce":
             assert got["allreduce"]["calls"] == buckets
+        elif variant.startswith("acga_gather"):  # one all-gather of the gradient, no sum
+            assert "allreduce" not in got
+            assert got["allgather"]["calls"] == STEPS
         elif variant.startswith("acga_sketch"):  # no sum: the weighted allreduce only
             assert got["allreduce"]["calls"] == STEPS
             assert got["allgather"]["calls"] == STEPS

@@ -48,6 +48,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "normalized": ("normalized", {"restore_scale": "mean_norm"}),
     "acga": ("acga", {}),
     "acga_layer": ("acga", {"per_layer": True, "restore_scale": "avg_norm"}),
+    # the default above is the all-gather route on this small model; the other two routes
+    "acga_exact": ("acga", {"coefficients": "exact"}),
+    "acga_sketch": ("acga", {"coefficients": "sketch", "sketch_size": 64,
+                             "restore_scale": "avg_norm"}),
     "adasum": ("adasum", {}),
     "local_sgd": ("local_sgd", {"period": 2, "warmup_steps": 1}),
     "diloco": ("diloco", {"period": 2}),

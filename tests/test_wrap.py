@@ -33,7 +33,8 @@ WRAP_ALGOS = {
 }
 CLIP = 1.0
 CLIP_STEPS = 4
-CLIP_ALGOS = {"allreduce": {}, "acga": {"momentum": 0.5}}
+# acga on its exact route: the sum s is the allreduce the clip must not start early
+CLIP_ALGOS = {"allreduce": {}, "acga": {"momentum": 0.5, "coefficients": "exact"}}
 AMP_ALGOS = {
     "acga": ("acga", {"restore_scale": "mean_norm"}),
     "normalized": ("normalized", {"restore_scale": "mean_norm"}),

@@ -24,8 +24,10 @@ is issued from that call, never from a future's callback:
 
 * ``allreduce`` averages each bucket as it comes (an asynchronous allreduce; backward
   goes on computing the next buckets meanwhile), exactly as DDP's own hook.
-* ``acga`` starts the allreduce of each bucket's raw gradients as it comes (the sum s;
-  with ``coefficients=sketch`` there is no sum, and the sketch is taken at the end).
+* ``acga`` with ``coefficients=exact`` starts the allreduce of each bucket's raw
+  gradients as it comes (the sum s). Its other routes have no sum: ``gather`` (the
+  default on small models) all-gathers the whole gradient and ``sketch`` (the default on
+  large ones) takes the sketch, both at the end.
   Everything that needs the whole gradient -- <g_i, s> and ||g_i|| over all buckets, the
   all-gather of the coefficients, the weighted second allreduce, the norm limit -- runs
   once, in the call for the last bucket, after waiting for the bucket sums.
@@ -243,7 +245,7 @@ class ACGAHook(WholeGradientHook):
         if index == 0:
             self._sums = []
         if not self._early:
-            return  # coefficients=sketch (no sum) or a clip: everything runs in _finish
+            return  # gather or sketch (no sum) or a clip: everything runs in _finish
         total = self._totals.get(index)
         if total is None or total.shape != buf.shape or total.dtype != buf.dtype:
             total = self._totals[index] = torch.empty_like(buf)
@@ -253,7 +255,7 @@ class ACGAHook(WholeGradientHook):
     def _finish(self) -> None:
         agg = self.aggregator
         total = agg.total  # type: ignore[attr-defined]
-        if total is None:  # coefficients=sketch
+        if total is None:  # gather or sketch: no sum
             agg.combine_(agg.flat.buffer, None)  # type: ignore[attr-defined]
             return
         if not self._early:  # clipped: s is the sum of the clipped gradients

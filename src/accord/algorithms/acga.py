@@ -98,12 +98,13 @@ Decisions where the sources are silent or disagree (all options):
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..comm import FlatBuffer, accumulation_dtype
+from ..comm import FlatBuffer, accumulation_dtype, payload_compressor
 from ..core import Aggregator, Hyper, StepContext
 from . import register
 
@@ -116,6 +117,11 @@ CPU_SHORTCUTS = True
 
 #: default ``sketch_size`` (see benchmarks/acga_sketch.py for the error study)
 SKETCH_SIZE = 65536
+
+#: ``coefficients=auto`` all-gathers the whole gradient (one round, exact coefficients)
+#: when N x D is at most this many numbers (1 MB of fp32 gathered per rank; see the
+#: module docstring for the measurement)
+GATHER_LIMIT = 2**18
 
 #: a coefficient vector whose negative mass is at least this fraction of its positive mass
 #: falls back to uniform coefficients (see the module docstring)
@@ -231,79 +237,134 @@ class GramSketch:
     """A shared-seed sketch of gradient segments whose inner products estimate the Gram
     matrix of the workers' gradients.
 
-    A segment of n <= k numbers is sent as it is (its Gram matrix is then exact). A longer
-    one is laid out as R = ceil(n / k) rows of k (the last row zero-padded), multiplied
-    elementwise by fixed random signs sigma (drawn once from ``seed``, the same on every
-    rank) and summed over its rows with fresh random row signs tau (drawn from ``seed``
-    and the step count)::
+    The gradient is cut into segments (one per tensor, or, ``joined``, one for all the
+    tensors end to end). A segment of n <= k numbers is sent as it is (its Gram matrix is
+    then exact). A longer one is laid out as R = ceil(n / k) rows of k (the last row
+    zero-padded); row r is multiplied elementwise by random signs sigma_r and the rows are
+    summed with random row signs tau, both drawn afresh at every step from ``seed`` and
+    the step count::
 
-        y = tau^T (sigma * g).view(R, k)          k numbers
+        y = sum_r tau_r (sigma_r * g_r)           k numbers
 
-    E_tau <y(x), y(z)> = sum_r <(sigma x)_r, (sigma z)_r> = <x, z>: unbiased at every step,
-    with an error that is independent across steps (fresh tau). sigma breaks the structure
-    of the layout: the rows of a layer's weight gradient are nearly parallel, and without
-    sigma rows that collide add coherently (measured with ``benchmarks/acga_sketch.py`` on
-    the 9.5M-parameter MLP, N = 4: 2.7% error at the 95th percentile for k = 65536 without
-    sigma, 0.5% with it). Cost: one elementwise product and one matrix-vector product over
-    the gradient, done in chunks of rows that stay in cache; memory: sigma (the size of
-    the gradient, in the sketch dtype) and a chunk of about 4 MB.
+    E_tau <y(x), y(z)> = sum_r <sigma_r x_r, sigma_r z_r> = <x, z>: unbiased at every
+    step, with an error that is independent across steps. The sigma_r break the structure
+    of the layout: the rows of a layer's weight gradient are nearly parallel, and rows that
+    collide without them add coherently (measured with ``benchmarks/acga_sketch.py`` on the
+    9.5M-parameter MLP, N = 4: 2.7% error at the 95th percentile for k = 65536 without
+    signs, 0.5% with them).
+
+    The signs cost no memory traffic: sigma_r is the window [s_r, s_r + k) of one fixed
+    table T of k random signs written twice (2k numbers, which stay in cache), with a
+    distinct shift s_r < k/2 per row. For two rows, sigma_r * sigma_r' is T(l + s_r)
+    T(l + s_r') (indices mod k): over the random table every entry is a uniform sign and
+    any two entries are independent (they would share both table entries only if
+    s_r - s_r' = k/2), which is all the variance of the estimate depends on. So the error
+    is that of independent random signs per element (the earlier form of this sketch,
+    which read a gradient-size sign vector at every step), for one read of the gradient:
+    one fused multiply-add per row into y (``addcmul_``), and the exact norm of the row
+    taken while it is in cache. tau and the shifts are drawn on the host (Python's
+    ``random``, a few numbers per row and step, no tensor): no host sync, nothing to copy.
     """
 
-    CHUNK = 2**20  # numbers per chunk of rows
-
     def __init__(self, sizes: Sequence[int], k: int, seed: int,
-                 device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str, dtype: torch.dtype = torch.float32,
+                 joined: bool = False) -> None:
         self.sizes = [int(n) for n in sizes]
         self.k = int(k)
         self.seed = int(seed)
         self.dtype = dtype
         self.device = torch.device(device)
-        self.rows = [-(-n // self.k) if n > self.k else 0 for n in self.sizes]
-        self.widths = [self.k if r else n for n, r in zip(self.sizes, self.rows, strict=True)]
+        lengths = [sum(self.sizes)] if joined else self.sizes  # one per segment
+        self.rows = [-(-n // self.k) if n > self.k else 0 for n in lengths]
+        self.widths = [self.k if r else n for n, r in zip(lengths, self.rows, strict=True)]
         self.width = sum(self.widths)
-        gen = torch.Generator().manual_seed(self.seed)
-        self.signs: list[torch.Tensor | None] = []
-        for n, r in zip(self.sizes, self.rows, strict=True):
-            sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) if r else None
-            self.signs.append(None if sign is None else
-                              sign.to(device=self.device, dtype=dtype).mul_(2).sub_(1))
-        self.chunk_rows = max(1, self.CHUNK // self.k)
-        self.scratch = (torch.zeros(self.chunk_rows, self.k, dtype=dtype, device=self.device)
-                        if any(self.rows) else None)
+        self.segments = len(lengths)
+        total_rows = sum(self.rows)
+        self.table: torch.Tensor | None = None
+        if total_rows:
+            gen = torch.Generator().manual_seed(self.seed)  # host: drawn once, then moved
+            signs = torch.randint(0, 2, (self.k,), generator=gen,  # host: as above
+                                  dtype=torch.int8).to(device=self.device, dtype=dtype)
+            signs.mul_(2).sub_(1)
+            self.table = torch.cat([signs, signs])
+        # the plan: one piece per (tensor, row) overlap, as
+        # (tensor, start, stop, position in y, position in the row or -1 to copy, row)
+        self.plan: list[tuple[int, int, int, int, int, int]] = []
+        piece_segment: list[int] = []
+        offsets = [0] * len(self.sizes)
+        members = [list(range(len(self.sizes)))] if joined else [[i] for i in
+                                                                  range(len(self.sizes))]
+        if joined:
+            for i in range(1, len(self.sizes)):
+                offsets[i] = offsets[i - 1] + self.sizes[i - 1]
+        y_at = row_at = 0
+        for seg, (tensors, rows) in enumerate(zip(members, self.rows, strict=True)):
+            for i in tensors:
+                start, stop = offsets[i], offsets[i] + self.sizes[i]
+                if rows == 0:
+                    if stop > start:
+                        self.plan.append((i, 0, stop - start, y_at + start, -1, -1))
+                        piece_segment.append(seg)
+                    continue
+                at = start
+                while at < stop:
+                    row, col = divmod(at, self.k)
+                    end = min((row + 1) * self.k, stop)
+                    self.plan.append((i, at - start, end - start, y_at + col, col,
+                                      row_at + row))
+                    piece_segment.append(seg)
+                    at = end
+            y_at += self.widths[seg]
+            row_at += rows
+        self.total_rows = total_rows
+        self.piece_segment = torch.tensor(piece_segment, dtype=torch.long, device=self.device)
+        self.piece_norms = torch.zeros(len(self.plan), dtype=dtype, device=self.device)
 
-    def row_signs(self, count: int) -> torch.Tensor:
-        """The fresh row signs of step ``count`` (all segments), on the sketch's device."""
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * (count + 1))
-                                            % (2**63 - 1))
-        tau = torch.randint(0, 2, (sum(self.rows),), generator=gen, dtype=torch.int8)
-        return tau.to(dtype=self.dtype).mul_(2).sub_(1).to(self.device, non_blocking=True)
+    def row_signs(self, count: int) -> tuple[list[float], list[int]]:
+        """The row signs tau and the table shifts of step ``count`` (all rows of all
+        segments), as host numbers: distinct shifts below k/2 (they repeat only past k/2
+        rows, a gradient of more than k^2 / 2 numbers)."""
+        rng = random.Random((self.seed * 1_000_003 + 7919 * (count + 1)) % (2**63 - 1))
+        rows = self.total_rows
+        bits = rng.getrandbits(rows) if rows else 0
+        half = max(1, self.k // 2)
+        picked = rng.sample(range(half), min(half, rows))
+        return ([1.0 if (bits >> r) & 1 else -1.0 for r in range(rows)],
+                [picked[r % half] for r in range(rows)])
 
     @torch.no_grad()
-    def apply(self, segments: Sequence[torch.Tensor], count: int) -> torch.Tensor:
-        """The sketch of ``segments`` (1-D tensors with the sizes given) at step ``count``:
-        one vector of ``width`` numbers in the sketch dtype."""
-        tau = self.row_signs(count) if any(self.rows) else None
-        out, at = [], 0
-        k, scratch = self.k, self.scratch
-        for seg, sign, r in zip(segments, self.signs, self.rows, strict=True):
-            if r == 0:
-                out.append(seg.to(self.dtype))
+    def fill_(self, tensors: Sequence[torch.Tensor | None], count: int, out: torch.Tensor
+              ) -> torch.Tensor:
+        """Write the sketch of ``tensors`` (the sizes given; None counts as zeros) at step
+        ``count`` into ``out[:width]`` and each segment's exact norm into
+        ``out[width:width + segments]``; returns ``out``. One read of the tensors."""
+        tau, shifts = self.row_signs(count)
+        flat = [None if t is None else t.reshape(-1) for t in tensors]
+        y = out[: self.width]
+        y.zero_()
+        norms = self.piece_norms
+        norms.zero_()
+        for j, (i, a, b, at, col, row) in enumerate(self.plan):
+            src = flat[i]
+            if src is None:
                 continue
-            full = seg.numel() // k
-            rows_g, rows_s = seg[: full * k].view(full, k), sign[: full * k].view(full, k)
-            y = torch.zeros(k, dtype=self.dtype, device=self.device)
-            for r0 in range(0, full, self.chunk_rows):
-                n = min(self.chunk_rows, full - r0)
-                torch.mul(rows_g[r0: r0 + n], rows_s[r0: r0 + n], out=scratch[:n])
-                y.addmv_(scratch[:n].T, tau[at + r0: at + r0 + n])
-            tail = seg.numel() - full * k
-            if tail:
-                row = scratch[0, :tail]
-                torch.mul(seg[full * k:], sign[full * k:], out=row)
-                y[:tail].add_(row * tau[at + full])
-            out.append(y)
-            at += r
-        return torch.cat(out)
+            src = src[a:b]
+            if col < 0:
+                y[at: at + b - a].copy_(src)
+            else:
+                window = shifts[row] + col
+                y[at: at + b - a].addcmul_(src, self.table[window: window + b - a],
+                                           value=tau[row])
+            torch.linalg.vector_norm(src, dtype=self.dtype, out=norms[j])
+        seg_norms = out[self.width: self.width + self.segments]
+        seg_norms.zero_().index_add_(0, self.piece_segment, norms.square()).sqrt_()
+        return out
+
+    def apply(self, tensors: Sequence[torch.Tensor | None], count: int) -> torch.Tensor:
+        """The sketch of ``tensors`` at step ``count``: ``width`` numbers in the sketch
+        dtype (a new tensor)."""
+        out = torch.empty(self.width + self.segments, dtype=self.dtype, device=self.device)
+        return self.fill_(tensors, count, out)[: self.width]
 
     def gram(self, sketches: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """(L, N, N) Gram estimates from the gathered sketches (N, width), with each
@@ -346,9 +407,13 @@ class ACGA(Aggregator):
         "restore_scale": Hyper("none", str, "rescale d to a gradient-averaging magnitude",
                                choices=("none", "mean_norm", "avg_norm")),
         "eps": Hyper(1e-8, float, "added to gradient norms", low=0.0, low_open=True),
-        "coefficients": Hyper("exact", str, "exact: from the allreduced sum (two model-size "
-                              "allreduces); sketch: from gradient sketches (one)",
-                              choices=("exact", "sketch")),
+        "coefficients": Hyper("auto", str, "exact: from the allreduced sum (two model-size "
+                              "allreduces); gather: exact, from the all-gathered gradients "
+                              "(one round, small models); sketch: from gradient sketches "
+                              "(one model-size allreduce); auto: gather when N x D <= "
+                              f"{GATHER_LIMIT}, sketch when the sketch is at most half the "
+                              "gradient, exact otherwise",
+                              choices=("auto", "exact", "gather", "sketch")),
         "sketch_size": Hyper(SKETCH_SIZE, int, "numbers per gradient (per tensor with "
                              "per_layer) in the sketch; smaller segments are sent exactly",
                              low=1, high=2**31 - 1),
@@ -360,17 +425,22 @@ class ACGA(Aggregator):
         super().__init__(params, **kwargs)
         self.flat = FlatBuffer(self.params)
         self.layers = len(self.params) if self.hp["per_layer"] else 1
+        self.acc = accumulation_dtype(self.flat.buffer.dtype)
+        device = self.flat.buffer.device
+        self.mode = self._choose_mode()  # exact, gather or sketch, fixed for the run
         self.sketch: GramSketch | None = None
-        if self.hp["coefficients"] == "sketch":
-            sizes = self.flat.sizes if self.hp["per_layer"] else [self.flat.numel]
-            if any(n > self.hp["sketch_size"] for n in sizes):
-                self.sketch = GramSketch(sizes, self.hp["sketch_size"],
-                                         self.hp["sketch_seed"], self.flat.buffer.device,
-                                         accumulation_dtype(self.flat.buffer.dtype))
-            else:  # nothing to compress: gathering every gradient would cost more
-                log.info("acga: every gradient segment has at most sketch_size=%d numbers; "
-                         "using the exact coefficients", self.hp["sketch_size"])
-        self.total = self.flat.new_buffer() if self.sketch is None else None
+        self._send: torch.Tensor | None = None  # the sketch and the norms, all-gathered
+        if self.mode == "sketch":
+            self.sketch = GramSketch(self.flat.sizes, self.hp["sketch_size"],
+                                     self.hp["sketch_seed"], device, self.acc,
+                                     joined=not self.hp["per_layer"])
+            self._send = torch.zeros(self.sketch.width + self.layers, dtype=self.acc,
+                                     device=device)
+        # exact: the buffer the sum s is allreduced into (the DDP hook fills it too)
+        self.total = self.flat.new_buffer() if self.mode == "exact" else None
+        # gather: s, summed from the gathered gradients (metrics and avg_norm read it)
+        self._sum = (torch.zeros(self.flat.numel, dtype=self.acc, device=device)
+                     if self.mode == "gather" else None)
         self.count = 0  # steps combined (the sketch's row signs are drawn from it)
         self.momentum: torch.Tensor | None = None
         self.guard_hits: torch.Tensor | int = 0
@@ -380,41 +450,119 @@ class ACGA(Aggregator):
     def _segments(self, buf: torch.Tensor) -> list[torch.Tensor]:
         return [v.reshape(-1) for v in self.flat.split(buf)] if self.hp["per_layer"] else [buf]
 
+    def _choose_mode(self) -> str:
+        """The coefficients' route for ``coefficients`` on this model and world size."""
+        asked, k = self.hp["coefficients"], self.hp["sketch_size"]
+        dim, n = self.flat.numel, self.world_size
+        sizes = self.flat.sizes if self.hp["per_layer"] else [dim]
+        width = sum(min(s, k) for s in sizes)  # the sketch's numbers per worker
+        if asked == "auto":
+            # a payload compressor acts on allreduces: the gather would send the gradient
+            # past it, so auto leaves the gather out when one is set
+            small = n * dim <= GATHER_LIMIT and payload_compressor() is None
+            mode = "gather" if small else "sketch" if 2 * width <= dim else "exact"
+            log.info("acga: coefficients=auto chose %s (N=%d, %d parameters, sketch_size=%d)",
+                     mode, n, dim, k)
+            return mode
+        if asked == "sketch" and width == dim:  # nothing to compress
+            log.info("acga: every gradient segment has at most sketch_size=%d numbers; "
+                     "using the exact coefficients", k)
+            return "exact"
+        return asked
+
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
-        local = self.flat.load_grads()
-        if self.total is not None:
-            self.total.copy_(local)
-            self.comm.all_reduce_(self.total, exact=True)  # s = sum_j g_j: coefficients
-        self.combine_(local, self.total)
+        if self.mode == "sketch":
+            # the sketch and the norms read the gradients where autograd left them, and each
+            # rank's weight is applied in the pass that loads them into the flat buffer:
+            # one read of the gradient more than averaging
+            c, all_norms, gram = self._sketched([p.grad for p in self.params])
+            weights = self._own_weights(c, all_norms)
+            if self.hp["per_layer"]:
+                local = self.flat.load_grads()
+                for seg, w in zip(self._segments(local), weights.unbind(), strict=True):
+                    seg.mul_(w)
+            else:
+                local = self.flat.load_grads(scale=weights[0])
+            self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
+            self._finish(local, c, all_norms, gram, None)
+        else:
+            local = self.flat.load_grads()
+            if self.total is not None:
+                self.total.copy_(local)
+                self.comm.all_reduce_(self.total, exact=True)  # s = sum_j g_j: coefficients
+            self.combine_(local, self.total)
         self.flat.store_grads(local)
+
+    def _own_weights(self, c: torch.Tensor, all_norms: torch.Tensor) -> torch.Tensor:
+        """This rank's c_i / (||g_i|| + eps), one per coefficient row (L,)."""
+        return c[:, self.rank] / (all_norms[:, self.rank] + self.hp["eps"])
+
+    def _sketched(self, tensors: Sequence[torch.Tensor | None]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c, norms, Gram estimate) from the sketches of every rank's gradient, given this
+        rank's per-parameter gradients. Collective: one all-gather of width + L numbers."""
+        assert self.sketch is not None and self._send is not None
+        self.sketch.fill_(tensors, self.count, self._send)
+        gathered = self.comm.all_gather(self._send)  # (N, K + L)
+        width = self.sketch.width
+        all_norms = gathered[:, width:].T.contiguous()  # (L, N)
+        gram = self.sketch.gram(gathered[:, :width], all_norms)
+        a = sketch_coefficients(gram, all_norms, self.hp["eps"])
+        return self._coefficients_from(a, all_norms), all_norms, gram
 
     @torch.no_grad()
     def combine_(self, local: torch.Tensor, total: torch.Tensor | None) -> None:
         """In place: ``local`` (this rank's flat gradient) becomes d, given ``total`` = the
-        sum of every rank's gradient (``exact``; None with ``sketch``). Collective. Shared
-        by ``after_backward`` and the DDP hook (which sums the buckets as they come)."""
+        sum of every rank's gradient (``exact``; None with ``gather`` and ``sketch``).
+        Collective. Shared by ``after_backward`` and the DDP hook (which sums the buckets
+        as they come)."""
         eps = self.hp["eps"]
         n = self.world_size
         loc_segs = self._segments(local)
+        if self.mode == "sketch":
+            c, all_norms, gram = self._sketched(self.flat.split(local))
+            for seg, w in zip(loc_segs, self._own_weights(c, all_norms).unbind(), strict=True):
+                seg.mul_(w)
+            self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
+            self._finish(local, c, all_norms, gram, None)
+            return
+        if self.mode == "gather":
+            # every rank holds every gradient: the exact coefficients and d itself are
+            # computed locally, the same operations on the same numbers on every rank
+            gathered = self.comm.all_gather(local).to(self.acc)  # (N, D)
+            assert self._sum is not None
+            torch.sum(gathered, dim=0, out=self._sum)
+            sums = self._segments(self._sum)
+            parts = (gathered.split(self.flat.sizes, dim=1) if self.hp["per_layer"]
+                     else [gathered])
+            dots = torch.stack([p @ s for p, s in zip(parts, sums, strict=True)])  # (L, N)
+            all_norms = torch.stack([torch.linalg.vector_norm(p, dim=1) for p in parts])
+            c = self._coefficients_from(consensus_coefficients(dots, all_norms, n, eps),
+                                        all_norms)
+            weights = c / (all_norms + eps)
+            for seg, p, w in zip(loc_segs, parts, weights.unbind(), strict=True):
+                seg.copy_(w @ p)
+            self._finish(local, c, all_norms, None, sums)
+            return
+        assert total is not None, "acga: coefficients=exact needs the summed gradient"
         norms = torch.stack([g.float().norm() for g in loc_segs])
-        gram = None
-        if self.sketch is None:
-            assert total is not None, "acga: coefficients=exact needs the summed gradient"
-            tot_segs = self._segments(total)
-            pairs = zip(loc_segs, tot_segs, strict=True)
-            dots = torch.stack([torch.dot(g.float(), s.float()) for g, s in pairs])
-            a_local = consensus_coefficients(dots, norms, n, eps)
-            gathered = self.comm.all_gather(torch.cat([a_local, norms]))  # (N, 2L)
-            a = gathered[:, : self.layers].T.contiguous()  # (L, N)
-            all_norms = gathered[:, self.layers:].T.contiguous()
-        else:
-            y = self.sketch.apply(loc_segs, self.count)
-            gathered = self.comm.all_gather(torch.cat([y, norms.to(y.dtype)]))  # (N, K + L)
-            width = self.sketch.width
-            all_norms = gathered[:, width:].T.contiguous()  # (L, N)
-            gram = self.sketch.gram(gathered[:, :width], all_norms)
-            a = sketch_coefficients(gram, all_norms, eps)
+        tot_segs = self._segments(total)
+        pairs = zip(loc_segs, tot_segs, strict=True)
+        dots = torch.stack([torch.dot(g.float(), s.float()) for g, s in pairs])
+        a_local = consensus_coefficients(dots, norms, n, eps)
+        gathered = self.comm.all_gather(torch.cat([a_local, norms]))  # (N, 2L)
+        a = gathered[:, : self.layers].T.contiguous()  # (L, N)
+        all_norms = gathered[:, self.layers:].T.contiguous()
+        c = self._coefficients_from(a, all_norms)
+        for seg, w in zip(loc_segs, self._own_weights(c, all_norms).unbind(), strict=True):
+            seg.mul_(w)
+        self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
+        self._finish(local, c, all_norms, None, tot_segs)
+
+    def _coefficients_from(self, a: torch.Tensor, all_norms: torch.Tensor) -> torch.Tensor:
+        """c (L, N) from the consensus coefficients a (L, N): sorted momentum, zero for a
+        zero gradient, normalised under the guard (counted in ``guard_hits``)."""
         self.count += 1
         if self.momentum is not None and self.momentum.shape != a.shape:
             log.warning("acga: momentum shape %s does not match %s; restarting it",
@@ -425,11 +573,16 @@ class ACGA(Aggregator):
         c = torch.where(all_norms > 0, c, torch.zeros_like(c))
         c, hits = normalize_coefficients(c, self.hp["guard"])
         self.guard_hits = self.guard_hits + hits
+        return c
 
-        weights = c[:, self.rank] / (all_norms[:, self.rank] + eps)
-        for seg, w in zip(loc_segs, weights.unbind(), strict=True):
-            seg.mul_(w)
-        self.comm.all_reduce_(local)  # d = sum_i c_i g_i / ||g_i||
+    def _finish(self, local: torch.Tensor, c: torch.Tensor, all_norms: torch.Tensor,
+                gram: torch.Tensor | None, sums: list[torch.Tensor] | None) -> None:
+        """On d (``local``, the same on every rank): the norm limit and ``restore_scale``;
+        keeps what ``metrics()`` needs. ``sums``: the segments of s (exact, gather), else
+        ``gram``: the Gram estimate (sketch)."""
+        eps = self.hp["eps"]
+        n = self.world_size
+        loc_segs = self._segments(local)
         # d is identical on every rank, so every rank computes the same divisors
         if CPU_SHORTCUTS and local.device.type == "cpu" and bool((c >= 0).all()):
             # bounded by construction (a convex combination of vectors of norm < 1); on the
@@ -443,8 +596,8 @@ class ACGA(Aggregator):
         if mode != "none":
             if mode == "mean_norm":
                 scales = all_norms.mean(dim=1)
-            elif gram is None:
-                scales = torch.stack([s.float().norm() for s in tot_segs]) / n
+            elif sums is not None:
+                scales = torch.stack([s.float().norm() for s in sums]) / n
             else:  # ||s||^2 = sum_ij G_ij, an estimate (clamped at 0)
                 scales = gram.sum(dim=(1, 2)).clamp(min=0.0).sqrt() / n
             for seg, scale in zip(loc_segs, scales.unbind(), strict=True):
@@ -464,7 +617,7 @@ class ACGA(Aggregator):
         c = self._coefficients
         if c is None:
             return {}
-        d, s = self.flat.buffer, self.total
+        d, s = self.flat.buffer, self.total if self._sum is None else self._sum
         acc = accumulation_dtype(d.dtype)
         d_norm = torch.linalg.vector_norm(d, dtype=acc)
         if s is not None:
