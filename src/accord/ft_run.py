@@ -24,15 +24,15 @@ Launcher (:func:`ft_launch`, the process that ran ``accord train``):
    (``discarded`` events, one per worker and step), the launcher's ``worker_exit`` and
    ``respawn`` events, and the summary (``discarded_steps``, ``participants`` at the end).
 
-Worker (:func:`ft_worker_main`): the step is the committed step of the quorum
-(``FTWorker.step``); every step is bracketed by ``FTWorker.begin``/``end``;
-``ft.refresh`` points the aggregator at the current quorum; the loop's own collectives
-(the record's mean loss and consensus) go through a second :class:`accord.ft.FTCommunicator`
-inside the bracket (a failure discards the step). A worker that joins late (respawned)
-skips its data stream to the live step. At a record, non-finite parameters on any replica or
-a non-finite evaluation of the consensus model is divergence, as in the local loop: the
-participants agree on it by a MAX inside the step, stop at that committed record and exit 3,
-and the summary says ``diverged`` (``diverged_step``, ``diverged_reason``).
+Worker (:func:`ft_worker_main`): the one loop of every launch mode
+(:func:`accord.loop.run_loop`, the same step function, faults and liveness), with the
+torchft membership and the worker's records of :mod:`accord.ft_loop`: the step is the
+committed step of the quorum; ``ft.refresh`` points the aggregator at the current quorum;
+the record's collectives go through a second :class:`accord.ft.FTCommunicator` inside
+the step (a failure discards the step). A worker that joins late (respawned) skips its
+data stream to the live step. Divergence is the local loop's: the participants agree on
+it by a MAX inside the step, stop at that committed record and exit 3, and the summary
+says ``diverged`` (``diverged_step``, ``diverged_reason``).
 
 Signals, exit codes, the summary and the lock are the local launcher's
 (:mod:`accord.launch`): SIGINT or SIGTERM stop every worker and end the run ``interrupted``
@@ -41,7 +41,6 @@ Signals, exit codes, the summary and the lock are the local launcher's
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -54,6 +53,7 @@ from typing import Any
 
 from .config import ConfigError, TrainConfig, ft_timeouts
 from .failures import StorageError
+from .ft_loop import ANOTHER
 from .launch import CLEAN_EXITS, LAUNCHED, _die_with_parent, _stop
 from .rundir import RunLock
 
@@ -64,8 +64,6 @@ START_TIMEOUT_S = 300.0  # the start barrier's bound (also bounded by idle_timeo
 #: once a worker has finished every step, the others have this long to finish theirs;
 #: then the launcher stops them (a quorum timeout and more: their last steps' quorums)
 END_GRACE_S = 15.0
-#: a replica's divergence reason when only another replica's evaluation was non-finite
-ANOTHER = "non-finite on another replica"
 #: a worker's exit status when the run diverged (as the local launcher's workers)
 DIVERGED_EXIT = 3
 
@@ -534,17 +532,16 @@ def ft_worker_main(cfg: TrainConfig) -> int:
 
 def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                logs: Path) -> bool:
-    """Train as replica ``replica`` until the run ends; True if it diverged."""
+    """Set up replica ``replica``'s objects and run the one loop (:func:`accord.loop.run_loop`)
+    with its torchft membership until the run ends; True if it diverged."""
     import torch
     import torch.distributed as dist
 
-    from . import algorithms, faults, ft
-    from .comm import CommStats, FlatBuffer
-    from .core import StepContext
+    from . import ft
+    from .comm import CommStats
     from .failures import Heartbeat
-    from .observe import divergence
-    from .tasks import get_task, to_device
-    from .train import _finite, _guard, make_optimizer, seed_worker, state_tensors
+    from .ft_loop import FTMembership, FTRecords
+    from .loop import Batches, Faults, Liveness, Step, Tally, build_worker, run_loop
 
     def handler(signum, frame):
         raise KeyboardInterrupt
@@ -564,37 +561,26 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
     heartbeat.beat(0, "start")
     # a world of one: the aggregators are built as usual; FTCommunicator replaces it
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    seed_worker(cfg.seed, replica)
-    task = get_task(cfg.task)(cfg.seed, cfg.data_dir, split=cfg.eval_split)
-    model = task.build_model()
-    optimizer = make_optimizer(cfg, model.parameters())
-    agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(),
-                           broadcast=False, **dict(cfg.hyperparameters))
-    injector = faults.Injector([faults.parse(s, cfg.workers, cfg.steps) for s in cfg.faults],
-                               replica, cfg.workers, cfg.seed, fired_dir=logs)
-    running: list[Any] = [None]
+    device = torch.device("cpu")  # fault-tolerant runs are CPU only (checked)
+    w = build_worker(cfg, replica, cfg.workers, device, logs)
+    tally = Tally()
 
     def get_state() -> dict[str, Any]:
-        return {"model": model.state_dict(), "opt": optimizer.state_dict(),
-                "agg": agg.state_dict(), "running": running[0]}
+        return {"model": w.model.state_dict(), "opt": w.optimizer.state_dict(),
+                "agg": w.agg.state_dict(), "running": tally.running}
 
     def set_state(state: dict[str, Any]) -> None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["opt"])
-        agg.load_state_dict(state["agg"])
-        running[0] = state["running"]
+        w.model.load_state_dict(state["model"])
+        w.optimizer.load_state_dict(state["opt"])
+        w.agg.load_state_dict(state["agg"])
+        tally.running = state["running"]
 
     worker = ft.FTWorker(replica, lighthouse, cfg.min_workers, get_state, set_state,
                          timeouts=ft_timeouts(cfg), stats=CommStats(), host=ft_host(cfg),
-                         on_quorum=lambda comm: ft.refresh(agg, comm, cfg.workers),
+                         on_quorum=lambda comm: ft.refresh(w.agg, comm, cfg.workers),
                          on_wait=lambda: heartbeat.beat(worker.step, "quorum"))
     book = ft.FTCommunicator(worker.manager, worker.pg, CommStats())  # the loop's own
-    flat = FlatBuffer(state_tensors(model))
-    eval_model = None
-    params = list(model.parameters())
-    stream = task.train_stream(replica, cfg.resolved_batch_size())
-    consumed = 0
-    diverged: dict[str, Any] | None = None
+    batches = Batches(w.task.train_stream(replica, cfg.resolved_batch_size()), cfg.accum_steps)
     try:
         if not joiner:  # the start barrier: the first quorum has every launched worker
             (logs / f"ft-ready-{replica}").touch()
@@ -603,116 +589,12 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                 if time.monotonic() > deadline:
                     raise TimeoutError("the launcher's start barrier did not open")
                 time.sleep(0.02)
-        start = time.perf_counter()
-        first = True
-        while worker.step < cfg.steps:
-            heartbeat.beat(worker.step, "quorum")
-            step = worker.begin()
-            if first and joiner and worker.participants == [replica] and step == 0:
-                # alone at step 0: the peers are gone (the split-brain guard keeps a lone
-                # joiner out of a quorum while they heartbeat), so the run has ended; do
-                # not train alone from scratch
-                emit({"type": "done", "rank": replica, "steps": 0, "discarded": 0,
-                      "note": "no live peer to join"})
-                return False
-            first = False
-            if worker.healed and step > 0 and hasattr(agg, "note_join"):
-                agg.note_join(step)  # joined the running job: e.g. EASGD's fade-in
-            for event in worker.drain_events():
-                emit({**event, "time": time.time()})
-            if step >= cfg.steps:
-                break
-            if worker.step_lost:
-                emit({"type": "event", "kind": "discarded", "step": step, "rank": replica,
-                      "reason": "lost at the quorum", "time": time.time()})
-                worker.end()
-                continue
-            heartbeat.beat(step, "compute")
-            injector.before_step(step)
-            while consumed < step * cfg.accum_steps:  # a joiner continues at the live step
-                next(stream)
-                consumed += 1
-            optimizer.zero_grad()
-            loss_sum = torch.zeros(())  # host: fault-tolerant runs are CPU only (checked)
-            compute_start = time.perf_counter()
-            for _ in range(cfg.accum_steps):
-                loss = task.loss(model, to_device(next(stream), torch.device("cpu")))
-                consumed += 1
-                (loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach()
-            injector.after_compute(step, time.perf_counter() - compute_start)
-            heartbeat.beat(step, "aggregate")
-            injector.corrupt_grads(step, params)
-            _, healthy = _guard(cfg.nonfinite, params, book, injector, step, replica)
-            ctx = StepContext(step=step, loss=loss_sum / cfg.accum_steps, healthy=healthy)
-            agg.after_backward(ctx)
-            optimizer.step()
-            agg.after_step(ctx)
-            running[0] = ctx.loss.clone() if running[0] is None else \
-                running[0].lerp_(ctx.loss, 0.1)
-            n, rank = book.world_size, book.rank
-            participants = list(worker.participants or [])
-            record = None
-            flagged = None
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                heartbeat.beat(step, "record")
-                mean_loss = book.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
-                x = flat.load_values()
-                mean = x.clone()
-                book.all_reduce_(mean, op="avg")
-                sq = (x - mean).double().pow(2).sum().reshape(1)
-                distance = float(book.all_reduce_(sq, op="avg"))
-                if rank == 0 and not worker.step_lost:
-                    if eval_model is None:
-                        eval_model = copy.deepcopy(model)
-                    target = FlatBuffer(state_tensors(eval_model))
-                    target.store_values(mean)
-                    centre = agg.consensus_params()
-                    if centre is not None:  # e.g. EASGD's centre
-                        with torch.no_grad():
-                            for t, c in zip(target.tensors, centre, strict=True):
-                                t.copy_(c)
-                    evaluation = task.evaluate(eval_model)
-                    replica_eval = task.evaluate(model)
-                    stats = agg.comm.stats
-                    record = {"type": "step", "step": step + 1,
-                              "loss": _finite(float(mean_loss)),
-                              **{k: _finite(v) for k, v in evaluation.items()},
-                              **{f"rank0_{k}": _finite(v) for k, v in replica_eval.items()},
-                              "consensus_distance": _finite(distance),
-                              "time_s": time.perf_counter() - start,
-                              "comm_bytes": stats.bytes, "comm_calls": stats.calls,
-                              "comm_s": stats.seconds, "participants": participants,
-                              "n": n, "writer": replica,
-                              "algo": {k: _finite(v) for k, v in agg.metrics().items()}}
-                # diverged, as in the local loop: non-finite parameters on any replica (the
-                # distance), or a non-finite evaluation of the consensus model (quorum rank
-                # 0's); agreed by a MAX inside the step, so every participant stops at the
-                # same committed record
-                reason = divergence(distance, evaluation if record is not None else {})
-                flag = book.all_reduce_(torch.tensor([float(reason is not None)]),  # host: gloo
-                                        op="max", kind="diverged")
-                if bool(flag[0] > 0):
-                    flagged = {"diverged_step": step + 1, "diverged_reason": reason or ANOTHER}
-            committed = worker.end()
-            for event in injector.drain():
-                emit({"type": "event", **event})
-            if not committed:
-                emit({"type": "event", "kind": "discarded", "step": step, "rank": replica,
-                      "participants": participants, "time": time.time()})
-            elif record is not None:
-                emit(record)
-            if committed and flagged is not None:
-                diverged = flagged
-                break
-        stats = agg.comm.stats
-        heartbeat.beat(worker.step, "done")
-        emit({"type": "done", "rank": replica, "steps": worker.step,
-              "discarded": worker.discarded, "participants": worker.participants,
-              "time_s": time.perf_counter() - start, "comm_bytes": stats.bytes,
-              "comm_calls": stats.calls, "comm_s": stats.seconds, "comm": stats.as_dict(),
-              **(diverged or {})})
-        return diverged is not None
+        tally.start_clock()
+        membership = FTMembership(worker, w, emit, heartbeat, cfg.steps, replica, joiner)
+        recorder = FTRecords(cfg, w, tally, membership, book, emit, heartbeat, replica)
+        step = Step(cfg, w, batches, heartbeat, book, device, replica)
+        return run_loop(membership, step, recorder, [Liveness(heartbeat), Faults(w.injector),
+                                                     tally])
     finally:
         try:
             outf.close()
@@ -722,4 +604,4 @@ def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
         try:
             worker.shutdown()
         finally:
-            agg.close()
+            w.agg.close()
