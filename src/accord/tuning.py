@@ -1,5 +1,5 @@
 """``tuning.json``: what ``accord bench --tune`` tried and chose, declared once. The bench
-writes it (:meth:`Tuning.to_json`), ``accord report`` reads it (:func:`parse`).
+writes it (:func:`save`), the bench and ``accord report`` read it (:func:`load`).
 
 Version 2 (written by this accord)::
 
@@ -31,8 +31,8 @@ Version 1 (one tuning seed: ``"seed": 100`` instead of ``seeds``, and each point
 ``value``, ``status`` and ``run`` instead of ``runs``) is still read, as points with one run.
 
 The schema of each version (:data:`SCHEMAS`, with :mod:`accord.schema`) is declared here once:
-the bench checks what it writes against it (:meth:`Tuning.to_json`, then :func:`parse`) and
-the bench and the report read through :func:`load` / :func:`parse`. A file that is not UTF-8
+:func:`save` checks what it writes against it (:meth:`Tuning.to_json`, then :func:`parse`)
+and the bench and the report read through :func:`load` / :func:`parse`. A file that is not UTF-8
 JSON, nests too deep or breaks the schema is refused with one
 :class:`accord.schema.SchemaError` naming the file and the field; fields of their own that a
 file carries beyond these are allowed (older and newer writers agree on the fields above).
@@ -44,7 +44,8 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from .schema import (
@@ -318,3 +319,29 @@ def load(path: str | os.PathLike, file: str | None = None, name: str = "") -> Tu
         return parse(data, name)
     except SchemaError as e:
         raise e.in_file(file) from None
+
+
+def save(tuning: Tuning, path: str | os.PathLike) -> Tuning:
+    """Write ``tuning`` to the tuning.json at ``path`` (the bench, after choosing) and return
+    what was written. The arms of a readable file already there with the same grid and
+    seeds are kept, except those ``tuning`` has anew: a bench over part of a group
+    (``--tasks fashion`` after ``--tasks digits``) keeps the other arms' tuning; any other
+    file is written anew. What is written is first checked as every reader will check it
+    (:func:`parse`), then written beside ``path`` (``tuning.json.tmp``) and renamed over it,
+    so a reader never sees half a file."""
+    path = Path(path)
+    try:
+        before = load(path)
+    except (OSError, SchemaError):  # unreadable or not of the schema: written anew
+        before = None
+    if before is not None and (before.grid, before.seeds) == (tuning.grid, tuning.seeds):
+        mine = {(a.task, a.workers, a.label) for a in tuning.arms}
+        tuning = replace(tuning, arms=[a for a in before.arms
+                                       if (a.task, a.workers, a.label) not in mine]
+                         + tuning.arms)
+    data = tuning.to_json()
+    parse(data)  # what every reader will demand (SCHEMAS)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return tuning

@@ -4,7 +4,6 @@ the ``tuning.json`` of each group (its one schema: :mod:`accord.tuning`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -12,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MAX_SEED, ConfigError, TrainConfig, validate
-from ..schema import SchemaError
 from ..tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, TuningRun, best_point
-from ..tuning import load as load_tuning
-from ..tuning import parse as parse_tuning
+from ..tuning import save as save_tuning
 from .reuse import previous
 from .specs import RunSpec, apply_overrides
 
@@ -216,23 +213,9 @@ def choose(specs: list[RunSpec], grid: dict[str, list[str]],
     for group, arm_rows in per_group.items():
         path = out / group / TUNING_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = Tuning({k: [_number(v) for v in vs] for k, vs in grid.items()}, seeds, "val",
-                        arm_rows)
-        # a bench over part of the group (--tasks fashion after --tasks digits) keeps the
-        # other arms' tuning when it was the same grid and seeds
-        try:
-            before = load_tuning(path)
-        except (OSError, SchemaError):  # unreadable or not of the schema: written anew
-            before = None
-        if before is not None and (before.grid, before.seeds) == (record.grid, record.seeds):
-            mine = {(a.task, a.workers, a.label) for a in arm_rows}
-            record.arms = [a for a in before.arms
-                           if (a.task, a.workers, a.label) not in mine] + arm_rows
-        data = record.to_json()
-        parse_tuning(data)  # what every reader will demand (accord.tuning.SCHEMAS)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        # save keeps the arms of an earlier bench over another part of the group
+        save_tuning(Tuning({k: [_number(v) for v in vs] for k, vs in grid.items()}, seeds,
+                           "val", arm_rows), path)
         files.append(path)
     return TuningChoice(chosen, files, records)
 
