@@ -20,7 +20,10 @@ relative error ||c_k - c|| / ||c|| of
   momentum are not compared elementwise,
 
 as median, 95th percentile and maximum over the steps, and the sketch's all-gather bytes
-relative to one model-size allreduce. Models: ``mlp`` 784-2304-2304-1024-10 (9.5M
+relative to one model-size allreduce. At the end, the coefficient-error table of the
+default (``coefficients=auto``): the route it takes for each model and N (``gather`` and
+``exact`` give the exact coefficients) and, where it sketches, the error at the default
+``sketch_size``. Models: ``mlp`` 784-2304-2304-1024-10 (9.5M
 parameters, batch 64), ``cnn`` the 34k-parameter CNN of ``benchmarks/overhead.py`` (batch
 32), ``digits`` the 9.6k-parameter MLP of the digits task (batch 32).
 """
@@ -37,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import torch  # noqa: E402
 
 from accord.algorithms.acga import (  # noqa: E402
+    SKETCH_SIZE,
     GramSketch,
+    auto_route,
     consensus_coefficients,
     normalize_coefficients,
     sketch_coefficients,
@@ -76,7 +81,7 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
-def study(model_name: str, workers: int, steps: int, sizes: list[int]) -> None:
+def study(model_name: str, workers: int, steps: int, sizes: list[int]) -> dict:
     model = _model(model_name)
     params = [p for p in model.parameters() if p.requires_grad]
     dim = sum(p.numel() for p in params)
@@ -122,13 +127,19 @@ def study(model_name: str, workers: int, steps: int, sizes: list[int]) -> None:
           f"batch {batch} per worker")
     print(f"{'k':>8} {'bytes vs D':>10} | {'raw med':>8} {'p95':>8} {'max':>8} | "
           f"{'mom. med':>8} {'p95':>8} {'max':>8} | {'order':>6}")
+    p95 = lambda v: v[min(len(v) - 1, int(0.95 * len(v)))]  # noqa: E731
+    route = auto_route(workers, [dim], SKETCH_SIZE)
+    summary = {"model": model_name, "dim": dim, "workers": workers, "route": route}
+    if route == "sketch" and SKETCH_SIZE in sketches:
+        summary.update(raw=p95(sorted(raw[SKETCH_SIZE])), mom=p95(sorted(mom[SKETCH_SIZE])),
+                       worst=max(raw[SKETCH_SIZE]))
     for k in sizes:
         r, u = sorted(raw[k]), sorted(mom[k])
-        p95 = lambda v: v[min(len(v) - 1, int(0.95 * len(v)))]  # noqa: E731
         width = sketches[k].width
         print(f"{k:>8} {width / dim:>10.4f} | {statistics.median(r):>8.2%} {p95(r):>8.2%} "
               f"{r[-1]:>8.2%} | {statistics.median(u):>8.2%} {p95(u):>8.2%} {u[-1]:>8.2%} | "
               f"{swaps[k] / steps:>6.0%}")
+    return summary
 
 
 def main() -> int:
@@ -140,11 +151,24 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(2)
     sizes = [int(k) for k in args.sizes.split(",")]
-    for model_name in args.models.split(","):
-        for workers in (int(n) for n in args.workers.split(",")):
-            study(model_name, workers, args.steps, sizes)
+    rows = [study(model_name, workers, args.steps, sizes)
+            for model_name in args.models.split(",")
+            for workers in (int(n) for n in args.workers.split(","))]
     print("\nrelative error ||c_k - c|| / ||c||; k at or above the model size sends the "
           "gradient itself (exact); bytes: the sketch's all-gather payload per worker / D")
+    print(f"\nthe default, coefficients=auto (sketch_size {SKETCH_SIZE}): coefficient error "
+          f"over {args.steps} steps")
+    print(f"{'model':<8} {'params':>11} {'N':>3} {'route':<7} {'raw p95':>8} {'max':>8} "
+          f"{'mom. p95':>9}")
+    for row in rows:
+        if row["route"] == "sketch" and "raw" in row:
+            errs = f"{row['raw']:>8.2%} {row['worst']:>8.2%} {row['mom']:>9.2%}"
+        elif row["route"] == "sketch":
+            errs = f"{'(add k = ' + str(SKETCH_SIZE) + ' to --sizes)':>27}"
+        else:  # the exact coefficients, in one all-gather (gather) or from the sum (exact)
+            errs = f"{'0 (exact)':>8} {'0':>8} {'0':>9}"
+        print(f"{row['model']:<8} {row['dim']:>11,} {row['workers']:>3} {row['route']:<7} "
+              f"{errs}")
     return 0
 
 

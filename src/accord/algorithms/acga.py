@@ -14,12 +14,16 @@ Update rule (N workers, g_i the local gradient of worker i, s = sum_j g_j)::
     d    = sum_i c_i g_i / (||g_i|| + eps)
     d    = d / max(1, ||d||)                        written into every p.grad
 
-Hook: ``after_backward``. Communication per step with ``coefficients=exact``: allreduce
-of the raw gradients (model-size), all-gather of 2 floats per worker (2 L floats in
-per-layer mode, L tensors), allreduce of the weighted gradients (model-size): twice the
-bandwidth of averaging. With ``coefficients=sketch``: an all-gather of at most
-``sketch_size`` + 1 numbers per worker (per tensor in per-layer mode) and the weighted
-allreduce.
+Hook: ``after_backward``. Communication per step, by route (``coefficients``; the default
+``auto`` picks one when the aggregator is built, see below):
+
+* ``gather``: one all-gather of the whole gradient (D numbers per worker); every rank
+  computes the exact coefficients and d itself. One round, averaging's payload bytes.
+* ``sketch``: an all-gather of ``sketch_size`` + 1 numbers per worker (per tensor in
+  per-layer mode) and the allreduce of the weighted gradients (model-size).
+* ``exact``: allreduce of the raw gradients (model-size), all-gather of 2 floats per
+  worker (2 L floats in per-layer mode, L tensors), allreduce of the weighted gradients
+  (model-size): twice the bandwidth of averaging.
 
 Decisions where the sources are silent or disagree (all options):
 
@@ -374,6 +378,20 @@ class GramSketch:
         return torch.where(eye, torch.diag_embed(norms.to(grams.dtype) ** 2), grams)
 
 
+def auto_route(world_size: int, sizes: Sequence[int], sketch_size: int,
+               compressed: bool = False) -> str:
+    """The route ``coefficients=auto`` takes for segments of ``sizes`` (one for the whole
+    gradient, or one per tensor with ``per_layer``) on ``world_size`` workers: ``gather``
+    when N x D <= ``GATHER_LIMIT``, else ``sketch`` when the sketch is at most half the
+    gradient, else ``exact``. ``compressed``: a payload compressor is set; it acts on
+    allreduces, and the gather would send the gradient past it, so it is left out."""
+    dim = sum(int(n) for n in sizes)
+    width = sum(min(int(n), sketch_size) for n in sizes)  # the sketch's numbers per worker
+    if world_size * dim <= GATHER_LIMIT and not compressed:
+        return "gather"
+    return "sketch" if 2 * width <= dim else "exact"
+
+
 def sketch_coefficients(gram: torch.Tensor, norms: torch.Tensor, eps: float = 1e-8
                         ) -> torch.Tensor:
     """a (L, N) from Gram matrices (L, N, N) and norms (L, N): a_i = sum_j G_ij / (N (||g_i||
@@ -457,10 +475,7 @@ class ACGA(Aggregator):
         sizes = self.flat.sizes if self.hp["per_layer"] else [dim]
         width = sum(min(s, k) for s in sizes)  # the sketch's numbers per worker
         if asked == "auto":
-            # a payload compressor acts on allreduces: the gather would send the gradient
-            # past it, so auto leaves the gather out when one is set
-            small = n * dim <= GATHER_LIMIT and payload_compressor() is None
-            mode = "gather" if small else "sketch" if 2 * width <= dim else "exact"
+            mode = auto_route(n, sizes, k, compressed=payload_compressor() is not None)
             log.info("acga: coefficients=auto chose %s (N=%d, %d parameters, sketch_size=%d)",
                      mode, n, dim, k)
             return mode
