@@ -102,7 +102,6 @@ Decisions where the sources are silent or disagree (all options):
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,6 +110,7 @@ import torch
 from ..comm import FlatBuffer, accumulation_dtype, payload_compressor
 from ..core import Aggregator, Hyper, StepContext
 from . import register
+from ._gram_sketch import GramSketch
 
 log = logging.getLogger(__name__)
 
@@ -235,147 +235,6 @@ def acga_combine(
     d = torch.cat([(w[l][:, None] * p).sum(dim=0) for l, p in enumerate(parts)])
     limit_norm_(d.split(sizes))
     return d, c, m
-
-
-class GramSketch:
-    """A shared-seed sketch of gradient segments whose inner products estimate the Gram
-    matrix of the workers' gradients.
-
-    The gradient is cut into segments (one per tensor, or, ``joined``, one for all the
-    tensors end to end). A segment of n <= k numbers is sent as it is (its Gram matrix is
-    then exact). A longer one is laid out as R = ceil(n / k) rows of k (the last row
-    zero-padded); row r is multiplied elementwise by random signs sigma_r and the rows are
-    summed with random row signs tau, both drawn afresh at every step from ``seed`` and
-    the step count::
-
-        y = sum_r tau_r (sigma_r * g_r)           k numbers
-
-    E_tau <y(x), y(z)> = sum_r <sigma_r x_r, sigma_r z_r> = <x, z>: unbiased at every
-    step, with an error that is independent across steps. The sigma_r break the structure
-    of the layout: the rows of a layer's weight gradient are nearly parallel, and rows that
-    collide without them add coherently (measured with ``benchmarks/acga_sketch.py`` on the
-    9.5M-parameter MLP, N = 4: 2.7% error at the 95th percentile for k = 65536 without
-    signs, 0.5% with them).
-
-    The signs cost no memory traffic: sigma_r is the window [s_r, s_r + k) of one fixed
-    table T of k random signs written twice (2k numbers, which stay in cache), with a
-    distinct shift s_r < k/2 per row. For two rows, sigma_r * sigma_r' is T(l + s_r)
-    T(l + s_r') (indices mod k): over the random table every entry is a uniform sign and
-    any two entries are independent (they would share both table entries only if
-    s_r - s_r' = k/2), which is all the variance of the estimate depends on. So the error
-    is that of independent random signs per element (the earlier form of this sketch,
-    which read a gradient-size sign vector at every step), for one read of the gradient:
-    one fused multiply-add per row into y (``addcmul_``), and the exact norm of the row
-    taken while it is in cache. tau and the shifts are drawn on the host (Python's
-    ``random``, a few numbers per row and step, no tensor): no host sync, nothing to copy.
-    """
-
-    def __init__(self, sizes: Sequence[int], k: int, seed: int,
-                 device: torch.device | str, dtype: torch.dtype = torch.float32,
-                 joined: bool = False) -> None:
-        self.sizes = [int(n) for n in sizes]
-        self.k = int(k)
-        self.seed = int(seed)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        lengths = [sum(self.sizes)] if joined else self.sizes  # one per segment
-        self.rows = [-(-n // self.k) if n > self.k else 0 for n in lengths]
-        self.widths = [self.k if r else n for n, r in zip(lengths, self.rows, strict=True)]
-        self.width = sum(self.widths)
-        self.segments = len(lengths)
-        total_rows = sum(self.rows)
-        self.table: torch.Tensor | None = None
-        if total_rows:
-            gen = torch.Generator().manual_seed(self.seed)  # host: drawn once, then moved
-            signs = torch.randint(0, 2, (self.k,), generator=gen,  # host: as above
-                                  dtype=torch.int8).to(device=self.device, dtype=dtype)
-            signs.mul_(2).sub_(1)
-            self.table = torch.cat([signs, signs])
-        # the plan: one piece per (tensor, row) overlap, as
-        # (tensor, start, stop, position in y, position in the row or -1 to copy, row)
-        self.plan: list[tuple[int, int, int, int, int, int]] = []
-        piece_segment: list[int] = []
-        offsets = [0] * len(self.sizes)
-        members = [list(range(len(self.sizes)))] if joined else [[i] for i in
-                                                                  range(len(self.sizes))]
-        if joined:
-            for i in range(1, len(self.sizes)):
-                offsets[i] = offsets[i - 1] + self.sizes[i - 1]
-        y_at = row_at = 0
-        for seg, (tensors, rows) in enumerate(zip(members, self.rows, strict=True)):
-            for i in tensors:
-                start, stop = offsets[i], offsets[i] + self.sizes[i]
-                if rows == 0:
-                    if stop > start:
-                        self.plan.append((i, 0, stop - start, y_at + start, -1, -1))
-                        piece_segment.append(seg)
-                    continue
-                at = start
-                while at < stop:
-                    row, col = divmod(at, self.k)
-                    end = min((row + 1) * self.k, stop)
-                    self.plan.append((i, at - start, end - start, y_at + col, col,
-                                      row_at + row))
-                    piece_segment.append(seg)
-                    at = end
-            y_at += self.widths[seg]
-            row_at += rows
-        self.total_rows = total_rows
-        self.piece_segment = torch.tensor(piece_segment, dtype=torch.long, device=self.device)
-        self.piece_norms = torch.zeros(len(self.plan), dtype=dtype, device=self.device)
-
-    def row_signs(self, count: int) -> tuple[list[float], list[int]]:
-        """The row signs tau and the table shifts of step ``count`` (all rows of all
-        segments), as host numbers: distinct shifts below k/2 (they repeat only past k/2
-        rows, a gradient of more than k^2 / 2 numbers)."""
-        rng = random.Random((self.seed * 1_000_003 + 7919 * (count + 1)) % (2**63 - 1))
-        rows = self.total_rows
-        bits = rng.getrandbits(rows) if rows else 0
-        half = max(1, self.k // 2)
-        picked = rng.sample(range(half), min(half, rows))
-        return ([1.0 if (bits >> r) & 1 else -1.0 for r in range(rows)],
-                [picked[r % half] for r in range(rows)])
-
-    @torch.no_grad()
-    def fill_(self, tensors: Sequence[torch.Tensor | None], count: int, out: torch.Tensor
-              ) -> torch.Tensor:
-        """Write the sketch of ``tensors`` (the sizes given; None counts as zeros) at step
-        ``count`` into ``out[:width]`` and each segment's exact norm into
-        ``out[width:width + segments]``; returns ``out``. One read of the tensors."""
-        tau, shifts = self.row_signs(count)
-        flat = [None if t is None else t.reshape(-1) for t in tensors]
-        y = out[: self.width]
-        y.zero_()
-        norms = self.piece_norms
-        norms.zero_()
-        for j, (i, a, b, at, col, row) in enumerate(self.plan):
-            src = flat[i]
-            if src is None:
-                continue
-            src = src[a:b]
-            if col < 0:
-                y[at: at + b - a].copy_(src)
-            else:
-                window = shifts[row] + col
-                y[at: at + b - a].addcmul_(src, self.table[window: window + b - a],
-                                           value=tau[row])
-            torch.linalg.vector_norm(src, dtype=self.dtype, out=norms[j])
-        seg_norms = out[self.width: self.width + self.segments]
-        seg_norms.zero_().index_add_(0, self.piece_segment, norms.square()).sqrt_()
-        return out
-
-    def apply(self, tensors: Sequence[torch.Tensor | None], count: int) -> torch.Tensor:
-        """The sketch of ``tensors`` at step ``count``: ``width`` numbers in the sketch
-        dtype (a new tensor)."""
-        out = torch.empty(self.width + self.segments, dtype=self.dtype, device=self.device)
-        return self.fill_(tensors, count, out)[: self.width]
-
-    def gram(self, sketches: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """(L, N, N) Gram estimates from the gathered sketches (N, width), with each
-        diagonal set to the exact squared norms ``norms`` (L, N)."""
-        grams = torch.stack([part @ part.T for part in sketches.split(self.widths, dim=1)])
-        eye = torch.eye(grams.shape[-1], dtype=torch.bool, device=grams.device)
-        return torch.where(eye, torch.diag_embed(norms.to(grams.dtype) ** 2), grams)
 
 
 def auto_route(world_size: int, sizes: Sequence[int], sketch_size: int,
