@@ -13,9 +13,9 @@ from worlds import run_world
 
 import accord
 from accord import comm as comm_mod
+from accord.algorithms import REGISTRY
 from accord.compress import Compressor
 from accord.config import ConfigError, TrainConfig, validate
-from accord.algorithms import REGISTRY
 
 # the built-in algorithms by what each class declares (tests/test_plugins.py pins them)
 BUILTIN = {n: c for n, c in REGISTRY.items() if c.__module__.startswith("accord.")}

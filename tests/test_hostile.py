@@ -50,7 +50,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from accord import bench, checkpoint, cli, report
-from accord.config import validate
+from accord.config import TrainConfig, validate
 from accord.metrics import RECORD_SCHEMAS, scan_metrics
 from accord.schema import MAX_DEPTH, SchemaError
 from accord.tuning import load as load_tuning
@@ -312,7 +312,7 @@ def test_mutated_manifest(cwd, real_run, data):
         if code == "launched":  # harmless (a changed "created"): the reader agrees
             cfg = cli._config_from_args(cli.build_parser().parse_args(argv))
             validate(cfg)
-            checkpoint.verify(ckpt, 1, cfg.fingerprint())
+            checkpoint.verify(ckpt, 1, cfg.fingerprint(), defaults=TrainConfig.ADDED_DEFAULTS)
         else:
             _one_line_refusal(code, err, "train")
             assert err[0].startswith(f"accord train: error: resume: checkpoint {ckpt}: ")

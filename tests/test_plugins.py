@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_util import no_workers, run_cli
 
 import accord
 from accord import algorithms
 from accord.algorithms import REGISTRY, load_plugin, register
 from accord.core import Aggregator
-from cli_util import no_workers, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "plugin_algorithm.py"

@@ -27,14 +27,13 @@ and checkpoints that keep every rank's replica::
 
 from __future__ import annotations
 
+from ._version import __version__
 from .algorithms import REGISTRY, build, list_algorithms, load_plugin, register
 from .checkpoint import CheckpointError, load, save
 from .comm import CommStats, Communicator, FlatBuffer
 from .core import Aggregator, Hyper, StepContext, due
 from .ddp_hooks import ddp_hook
 from .wrap import AggregatedOptimizer, wrap
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
@@ -48,6 +47,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "REGISTRY",
+    "__version__",
     "AggregatedOptimizer",
     "Aggregator",
     "CheckpointError",

@@ -364,15 +364,14 @@ def _check_file(path: Path, name: str, entry: Mapping[str, Any]) -> None:
 
 
 def _compare(path: Path, manifest: Mapping[str, Any], world_size: int | None,
-             config: Mapping[str, Any] | None) -> None:
+             config: Mapping[str, Any] | None,
+             defaults: Mapping[str, Any] | None = None) -> None:
     if world_size is not None and manifest["world_size"] != world_size:
         raise CheckpointError(f"checkpoint {path}: written by {manifest['world_size']} workers, "
                               f"this run has {world_size}; allowed: the same world size")
     if config is not None:
-        from .config import TrainConfig
-
         saved = dict(manifest.get("config", {}))
-        for key, value in TrainConfig.ADDED_DEFAULTS.items():  # written before key existed
+        for key, value in (defaults or {}).items():  # written before the key existed
             if key in config and key not in saved:
                 saved[key] = value
         for key in sorted(set(saved) | set(config)):
@@ -385,13 +384,15 @@ def _compare(path: Path, manifest: Mapping[str, Any], world_size: int | None,
 
 
 def verify(path: str | os.PathLike, world_size: int | None = None,
-           config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           config: Mapping[str, Any] | None = None, *,
+           defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a complete, intact checkpoint matching ``world_size`` and ``config``
-    (when given); :class:`CheckpointError` (one line) otherwise. Reads every file (its
+    (when given; ``defaults`` holds the value of each key a manifest written before the key
+    existed ran with); :class:`CheckpointError` (one line) otherwise. Reads every file (its
     SHA-256, and the fields of its pickle that must agree with the manifest)."""
     path = Path(path)
     manifest = read_manifest(path)
-    _compare(path, manifest, world_size, config)
+    _compare(path, manifest, world_size, config, defaults)
     files = manifest["files"]
     for r in range(manifest["world_size"]):
         if _rank_file(r) not in files:
@@ -422,13 +423,14 @@ def step_dirs(root: str | os.PathLike) -> list[Path]:
 
 
 def find(root: str | os.PathLike, world_size: int | None = None,
-         config: Mapping[str, Any] | None = None) -> tuple[Path | None, list[str]]:
+         config: Mapping[str, Any] | None = None, *,
+         defaults: Mapping[str, Any] | None = None) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint under ``root`` that matches, and one line for every
     newer one that was skipped (incomplete, corrupt, or from another config)."""
     skipped = []
     for d in step_dirs(root):
         try:
-            verify(d, world_size, config)
+            verify(d, world_size, config, defaults=defaults)
         except CheckpointError as exc:
             skipped.append(str(exc))
             continue

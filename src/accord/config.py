@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from . import algorithms, faults, settings
+from .errors import ConfigError, ConfigTypeError
 from .metrics import tensorboard_available
+from .process import launched_here, under_torchrun
 from .settings import setting
 from .tasks import EVAL_SPLITS, get_task
 
@@ -30,10 +32,6 @@ DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("exclude", "skip", "off")
 # EVAL_SPLITS (from accord.tasks): what evaluation measures, "test" (the test split) or
 # "val" (a held-out part of the training data, excluded from training; for tuning)
-
-
-class ConfigError(ValueError):
-    """A bad setting, reported as one line before any worker starts."""
 
 
 # Bounds users meet (each error message states the one that applies).
@@ -325,11 +323,6 @@ def parse_field(name: str, text: str, cfg: TrainConfig | None = None) -> Any:
     return _parse_setting(name, text, cfg)
 
 
-class ConfigTypeError(ConfigError, TypeError):
-    """A setting of the wrong type (``TrainConfig(lr="0.1")``): a ConfigError for the CLI,
-    a TypeError for Python callers."""
-
-
 def max_workers() -> int:
     """The most workers the local launcher starts on this machine."""
     return MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
@@ -374,18 +367,6 @@ def _is_int(x: Any) -> bool:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _under_torchrun() -> bool:
-    from .launch import under_torchrun  # launch imports this module
-
-    return under_torchrun()
-
-
-def _launched_here() -> bool:
-    from .launch import launched_here
-
-    return launched_here()
 
 
 def _algorithms_with(capability: str) -> str:
@@ -512,7 +493,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
         raise ConfigTypeError(str(e)) from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if _under_torchrun():  # torchrun started the processes, on one or several machines
+    if under_torchrun():  # torchrun started the processes, on one or several machines
         integer("workers", 1)
     else:
         integer("workers", 1, max_workers())
@@ -546,7 +527,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
     integer("max_restarts", 0, MAX_RESTARTS)
     emulated_network(cfg)
     payload_compression(cfg)
-    if cfg.max_restarts and _under_torchrun() and not _launched_here():
+    if cfg.max_restarts and under_torchrun() and not launched_here():
         fail("max_restarts", cfg.max_restarts, "0 under torchrun (use torchrun's own "
              "--max-restarts with accord train --resume auto)")
     hp = cfg.hyperparameters
@@ -723,7 +704,7 @@ def _check_fault_tolerant(cfg: TrainConfig) -> None:
     if cfg.nonfinite == "skip":
         raise ConfigError("--fault-tolerant: --nonfinite skip is not supported yet; "
                           "allowed: exclude or off")
-    if _under_torchrun() and not _launched_here():
+    if under_torchrun() and not launched_here():
         raise ConfigError("--fault-tolerant: not under torchrun; the local launcher starts "
                           "each worker as its own torchft replica group")
     for spec in cfg.faults:
@@ -783,7 +764,7 @@ def _check_gpus(cfg: TrainConfig) -> None:
         raise ConfigError(f"{field}: got {value!r}, allowed: {other} (no CUDA device: "
                           "torch.cuda.is_available() is False here)")
     gpus = torch.cuda.device_count()
-    torchrun = _under_torchrun()
+    torchrun = under_torchrun()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.workers)) if torchrun else cfg.workers
     if local > gpus:
         raise ConfigError(f"{field}: got {value!r} for {local} local workers, allowed: at "

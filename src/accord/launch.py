@@ -44,28 +44,16 @@ import torch.distributed as dist
 from .config import ConfigError, TrainConfig
 from .failures import REPORT_FD, Exit, Failure, StorageError, attribute, read_reports
 from .metrics import append_record
+from .process import LAUNCHED, launched_here, under_torchrun  # noqa: F401 - re-exported
 from .rundir import RunLock
 
 GRACE_S = 3.0  # after the first failure, time the others get to exit on their own
 CLEAN_EXITS = (0, 3)  # ok, diverged
-LAUNCHED = "ACCORD_LAUNCHED"  # set in workers started by this launcher
-
-
-def launched_here() -> bool:
-    """True in a worker started by this launcher (not by torchrun)."""
-    return os.environ.get(LAUNCHED) == "1"
-
-
 @dataclass
 class LaunchResult:
     returncode: int
     failed_rank: int | None = None
     message: str = ""
-
-
-def under_torchrun() -> bool:
-    """True inside a process started by torchrun (or by this launcher)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def worker_env(rank: int, world: int, port: int, restart: int = 0,

@@ -59,7 +59,7 @@ def git_revision() -> str | None:
 
 
 def run_environment() -> dict[str, Any]:
-    from . import __version__
+    from ._version import __version__
 
     return {
         "accord_version": __version__,

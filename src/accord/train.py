@@ -60,6 +60,7 @@ from .comm import Communicator, FlatBuffer, compress_payloads, emulate_network, 
 from .config import SECOND_ORDER, ConfigError, TrainConfig, emulated_network, payload_compression
 from .core import Aggregator, StepContext
 from .failures import (
+    Failure,
     Heartbeat,
     StorageError,
     attribute,
@@ -147,7 +148,8 @@ def resolve_resume(cfg: TrainConfig, world: int) -> tuple[Path | None, list[str]
     root = Path(cfg.out) / CHECKPOINTS
     same_run(cfg)
     if cfg.resume == "auto":
-        path, skipped = checkpoint.find(root, world, cfg.fingerprint())
+        path, skipped = checkpoint.find(root, world, cfg.fingerprint(),
+                                        defaults=TrainConfig.ADDED_DEFAULTS)
         if path is None:
             # intact checkpoints of this directory's run, none matching this config: the
             # config changed (starting over would discard the run), so name what differs
@@ -156,10 +158,11 @@ def resolve_resume(cfg: TrainConfig, world: int) -> tuple[Path | None, list[str]
                     checkpoint.verify(d)
                 except checkpoint.CheckpointError:
                     continue
-                checkpoint.verify(d, world, cfg.fingerprint())
+                checkpoint.verify(d, world, cfg.fingerprint(),
+                                  defaults=TrainConfig.ADDED_DEFAULTS)
         return path, skipped
     path = Path(cfg.resume)
-    checkpoint.verify(path, world, cfg.fingerprint())
+    checkpoint.verify(path, world, cfg.fingerprint(), defaults=TrainConfig.ADDED_DEFAULTS)
     return path, []
 
 
@@ -410,6 +413,10 @@ def _report(exc: BaseException, cfg: TrainConfig, rank: int, world: int, logs: P
     if interrupted or is_consequence(message):
         wait_for_reports(logs, world, rank, min(1.0 if interrupted else 5.0, cfg.timeout))
     failure = attribute(logs, world, ignore=rank)
+    if not interrupted and failure.rank is None and not is_consequence(message):
+        # no evidence file could be written (logs/ on a full disk): this rank's own error
+        # is the best cause known here (the launcher, which got it on its pipe, agrees)
+        failure = Failure(rank, message, step)
     if interrupted and (failure.rank is None or failure.rank == rank):
         summary = {"type": "summary", "status": "interrupted",
                    "error": "interrupted (SIGINT or SIGTERM)", "interrupted_step": step,
