@@ -67,19 +67,46 @@ Decisions where the sources are silent or disagree (all options):
   tuned for averaging do not transfer. ``none`` (default, as the paper) leaves d as is;
   ``mean_norm`` multiplies d by mean_i ||g_i||; ``avg_norm`` by ||mean_i g_i||. Both are
   available without extra communication.
-* ``coefficients`` -- ``exact`` (default, the paper) computes <g_i, s> from s, the
-  allreduced sum: two model-size allreduces per step. ``sketch`` needs one. The
-  coefficients only need the Gram matrix G_ij = <g_i, g_j> (a_i = sum_j G_ij / (N ||g_i||)),
-  so every rank sends a ``sketch_size``-number sketch of its gradient (an all-gather of
-  N x k numbers), G is estimated from the sketches, its diagonal is replaced by the exact
-  ||g_i||^2, and d needs the one weighted allreduce. See :class:`GramSketch` for the
-  sketch. A gradient (per layer: every tensor) of at most ``sketch_size`` numbers is
-  handled as ``exact``: gathering it whole would cost more than the allreduce of s.
-  The default ``sketch_size`` = 65536 comes from ``benchmarks/acga_sketch.py`` (N = 4
-  and 8 simulated workers on Fashion-MNIST, 60 steps of a 9.5M-parameter MLP): the
-  per-step coefficients' relative error ||c_k - c|| / ||c|| was 0.50% / 0.54% at the
-  95th percentile (0.64% / 0.71% at worst) for N = 4 / 8, for 0.7% of averaging's
-  bytes; the error falls as 1/sqrt(k) (p95 1.8% / 2.9% at k = 4096).
+* ``coefficients`` -- the route that computes them (traffic under "Hook" above).
+  ``exact`` (the paper) computes <g_i, s> from s, the allreduced sum. ``gather``
+  all-gathers every gradient, and every rank computes s, the dots, the norms, the
+  coefficients and d itself from the same numbers in the same order: d is bit-identical
+  on every rank and equal to ``exact``'s up to the order of the sums. ``sketch``: the
+  coefficients only need the Gram matrix G_ij = <g_i, g_j> (a_i = sum_j G_ij /
+  (N ||g_i||)), so every rank sends a ``sketch_size``-number sketch of its gradient (an
+  all-gather of N x k numbers), G is estimated from the sketches, its diagonal is
+  replaced by the exact ||g_i||^2, and d needs the one weighted allreduce. See
+  :class:`GramSketch` for the sketch (one read of the gradient, the norms taken in the
+  same pass; the weight is applied in the pass that loads the gradient into the flat
+  buffer). A gradient (per layer: every tensor) of at most ``sketch_size`` numbers is
+  handled as ``exact``.
+  ``auto`` (the default) picks the route when the aggregator is built
+  (:func:`auto_route`): ``gather`` when N x D <= ``GATHER_LIMIT`` = 2^18, else
+  ``sketch`` when the sketch is at most half the gradient, else ``exact``; never
+  ``gather`` with a payload compressor set (it acts on allreduces). The choice, measured
+  side by side (``benchmarks/overhead.py --models mlp,cnn --workers 2,4 --rounds 7``,
+  gloo, one thread per process, 2 CPU cores shared with other jobs; two runs), step
+  time over accord's ``allreduce``::
+
+      coefficients   MLP 10M N=2   MLP 10M N=4   CNN 34k N=2   CNN 34k N=4
+      exact          1.28, 1.47    1.28, 1.33    1.02, 1.10    1.16, 1.11
+      auto           0.91, 1.16    1.01, 0.94    0.98, 1.01    1.14, 1.12
+                     (sketch, 1.01x averaging's bytes)  (gather, 1.00x)
+
+  The aggregation alone (the CNN's gradient, gloo): ``gather`` 9.6 ms against
+  ``allreduce``'s 11.1 ms at N = 4 (``exact`` 33 ms), 2.3 against 1.9 ms at N = 2. The
+  limit: a gloo all-gather of N x D numbers costs about one allreduce of D up to
+  N x D ~ 2^18 on this machine and grows past it (N = 2, D = 131072: 2.2 ms against
+  0.7 ms), while a small model's ``exact`` pays three collectives' latency. The sketch
+  costs one read of the gradient: about 7 ms on one core for the 10M MLP, whose
+  averaging step takes about 97 ms at N = 2 on an idle machine.
+  The default ``sketch_size`` = 65536 comes from ``benchmarks/acga_sketch.py`` (simulated
+  workers on Fashion-MNIST, 60 steps of a 9.5M-parameter MLP): the per-step
+  coefficients' relative error ||c_k - c|| / ||c|| (one step's, without momentum) was
+  0.08% / 0.36% at the 95th percentile (0.32% / 0.64% at worst) for N = 2 / 4, and the
+  sorted momentum's 0.05% / 0.09%, for 0.7% of averaging's bytes; the error falls as
+  1/sqrt(k) (p95 0.22% / 1.13% at k = 16384). The 34k-parameter CNN is gathered (exact
+  coefficients) up to N = 7.
   What the paper's unbiasedness becomes: in the paper it is the renormalisation of the
   coefficients to sum one, so that d is an unbiased combination of the workers'
   gradients, each an unbiased estimate of the true gradient. The sketch keeps that
@@ -90,8 +117,9 @@ Decisions where the sources are silent or disagree (all options):
   so a_i is unbiased too; the sort, the sorted momentum and the division by sum(c) are
   nonlinear, so c carries a bias of order 1/k besides its 1/sqrt(k) noise, which the
   momentum (a running mean of the estimates) averages down further. The
-  guard, the fallback and ||d|| <= 1 hold as in ``exact``. Memory: the sketch's signs
-  take the place of s (one gradient-size vector either way).
+  guard, the fallback and ||d|| <= 1 hold as in ``exact``. Memory: a table of 2k signs,
+  no gradient-size buffer besides the flat one (``exact`` keeps s; ``gather`` an N x D
+  buffer for the step, small by construction).
 * Dots and norms are computed in fp32 whatever the parameter dtype (float64 for float64
   parameters' observables).
 * No host sync on any step: coefficients, momentum and guard counts stay tensors on the
