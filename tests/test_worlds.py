@@ -165,3 +165,30 @@ def test_communication_accounting(traces):
         assert set(gather) == {"allgather"}
         assert gather["allgather"]["calls"] == STEPS
         assert gather["allgather"]["bytes"] == STEPS * numel * 4
+
+
+def test_every_communicator_has_the_protocol(world_of_one):
+    """The library's communicators are one interface (accord.comm.Collectives): the
+    counted Communicator (with point-to-point calls) and the torchft quorum's, whose
+    collectives an algorithm calls the same way."""
+    from accord.comm import Collectives, Communicator, PointToPoint
+    from accord.ft import FTCommunicator
+
+    comm = Communicator()
+    assert isinstance(comm, PointToPoint) and isinstance(comm, Collectives)
+    methods = [n for n, v in vars(Collectives).items() if callable(v) and not n.startswith("_")]
+    assert sorted(methods) == ["all_gather", "all_reduce_", "all_reduce_async_", "broadcast_",
+                               "global_rank"]
+    for name in methods:  # the same parameters, in the same order, with the same defaults
+        import inspect
+
+        want = inspect.signature(getattr(Collectives, name)).parameters
+        for cls in (Communicator, FTCommunicator):
+            got = inspect.signature(getattr(cls, name)).parameters
+            assert [(p.name, p.default) for p in got.values()][:len(want)] == \
+                [(p.name, p.default) for p in want.values()], (cls.__name__, name)
+    for name in ("rank", "world_size", "native_avg", "emulated"):
+        assert hasattr(FTCommunicator, name)  # properties or class attributes
+    # point-to-point calls exist only to refuse in one line: no peer schedule survives a
+    # change of quorum
+    assert FTCommunicator.send is FTCommunicator.exchange_ is FTCommunicator._p2p

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -149,8 +150,50 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+@runtime_checkable
+class Collectives(Protocol):
+    """What an algorithm may call: the collectives every communicator offers (the
+    counted :class:`Communicator` on a process group, and
+    :class:`accord.ft.FTCommunicator` on a torchft quorum, whose ``world_size`` and
+    ``rank`` follow the current participants). Each call counts its bytes and seconds in
+    ``stats`` under ``kind``."""
+
+    rank: int
+    world_size: int
+    stats: CommStats
+    native_avg: bool
+    emulated: bool
+
+    def global_rank(self, rank: int) -> int: ...
+
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce",
+                    exact: bool = False) -> torch.Tensor: ...
+
+    def all_reduce_async_(self, t: torch.Tensor, op: str = "sum",
+                          kind: str = "allreduce") -> torch.futures.Future: ...
+
+    def all_gather(self, t: torch.Tensor, kind: str = "allgather") -> torch.Tensor: ...
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0,
+                   kind: str = "broadcast") -> torch.Tensor: ...
+
+
+@runtime_checkable
+class PointToPoint(Collectives, Protocol):
+    """:class:`Collectives` plus point-to-point calls (a fixed world's communicator only:
+    a peer schedule drawn for one world means nothing in the next quorum)."""
+
+    def send(self, t: torch.Tensor, dst: int, kind: str = "send") -> None: ...
+
+    def recv_(self, t: torch.Tensor, src: int, kind: str = "recv") -> torch.Tensor: ...
+
+    def exchange_(self, send: torch.Tensor, recv: torch.Tensor, peer: int,
+                  kind: str = "exchange") -> torch.Tensor: ...
+
+
 class Communicator:
-    """Collectives on one process group, each on one contiguous tensor, all counted."""
+    """Collectives on one process group, each on one contiguous tensor, all counted (it
+    implements :class:`PointToPoint`)."""
 
     def __init__(
         self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None,

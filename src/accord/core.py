@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator
+from .comm import Collectives, Communicator
 
 
 @dataclass
@@ -325,7 +325,9 @@ class Aggregator:
                 f"{type(self).__name__} needs an initialised torch.distributed process group "
                 "(call torch.distributed.init_process_group first, or use `accord train`)"
             )
-        self.comm = Communicator(group)
+        # swapped for a torchft quorum's communicator under --fault-tolerant: algorithms
+        # call only what the Collectives protocol has (PointToPoint ones need a fixed world)
+        self.comm: Collectives = Communicator(group)
         self.group = group
         self.rank = self.comm.rank
         self.world_size = self.comm.world_size

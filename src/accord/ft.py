@@ -274,7 +274,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class FTCommunicator:
-    """:class:`accord.comm.Communicator`'s interface on a torchft Manager.
+    """:class:`accord.comm.Collectives` (the communicator protocol, without point-to-point
+    calls) on a torchft Manager.
 
     ``world_size`` and ``rank`` are the current quorum's (read at every access; they
     change only at :meth:`FTWorker.begin`). Every collective is counted into ``stats``
