@@ -1,64 +1,30 @@
-"""The training loop every worker runs (its settings: :mod:`accord.config`).
-
-The loop is the same for every algorithm (no branching on algorithm type)::
-
-    for step in range(steps):
-        faults: crash / kill; freeze snapshot
-        zero grads; accum_steps x (forward, backward of loss / accum_steps)
-        faults: delay / slow sleep, nan gradients, frozen rank's gradients zeroed
-        non-finite guard (``nonfinite``)
-        agg.after_backward(ctx); optimizer.step()
-        faults: frozen rank back to its snapshot (the aggregator sees the frozen model)
-        agg.after_step(ctx)
-        faults: frozen rank back to its snapshot
-        every log_every steps: metrics record, fault events gathered to rank 0, then a
-        barrier bounded by ``idle_timeout`` (rank 0's evaluation is idle time for others)
-
-Gradients of the ``accum_steps`` micro-batches are averaged locally without
-communication before the aggregator sees them.
-
-The non-finite guard (``TrainConfig.nonfinite``, ``--nonfinite``) checks the local
-gradient after backward and before the aggregator's first hook:
-
-* ``exclude`` (default): a rank whose gradient holds a NaN or Inf zeroes it for this step
-  and takes part as usual (its model is finite, its gradient contributes zero, so an
-  allreduce average is scaled by (n-1)/n that step; the optimizer still applies momentum
-  and weight decay). The step is passed to the aggregator as ``StepContext(healthy=False)``
-  (dynamic weighting does not count it as progress). Purely local: no extra
-  communication, fine for asynchronous algorithms.
-* ``skip``: one 1-number MAX allreduce on the loop's own communicator (not counted as the
-  algorithm's traffic) per step; if any rank's gradient is non-finite, every rank skips
-  the whole step (no aggregator hook, no optimizer step).
-* ``off``: no check; a NaN spreads through the aggregation.
-
-:func:`nonfinite_grads` is the same check for Python API users.
+"""A worker of the local launcher or torchrun: :func:`run_worker` joins the process group,
+decides what a ``--resume`` continues, opens rank 0's ``metrics.jsonl``, runs the one loop
+(:mod:`accord.loop`, recorded by :mod:`accord.records`) and checkpoints it, and leaves
+the evidence of a failure (:mod:`accord.failures`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
-import random
 import signal
 import sys
 import threading
 import time
 import traceback
-import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import algorithms, checkpoint, faults
-from .comm import Communicator, FlatBuffer, compress_payloads, emulate_network, payload_compressor
-from .config import SECOND_ORDER, ConfigError, TrainConfig, emulated_network, payload_compression
-from .core import Aggregator, StepContext
+from . import checkpoint
+from .comm import Communicator, compress_payloads, emulate_network, payload_compressor
+from .config import ConfigError, TrainConfig, emulated_network, payload_compression
+from .core import Aggregator
 from .failures import (
     Failure,
     Heartbeat,
@@ -70,21 +36,36 @@ from .failures import (
     storage_error,
     wait_for_reports,
 )
+from .loop import (
+    RNG_KEY,
+    Batches,
+    Faults,
+    Hook,
+    Liveness,
+    Step,
+    Steps,
+    Tally,
+    Worker,
+    build_worker,
+    make_optimizer,
+    nonfinite_grads,
+    run_loop,
+    seed_worker,
+)
 from .metrics import MetricsWriter, run_environment, scan_metrics
-from .observe import AsyncObserver, ConsensusProbe, divergence, finite_or_none, state_tensors
-from .tasks import get_task, stream_seed, task_source, to_device
+from .observe import ConsensusProbe, divergence, finite_or_none, state_tensors
+from .records import ObservedRecords, Records, idle_group
+from .tasks import task_source
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # under the run directory
-#: key of the global generators' seed, beside (seed, rank): distinct from the data stream's
-RNG_KEY = 0x5EED
 #: the summary statuses of a run that ended by itself: a resume finds nothing to do
 ENDED = ("ok", "diverged")
 
 # names other modules (and older scripts) import from here
-ConsensusProbe = ConsensusProbe
-state_tensors = state_tensors
+__all__ = ["RNG_KEY", "ConsensusProbe", "make_optimizer", "nonfinite_grads", "resume_plan",
+           "run_worker", "seed_worker", "state_tensors"]
 _finite = finite_or_none
 _divergence = divergence
 
@@ -230,41 +211,6 @@ def _attempts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"from_step": int(r.get("step", 0)), "started": float(r["time"])}
             for r in records if r.get("type") == "start"
             and isinstance(r.get("time"), int | float) and isinstance(r.get("step"), int)]
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    lr, wd, mom = cfg.resolved_lr(), cfg.weight_decay, cfg.resolved_momentum()
-    if cfg.optimizer in ("sgd", "nesterov"):
-        return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd,
-                               nesterov=cfg.optimizer == "nesterov" and mom > 0)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    if cfg.optimizer == "adahessian":  # pytorch-optimizer's (extra: adahessian)
-        from ._extras import require
-
-        return require("pytorch_optimizer", "adahessian").AdaHessian(params, lr=lr,
-                                                                       weight_decay=wd)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-
-
-def nonfinite_grads(params) -> bool:
-    """True if any gradient of ``params`` holds a NaN or an Inf (parameters without a
-    gradient are ignored). Local and exact: huge finite values are not flagged, and the
-    result is read with a single synchronisation."""
-    flags = [torch.isfinite(p.grad.detach()).all() for p in params if p.grad is not None]
-    return bool(flags) and not bool(torch.stack(flags).all())
-
-
-def seed_worker(seed: int, rank: int) -> None:
-    """Seed every global generator a task, model, optimizer or user code may draw from
-    (torch on the CPU and every GPU, numpy, ``random``) from (run seed, rank): dropout masks
-    and AdaHessian's Hutchinson probes then repeat from run to run and differ between ranks,
-    as the data streams do. (Initial models come from the task's own seeded generator and
-    data streams from generators keyed (seed, rank), so neither depends on this.)"""
-    value = stream_seed(seed, rank, RNG_KEY)
-    torch.manual_seed(value)  # also seeds every CUDA device
-    np.random.seed(value % 2**32)
-    random.seed(value)
 
 
 def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -456,265 +402,72 @@ def _interrupt_on_sigterm():
 
 def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None,
            heartbeat: Heartbeat, device: torch.device, resume: Path | None = None):
-    seed_worker(cfg.seed, rank)  # before the task builds anything (a resume restores it)
-    task = get_task(cfg.task)(cfg.seed, cfg.data_dir, split=cfg.eval_split).to(device)
-    model = task.build_model().to(device)
-    optimizer = make_optimizer(cfg, model.parameters())
-    saved = None
-    if resume is not None:
-        # the model and optimizer first: an aggregator snapshots the model when it is built
-        # (EASGD's centre, the background engine's first deposit)
-        saved = checkpoint.read(resume, map_location=device)
-        checkpoint.restore(saved, model, optimizer, rng=False)
-    hp = dict(cfg.hyperparameters)
-    spec = algorithms.get(cfg.algo).hyperparameters
-    for key in ("timeout", "idle_timeout"):  # background rounds follow the run's timeouts
-        if key in spec and key not in hp:
-            hp[key] = getattr(cfg, key)
-    # every rank built the same model from the run seed: no initial broadcast, so the
-    # algorithm's traffic counts only what it sends per step
-    agg = algorithms.build(cfg.algo, model.parameters(), buffers=model.buffers(),
-                           broadcast=False, **hp)
-    injector = faults.Injector([faults.parse(s, world, cfg.steps) for s in cfg.faults], rank,
-                               world, cfg.seed, fired_dir=Path(cfg.out) / "logs")
-    first = 0
-    extra: dict[str, Any] = {}
-    if saved is not None:
-        checkpoint.restore(saved, aggregator=agg, rng=True)
-        first, extra = int(saved["step"]), saved.get("extra", {})
-        del saved
-        if payload_compressor() is not None and extra.get("compressor") is not None:
-            payload_compressor().load_state_dict(extra["compressor"])
-    state = state_tensors(model)
-    params = list(model.parameters())
-    events: dict[str, int] = dict(extra.get("events", {}))
-    pending = 0
-    stream = task.train_stream(rank, cfg.resolved_batch_size())
-    for _ in range(first * cfg.accum_steps):  # the data stream continues where it stopped
-        next(stream)
+    """Set up this rank's objects and run the one loop (:func:`accord.loop.run_loop`);
+    returns the summary on rank 0."""
+    w = build_worker(cfg, rank, world, device, Path(cfg.out) / "logs", resume)
+    extra = w.extra or {}
+    if payload_compressor() is not None and extra.get("compressor") is not None:
+        payload_compressor().load_state_dict(extra["compressor"])
+    batches = Batches(w.task.train_stream(rank, cfg.resolved_batch_size()), cfg.accum_steps)
+    batches.skip_to(w.first)  # the data stream continues where it stopped
     # for logging only: not the algorithm's traffic, not counted, no emulated network
     loop_comm = Communicator(emulated=False)
-    # waits for another rank's compute (rank 0 evaluating, a straggler finishing its last
-    # steps) are idle, not failures: they get a barrier bounded by idle_timeout first
-    idle = dist.new_group(list(range(world)), timeout=timedelta(seconds=cfg.idle_timeout),
-                          backend="gloo") if world > 1 else None
-    # an algorithm that avoids waits is observed without a global wait (accord.observe)
-    observer = AsyncObserver(model, agg, world, rank, cfg.idle_timeout,
-                             _async_writer(task, model, writer, events)) \
-        if agg.avoids_waits and world > 1 else None
-    probe = ConsensusProbe(model, loop_comm) if observer is None else None
+    idle = idle_group(world, cfg.idle_timeout)
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=first, desc=f"{cfg.algo}/{cfg.task} x{world}",
+        bar = tqdm(total=cfg.steps, initial=w.first, desc=f"{cfg.algo}/{cfg.task} x{world}",
                    unit="step", dynamic_ncols=True)
-    # a resumed run's clock continues from the checkpoint's
-    second_order = cfg.optimizer in SECOND_ORDER
-    if second_order:  # torch warns of a .grad cycle that zero_grad(set_to_none) breaks
-        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph")
-    start = time.perf_counter() - float(extra.get("elapsed", 0.0))
     running = extra.get("running")
-    if running is not None:
-        running = running.to(device)
-    if writer is not None and extra.get("last_eval") is not None:
-        writer.last_eval = dict(extra["last_eval"])
-    diverged: dict[str, Any] | None = None
-    steps_done = first
-    train_end = time.perf_counter()  # a resume at the last step runs no step
-    if writer is not None:  # the run's wall time counts from its first attempt's start
-        writer.attempts.append({"from_step": first, "started": time.time()})
-        writer.write({"type": "start", "step": first, "time": writer.attempts[-1]["started"]})
+    tally = Tally(None if running is None else running.to(device), w.first,
+                  extra.get("events", {}), bar)
+    # an algorithm that avoids waits is observed without a global wait (accord.observe)
+    observed = w.agg.avoids_waits and world > 1
+    recorder = None
     try:
-        for step in range(first, cfg.steps):
-            heartbeat.beat(step, "compute")
-            injector.before_step(step)
-            frozen = injector.freeze_active(step)
-            if frozen:
-                injector.freeze_snapshot(step, state)
-            # zeroed in place: gradient-phase aggregators bind .grad to their flat buffer,
-            # so backward accumulates straight into it (no copy in or out)
-            # (a second-order optimizer's gradients carry their graph: set to None, which
-            # frees it, as torch advises for create_graph=True)
-            optimizer.zero_grad(set_to_none=second_order)
-            loss_sum = torch.zeros((), device=device)
-            compute_start = time.perf_counter()
-            for _ in range(cfg.accum_steps):
-                loss = task.loss(model, to_device(next(stream), device))
-                # a second-order optimizer differentiates the gradient again
-                (loss / cfg.accum_steps).backward(create_graph=second_order)
-                loss_sum += loss.detach()
-            injector.after_compute(step, time.perf_counter() - compute_start)
-            heartbeat.beat(step, "aggregate")
-            injector.corrupt_grads(step, params)
-            if frozen:
-                injector.freeze_grads(step, state, params)
-            proceed, healthy = _guard(cfg.nonfinite, params, loop_comm, injector, step, rank)
-            ctx = StepContext(step=step, loss=loss_sum / cfg.accum_steps, healthy=healthy)
-            if proceed:
-                agg.after_backward(ctx)
-                if cfg.oracle_lr:
-                    for group in optimizer.param_groups:
-                        group["lr"] = task.oracle_lr(model)
-                if not (frozen and second_order):
-                    # (a frozen rank's zeroed gradient has no graph for a Hessian-vector
-                    # product: no second-order step, which hold() would undo anyway)
-                    optimizer.step()
-                if frozen:  # the aggregator sees the frozen model, whatever the optimizer did
-                    injector.hold(state)
-                agg.after_step(ctx)
-            if frozen:
-                injector.restore(step, state)
-            train_end = time.perf_counter()  # before the record's collectives wait for others
-
-            # the running loss stays on the device; it is read at records only
-            running = ctx.loss.clone() if running is None else running.lerp_(ctx.loss, 0.1)
-            if bar is not None:
-                bar.update(1)
-            steps_done = step + 1
-            last = step == cfg.steps - 1
-            if observer is not None:
-                if (step + 1) % cfg.log_every == 0 or last:
-                    heartbeat.beat(step, "record")
-                    observer.submit(step + 1, ctx.loss, injector.drain(), None if writer is None
-                                    else _record_fields(agg, start))
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{float(running):.4g}", refresh=False)
-                # stop only where every rank already waits for every other: the vote adds
-                # no wait there (a diverged run without such a step ends at its last step)
-                if agg.synchronised(step) and _agree(observer.diverged is not None, idle):
-                    observer.flush()
-                    diverged = observer.diverged or {"diverged_step": step + 1,
-                                                     "diverged_reason": "non-finite"}
-                    break
-            elif (step + 1) % cfg.log_every == 0 or last:
-                heartbeat.beat(step, "record")
-                mean_loss = loop_comm.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
-                consensus_model, distance = probe.measure(agg)
-                new_events = _gather_events(injector.drain(), world)
-                if writer is not None:
-                    for event in new_events:
-                        writer.write({"type": "event", **event})
-                        events[event["kind"]] = events.get(event["kind"], 0) + 1
-                    pending = len(new_events)
-                    evaluation = task.evaluate(consensus_model)
-                    replica = task.evaluate(model)
-                    stats = agg.comm.stats
-                    writer.write({"type": "step", "step": step + 1,
-                                  "loss": _finite(float(mean_loss)),
-                                  **{k: _finite(v) for k, v in evaluation.items()},
-                                  **{f"rank0_{k}": _finite(v) for k, v in replica.items()},
-                                  "consensus_distance": _finite(distance),
-                                  "time_s": time.perf_counter() - start,
-                                  "comm_bytes": stats.bytes, "comm_calls": stats.calls,
-                                  "comm_s": stats.seconds, "events": pending,
-                                  "algo": {k: _finite(v) for k, v in agg.metrics().items()}})
-                    writer.last_eval = {k: _finite(v) for k, v in evaluation.items()}
-                # diverged: non-finite parameters anywhere, or a non-finite evaluation; the
-                # flag is agreed on by an allreduce that is also the barrier after rank 0's
-                # evaluation (nobody enters a timed collective while rank 0 evaluates)
-                reason = _divergence(distance, evaluation if writer is not None else {})
-                if _agree(reason is not None, idle):
-                    diverged = {"diverged_step": step + 1,
-                                "diverged_reason": reason or "non-finite on another rank"}
-                    break
-                if bar is not None:
-                    bar.set_postfix(loss=f"{float(running):.4g}", refresh=False)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                heartbeat.beat(step, "checkpoint")
-                if observer is not None:  # the records up to the checkpoint first
-                    observer.flush()
-                _checkpoint(cfg, step + 1, model, optimizer, agg, idle, writer, {
-                    "events": events, "elapsed": time.perf_counter() - start,
-                    "running": running,
-                    "last_eval": writer.last_eval if writer is not None else None,
-                    "compressor": (payload_compressor().state_dict()
-                                   if payload_compressor() is not None else None)})
-        elapsed = time.perf_counter() - start
-        if observer is not None:
-            observer.flush()
-            if diverged is None and observer.diverged is not None:
-                diverged = observer.diverged  # found after the last synchronised step
-        if idle is not None:  # fast workers of an asynchronous run wait for the slow ones
-            dist.barrier(group=idle)
-        heartbeat.beat(steps_done, "summary")
-        # rank 0's bytes are not every worker's (a broadcast counts on the sender only)
-        stats = agg.comm.stats
-        mean_bytes = loop_comm.all_reduce_(torch.tensor([float(stats.bytes)],
-                                                        dtype=torch.float64, device=device),
-                                           op="avg")
-        # each worker's own wall time: asynchronous algorithms let fast workers finish first
-        worker_times = loop_comm.all_gather(torch.tensor([train_end - start],
-                                                         dtype=torch.float64, device=device))
-        summary = None
-        if writer is not None:
-            # the run's wall time from its first attempt's start (restarts and lost work
-            # included); train_s is the loop's clock, continued from checkpoints
-            now = time.time()
-            attempts = writer.attempts
-            summary = {"type": "summary", "status": "ok" if diverged is None else "diverged",
-                       **(diverged or {}), "steps": steps_done,
-                       "time_s": now - attempts[0]["started"], "train_s": elapsed,
-                       "attempts": [
-                           {"from_step": a["from_step"],
-                            "seconds": (b["started"] if b is not None else now) - a["started"]}
-                           for a, b in zip(attempts, [*attempts[1:], None], strict=True)],
-                       "steps_per_s": steps_done / elapsed,
-                       "comm_bytes": stats.bytes, "comm_bytes_mean": float(mean_bytes),
-                       "comm_calls": stats.calls,
-                       "comm_s": stats.seconds, "comm": stats.as_dict(),
-                       "worker_time_s": [float(t) for t in worker_times.reshape(-1)],
-                       "events": events, **writer.last_eval}
-            writer.write(summary)
-        return summary
+        recorder = (ObservedRecords(cfg, w, tally, writer, heartbeat, loop_comm, idle, world,
+                                    device, rank) if observed else
+                    Records(cfg, w, tally, writer, heartbeat, loop_comm, idle, world, device))
+        step = Step(cfg, w, batches, heartbeat, loop_comm, device, rank)
+        tally.start_clock(float(extra.get("elapsed", 0.0)))  # a resumed run's continues
+        if writer is not None and extra.get("last_eval") is not None:
+            writer.last_eval = dict(extra["last_eval"])
+        if writer is not None:  # the run's wall time counts from its first attempt's start
+            writer.attempts.append({"from_step": w.first, "started": time.time()})
+            writer.write({"type": "start", "step": w.first,
+                          "time": writer.attempts[-1]["started"]})
+        hooks = [Liveness(heartbeat), Faults(w.injector), tally,
+                 Checkpointer(cfg, w, tally, recorder, heartbeat, idle, writer)]
+        return run_loop(Steps(w.first, cfg.steps), step, recorder, hooks)
     finally:
         if bar is not None:
             bar.close()
-        if observer is not None:
-            observer.close(abort=sys.exc_info()[0] is not None)
-        agg.close()
+        if isinstance(recorder, ObservedRecords):
+            recorder.observer.close(abort=sys.exc_info()[0] is not None)
+        w.agg.close()
 
 
-def _record_fields(agg: Aggregator, start: float) -> dict[str, Any]:
-    """Rank 0's part of an asynchronous step record, taken at the step itself."""
-    stats = agg.comm.stats
-    return {"time_s": time.perf_counter() - start, "comm_bytes": stats.bytes,
-            "comm_calls": stats.calls, "comm_s": stats.seconds,
-            "algo": {k: finite_or_none(v) for k, v in agg.metrics().items()}}
+class Checkpointer(Hook):
+    """Every ``checkpoint_every`` committed steps: the records up to it first, then
+    ``OUT/checkpoints/step-<n>`` (:func:`_checkpoint`)."""
 
+    def __init__(self, cfg: TrainConfig, worker: Worker, tally: Tally, recorder: Records,
+                 heartbeat: Heartbeat, idle, writer: MetricsWriter | None) -> None:
+        self.cfg, self.w, self.tally, self.recorder = cfg, worker, tally, recorder
+        self.heartbeat, self.idle, self.writer = heartbeat, idle, writer
 
-def _async_writer(task, model: torch.nn.Module, writer: MetricsWriter | None,
-                  events: dict[str, int]):
-    """What rank 0's observer thread does with a record's gathered numbers: evaluate the
-    consensus and rank 0's own snapshot on copies of the model, write the fault events and
-    the step record (the same fields as the inline path's, plus how stale it is)."""
-    if writer is None:
-        return lambda obs, result: None
-    consensus, replica = copy.deepcopy(model), copy.deepcopy(model)
-    into_consensus = FlatBuffer(state_tensors(consensus))
-    into_replica = FlatBuffer(state_tensors(replica))
-
-    def write(obs, result: dict[str, Any]) -> dict[str, float]:
-        for event in result["events"]:
-            writer.write({"type": "event", **event})
-            events[event["kind"]] = events.get(event["kind"], 0) + 1
-        into_consensus.store_values(result["mean"] if result["centre"] is None
-                                    else result["centre"])
-        into_replica.store_values(result["own"])
-        evaluation = task.evaluate(consensus)
-        own = task.evaluate(replica)
-        fields = dict(obs.record)
-        algo = fields.pop("algo", {})
-        writer.write({"type": "step", "step": obs.step, "loss": finite_or_none(result["loss"]),
-                      **{k: finite_or_none(v) for k, v in evaluation.items()},
-                      **{f"rank0_{k}": finite_or_none(v) for k, v in own.items()},
-                      "consensus_distance": finite_or_none(result["distance"]), **fields,
-                      "events": len(result["events"]),
-                      "consensus_steps": result["consensus_steps"],
-                      "record_lag_s": result["record_lag_s"], "algo": algo})
-        writer.last_eval = {k: finite_or_none(v) for k, v in evaluation.items()}
-        return evaluation
-
-    return write
+    def after_commit(self, step: int) -> None:
+        cfg, w, writer = self.cfg, self.w, self.writer
+        if not (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            return
+        self.heartbeat.beat(step, "checkpoint")
+        self.recorder.flush()  # an observed run's records up to the checkpoint first
+        _checkpoint(cfg, step + 1, w.model, w.optimizer, w.agg, self.idle, writer, {
+            "events": self.tally.events, "elapsed": time.perf_counter() - self.tally.start,
+            "running": self.tally.running,
+            "last_eval": writer.last_eval if writer is not None else None,
+            "compressor": (payload_compressor().state_dict()
+                           if payload_compressor() is not None else None)})
 
 
 def _checkpoint(cfg: TrainConfig, step: int, model: torch.nn.Module,
@@ -747,49 +500,3 @@ def _checkpoint(cfg: TrainConfig, step: int, model: torch.nn.Module,
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         writer.write({"type": "checkpoint", "step": step, "path": str(path),
                       "seconds": time.perf_counter() - began, "bytes": size})
-
-
-def _agree(flag: bool, group) -> bool:
-    """Whether any rank raised ``flag`` (a MAX allreduce on ``group``, also a barrier)."""
-    if group is None:
-        return flag
-    t = torch.tensor([float(flag)])  # host: the idle group is gloo, on the CPU
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t[0] > 0)
-
-
-def _guard(mode: str, params, comm: Communicator, injector: faults.Injector, step: int,
-           rank: int) -> tuple[bool, bool]:
-    """The non-finite gradient guard: (proceed, healthy). ``proceed`` is False when this
-    step must be skipped (every rank then skips it); ``healthy`` is False when this rank's
-    gradient was excluded. exclude: a rank with a non-finite gradient zeroes it (local);
-    skip: one 1-number MAX allreduce, and all ranks skip if any had one; off: nothing."""
-    if mode == "off":
-        return True, True
-    bad = nonfinite_grads(params)
-    if mode == "exclude":
-        if bad:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.zero_()
-            injector.events.append({"step": step, "rank": rank, "kind": "nonfinite_grad",
-                                    "action": "excluded"})
-        return True, not bad
-    flag = comm.all_reduce_(torch.tensor([float(bad)], device=params[0].device), op="max")
-    if bool(flag[0] > 0):
-        if bad:
-            injector.events.append({"step": step, "rank": rank, "kind": "nonfinite_grad",
-                                    "action": "skipped step"})
-        return False, not bad
-    return True, True
-
-
-def _gather_events(mine: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
-    """Every rank's events since the last record, on rank 0 (collective), ordered by
-    (step, rank)."""
-    if world == 1:
-        return mine
-    gathered: list[list[dict[str, Any]] | None] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    out = [e for part in gathered for e in (part or [])]
-    return sorted(out, key=lambda e: (e["step"], e["rank"]))
