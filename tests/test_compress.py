@@ -16,12 +16,19 @@ import torch
 import torch.distributed as dist
 from worlds import run_world
 
+from accord.comm import Communicator, compress_payloads
 from accord.compress import (
+    BLOCK,
+    LEVELS,
     UNIT_ROUNDOFF,
     Compressor,
+    coded_bytes,
+    decode,
+    encode,
     error_bound,
     matrix_shape,
     powersgd_compresses,
+    topk_shape,
 )
 
 WORLD = 3
@@ -132,25 +139,36 @@ def _save_load(state):
     return torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
 
 
-@pytest.mark.parametrize("scheme", ["powersgd", "fp16"])
+def _gather1(x: torch.Tensor) -> torch.Tensor:
+    """The all-gather of a world of one: this rank's row."""
+    return x.view(1, -1)
+
+
+def _reduce1(c: Compressor, x: torch.Tensor, key: str = "k", op: str = "avg") -> int:
+    return c.all_reduce_(x, _identity, gather=_gather1, op=op, world_size=1, key=key)
+
+
+@pytest.mark.parametrize("scheme", ["powersgd", "fp16", "int8", "int4", "topk"])
 def test_state_dict_resumes_identically(scheme):
     xs = [torch.randn(900, generator=torch.Generator().manual_seed(10 + i)) * 1e-3
           for i in range(5)]
     a = Compressor(scheme, rank=2)
     for x in xs[:3]:
-        a.all_reduce_(x.clone(), _identity, op="avg", world_size=1, key="k")
+        _reduce1(a, x.clone())
     b = Compressor(scheme, rank=2, seed=99)  # the seed comes from the checkpoint
     b.load_state_dict(_save_load(a.state_dict()))
     for x in xs[3:]:
         ya, yb = x.clone(), x.clone()
-        a.all_reduce_(ya, _identity, op="avg", world_size=1, key="k")
-        b.all_reduce_(yb, _identity, op="avg", world_size=1, key="k")
+        _reduce1(a, ya)
+        _reduce1(b, yb)
         assert torch.equal(ya, yb)
+        if scheme != "fp16":
+            assert torch.equal(a.error_memory("k"), b.error_memory("k"))
     fresh = Compressor(scheme, rank=2)
     y = xs[3].clone()
-    fresh.all_reduce_(y, _identity, op="avg", world_size=1, key="k")
+    _reduce1(fresh, y)
     ya = xs[3].clone()
-    a.all_reduce_(ya, _identity, op="avg", world_size=1, key="k")
+    _reduce1(a, ya)
     assert not torch.equal(y, ya)  # the state mattered
 
 
@@ -164,13 +182,143 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="one key per buffer"):
         c.all_reduce_(torch.randn(1000), _identity, world_size=1, key="k")
     with pytest.raises(ValueError, match="scheme"):
-        Compressor("topk")
+        Compressor("gzip")
     with pytest.raises(ValueError, match="rank"):
         Compressor("fp16").load_state_dict(Compressor("fp16", rank=8).state_dict())
+    with pytest.raises(ValueError, match="fraction"):
+        Compressor("topk").load_state_dict(Compressor("topk", fraction=0.5).state_dict())
+    with pytest.raises(ValueError, match="gather primitive"):
+        Compressor("int8").all_reduce_(torch.randn(900), _identity, world_size=1)
     assert Compressor.from_spec("powersgd:8").rank == 8
     assert Compressor.from_spec("bf16").scheme == "bf16"
-    with pytest.raises(ValueError, match="compress"):
-        Compressor.from_spec("fp16:2")
+    assert Compressor.from_spec("topk:0.02").fraction == 0.02
+    assert Compressor.from_spec("topk").fraction == 1 / 64
+    for bad in ("fp16:2", "topk:0", "topk:1.5", "topk:nan", "int8:2", "powersgd:0.5"):
+        with pytest.raises(ValueError, match="compress"):
+            Compressor.from_spec(bad)
+    # a checkpoint written before topk existed (no fraction) still loads
+    old = Compressor("int8").state_dict()
+    del old["fraction"]
+    Compressor("int8").load_state_dict(old)
+
+
+# -- int8, int4, topk: the codecs, in a world of one -------------------------------------
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("n", [1003, 128, 5])
+def test_block_codec_round_trip_within_half_a_scale(scheme, n):
+    v = _spread(n, seed=20 + n, low=-4.0, high=1.0)
+    buf = encode(scheme, v)
+    assert buf.dtype == torch.uint8
+    blocks = math.ceil(n / BLOCK)
+    codes = n if scheme == "int8" else math.ceil(n / 2)
+    assert buf.numel() == coded_bytes(scheme, n) == 4 * blocks + codes
+    out = decode(scheme, buf, n)
+    # the bound as a formula of the scale: s = max_block |v| / L, |v - s q| <= s / 2
+    padded = torch.zeros(blocks * BLOCK)
+    padded[:n] = v.abs()
+    s = (padded.view(blocks, BLOCK).amax(dim=1) / LEVELS[scheme]).repeat_interleave(BLOCK)[:n]
+    err = (out - v).abs()
+    assert (err <= s / 2 * (1 + 2.0**-16)).all()
+    if n > 5:
+        assert (err / s).max().item() > 0.45  # nearest rounding really uses half a step
+    # the largest element of each block is exact up to float rounding (its code is +-L)
+    top = v.abs().argmax()
+    assert err[top] <= 2.0**-22 * v.abs()[top]
+
+
+def test_int4_packs_two_codes_per_byte():
+    v = torch.tensor([-7.0, -1.0, 0.0, 1.0, 7.0])  # scale 1: codes are the values
+    buf = encode("int4", v)
+    assert buf[4:].tolist() == [(-1 + 8) << 4 | (-7 + 8), (1 + 8) << 4 | (0 + 8), 7 + 8]
+    assert torch.equal(decode("int4", buf, 5), v)
+
+
+@pytest.mark.parametrize("n", [10_000, 4096, 300])
+def test_topk_round_trip_keeps_k_per_chunk(n):
+    v = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    fraction = 0.02
+    chunk, k = topk_shape(n, fraction)
+    assert chunk == min(4096, n) and k == max(1, round(fraction * chunk))
+    buf = encode("topk", v, fraction)
+    chunks = math.ceil(n / chunk)
+    assert buf.numel() == coded_bytes("topk", n, fraction) == chunks * (4 + 3 * k)
+    out = decode("topk", buf, n, fraction=fraction)
+    for c in range(chunks):
+        vc, oc = v[c * chunk:(c + 1) * chunk], out[c * chunk:(c + 1) * chunk]
+        kept = oc != 0
+        assert int(kept.sum()) == min(k, vc.numel())
+        s = vc.abs().max() / 127
+        assert ((oc - vc)[kept].abs() <= s / 2 * (1 + 2.0**-16)).all()
+        # the dropped entries are no larger than the smallest kept one
+        kth = vc.abs().topk(min(k, vc.numel())).values[-1]
+        assert (vc[~kept].abs() <= kth).all()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "topk"])
+def test_gathered_bytes_and_determinism(scheme):
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for _ in range(2):
+        c = Compressor(scheme)
+        outs = []
+        for _ in range(3):
+            y = x.clone()
+            assert _reduce1(c, y) == coded_bytes(scheme, 5000)
+            outs.append(y)
+        runs.append(torch.stack(outs))
+    assert torch.equal(runs[0], runs[1])
+    ratio = coded_bytes(scheme, 5000) / (4 * 5000)
+    assert ratio < {"int8": 0.26, "int4": 0.14, "topk": 0.02}[scheme]
+    # a buffer too small to gain (one element: 4 bytes plain, 5 or 7 coded) is sent as it is
+    y = torch.randn(1)
+    assert _reduce1(Compressor(scheme), y) == 4
+
+
+def _ef_bound(scheme: str, x: torch.Tensor) -> torch.Tensor:
+    """The elementwise bound on the error memory under a fixed payload x, from the scales:
+    |e| <= s / 2 with s <= (A + max|e|) / L (A: the block's max |x|), so |e| <= A / (2L - 1)."""
+    levels = LEVELS[scheme]
+    blocks = math.ceil(x.numel() / BLOCK)
+    padded = torch.zeros(blocks * BLOCK, dtype=torch.float64)
+    padded[: x.numel()] = x.abs()
+    a = padded.view(blocks, BLOCK).amax(dim=1).repeat_interleave(BLOCK)[: x.numel()]
+    return a / (2 * levels - 1)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "topk"])
+def test_error_feedback_tracks_the_sum_of_a_fixed_payload(scheme):
+    """200 calls on one payload: sum_k out_k = K x - e_K exactly (telescoping), and e_K
+    stays within one call's error; without error feedback the gap grows with K."""
+    n, steps = 3000, 200
+    x = _spread(n, seed=6, low=-3.0, high=0.0)
+    c, no_ef = Compressor(scheme), Compressor(scheme, error_feedback=False)
+    total = torch.zeros(n, dtype=torch.float64)
+    total_no = torch.zeros(n, dtype=torch.float64)
+    for _ in range(steps):
+        y = x.clone()
+        _reduce1(c, y, op="sum")
+        total += y.double()
+        y = x.clone()
+        _reduce1(no_ef, y, op="sum")
+        total_no += y.double()
+    gap = total - steps * x.double()
+    error = c.error_memory("k").double()
+    assert no_ef.error_memory("k") is None
+    # the identity, up to float32 rounding of each call
+    assert (gap + error).abs().max().item() <= 1e-5 * x.abs().max().item() * steps
+    if scheme == "topk":
+        # top-k keeps the k largest of c: ||v - sent||^2 <= (1 - k/c) ||v||^2 plus the
+        # rounding of the kept (k s^2 / 4, s <= ||v|| / 127): a contraction q < 1, so
+        # ||e|| <= q / (1 - q) ||x|| (per chunk; one chunk of 3000 here)
+        chunk, k = topk_shape(n)
+        q = math.sqrt(1 - k / chunk + k / (4 * 127**2))
+        assert error.norm().item() <= q / (1 - q) * x.norm().item()
+    else:
+        assert (error.abs() <= _ef_bound(scheme, x) + 1e-6).all()
+    gap_no = (total_no - steps * x.double()).norm().item()
+    # without, K residuals add up (top-k's small entries take many calls to be sent, so
+    # its memory is larger and the ratio smaller at K = 200)
+    assert gap_no >= (10 if scheme == "topk" else 20) * gap.norm().item()
 
 
 # -- a real world of 3 ranks -------------------------------------------------------------
@@ -314,3 +462,80 @@ def test_error_feedback_telescopes_and_stays_bounded(results):
     assert gaps_no[-1] >= 2.0 * gaps_ef[-1]
     _same_on_every_rank(results, lambda r: r["ef"]["last"])
     _same_on_every_rank(results, lambda r: r["ef"]["gap"])
+
+
+# -- int8, int4, topk through the Communicator, in real worlds of 2 and 3 ranks ----------
+GATHERED_SPECS = ("int8", "int4", "topk:0.02")
+CALLS, N_GATHERED = 4, 3000
+
+
+def _payload(rank: int, call: int) -> torch.Tensor:
+    return torch.randn(N_GATHERED, generator=torch.Generator().manual_seed(1000 * rank + call))
+
+
+def _gathered_world(rank, world):
+    out = {}
+    for spec in GATHERED_SPECS:
+        for op in ("avg", "sum"):
+            compress_payloads(Compressor.from_spec(spec))
+            try:
+                comm = Communicator()
+                outs = []
+                for call in range(CALLS):
+                    y = _payload(rank, call)
+                    comm.all_reduce_(y, op=op)
+                    outs.append(y)
+                stats = comm.stats.ops["allreduce"]
+                out[spec, op] = {"outs": outs, "bytes": stats.bytes, "calls": stats.calls}
+            finally:
+                compress_payloads(None)
+    return out
+
+
+def _oracle(spec: str, op: str, world: int) -> list[torch.Tensor]:
+    """The same codec in one process: each rank's error-compensated payload encoded,
+    its residual kept, every rank's decoded payload summed in float32 in rank order."""
+    scheme, _, arg = spec.partition(":")
+    fraction = float(arg) if arg else 1 / 64
+    errors: list[torch.Tensor | None] = [None] * world
+    outs = []
+    for call in range(CALLS):
+        total = torch.zeros(N_GATHERED)
+        for w in range(world):
+            v = _payload(w, call)
+            if errors[w] is not None:
+                v = v + errors[w]
+            decoded = decode(scheme, encode(scheme, v, fraction), N_GATHERED,
+                             fraction=fraction)
+            errors[w] = v - decoded
+            total += decoded
+        outs.append(total / world if op == "avg" else total)
+    return outs
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def gathered(request):
+    return request.param, run_world(_gathered_world, request.param)
+
+
+@pytest.mark.parametrize("op", ["avg", "sum"])
+@pytest.mark.parametrize("spec", GATHERED_SPECS)
+def test_gathered_allreduce_equals_the_single_process_oracle(gathered, spec, op):
+    world, results = gathered
+    oracle = _oracle(spec, op, world)
+    scheme, _, arg = spec.partition(":")
+    sent = coded_bytes(scheme, N_GATHERED, float(arg) if arg else 1 / 64)
+    for r in results:
+        res = r[spec, op]
+        assert res["calls"] == CALLS and res["bytes"] == CALLS * sent  # counted as sent
+        for got, want in zip(res["outs"], oracle, strict=True):
+            assert torch.equal(got, want)  # bit for bit, on every rank
+    # and close to the exact mean: within the error of one call's codes (int8: s/2 per
+    # rank, s = max |v| / 127 of a block, |v| < 6 here), looser for the lossier codecs
+    exact = sum(_payload(w, 0) for w in range(world)) / (world if op == "avg" else 1)
+    err = (results[0][spec, op]["outs"][0] - exact).abs().max().item()
+    scale = 1 if op == "avg" else world
+    if scheme == "int8":
+        assert err <= scale * 6 / 127 / 2
+    elif scheme == "int4":
+        assert err <= scale * 6 / 7 / 2

@@ -14,7 +14,7 @@ from worlds import run_world
 import accord
 from accord import comm as comm_mod
 from accord.algorithms import REGISTRY
-from accord.compress import Compressor
+from accord.compress import Compressor, coded_bytes
 from accord.config import ConfigError, TrainConfig, validate
 
 # the built-in algorithms by what each class declares (tests/test_plugins.py pins them)
@@ -24,6 +24,7 @@ LOW_RANK = tuple(sorted(n for n, c in BUILTIN.items() if c.low_rank))
 
 HP = {"local_sgd": {"period": 2}, "easgd": {"period": 2}, "diloco": {"period": 2},
       "grawa": {"period": 2}, "wagma": {"period": 2},
+      "streaming_diloco": {"period": 4, "fragments": 2, "delay": 0},
       # the route whose allreduces the compressor acts on (with a compressor set, the
       # default auto takes it on this model; without, it all-gathers the gradient)
       "acga": {"coefficients": "exact"}}
@@ -58,10 +59,18 @@ def _train(algo: str, rank: int, scheme: str | None, steps: int = 6):
         comm_mod.compress_payloads(None)
 
 
+#: the schemes whose payload must be a gradient (refused for parameter averages)
+GRADIENT = ("powersgd", "int8", "int4", "topk")
+
+
+def _schemes(algo: str) -> tuple[str, ...]:
+    return ("bf16", "fp16", *(GRADIENT if algo in LOW_RANK else ()))
+
+
 def _every_algorithm(rank: int, world: int) -> dict:
     out = {}
     for algo in COMPRESSIBLE:
-        for scheme in (None, "bf16", "fp16", *(("powersgd",) if algo in LOW_RANK else ())):
+        for scheme in (None, *_schemes(algo)):
             out[algo, scheme] = _train(algo, rank, scheme)
     return out
 
@@ -76,18 +85,23 @@ N_PARAMS = 32 * 64 + 64 + 64 * 4 + 4  # 2,436
 
 @pytest.mark.parametrize("algo", COMPRESSIBLE)
 def test_every_compressible_algorithm_trains_and_sends_less(ranks, algo):
-    for scheme in ("bf16", "fp16", *(("powersgd",) if algo in LOW_RANK else ())):
+    for scheme in _schemes(algo):
         flat, sent = ranks[0][algo, scheme]
         exact, exact_sent = ranks[0][algo, None]
         assert torch.isfinite(flat).all()
         # close to the uncompressed run after 6 steps (lossy, but not wrong)
         rel = float((flat - exact).norm() / exact.norm())
-        assert rel < (0.02 if scheme != "powersgd" else 0.2), (scheme, rel)
+        assert rel < (0.02 if scheme in ("bf16", "fp16", "int8") else 0.2), (scheme, rel)
         assert sum(sent.values()) < sum(exact_sent.values()), (scheme, sent, exact_sent)
         if algo in ("allreduce", "local_sgd", "diloco", "easgd") and scheme == "bf16":
             # every allreduce payload compressed: half the bytes (the initial broadcast of
             # the model stays exact)
             assert sent["allreduce"] * 2 == exact_sent["allreduce"]
+            assert sent["initial_broadcast"] == exact_sent["initial_broadcast"]
+        if algo in ("allreduce", "diloco") and scheme in ("int8", "int4", "topk"):
+            # every model-size allreduce sent as its codes (4 bytes per element uncompressed)
+            calls = exact_sent["allreduce"] // (4 * N_PARAMS)
+            assert sent["allreduce"] == calls * coded_bytes(scheme, N_PARAMS)
             assert sent["initial_broadcast"] == exact_sent["initial_broadcast"]
 
 
@@ -107,7 +121,7 @@ def test_normalized_keeps_its_mean_norm_exact(ranks):
 
 def test_every_rank_agrees_where_the_algorithm_keeps_replicas_equal(ranks):
     for algo in ("allreduce", "acga", "normalized"):
-        for scheme in ("bf16", "fp16", "powersgd"):
+        for scheme in ("bf16", "fp16", *GRADIENT):
             assert torch.equal(ranks[0][algo, scheme][0], ranks[1][algo, scheme][0])
 
 
@@ -119,21 +133,37 @@ def test_the_others_are_refused_in_one_line(algo):
     assert "\n" not in str(e.value)
 
 
+WHAT = {"powersgd": "approximates a sum of gradients by a low-rank matrix",
+        "int8": "quantises gradients with error feedback",
+        "int4": "quantises gradients with error feedback",
+        "topk:0.02": "sends the largest entries of gradients with error feedback"}
+
+
+@pytest.mark.parametrize("spec", list(WHAT))
 @pytest.mark.parametrize("algo", sorted(set(COMPRESSIBLE) - set(LOW_RANK)))
-def test_powersgd_is_refused_for_parameter_averages(algo):
+def test_gradient_schemes_are_refused_for_parameter_averages(algo, spec):
     with pytest.raises(ConfigError) as e:
-        validate(TrainConfig(algo=algo, compress="powersgd", out="/tmp/unused"),
-                 check_out=False)
+        validate(TrainConfig(algo=algo, compress=spec, out="/tmp/unused"), check_out=False)
+    allowed = ", ".join(n for n, c in sorted(REGISTRY.items()) if c.low_rank)
     assert str(e.value) == (
-        f"compress: 'powersgd' approximates a sum of gradients by a low-rank matrix, not the "
-        f"parameters {algo!r} averages; allowed with it: acga, allreduce, diloco, normalized "
-        "(else bf16 or fp16)")
+        f"compress: {spec!r} {WHAT[spec]}, not the parameters {algo!r} averages; allowed "
+        f"with it: {allowed} (else bf16 or fp16)")
+    assert {"acga", "allreduce", "diloco", "normalized"} <= set(allowed.split(", "))
 
 
-@pytest.mark.parametrize("bad", ["gzip", "powersgd:0", "powersgd:x", "bf16:2"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "topk", "topk:0.1"])
+def test_gradient_schemes_are_accepted_for_gradient_payloads(spec):
+    for algo in ("allreduce", "diloco"):
+        validate(TrainConfig(algo=algo, compress=spec, out="/tmp/unused"), check_out=False)
+
+
+@pytest.mark.parametrize("bad", ["gzip", "powersgd:0", "powersgd:x", "bf16:2", "topk:",
+                                 "topk:0", "topk:2", "topk:x", "int8:2", "int4:1"])
 def test_an_unknown_scheme_is_one_line(bad):
     with pytest.raises(ConfigError, match=r"^compress: got .*allowed: none, bf16, fp16, "
-                                          r"powersgd, powersgd:RANK \(RANK an integer >= 1\)$"):
+                                          r"powersgd, powersgd:RANK \(RANK an integer >= 1\), "
+                                          r"int8, int4, topk, topk:FRACTION \(FRACTION in "
+                                          r"\(0, 1\]\)$"):
         validate(TrainConfig(compress=bad, out="/tmp/unused"), check_out=False)
 
 

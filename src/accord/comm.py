@@ -241,9 +241,10 @@ class Communicator:
         """In-place allreduce of ``t`` (``op``: sum, avg, max, min).
 
         Under :func:`compress_payloads` a floating-point sum or avg goes through the
-        compressor (:mod:`accord.compress`; bytes counted as sent, each wire allreduce
-        under the emulated network) unless ``exact``: a caller whose maths needs the exact
-        value (ACGA's sum that its coefficients are computed from) passes ``exact=True``;
+        compressor (:mod:`accord.compress`; bytes counted as sent, each wire allreduce, or
+        the all-gather of int8/int4/topk codes, under the emulated network) unless
+        ``exact``: a caller whose maths needs the exact value (ACGA's sum that its
+        coefficients are computed from) passes ``exact=True``;
         max and min, integer tensors, a world of one and communicators with
         ``emulated=False`` (bookkeeping) are never compressed. The compressor keeps state
         per call site: ``kind``, the size and the group's ranks."""
@@ -258,8 +259,17 @@ class Communicator:
                 dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
                 self._emulate(_net.ALLREDUCE, _nbytes(x), began)
 
+            def gather(x: torch.Tensor) -> torch.Tensor:
+                # int8/int4/topk codes cannot be summed on the wire: every rank's, gathered
+                began = self._now()
+                rows = torch.empty(self.world_size, x.numel(), dtype=x.dtype, device=x.device)
+                _all_gather_flat(rows.view(-1), x.reshape(-1), self.group)
+                self._emulate(_net.ALLGATHER, _nbytes(x), began)
+                return rows
+
             sent = comp.all_reduce_(t, reducer, op=op, world_size=self.world_size,
-                                    key=f"{kind}:{t.numel()}:{','.join(map(str, self.ranks))}")
+                                    key=f"{kind}:{t.numel()}:{','.join(map(str, self.ranks))}",
+                                    gather=gather)
             self.stats.record(kind, sent, time.perf_counter() - start)
             return t
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,

@@ -120,10 +120,12 @@ class TrainConfig:
                                           help='JSON {"default": "1gbit,5ms", "links": '
                                                '[{"ranks": [0, 3], "link": "100mbit,50ms"}]}: '
                                                "per-rank-pair links")
-    compress: str = setting("none", added="none", metavar="none|bf16|fp16|powersgd[:R]",
+    compress: str = setting("none", added="none",
+                            metavar="none|bf16|fp16|powersgd[:R]|int8|int4|topk[:F]",
                             help="compress model-size sum/avg allreduces: bf16/fp16 (half the "
-                                 "bytes) or rank-R PowerSGD with error feedback (default "
-                                 "rank 4)")
+                                 "bytes); with error feedback, for gradients: rank-R PowerSGD "
+                                 "(default rank 4), int8/int4 (per-128 scales) or the top "
+                                 "fraction F of entries in int8 (default 1/64)")
     progress: bool = setting(True, flag="--no-progress", resumable=True,
                              allowed="true or false", help="no progress bar")
     label: str | None = setting(None, resumable=True,
@@ -391,7 +393,8 @@ def payload_compression(cfg: TrainConfig) -> Any:
         compressor = Compressor.from_spec(cfg.compress)
     except ValueError:
         raise ConfigError(f"compress: got {cfg.compress!r}, allowed: none, bf16, fp16, "
-                          "powersgd, powersgd:RANK (RANK an integer >= 1)") from None
+                          "powersgd, powersgd:RANK (RANK an integer >= 1), int8, int4, topk, "
+                          "topk:FRACTION (FRACTION in (0, 1])") from None
     from .algorithms import get
 
     cls = get(cfg.algo)  # each class declares what --compress may touch
@@ -399,11 +402,15 @@ def payload_compression(cfg: TrainConfig) -> Any:
         raise ConfigError(f"compress: {cfg.algo!r} sends its payload point to point or by "
                           "broadcast, which --compress does not compress; allowed with: "
                           f"{_algorithms_with('compressible')}")
-    if compressor.scheme == "powersgd" and not cls.low_rank:
-        raise ConfigError(f"compress: {cfg.compress!r} approximates a sum of gradients by a "
-                          f"low-rank matrix, not the parameters {cfg.algo!r} averages; "
-                          f"allowed with it: {_algorithms_with('low_rank')} (else bf16 or "
-                          "fp16)")
+    # the lossy schemes with error feedback need a gradient payload (accord.compress says why)
+    what = {"powersgd": "approximates a sum of gradients by a low-rank matrix",
+            "int8": "quantises gradients with error feedback",
+            "int4": "quantises gradients with error feedback",
+            "topk": "sends the largest entries of gradients with error feedback"}
+    if compressor.scheme in what and not cls.low_rank:
+        raise ConfigError(f"compress: {cfg.compress!r} {what[compressor.scheme]}, not the "
+                          f"parameters {cfg.algo!r} averages; allowed with it: "
+                          f"{_algorithms_with('low_rank')} (else bf16 or fp16)")
     return compressor
 
 
