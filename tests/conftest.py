@@ -42,7 +42,7 @@ TIERS = {
              "test_report_network", "test_report_tuning", "test_tiers", "test_imports"),
     "worlds": ("test_acga_math", "test_acga_sketch", "test_adasum", "test_buffers",
                "test_compress", "test_compress_comm", "test_ddp_hooks", "test_decentralized",
-               "test_devices", "test_dynamic_weighting", "test_faults",
+               "test_devices", "test_dynamic_weighting", "test_faults", "test_hierarchical",
                "test_model_averaging", "test_network_comm", "test_observe", "test_state",
                "test_wait_avoiding", "test_worlds", "test_wrap"),
     "app": ("test_adahessian", "test_bad_inputs", "test_bench", "test_bench_tune",

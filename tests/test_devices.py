@@ -66,6 +66,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "easgd": ("easgd", {"period": 2}),
     "easgd_async": ("easgd", {"period": 2, "asynchronous": True}),
     "wagma": ("wagma", {"period": 2}),
+    "hierarchical": ("hierarchical", {"outer": "local_sgd", "outer_hp": "period=2"}),
     "wagma_sync": ("wagma", {"period": 2, "wait_avoiding": False}),
 }
 

@@ -37,6 +37,7 @@ BUILTIN = {
     "local_sgd": ("model", True, False, None, True, False, False, False),
     "easgd": ("model", True, False, None, True, False, False, False),
     "diloco": ("model", True, True, None, True, False, False, False),
+    "streaming_diloco": ("model", True, True, None, False, False, False, False),
     "grawa": ("model", True, False, None, True, False, False, False),
     "wagma": ("model", True, False, None, False, False, False, False),
     "gossip": ("model", False, False, None, False, False, False, False),

@@ -39,6 +39,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "wagma_sync": ("wagma", {"period": 2, "wait_avoiding": False}),
     "wagma_sync_dynamic": ("wagma", {"period": 3, "wait_avoiding": False,
                                      "weighting": "dynamic"}),
+    "hierarchical": ("hierarchical", {"outer": "diloco", "outer_hp": "period=2"}),
 }
 #: the asynchronous forms (background engine): their rounds depend on timing, so a resumed
 #: run is not bitwise the uninterrupted one; see test_asynchronous_state_round_trips
