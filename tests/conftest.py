@@ -44,7 +44,7 @@ TIERS = {
                "test_compress", "test_compress_comm", "test_ddp_hooks", "test_decentralized",
                "test_devices", "test_dynamic_weighting", "test_faults", "test_hierarchical",
                "test_model_averaging", "test_network_comm", "test_observe", "test_state",
-               "test_wait_avoiding", "test_worlds", "test_wrap"),
+               "test_streaming_diloco", "test_wait_avoiding", "test_worlds", "test_wrap"),
     "app": ("test_adahessian", "test_bad_inputs", "test_bench", "test_bench_tune",
             "test_checkpoint", "test_cli", "test_data_tasks", "test_eval_split",
             "test_failures", "test_hostile", "test_input_holes", "test_plugins",

@@ -55,6 +55,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "adasum": ("adasum", {}),
     "local_sgd": ("local_sgd", {"period": 2, "warmup_steps": 1}),
     "diloco": ("diloco", {"period": 2}),
+    "streaming_diloco": ("streaming_diloco", {"period": 2, "fragments": 2, "delay": 0}),
     "lsgd": ("lsgd", {"period": 2}),
     "lsgd_multi": ("lsgd", {"period": 1, "group_size": 1, "global_period": 2}),
     "grawa": ("grawa", {"period": 2}),
@@ -309,6 +310,7 @@ def test_state_lives_on_the_parameters_device_in_their_dtype_or_wider(runs, labe
 #: coefficients, gradient norms (float32, or float64 where noted there)
 WIDE_STATE = {
     "diloco": ("agg.theta", "agg.velocity"),
+    "streaming_diloco": ("agg.theta", "agg.velocity"),
     "gossip_push_sum": ("agg.x", "agg.share"),
     "lsgd": ("agg.loss_ring",),
     "dpsgd": ("agg.total",),

@@ -26,6 +26,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "adasum": ("adasum", {}),
     "local_sgd": ("local_sgd", {"period": 2, "warmup_steps": 1}),
     "diloco": ("diloco", {"period": 2}),
+    # fragment 1 starts at step 2 and merges at step 3: in flight at the checkpoint
+    "streaming_diloco": ("streaming_diloco", {"period": 4, "fragments": 2, "delay": 1}),
     "lsgd": ("lsgd", {"period": 2}),
     "grawa": ("grawa", {"period": 2}),
     "grawa_layer_period": ("grawa", {"period": 2, "per_layer": True, "norm": "period"}),
