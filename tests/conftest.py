@@ -48,7 +48,7 @@ TIERS = {
     "app": ("test_adahessian", "test_bad_inputs", "test_bench", "test_bench_tune",
             "test_checkpoint", "test_cli", "test_data_tasks", "test_eval_split",
             "test_failures", "test_hostile", "test_input_holes", "test_plugins",
-            "test_resume", "test_storage", "test_user_task"),
+            "test_optim", "test_resume", "test_storage", "test_user_task"),
     "integrations": ("test_accelerate", "test_extras", "test_lightning", "test_ray_example"),
     "ft": ("test_ft", "test_ft_cli", "test_ft_loop", "test_testbed"),
 }

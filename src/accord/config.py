@@ -24,7 +24,7 @@ from .process import launched_here, under_torchrun
 from .settings import setting
 from .tasks import EVAL_SPLITS, get_task
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "adahessian")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "adahessian", "muon")
 #: optimizers that need ``backward(create_graph=True)`` (a Hessian-vector product per step)
 SECOND_ORDER = ("adahessian",)
 BACKENDS = ("auto", "gloo", "nccl")
@@ -75,8 +75,9 @@ class TrainConfig:
                                allowed=f"an integer >= 1 and <= {MAX_ACCUM_STEPS}",
                                help="micro-batches accumulated locally per optimizer step")
     optimizer: str = setting("sgd", settable=True, allowed=", ".join(OPTIMIZERS),
-                             help="sgd, nesterov, adam, adamw or adahessian (pytorch-"
-                                  "optimizer's; model-phase algorithms only)")
+                             help="sgd, nesterov, adam, adamw, adahessian (pytorch-"
+                                  "optimizer's; model-phase algorithms only) or muon "
+                                  "(torch's Muon on weight matrices, AdamW on the rest)")
     momentum: float | None = setting(None, settable=True, allowed="a number >= 0 and < 1",
                                      help="optimizer momentum (default 0 for sgd, 0.9 for "
                                           "nesterov)")
@@ -217,7 +218,7 @@ class TrainConfig:
     def resolved_momentum(self) -> float:
         if self.momentum is not None:
             return self.momentum
-        return 0.9 if self.optimizer == "nesterov" else 0.0
+        return {"nesterov": 0.9, "muon": 0.95}.get(self.optimizer, 0.0)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

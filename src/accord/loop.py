@@ -264,6 +264,10 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
         return require("pytorch_optimizer", "adahessian").AdaHessian(params, lr=lr,
                                                                        weight_decay=wd)
+    if cfg.optimizer == "muon":
+        from .optim import MuonAdamW
+
+        return MuonAdamW(params, lr=lr, weight_decay=wd, momentum=mom)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
