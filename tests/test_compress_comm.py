@@ -14,7 +14,7 @@ from worlds import run_world
 import accord
 from accord import comm as comm_mod
 from accord.algorithms import REGISTRY
-from accord.compress import Compressor, coded_bytes
+from accord.compress import GRADIENT_SCHEMES, Compressor, coded_bytes
 from accord.config import ConfigError, TrainConfig, validate
 
 # the built-in algorithms by what each class declares (tests/test_plugins.py pins them)
@@ -60,7 +60,8 @@ def _train(algo: str, rank: int, scheme: str | None, steps: int = 6):
 
 
 #: the schemes whose payload must be a gradient (refused for parameter averages)
-GRADIENT = ("powersgd", "int8", "int4", "topk")
+GRADIENT = GRADIENT_SCHEMES
+assert GRADIENT == ("powersgd", "int8", "int4", "topk")
 
 
 def _schemes(algo: str) -> tuple[str, ...]:
