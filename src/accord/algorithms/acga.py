@@ -85,13 +85,13 @@ Decisions where the sources are silent or disagree (all options):
   ``sketch`` when the sketch is at most half the gradient, else ``exact``; never
   ``gather`` with a payload compressor set (it acts on allreduces). The choice, measured
   side by side (``benchmarks/overhead.py --models mlp,cnn --workers 2,4 --rounds 7``,
-  gloo, one thread per process, 2 CPU cores shared with other jobs; two runs), step
+  gloo, one thread per process, 2 CPU cores shared with other jobs; three runs), step
   time over accord's ``allreduce``::
 
-      coefficients   MLP 10M N=2   MLP 10M N=4   CNN 34k N=2   CNN 34k N=4
-      exact          1.28, 1.47    1.28, 1.33    1.02, 1.10    1.16, 1.11
-      auto           0.91, 1.16    1.01, 0.94    0.98, 1.01    1.14, 1.12
-                     (sketch, 1.01x averaging's bytes)  (gather, 1.00x)
+      coefficients  MLP 10M N=2       MLP 10M N=4       CNN 34k N=2       CNN 34k N=4
+      exact         1.28, 1.47, 1.54  1.28, 1.33, 1.38  1.02, 1.10, 1.22  1.16, 1.11, 1.04
+      auto          0.91, 1.16, 0.91  1.01, 0.94, 0.96  0.98, 1.01, 1.07  1.14, 1.12, 1.01
+                    (sketch: 1.01x averaging's bytes)   (gather: 1.00x)
 
   The aggregation alone (the CNN's gradient, gloo): ``gather`` 9.6 ms against
   ``allreduce``'s 11.1 ms at N = 4 (``exact`` 33 ms), 2.3 against 1.9 ms at N = 2. The
