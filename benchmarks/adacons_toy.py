@@ -20,12 +20,16 @@ from pathlib import Path
 
 from _runs import TrainConfig, run
 
+# exact coefficients (two allreduces and the coefficient all-gather), as the AdaCons script
+# computes them: the toy compares accord with that script, and coefficients=auto would
+# take the all-gather route here, the same coefficients summed in another order
+EXACT = {"coefficients": "exact"}
 ARMS = [
     ("allreduce", "allreduce", {}),
     ("normalized", "normalized", {}),
-    ("acga beta=0", "acga", {"momentum": 0.0}),
-    ("acga beta=0.99", "acga", {"momentum": 0.99}),
-    ("acga beta=0.99 ref-order", "acga", {"momentum": 0.99, "reference_order": True}),
+    ("acga beta=0", "acga", {"momentum": 0.0, **EXACT}),
+    ("acga beta=0.99", "acga", {"momentum": 0.99, **EXACT}),
+    ("acga beta=0.99 ref-order", "acga", {"momentum": 0.99, "reference_order": True, **EXACT}),
 ]
 
 
