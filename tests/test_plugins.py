@@ -158,7 +158,7 @@ def test_the_plugin_registers_once_and_refuses_what_it_does_not_declare(
     assert code == 2 and err[0].endswith(
         "compress: 'powersgd' approximates a sum of gradients by a low-rank matrix, not the "
         "parameters 'relaxed_avg' averages; allowed with it: acga, allreduce, diloco, "
-        "normalized (else bf16 or fp16)")
+        "normalized, streaming_diloco (else bf16 or fp16)")
     code, err, _ = run_cli([*base, "--algo", "relaxed_avg", "--set", "gamma=0"])
     assert code == 2 and "hyperparameter 'gamma': got '0', allowed: a number > 0" in err[0]
     for extra in (["--compress", "bf16"], ["--fault-tolerant"]):

@@ -146,6 +146,11 @@ def _world(rank: int, world: int) -> dict:
         out[("streaming", compress)] = _run_accord(
             rank, "streaming_diloco", {**hp, "fragments": 1, "delay": 0, "alpha": 0.0},
             _bn_model())
+    # two fragments of one size (88 numbers each) under a compressor with error feedback
+    compressor = Compressor("int8")
+    compress_payloads(compressor)
+    out["int8"] = _run_accord(rank, "streaming_diloco", ORACLE["p2_tau1_a05"], _mlp())
+    out["int8_sites"] = sorted(compressor.state_dict()["sites"])
     compress_payloads(None)
     for label, hp in ORACLE.items():
         out[("accord", label)] = _run_accord(rank, "streaming_diloco", hp, _mlp())
@@ -192,8 +197,11 @@ def test_fragments_are_synchronised_in_turn(results):
     starts = [s for s in range(STEPS) if (s + 2 - 2) % 4 == 0 or (s + 2 - 4) % 4 == 0]
     assert starts == [0, 2, 4, 6, 8, 10, 12]
     p0, p1 = (60 + 10 + 16 + 2) * 4, (80 + 8) * 4
-    assert stats["allreduce"]["calls"] == len(starts)
-    assert stats["allreduce"]["bytes"] == 4 * p0 + 3 * p1
+    assert stats["allreduce_fragment0"] == {"calls": 4, "bytes": 4 * p0,
+                                            "seconds": stats["allreduce_fragment0"]["seconds"]}
+    assert stats["allreduce_fragment1"]["calls"] == 3
+    assert stats["allreduce_fragment1"]["bytes"] == 3 * p1
+    assert "allreduce" not in stats and len(starts) == 7
     # alpha = 0, tau = 0: fragment 1 (numbers 70:158) merges at step 11 and is then the
     # same on every rank; fragment 0 merged at step 9 and trained two local steps since
     after = [out[("accord", "p2_tau0_a0")][0][11] for out in results]
@@ -216,3 +224,15 @@ def test_schedule_and_layers_without_a_process_group():
     with pytest.raises(ValueError, match="--fault-tolerant: algorithm 'streaming_diloco' is "
                                          "refused: an outer exchange stays in flight"):
         StreamingDiLoCo.check_fault_tolerant({})
+
+
+def test_each_fragment_has_its_own_error_memory_under_a_compressor(results):
+    """The two fragments have the same size: keyed by kind, the int8 compressor keeps one
+    error memory each, and the run stays close to the uncompressed one."""
+    for out in results:
+        assert [k.split(":")[:2] for k in out["int8_sites"]] == [
+            ["allreduce_fragment0", "88"], ["allreduce_fragment1", "88"]]
+        got, stats = out["int8"]
+        plain = out[("accord", "p2_tau1_a05")][0]
+        assert stats["allreduce_fragment0"]["calls"] == 4
+        torch.testing.assert_close(got[-1], plain[-1], rtol=0, atol=0.05)

@@ -69,7 +69,10 @@ the network time overlaps tau steps of computation. Under ``--compress`` the pay
 the outer gradient theta_p - x_i,p (as ``diloco`` sends it) through the compressor, whose
 reduce primitive is blocking: the exchange then completes at its start step and its result
 waits for the merge; the arithmetic is the same, the overlap is lost (an asynchronous
-compressed allreduce is not available yet). Hook: ``after_step``.
+compressed allreduce is not available yet). Each fragment's allreduce is counted under its
+own kind, ``allreduce_fragment<p>`` (``allreduce`` when P = 1, as ``diloco``), which also
+gives each fragment its own error memory in a compressor with error feedback (powersgd,
+int8, int4, topk key their state by kind and size). Hook: ``after_step``.
 
 torchft (the oracle of tests/test_streaming_diloco.py, which runs torchft's own class on a
 gloo world): its ``sync_every`` is our H; its round r ends after ``(r + 1) H / P`` steps
@@ -190,6 +193,10 @@ class StreamingDiLoCo(ModelAggregator):
         for group in members:
             self.first_view.append(self.first_view[-1] + len(group))
         self.offsets = fragment_offsets(self.hp["period"], n_frag)
+        # one counted kind per fragment; a stateful compressor keys its error memory by kind
+        # and size, and two fragments of one size must not share one memory
+        self.kinds = (["allreduce"] if n_frag == 1
+                      else [f"allreduce_fragment{p}" for p in range(n_frag)])
         x = self.load_state()
         self.theta = x.to(accumulation_dtype(x.dtype), copy=True)
         self.velocity = torch.zeros(sum(n_params), dtype=self.theta.dtype,
@@ -223,10 +230,10 @@ class StreamingDiLoCo(ModelAggregator):
         if compressing:  # send the outer gradient theta - x_i, as compressors expect
             payload.neg_().add_(self.theta[lo:hi].to(payload.dtype))
         if self.hp["delay"] == 0 or compressing:
-            self.comm.all_reduce_(payload, op="avg")
+            self.comm.all_reduce_(payload, op="avg", kind=self.kinds[p])
             self._inflight = (p, None, payload, self.comm.world_size)
         else:
-            fut = self.comm.all_reduce_async_(payload, op="sum")
+            fut = self.comm.all_reduce_async_(payload, op="sum", kind=self.kinds[p])
             self._inflight = (p, fut, payload, self.comm.world_size)
 
     def _finish(self) -> None:
