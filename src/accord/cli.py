@@ -202,7 +202,7 @@ def _plugins(args: argparse.Namespace) -> list[str]:
 
 def capabilities(cls: type) -> str:
     """What an algorithm's class declares, in words (``accord list -v``)."""
-    compress = ("bf16, fp16, powersgd" if cls.low_rank else "bf16, fp16") \
+    compress = ("bf16, fp16, powersgd, int8, int4, topk" if cls.low_rank else "bf16, fp16") \
         if cls.compressible else "no"
     return (f"phase {cls.phase}; --compress {compress}; DDP hook "
             f"{cls.ddp_hook_form or 'no'}; --fault-tolerant "

@@ -253,8 +253,8 @@ class Aggregator:
     #: its payloads travel by sum/average allreduce, which ``--compress bf16|fp16`` may
     #: round (payloads sent point to point or by broadcast are never compressed)
     compressible: ClassVar[bool] = False
-    #: the allreduced payload is a gradient (not parameters), so low-rank PowerSGD with
-    #: error feedback may approximate it (``--compress powersgd``)
+    #: the allreduced payload is a gradient (not parameters), so a lossy codec with error
+    #: feedback may approximate it (``--compress powersgd|int8|int4|topk``)
     low_rank: ClassVar[bool] = False
     #: the DDP communication-hook form (:data:`accord.ddp_hooks.HOOK_FORMS`): "average"
     #: (each bucket averaged as it comes), "combine" (``combine_(flat)`` on the whole
