@@ -60,6 +60,22 @@ def tier_of(path: str) -> str:
     return TIER_OF.get(Path(path.split("::")[0]).stem, "unclassified")
 
 
+@pytest.fixture(autouse=True)
+def _registry_as_found():
+    """Each test leaves the algorithm registry as it found it: a plugin one test loads
+    (``--plugin``, ``accord.register``) is not a built-in for the next test in the same
+    worker process (the every-algorithm tests compare their tables with the registry)."""
+    from accord import algorithms
+
+    registry = dict(algorithms.REGISTRY)
+    modules = {m for m in sys.modules if m.startswith("accord_plugin_")}
+    yield
+    algorithms.REGISTRY.clear()
+    algorithms.REGISTRY.update(registry)
+    for m in [m for m in sys.modules if m.startswith("accord_plugin_") and m not in modules]:
+        del sys.modules[m]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a variant left out unless ACCORD_SLOW_TESTS=1")
     for tier in TIERS:

@@ -11,7 +11,7 @@ import pytest
 from test_bench import write_metrics
 
 from accord import bench, cli
-from accord.config import ConfigError
+from accord.config import ConfigError, TrainConfig
 from accord.launch import LaunchResult
 from accord.metrics import read_metrics
 
@@ -217,11 +217,15 @@ def test_runs_and_checkpoints_recorded_before_eval_split_existed_still_count(tmp
     assert bench.previous(cfg).action == "reuse"
     cfg.eval_split = "val"
     assert bench.previous(cfg).reason == "the config changed (eval_split \"test\" -> \"val\")"
+    added = TrainConfig.ADDED_DEFAULTS
     _compare(tmp_path, {"world_size": 2, "config": {"algo": "acga"}}, 2,
-             {"algo": "acga", "eval_split": "test"})
+             {"algo": "acga", "eval_split": "test"}, added)
     with pytest.raises(CheckpointError, match="eval_split was 'test', this run has 'val'"):
         _compare(tmp_path, {"world_size": 2, "config": {"algo": "acga"}}, 2,
-                 {"algo": "acga", "eval_split": "val"})
+                 {"algo": "acga", "eval_split": "val"}, added)
+    with pytest.raises(CheckpointError, match="eval_split was None, this run has 'test'"):
+        _compare(tmp_path, {"world_size": 2, "config": {"algo": "acga"}}, 2,
+                 {"algo": "acga", "eval_split": "test"})  # no defaults: nothing assumed
 
 
 def test_a_real_tuned_bench_and_its_report(tmp_path, capsys):
