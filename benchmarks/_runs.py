@@ -8,10 +8,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from accord import bench, rundir  # noqa: E402
-from accord.config import TrainConfig, validate  # noqa: E402
-from accord.launch import launch  # noqa: E402
-from accord.metrics import read_metrics  # noqa: E402
+from accord import bench
+from accord.run import rundir
+from accord.run.config import TrainConfig  # noqa: E402
+from accord.run.launch import launch  # noqa: E402
+from accord.run.metrics import read_metrics  # noqa: E402
+from accord.run.validation import validate  # noqa: E402
 
 
 def run(cfg: TrainConfig, label: str, resume: bool = True) -> list[dict] | None:

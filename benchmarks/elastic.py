@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from accord import bench  # noqa: E402
-from accord.metrics import read_metrics  # noqa: E402
+from accord.run.metrics import read_metrics  # noqa: E402
 
 
 def main() -> int:

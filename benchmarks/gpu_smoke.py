@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import torch  # noqa: E402
 
 from accord import algorithms  # noqa: E402
-from accord.config import TrainConfig  # noqa: E402
-from accord.rundir import clear  # noqa: E402
+from accord.run.config import TrainConfig  # noqa: E402
+from accord.run.rundir import clear  # noqa: E402
 from accord.tasks import get_task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

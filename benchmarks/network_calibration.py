@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/network_calibration.py [--worlds 2,3,4] [--links 10mbit,100mbit]
         [--sizes 40000,1000000] [--repeats 5]
 
-Needs root (network namespaces: :mod:`accord.testbed`). For each world size N and link, N
+Needs root (network namespaces: :mod:`accord.run.testbed`). For each world size N and link, N
 hosts each run one rank (so every pair of ranks talks over a real link of that bandwidth,
 as ``--network`` assumes), and every rank times accord's Communicator calls on the real
 network, no emulation: ``allreduce`` (``all_reduce_``), ``allgather`` (``all_gather``,
@@ -12,7 +12,7 @@ rank 1, the others idle), ``exchange`` (ranks 0 and 1 swap), ``multi_exchange`` 
 rank sends to the next rank of a ring and receives from the previous one) and ``round``
 (one round of the background exchange engine: its 16-byte all-gather of progress metadata, then the
 allreduce of the weighted models). A call's time is the slowest rank's, from a barrier,
-the median of ``--repeats``. ``emulated`` is what :mod:`accord.network` charges for the
+the median of ``--repeats``. ``emulated`` is what :mod:`accord.comm.network` charges for the
 same call on a ``Link`` of that bandwidth (latency 0: the testbed cannot add any, netem is
 missing). Payloads: 40 kB (the digits model's gradient, 38.4 kB) and 1 MB.
 
@@ -86,7 +86,7 @@ def worker(sizes: list[int], repeats: int, out: str) -> None:
 
 
 def emulated(op: str, size: int, n: int, link) -> float:
-    from accord import network as net
+    from accord.comm import network as net
 
     if op == "allgather":
         return link.seconds(net.ALLGATHER, max(1, size // 4 // n) * 4, n)
@@ -102,8 +102,8 @@ def emulated(op: str, size: int, n: int, link) -> float:
 
 
 def measure(n: int, link_text: str, sizes: list[int], repeats: int, tmp: Path) -> list[dict]:
-    from accord.network import parse_network
-    from accord.testbed import Testbed
+    from accord.comm.network import parse_network
+    from accord.run.testbed import Testbed
 
     link = parse_network(link_text)
     out = tmp / f"calib-{n}-{link_text}.json"
@@ -139,7 +139,7 @@ def main() -> int:
     if args.worker:
         worker(sizes, args.repeats, args.result)
         return 0
-    from accord.testbed import available
+    from accord.run.testbed import available
 
     reason = available()
     if reason is not None:

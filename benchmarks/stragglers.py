@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from accord import bench  # noqa: E402
-from accord.metrics import read_metrics  # noqa: E402
+from accord.run.metrics import read_metrics  # noqa: E402
 
 
 def _summaries(preset: str, out: Path) -> dict[tuple[int, str], list[dict]]:

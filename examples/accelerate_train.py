@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 examples/accelerate_train.py --algo acga --steps 50
     accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py --algo easgd
 
-The accelerate loop is unchanged except for one call: ``accord.accelerate.prepare`` in
+The accelerate loop is unchanged except for one call: ``accord.integrations.accelerate.prepare`` in
 place of ``accelerator.prepare(model, optimizer)``. Prints the test accuracy of the
 consensus model (the mean of the replicas, which differ between communications under
 model-phase algorithms such as local_sgd or easgd). Nothing downloads.
@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 import accord
-import accord.accelerate
+import accord.integrations.accelerate
 
 
 def main() -> None:
@@ -54,7 +54,8 @@ def main() -> None:
                                 torch.nn.Linear(128, 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     # the accord line: accelerate's model and optimizer, plus the aggregator
-    model, optimizer, agg = accord.accelerate.prepare(accelerator, model, optimizer, args.algo)
+    model, optimizer, agg = accord.integrations.accelerate.prepare(
+        accelerator, model, optimizer, args.algo)
     loader = accelerator.prepare(loader)  # each process reads its own shard
 
     steps = 0
@@ -63,7 +64,7 @@ def main() -> None:
             with accelerator.accumulate(model):
                 loss = F.cross_entropy(model(xb), yb)
                 accelerator.backward(loss)
-                accord.accelerate.note_loss(optimizer, loss)  # only lsgd reads it
+                accord.integrations.accelerate.note_loss(optimizer, loss)  # only lsgd reads it
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:

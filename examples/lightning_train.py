@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")  # Lightning's advice about dataloader workers
 import lightning as L  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-from accord.lightning import AccordStrategy  # noqa: E402
+from accord.integrations.lightning import AccordStrategy  # noqa: E402
 
 
 class Classifier(L.LightningModule):

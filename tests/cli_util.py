@@ -28,10 +28,10 @@ def _launch(cfg, *args, **kwargs):
 
 def no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every route that would start workers raises :class:`Launched` instead."""
-    import accord.ft_run
+    import accord.ft.launcher
 
     monkeypatch.setattr(cli, "launch", _launch)
-    monkeypatch.setattr(accord.ft_run, "ft_launch", _launch)
+    monkeypatch.setattr(accord.ft.launcher, "ft_launch", _launch)
     monkeypatch.setattr(bench, "run_bench", _launch)
     monkeypatch.setattr(bench, "run_tuned", _launch)
 

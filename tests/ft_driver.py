@@ -1,7 +1,8 @@
 """One fault-tolerant worker (a torchft replica group of one process) for tests/test_ft.py.
 
 Trains a tiny regression model with an accord algorithm whose communicator is
-:class:`accord.ft.FTCommunicator`, one :class:`accord.ft.FTWorker` step at a time, and
+:class:`accord.ft.membership.FTCommunicator`, one :class:`accord.ft.membership.FTWorker` step
+at a time, and
 writes one JSON line per step to ``--out`` (flushed at once, so a test can watch the
 progress): ``{"step", "committed", "n", "params", "loss"}``, plus the worker's membership
 events and a final ``{"done": true}``.
@@ -54,9 +55,9 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from accord import ft
     from accord.algorithms import build
     from accord.core import StepContext
+    from accord.ft import membership as ft
 
     hp = dict(kv.split("=", 1) for kv in args.hp)
     ft.check_algorithm(args.algorithm, hp)

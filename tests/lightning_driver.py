@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 import accord  # noqa: E402
-from accord.lightning import AccordStrategy  # noqa: E402
+from accord.integrations.lightning import AccordStrategy  # noqa: E402
 
 BATCHES = 8  # per epoch and rank
 BATCH = 8
@@ -127,13 +127,13 @@ def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
     res: dict = {}
-    warned: list[str] = []  # accord.lightning's warnings on this rank
+    warned: list[str] = []  # accord.integrations.lightning's warnings on this rank
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             warned.append(record.getMessage())
 
-    logging.getLogger("accord.lightning").addHandler(Collect(logging.WARNING))
+    logging.getLogger("accord.integrations.lightning").addHandler(Collect(logging.WARNING))
 
     # gradient phase: allreduce through the strategy == Lightning's own DDP
     m, res["time_allreduce"] = fit(AccordStrategy("allreduce"), rank, out)

@@ -1,4 +1,4 @@
-"""accord.accelerate: accord's algorithms in a Hugging Face accelerate script, in real
+"""accord.integrations.accelerate: accord's algorithms in a Hugging Face accelerate script, in real
 2-process gloo worlds started by torchrun (accelerate reads torchrun's environment).
 
 One torchrun launch runs every distributed scenario (this file is also the worker script:
@@ -24,8 +24,8 @@ from worlds import free_port
 accelerate = pytest.importorskip("accelerate")
 
 import accord  # noqa: E402
-import accord.accelerate as acc_accord  # noqa: E402
-from accord.ddp_hooks import hook_algorithms  # noqa: E402
+import accord.integrations.accelerate as acc_accord  # noqa: E402
+from accord.integrations.ddp_hooks import hook_algorithms  # noqa: E402
 
 HOOK_ALGORITHMS = hook_algorithms()
 
@@ -446,7 +446,7 @@ def test_bad_inputs_are_refused_in_one_line(ranks):
         "wrapped_optimizer": ("ValueError", "accord.wrap", "plain torch optimizer"),
         "foreign_parameters": ("ValueError", "not a trainable parameter", "model.parameters()"),
         "comm_hook": ("ValueError", "comm_hook='fp16'", "allowed: comm_hook left at 'no'"),
-        "note_loss": ("TypeError", "SGD", "accord.accelerate.prepare returned"),
+        "note_loss": ("TypeError", "SGD", "accord.integrations.accelerate.prepare returned"),
         "sync_each_batch": ("ValueError", "sync_each_batch=True", "sync_each_batch=False"),
         "clip_negative": ("ValueError", "clip_grad_norm is -1.0", "None (no clipping)"),
         "sync_each_batch_clip": ("ValueError", "the clip in the DDP hook",
@@ -516,7 +516,7 @@ def test_import_accord_does_not_import_accelerate():
         assert 'accelerate' not in sys.modules, 'import accord imported accelerate'
         sys.modules['accelerate'] = None  # as if it were not installed
         try:
-            import accord.accelerate
+            import accord.integrations.accelerate
         except accord._extras.MissingExtra as exc:
             print(exc)
     """

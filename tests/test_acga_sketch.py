@@ -270,7 +270,7 @@ def test_auto_is_the_route_it_picks_on_either_side_of_its_threshold(results):
 def test_auto_leaves_the_gather_out_under_a_payload_compressor(world_of_one):
     """The compressor acts on allreduces; the gather would send the gradient past it."""
     from accord import comm as comm_module
-    from accord.compress import Compressor
+    from accord.comm.compress import Compressor
 
     params = list(_model().parameters())
     assert accord.build("acga", params, broadcast=False).mode == "gather"

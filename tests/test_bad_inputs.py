@@ -21,8 +21,10 @@ import pytest
 import torch
 
 import accord
-from accord import cli, config, faults
-from accord.config import ConfigError, TrainConfig, max_workers, validate
+from accord import cli
+from accord.run import config, faults
+from accord.run.config import ConfigError, TrainConfig, max_workers
+from accord.run.validation import validate
 from accord.tasks import linreg, shakespeare
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from accord import bench, cli
-from accord.config import ConfigError
-from accord.launch import LaunchResult
-from accord.metrics import read_metrics
+from accord.run.config import ConfigError
+from accord.run.launch import LaunchResult
+from accord.run.metrics import read_metrics
 
 ARGS = ["bench", "--algos", "allreduce,acga", "--tasks", "digits", "--workers", "2",
         "--seeds", "0", "--steps", "4", "--no-progress"]
@@ -396,8 +396,8 @@ def test_a_fault_tolerant_run_goes_through_the_fault_tolerant_launcher(tmp_path,
     """The bench launches a --fault-tolerant config with ft_run.ft_launch (its Lighthouse
     and replica groups), every other one with the normal launcher."""
     pytest.importorskip("torchft")
-    from accord import ft_run
-    from accord.launch import LaunchResult
+    from accord.ft import launcher as ft_run
+    from accord.run.launch import LaunchResult
 
     calls = []
     monkeypatch.setattr(bench, "launch",

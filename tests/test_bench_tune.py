@@ -11,9 +11,9 @@ import pytest
 from test_bench import write_metrics
 
 from accord import bench, cli
-from accord.config import ConfigError, TrainConfig
-from accord.launch import LaunchResult
-from accord.metrics import read_metrics
+from accord.run.config import ConfigError, TrainConfig
+from accord.run.launch import LaunchResult
+from accord.run.metrics import read_metrics
 
 #: each arm's best learning rate in the synthetic landscape (known answer)
 BEST = {"allreduce": 3e-3, "acga": 3e-2}

@@ -15,7 +15,7 @@ from worlds import run_world
 import accord
 from accord import checkpoint as ck
 from accord import cli
-from accord.config import validate
+from accord.run.validation import validate
 
 K = 3
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from accord import cli
-from accord.metrics import read_metrics
+from accord.run.metrics import read_metrics
 
 HANG_GUARD_S = 180  # a hung run fails the test instead of CI
 
@@ -66,8 +66,8 @@ def test_train_writes_metrics(tmp_path):
 
 def _train_every_algorithm(rank, world, out):
     from accord import algorithms
-    from accord.config import TrainConfig
-    from accord.train import run_worker
+    from accord.run.config import TrainConfig
+    from accord.run.train import run_worker
 
     for algo, cls in algorithms.REGISTRY.items():
         # a short period, so every algorithm communicates within the 6 steps
@@ -219,7 +219,7 @@ def test_list_prints_every_algorithm(capsys):
 
 def test_metrics_are_strict_json(tmp_path):
     # NaN/inf would make the file unreadable by strict parsers; the writer refuses them
-    from accord.metrics import MetricsWriter
+    from accord.run.metrics import MetricsWriter
 
     w = MetricsWriter(tmp_path / "m.jsonl")
     with pytest.raises(ValueError):

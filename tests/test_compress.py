@@ -17,7 +17,7 @@ import torch.distributed as dist
 from worlds import run_world
 
 from accord.comm import Communicator, compress_payloads
-from accord.compress import (
+from accord.comm.compress import (
     BLOCK,
     LEVELS,
     UNIT_ROUNDOFF,

@@ -14,8 +14,9 @@ from worlds import run_world
 import accord
 from accord import comm as comm_mod
 from accord.algorithms import REGISTRY
-from accord.compress import GRADIENT_SCHEMES, Compressor, coded_bytes
-from accord.config import ConfigError, TrainConfig, validate
+from accord.comm.compress import GRADIENT_SCHEMES, Compressor, coded_bytes
+from accord.run.config import ConfigError, TrainConfig
+from accord.run.validation import validate
 
 # the built-in algorithms by what each class declares (tests/test_plugins.py pins them)
 BUILTIN = {n: c for n, c in REGISTRY.items() if c.__module__.startswith("accord.")}

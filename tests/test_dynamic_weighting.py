@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from worlds import run_world
 
-from accord.config import TrainConfig
-from accord.metrics import read_metrics
-from accord.train import run_worker
+from accord.run.config import TrainConfig
+from accord.run.metrics import read_metrics
+from accord.run.train import run_worker
 
 HALF_LIFE = 4.0
 START = 2  # the failure starts at this step and lasts to the end
@@ -90,8 +90,8 @@ def test_a_healthy_worker_keeps_about_uniform_weight(records, algo):
 def _trusted_round(rank, world):
     import torch
 
-    from accord.background import Weighting, group_round
     from accord.comm import Communicator
+    from accord.exchange.background import Weighting, group_round
 
     deposit = torch.full((3,), float(rank + 1))
     trust = 0.25 if rank == 1 else 1.0

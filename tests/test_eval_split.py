@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from test_data_tasks import N_TEST, N_TRAIN, decode, fake_fashion, fake_sdist
 
 from accord import checkpoint, cli
-from accord.config import EVAL_SPLITS, ConfigError, TrainConfig, apply_settings, validate
+from accord.run.config import EVAL_SPLITS, ConfigError, TrainConfig, apply_settings
+from accord.run.validation import validate
 from accord.tasks import (
     TASKS,
     digits,

@@ -28,7 +28,7 @@ def test_import_accord_imports_no_integration():
 def test_a_missing_integration_is_one_line_naming_the_extra(module, extra):
     # the package made unimportable, as if it were not installed
     proc = _python(f"import sys; sys.modules[{module!r}] = None\n"
-                   f"import accord.{module}")
+                   f"import accord.integrations.{module}")
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("accord._extras.MissingExtra: ")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from accord import failures, report, rundir
-from accord.metrics import read_metrics
+from accord import report
+from accord.run import failures, rundir
+from accord.run.metrics import read_metrics
 
 ACCORD = [sys.executable, "-m", "accord"]
 FAULTS = {"crash": "crash:rank=1,step=4", "kill": "kill:rank=1,step=4",

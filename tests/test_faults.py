@@ -13,10 +13,12 @@ import pytest
 import torch
 from worlds import run_world
 
-from accord import cli, faults
-from accord.config import ConfigError, TrainConfig, validate
-from accord.metrics import read_metrics
-from accord.train import nonfinite_grads, run_worker
+from accord import cli
+from accord.run import faults
+from accord.run.config import ConfigError, TrainConfig
+from accord.run.metrics import read_metrics
+from accord.run.train import nonfinite_grads, run_worker
+from accord.run.validation import validate
 
 
 @pytest.mark.parametrize("spec", [

@@ -1,4 +1,5 @@
-"""Fault-tolerant mode on torchft (accord.ft): real replica processes (tests/ft_driver.py),
+"""Fault-tolerant mode on torchft (accord.ft.membership): real replica processes
+(tests/ft_driver.py),
 a Lighthouse in this process, short timeouts; every process is bounded and killed."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 os.environ.setdefault("RUST_LOG", "warn")  # before torchft starts its logger
 pytest.importorskip("torchft")
 
-from accord import ft  # noqa: E402
+from accord.ft import membership as ft
 
 DRIVER = Path(__file__).with_name("ft_driver.py")
 #: short, checked: dead replica dropped after ~1 s (join) or 1.5 s (heartbeat)

@@ -155,7 +155,8 @@ def test_options_need_fault_tolerant(tmp_path: Path) -> None:
 
 def test_config_round_trip_and_normal_records_unchanged() -> None:
     from accord import cli
-    from accord.config import TrainConfig, validate
+    from accord.run.config import TrainConfig
+    from accord.run.validation import validate
 
     normal = TrainConfig(workers=3)
     assert not set(TrainConfig.FT_FIELDS) & set(normal.to_json())
@@ -174,7 +175,7 @@ def test_config_round_trip_and_normal_records_unchanged() -> None:
     again = cli._config_from_args(cli.build_parser().parse_args(["train", *hosts.to_argv()]))
     assert (again.lighthouse, again.replicas, again.ft_host) == ("http://h0:29510", "0-1,6",
                                                                  "h1")
-    from accord.ft_run import replicas_of
+    from accord.ft.launcher import replicas_of
     assert replicas_of(again) == [0, 1, 6] and replicas_of(TrainConfig(workers=3)) == [0, 1, 2]
 
 
@@ -220,7 +221,8 @@ def test_two_workers_survive_a_hung_peer(tmp_path: Path) -> None:
 def test_torchft_missing_is_one_line(tmp_path: Path, monkeypatch) -> None:
     import importlib.util
 
-    from accord.config import ConfigError, TrainConfig, validate
+    from accord.run.config import ConfigError, TrainConfig
+    from accord.run.validation import validate
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

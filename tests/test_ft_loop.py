@@ -1,5 +1,5 @@
 """One loop on both launch modes: the local launcher's workers and ``--fault-tolerant``
-workers run the same loop (accord.loop), so what the fault-tolerant copy lacked now holds
+workers run the same loop (accord.run.loop), so what the fault-tolerant copy lacked now holds
 there too. A probe task (a user task file written here) reports, before every loss, the
 gradients the loop left.
 
@@ -94,14 +94,14 @@ def test_gradients_are_zeroed_in_place_on_both_launch_modes(tmp_path: Path, mode
 def test_both_launch_modes_build_the_worker_with_the_run_timeouts(tmp_path: Path,
                                                                  world_of_one) -> None:
     """The local launcher's and the fault-tolerant workers both build their parts with
-    accord.loop.build_worker: an algorithm that takes ``timeout`` and ``idle_timeout``
+    accord.run.loop.build_worker: an algorithm that takes ``timeout`` and ``idle_timeout``
     (easgd) and was not given its own gets the run's (the fault-tolerant loop built it
     without them). A validated config already holds the algorithm's defaults, which stay."""
     import torch
 
-    from accord import ft_run
-    from accord.config import TrainConfig
-    from accord.loop import build_worker
+    from accord.ft import launcher as ft_run
+    from accord.run.config import TrainConfig
+    from accord.run.loop import build_worker
 
     assert "build_worker" in ft_run._ft_worker.__code__.co_names or \
         "build_worker" in ft_run._ft_worker.__code__.co_varnames

@@ -50,10 +50,11 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from accord import bench, checkpoint, cli, report
-from accord.config import TrainConfig, validate
-from accord.metrics import RECORD_SCHEMAS, scan_metrics
+from accord.bench.tuning import load as load_tuning
+from accord.run.config import TrainConfig
+from accord.run.metrics import RECORD_SCHEMAS, scan_metrics
+from accord.run.validation import validate
 from accord.schema import MAX_DEPTH, SchemaError
-from accord.tuning import load as load_tuning
 
 RUN_ARGS = ["--task", "linreg", "--workers", "1", "--log-every", "2", "--checkpoint-every",
             "2", "--fault", "delay:rank=0,seconds=0.001", "--no-progress"]

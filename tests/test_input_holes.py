@@ -16,7 +16,8 @@ from test_report import write_run
 
 import accord
 from accord import algorithms, bench, checkpoint, cli, report
-from accord.config import TrainConfig, validate
+from accord.run.config import TrainConfig
+from accord.run.validation import validate
 
 
 @pytest.fixture

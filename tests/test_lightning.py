@@ -1,4 +1,5 @@
-"""accord.lightning.AccordStrategy under torchrun with 2 processes (tests/lightning_driver.py
+"""accord.integrations.lightning.AccordStrategy under torchrun with 2 processes
+(tests/lightning_driver.py
 runs every scenario in one launch; each rank saves what it saw)."""
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def test_a_checkpoint_of_another_algorithm_is_refused(ranks):
 
 
 def test_bad_strategy_arguments_are_one_line_errors():
-    from accord.lightning import AccordStrategy
+    from accord.integrations.lightning import AccordStrategy
 
     with pytest.raises(ValueError, match="unknown hyperparameter 'momentun'"):
         AccordStrategy("acga", momentun=0.9)

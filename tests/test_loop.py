@@ -1,4 +1,4 @@
-"""The one training loop (accord.loop.run_loop) with fake objects, no process group: the
+"""The one training loop (accord.run.loop.run_loop) with fake objects, no process group: the
 order of its named points, a discarded step, the stop at divergence."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from accord.core import StepContext
-from accord.loop import Batches, Hook, Steps, Tally, run_loop
+from accord.run.loop import Batches, Hook, Steps, Tally, run_loop
 
 
 class Log(list):

@@ -14,8 +14,8 @@ from worlds import run_world
 
 import accord
 from accord.comm import Communicator
+from accord.run.train import ConsensusProbe
 from accord.tasks import get_task
-from accord.train import ConsensusProbe
 
 STEPS = 6
 BATCH = 8

@@ -10,7 +10,7 @@ import threading
 import pytest
 from cli_util import no_workers, run_cli, tree
 
-from accord.network import (
+from accord.comm.network import (
     ALLGATHER,
     ALLREDUCE,
     BROADCAST,

@@ -2,7 +2,7 @@
 exactly its alpha-beta time on a fake clock (a lower bound: the fake clock does not move
 while the real call runs, so the whole emulated time is waited), and nothing waits when
 no network is emulated. Expected times are written out here from the formulas, not taken
-from accord.network."""
+from accord.comm.network."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from worlds import run_world
 
 from accord import comm as comm_mod
 from accord.comm import Communicator
-from accord.network import FakeClock, Link, Network
+from accord.comm.network import FakeClock, Link, Network
 
 BW = 1.25e8  # 1 Gbit/s in bytes per second
 LAT = 0.005  # 5 ms
@@ -125,7 +125,7 @@ def test_a_profile_prices_the_slowest_link_of_the_group():
 
 
 def _real(rank: int, world: int) -> int:
-    from accord import network
+    from accord.comm import network
 
     def never(*args, **kwargs):
         raise AssertionError("an emulated wait without an emulated network")
@@ -152,8 +152,8 @@ def test_train_with_an_emulated_network_computes_the_same_and_reports_it(tmp_pat
     import subprocess
     import sys
 
-    from accord.metrics import read_metrics
     from accord.report import write_report
+    from accord.run.metrics import read_metrics
 
     def train(out, *extra):
         return subprocess.run([sys.executable, "-m", "accord", "train", "--task", "digits",

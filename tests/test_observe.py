@@ -14,8 +14,8 @@ from worlds import run_world
 
 from accord import algorithms
 from accord.comm import Communicator
-from accord.config import TrainConfig
 from accord.observe import SNAPSHOTS, AsyncObserver, ConsensusProbe
+from accord.run.config import TrainConfig
 
 
 def _records(out: Path) -> list[dict]:
@@ -23,7 +23,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def _train_world(rank, world, cfg_kwargs):
-    from accord.train import run_worker
+    from accord.run.train import run_worker
 
     return run_worker(TrainConfig(**cfg_kwargs))
 
@@ -174,7 +174,7 @@ SYNCHRONOUS = {"wagma": {"wait_avoiding": False}}
 
 def _twice(rank, world, root, names):
     _dropout_task()
-    from accord.train import run_worker
+    from accord.run.train import run_worker
 
     results = {}
     for name in names:
@@ -201,7 +201,8 @@ def _twice(rank, world, root, names):
 
 
 def _allowed(cfg: TrainConfig) -> bool:
-    from accord.config import ConfigError, validate
+    from accord.run.config import ConfigError
+    from accord.run.validation import validate
 
     try:
         validate(cfg, check_out=False)

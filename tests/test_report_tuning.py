@@ -258,7 +258,7 @@ def test_malformed_tuning_files_are_one_warning_each(tmp_path):
     assert len(warnings) == 5
     by_file = {w.split(":")[0]: w for w in warnings}
     assert set(by_file) == {f"{n}/tuning.json" for n in [*bad, "binary"]}
-    assert by_file == {  # one schema (accord.tuning.SCHEMAS): the field and what was expected
+    assert by_file == {  # one schema (accord.bench.tuning.SCHEMAS): the field and what was expected
         "torn/tuning.json": "torn/tuning.json: not a tuning file (expected JSON, got "
                             "Expecting ',' delimiter at line 1 column 35); skipped",
         "shape/tuning.json": "shape/tuning.json: not a tuning file (field 'arms': expected a "

@@ -27,11 +27,13 @@ from test_input_holes import report_args
 from test_report import write_run
 
 import accord
-from accord import checkpoint, report, train
-from accord.config import TrainConfig, validate
-from accord.failures import StorageError, storage_error
-from accord.launch import finish_summary
-from accord.metrics import MetricsWriter, append_record
+from accord import checkpoint, report
+from accord.run import train
+from accord.run.config import TrainConfig
+from accord.run.failures import StorageError, storage_error
+from accord.run.launch import finish_summary
+from accord.run.metrics import MetricsWriter, append_record
+from accord.run.validation import validate
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RUN_LIMIT = 240.0  # seconds any one run may take

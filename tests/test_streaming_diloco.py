@@ -22,7 +22,7 @@ from worlds import run_world
 import accord
 from accord.algorithms.streaming_diloco import StreamingDiLoCo, fragment_offsets, layers_of
 from accord.comm import compress_payloads
-from accord.compress import Compressor
+from accord.comm.compress import Compressor
 
 STEPS = 13
 WORLD = 3

@@ -1,4 +1,4 @@
-"""Several hosts on one machine (accord.testbed): network namespaces, torchrun --nnodes 2
+"""Several hosts on one machine (accord.run.testbed): network namespaces, torchrun --nnodes 2
 and the fault-tolerant launcher across them, and a teardown that leaves nothing behind.
 
 Skipped, with the reason, where namespaces cannot be made (not root, not Linux, a
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from accord import testbed
-from accord.metrics import read_metrics
-from accord.network import Link, Network, parse_network
+from accord.comm.network import Link, Network, parse_network
+from accord.run import testbed
+from accord.run.metrics import read_metrics
 
 REASON = testbed.available()
 needs_namespaces = pytest.mark.skipif(REASON is not None, reason=f"testbed: {REASON}")
@@ -132,7 +132,7 @@ def test_hosts_reach_each_other_and_teardown_leaves_nothing() -> None:
 
 @needs_namespaces
 def test_ctrl_c_tears_down(tmp_path: Path) -> None:
-    p = subprocess.Popen([PY, "-m", "accord.testbed", "torchrun", "--hosts", "2",
+    p = subprocess.Popen([PY, "-m", "accord.run.testbed", "torchrun", "--hosts", "2",
                           "--link", "10mbit", "--out", str(tmp_path / "r"), "--", *TRAIN,
                           "--steps", "100000"], env=ENV, stderr=subprocess.PIPE, text=True)
     prefix = f"acctb-{p.pid}-"
@@ -147,7 +147,7 @@ def test_ctrl_c_tears_down(tmp_path: Path) -> None:
 
 @needs_namespaces
 def test_a_sigkilled_testbed_is_swept() -> None:
-    code = ("import time; from accord.testbed import Testbed; tb = Testbed(2).up(); "
+    code = ("import time; from accord.run.testbed import Testbed; tb = Testbed(2).up(); "
             "tb.start(1, ['sleep', '1000']); print('up', flush=True); time.sleep(1000)")
     p = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
     assert p.stdout.readline().strip() == "up"

@@ -5,6 +5,7 @@ before any worker starts."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -105,3 +106,38 @@ def test_train_bench_and_report_run_a_user_task_with_a_straggler(tmp_path):
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "r" / "report.md").read_text()
     assert spec in text and "acga_slow-rank1-factor3" in text
+
+
+def test_bench_reruns_a_run_whose_task_or_plugin_file_was_edited(tmp_path):
+    """A run records the SHA-256 of its user files; bench reuses it while they are what ran
+    and reruns it, saying which file, once one is edited or gone."""
+    from test_bench import write_metrics
+
+    from accord import bench
+    from accord.bench.reuse import previous
+
+    task = tmp_path / "task.py"
+    task.write_text(EXAMPLE.read_text())
+    plugin = tmp_path / "algo.py"
+    plugin.write_text("# a plugin\n")
+    spec = f"{task}:TwoMoons"
+    cfg = bench.plan(bench.custom(["allreduce"], [], [spec], [2], [0], 4), tmp_path / "b")[0]
+    write_metrics(cfg)
+    path = Path(cfg.out) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["task_source"] = task_source(spec)
+    header["plugin_sources"] = [{"spec": str(plugin), "file": str(plugin),
+                                 "sha256": hashlib.sha256(plugin.read_bytes()).hexdigest()}]
+    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert previous(cfg).action == "reuse"
+    plugin.write_text("# a plugin, edited\n")
+    got = previous(cfg)
+    assert (got.action, got.state, got.reason) == (
+        "rerun", "stale", f"the plugin file {plugin} changed since it ran")
+    plugin.write_text("# a plugin\n")
+    assert previous(cfg).action == "reuse"
+    task.write_text(task.read_text() + "# edited\n")
+    assert previous(cfg).reason == f"the task file {task} changed since it ran"
+    task.unlink()
+    assert previous(cfg).reason == f"the task file {task} changed since it ran"

@@ -172,7 +172,7 @@ def test_every_communicator_has_the_protocol(world_of_one):
     counted Communicator (with point-to-point calls) and the torchft quorum's, whose
     collectives an algorithm calls the same way."""
     from accord.comm import Collectives, Communicator, PointToPoint
-    from accord.ft import FTCommunicator
+    from accord.ft.membership import FTCommunicator
 
     comm = Communicator()
     assert isinstance(comm, PointToPoint) and isinstance(comm, Collectives)

@@ -334,7 +334,7 @@ def _clip_hook(rank, algo, hp):
 def _ddp_refused(rank):
     """wrap / build on a DDP model's parameters: refused on every rank, before any
     collective; the plain model afterwards, and a DDP whose allreduce accord switched off
-    (accord.accelerate's model-phase path), are accepted."""
+    (accord.integrations.accelerate's model-phase path), are accepted."""
     from torch.nn.parallel import DistributedDataParallel
 
     from accord._ddp import local_gradients

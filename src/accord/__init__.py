@@ -32,8 +32,8 @@ from .algorithms import REGISTRY, build, list_algorithms, load_plugin, register
 from .checkpoint import CheckpointError, load, save
 from .comm import CommStats, Communicator, FlatBuffer
 from .core import Aggregator, Hyper, StepContext, due
-from .ddp_hooks import ddp_hook
-from .wrap import AggregatedOptimizer, wrap
+from .integrations.ddp_hooks import ddp_hook
+from .integrations.wrap import AggregatedOptimizer, wrap
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ submodule assignment anywhere in the process and nothing per step. DDP models bu
 before ``import accord`` are not seen.
 
 A DDP model whose only communication hook is :func:`local_gradients` (DDP's allreduce
-switched off, as ``accord.accelerate`` does for model-phase algorithms) is allowed.
+switched off, as ``accord.integrations.accelerate`` does for model-phase algorithms) is allowed.
 """
 
 from __future__ import annotations

@@ -63,3 +63,20 @@ def import_target(target: str, what: str, prefix: str = "accord_user_") -> Modul
         first = (str(e).splitlines() or [""])[0]
         raise ValueError(f"{what}: importing {target!r} failed: "
                          f"{type(e).__name__}: {first}") from None
+
+
+def file_sha256(path: str | None) -> str | None:
+    """The SHA-256 of the file at ``path`` (None when there is no file or it cannot be read)."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def code_source(spec: str, path: str | None) -> dict[str, str | None]:
+    """What a run records of user code named by ``spec``: the spec, the file it came from and
+    that file's SHA-256 (a later run tells an edited file from the one that ran)."""
+    return {"spec": spec, "file": path, "sha256": file_sha256(path)}

@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from . import algorithms, bench, report, rundir, settings
-from .config import ConfigError, TrainConfig, apply_settings, check_writable, load_plugins, validate
-from .failures import one_line
-from .launch import launch, launched_here, under_torchrun
-from .metrics import read_metrics
-from .train import resume_plan, run_worker
+from . import algorithms, bench, report
+from .run import rundir, settings
+from .run.config import ConfigError, TrainConfig, apply_settings, load_plugins
+from .run.failures import one_line
+from .run.launch import launch, launched_here, under_torchrun
+from .run.metrics import read_metrics
+from .run.train import resume_plan, run_worker
+from .run.validation import check_writable, validate
 
 PROG = "accord"
 
@@ -80,13 +82,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{PROG} train: error: {e}", file=sys.stderr)
         return 2
     if cfg.fault_tolerant and os.environ.get("ACCORD_FT_REPLICA") is not None:
-        from .ft_run import ft_worker_main  # a worker of the fault-tolerant launcher
+        from .ft.launcher import ft_worker_main  # a worker of the fault-tolerant launcher
 
         os._exit(ft_worker_main(cfg))
     if under_torchrun():
         os._exit(_torchrun_worker(cfg, rank, driver))
     if cfg.fault_tolerant:
-        from .ft_run import ft_launch
+        from .ft.launcher import ft_launch
 
         result = ft_launch(cfg)
     else:
@@ -113,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ft_lighthouse(args: argparse.Namespace) -> int:
-    from .ft_run import serve_lighthouse
+    from .ft.launcher import serve_lighthouse
 
     try:
         return serve_lighthouse(args.min_workers, args.bind)
@@ -123,7 +125,7 @@ def cmd_ft_lighthouse(args: argparse.Namespace) -> int:
 
 
 def cmd_ft_merge(args: argparse.Namespace) -> int:
-    from .ft_run import merge_hosts
+    from .ft.launcher import merge_hosts
 
     try:
         summary = merge_hosts(Path(args.out), [Path(d) for d in args.hosts])

@@ -80,7 +80,8 @@ INT64_MAX = 2**63 - 1
 
 #: the values of ``Aggregator.phase``
 PHASES = ("gradient", "model")
-#: the values of ``Aggregator.ddp_hook_form`` (besides None), see :mod:`accord.ddp_hooks`
+#: the values of ``Aggregator.ddp_hook_form`` (besides None), see
+#: :mod:`accord.integrations.ddp_hooks`
 DDP_HOOK_FORMS = ("average", "combine", "sum_then_combine")
 
 
@@ -256,7 +257,7 @@ class Aggregator:
     #: the allreduced payload is a gradient (not parameters), so a lossy codec with error
     #: feedback may approximate it (``--compress powersgd|int8|int4|topk``)
     low_rank: ClassVar[bool] = False
-    #: the DDP communication-hook form (:data:`accord.ddp_hooks.HOOK_FORMS`): "average"
+    #: the DDP communication-hook form (:data:`accord.integrations.ddp_hooks.HOOK_FORMS`): "average"
     #: (each bucket averaged as it comes), "combine" (``combine_(flat)`` on the whole
     #: gradient at the last bucket), "sum_then_combine" (each bucket's sum started as it
     #: comes, then ``combine_(flat, total)``), or None: no hook form

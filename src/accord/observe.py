@@ -39,7 +39,7 @@ and meanwhile the fast rank trains on.
   global average) and at the end; the summary's ``diverged_step`` is the first record
   that showed it. An asynchronous run without such steps (asynchronous EASGD) runs to its
   last step and is then marked ``diverged``.
-* A checkpoint waits for every rank anyway (see :func:`accord.train._checkpoint`); the
+* A checkpoint waits for every rank anyway (see :func:`accord.run.train._checkpoint`); the
   loop first lets the observers finish every record up to it, so the records and the
   checkpoint agree.
 * A failure in the observer (a peer gone mid-collective, which the group's

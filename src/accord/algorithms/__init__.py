@@ -111,6 +111,17 @@ def load_plugin(spec: str) -> list[str]:
     return added
 
 
+def plugin_source(spec: str) -> dict[str, Any]:
+    """What a run records of plugin ``spec`` (loaded): the spec, the file of its module and
+    that file's SHA-256."""
+    from .._imports import code_source, import_target
+
+    head, sep, tail = spec.rpartition(":")
+    target = head if sep and tail.isidentifier() and head else spec
+    module = import_target(target, f"plugin {spec!r}", prefix="accord_plugin_")
+    return code_source(spec, getattr(module, "__file__", None))
+
+
 def absolute_spec(spec: str) -> str:
     """``spec`` with a file path made absolute (a run records it so, and a worker or a
     resumed run started elsewhere finds the same file); a module path unchanged."""

@@ -47,7 +47,7 @@ class ModelAggregator(Aggregator):
         return buf
 
     def close(self) -> None:
-        """Stop the background engine, if any (collective, see accord.background)."""
+        """Stop the background engine, if any (collective, see accord.exchange.background)."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None

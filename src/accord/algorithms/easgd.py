@@ -22,7 +22,7 @@ Hook: ``after_step``. Communication: one model-size allreduce every ``period`` s
 Float buffers follow the same elastic rule; optimizer state stays local.
 
 ``asynchronous=True``: the exchanges run on the background engine
-(:mod:`accord.background`), each worker at its own pace. At each of its communication
+(:mod:`accord.exchange.background`), each worker at its own pace. At each of its communication
 points (every ``period`` of its own steps) a worker deposits x_i and activates round c_i
 (its communication count); the engines of all workers then run the round with the model
 each last deposited, so a slow worker's stale model takes part without being waited for.
@@ -38,7 +38,7 @@ weighs worker j by w_j proportional to 2 ** (-(s_j / half_life) ** 2), where s_j
 number of steps since j's last *fresh progress*: a contribution that differs from j's
 previous one and follows at least one healthy step (a step whose gradient the loop did
 not exclude as non-finite, ``StepContext.healthy``); 0 if its model is not finite;
-weights are renormalised over the survivors (see :mod:`accord.background`). Staleness
+weights are renormalised over the survivors (see :mod:`accord.exchange.background`). Staleness
 is counted in exchanges times ``period``. A frozen worker (same model every exchange), a
 worker whose gradients are all excluded, and, asynchronously, one whose deposit stops
 being renewed all fade, whatever the local optimizer (momentum, Nesterov, Adam and weight
@@ -66,8 +66,8 @@ from typing import Any
 
 import torch
 
-from ..background import ExchangeEngine, Progress, RoundResult, Weighting, group_round
 from ..core import Hyper, StepContext, due
+from ..exchange.background import ExchangeEngine, Progress, RoundResult, Weighting, group_round
 from . import register
 from ._model import ModelAggregator
 

@@ -39,7 +39,7 @@ for N = 64).
 group steps, the reference's ``LIMITER 10``; it bounds staleness.
 
 ``wait_avoiding=True`` (default) runs the group rounds on the background engine
-(:mod:`accord.background`): after each optimizer step the worker deposits its model; at
+(:mod:`accord.exchange.background`): after each optimizer step the worker deposits its model; at
 the next step the first member of the round's group to get there activates the round for
 the group, and a runner that must get past a round activates it for that round's group
 too, so any set of slow ranks (a whole group, a chain of slow groups, every rank but one)
@@ -55,7 +55,7 @@ model-size tensor (``self_weight=reference``) or two (``mean``: the own deposit 
 contributes its current model; replicas are reproducible bit for bit).
 
 ``weighting=dynamic`` weighs the group's contributions by fresh progress (see
-:mod:`accord.background`: a member whose model has not changed after a healthy step for
+:mod:`accord.exchange.background`: a member whose model has not changed after a healthy step for
 s steps weighs ``2 ** (-(s / half_life) ** 2)`` before renormalisation); global averages
 stay uniform. A frozen worker, or one whose gradients are excluded as non-finite, fades
 out under any local optimizer.
@@ -75,7 +75,9 @@ from typing import Any
 
 import torch
 
-from ..background import (
+from ..comm import Communicator
+from ..core import Hyper, StepContext, due
+from ..exchange.background import (
     ExchangeEngine,
     Progress,
     RoundResult,
@@ -83,8 +85,6 @@ from ..background import (
     group_round,
     subgroups,
 )
-from ..comm import Communicator
-from ..core import Hyper, StepContext, due
 from . import register
 from ._model import ModelAggregator
 

@@ -25,8 +25,8 @@ checked before each line is written: ``run``, ``label``, ``task``, ``workers``, 
 ``seconds``, ``status``): ``ok``, ``diverged`` (with ``diverged_step``), ``failed`` (with
 ``error``) or ``interrupted``; the bench goes on after a failed or diverged run and stops
 (resumably) when interrupted. What the bench reads back is the run directories'
-``metrics.jsonl`` (:func:`previous`, through ``accord.metrics.scan_metrics`` and its schema)
-and ``tuning.json`` (``accord.tuning``'s schema, checked when written and when read); a
+``metrics.jsonl`` (:func:`previous`, through ``accord.run.metrics.scan_metrics`` and its schema)
+and ``tuning.json`` (``accord.bench.tuning``'s schema, checked when written and when read); a
 ``tuning.json`` that cannot be read is written anew. The summary
 table (:func:`summary_table`) averages only the seeds that ended ok under the requested
 config; a diverged seed is never averaged but named in the row's note ("seed 2 diverged
@@ -79,8 +79,7 @@ from __future__ import annotations
 
 # the launcher is looked up here when a run starts (see running._bench): replacing
 # accord.bench.launch replaces it for every run of the bench
-from ..launch import launch
-from ..tuning import best_point
+from ..run.launch import launch
 from .presets import (
     COMPUTE_S,
     DW_COMPUTE_S,
@@ -138,6 +137,7 @@ from .tune import (
     tuning_specs,
     tuning_table,
 )
+from .tuning import best_point
 
 __all__ = [
     "COMPUTE_S", "DW_COMPUTE_S", "DW_FAILURES", "DW_OPTIMIZERS", "DW_STEPS",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..config import ConfigError
+from ..run.config import ConfigError
 from .specs import RunSpec, _matrix
 
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig
-from ..metrics import Outcome, run_outcome, scan_metrics
-from ..rundir import holder
+from .._imports import file_sha256
+from ..run.config import TrainConfig
+from ..run.metrics import Outcome, run_outcome, scan_metrics
+from ..run.rundir import holder
 
 #: TrainConfig fields that do not change a run's results, ignored when deciding reuse: where
 #: the run is written (bench puts it at its own path anyway), the progress bar, TensorBoard
@@ -64,7 +65,8 @@ class Previous:
 
     ``action``: ``reuse`` (a run that ended ok or diverged under the same config), ``run``
     (nothing there yet) or ``rerun`` (``reason`` says why). ``state``: ``absent``,
-    ``unreadable`` (no metrics.jsonl or no header in it), ``stale`` (another config), or the
+    ``unreadable`` (no metrics.jsonl or no header in it), ``stale`` (another config, or a
+    user task or plugin file edited since), or the
     run's outcome status (ok, diverged, failed, interrupted, incomplete)."""
 
     action: str
@@ -72,6 +74,22 @@ class Previous:
     reason: str = ""
     outcome: Outcome | None = None
     summary: dict[str, Any] | None = None
+
+
+def code_changes(header: dict[str, Any]) -> list[str]:
+    """The user files a run recorded (its task, its plugins) that are no longer what ran:
+    edited since (another SHA-256) or gone; each as ``the task file PATH``."""
+    sources = [("task", header.get("task_source"))]
+    plugins = header.get("plugin_sources")
+    sources += [("plugin", p) for p in (plugins if isinstance(plugins, list) else [])]
+    changed = []
+    for what, source in sources:
+        if not isinstance(source, dict) or not isinstance(source.get("file"), str) \
+                or not isinstance(source.get("sha256"), str):
+            continue  # a built-in, or a record without a hash: nothing to compare
+        if file_sha256(source["file"]) != source["sha256"]:
+            changed.append(f"the {what} file {source['file']}")
+    return changed
 
 
 def previous(cfg: TrainConfig) -> Previous:
@@ -95,6 +113,9 @@ def previous(cfg: TrainConfig) -> Previous:
     if changes:
         more = f", +{len(changes) - 3} more" if len(changes) > 3 else ""
         return Previous("rerun", "stale", f"the config changed ({', '.join(changes[:3])}{more})")
+    edited = code_changes(header)
+    if edited:
+        return Previous("rerun", "stale", f"{edited[0]} changed since it ran")
     outcome = run_outcome(scan.records)
     summary = next((r for r in reversed(scan.records) if r.get("type") == "summary"), None)
     if outcome.status in ("ok", "diverged"):

@@ -15,8 +15,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..config import TrainConfig
-from ..metrics import Outcome, run_outcome, scan_metrics
+from ..run.config import TrainConfig
+from ..run.metrics import Outcome, run_outcome, scan_metrics
 from ..schema import Int, Nullable, Number, Record, Text
 from ..schema import validate as check_schema
 from .reuse import _clear, previous
@@ -95,7 +95,7 @@ def run_bench(configs: list[TrainConfig], out: Path, *, progress: bool = True,
             _clear(Path(cfg.out), out)
             start = time.time()
             if cfg.fault_tolerant:  # its own launcher (a Lighthouse, replica groups)
-                from ..ft_run import ft_launch
+                from ..ft.launcher import ft_launch
 
                 launched = ft_launch(cfg)
             else:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, TrainConfig, apply_settings, validate
+from ..run.config import ConfigError, TrainConfig, apply_settings
+from ..run.validation import validate
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def apply_faults(specs: list[RunSpec], faults: list[str]) -> list[RunSpec]:
     line) for a spec that does not parse for a run's world size and steps."""
     if not faults:
         return specs
-    from .. import faults as fault_specs
+    from ..run import faults as fault_specs
 
     tags = []
     for text in faults:

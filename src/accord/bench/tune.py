@@ -1,6 +1,6 @@
 """``accord bench --tune``: the grid and the tuning seeds, one tuning run per arm, grid point
 and seed on the validation split, each arm's choice by its mean over the tuning seeds, and
-the ``tuning.json`` of each group (its one schema: :mod:`accord.tuning`)."""
+the ``tuning.json`` of each group (its one schema: :mod:`accord.bench.tuning`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import MAX_SEED, ConfigError, TrainConfig, validate
-from ..tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, TuningRun, best_point
-from ..tuning import save as save_tuning
+from ..run.config import MAX_SEED, ConfigError, TrainConfig
+from ..run.validation import validate
 from .reuse import previous
 from .specs import RunSpec, apply_overrides
+from .tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, TuningRun, best_point
+from .tuning import save as save_tuning
 
 #: the default tuning seeds: not one of the presets' evaluation seeds. Three, because one
 #: seed can put an arm at an edge-of-stability learning rate and flip a comparison
@@ -165,7 +166,7 @@ class TuningChoice:
     records: dict[tuple, TuningArm] = field(default_factory=dict)  # per arm, as written
 
 
-#: what a tuning run's state counts as in tuning.json (see accord.tuning)
+#: what a tuning run's state counts as in tuning.json (see accord.bench.tuning)
 _TUNING_STATUS = {"absent": "not run", "stale": "not run", "unreadable": "failed",
                   "incomplete": "failed", "interrupted": "not run"}
 
@@ -173,7 +174,7 @@ _TUNING_STATUS = {"absent": "not run", "stale": "not run", "unreadable": "failed
 def choose(specs: list[RunSpec], grid: dict[str, list[str]],
            seeds: int | list[int] | tuple[int, ...], out: Path) -> TuningChoice:
     """Read every tuning run's final metric on the validation split, judge each grid point
-    by its mean over the tuning seeds (accord.tuning: a point with a seed that did not end
+    by its mean over the tuning seeds (accord.bench.tuning: a point with a seed that did not end
     ok never wins; a tie goes to the first point in grid order), pick each arm's best and
     write ``OUT/<group>/tuning.json`` per group (the grid, the seeds, each point's mean,
     spread, status and per-seed runs, the choice)."""

@@ -36,7 +36,7 @@ status), also when no ``tuning.json`` describes them; the section "Tuning" shows
 never warned about. Each problem of a file is one warning line for that file, however
 many lines it affects: malformed lines (not JSON, or nested deeper than
 ``accord.schema.MAX_DEPTH``), records that break the metrics schema
-(``accord.metrics.RECORD_SCHEMAS``: a step record without an integer ``step``, a header
+(``accord.run.metrics.RECORD_SCHEMAS``: a step record without an integer ``step``, a header
 whose ``config`` is not an object, a ``time_s`` that is not a number, ...; one line per
 record type, naming the first such record's line and field), records of an unknown type.
 Such lines and records are skipped. A file in which no line is a record (binary, random
@@ -117,8 +117,8 @@ points whose other keys are at that arm's chosen values (an arm with nothing cho
 line there). Under a section's settings table, a note names the keys tuned for its labels
 (e.g. "lr chosen per arm on the val split, seeds 100, 101, 102: see Tuning"), and says so
 when the evaluation runs' config differs from the chosen value. A ``tuning.json`` that
-cannot be read or does not have the shape of :mod:`accord.tuning` (version 2, or version 1
-of a single tuning seed: ``accord.tuning.SCHEMAS``) is one warning line naming the field and
+cannot be read or does not have the shape of :mod:`accord.bench.tuning` (version 2, or version 1
+of a single tuning seed: ``accord.bench.tuning.SCHEMAS``) is one warning line naming the field and
 is skipped.
 
 **Emulated network.** When a section's runs emulated a network (``config.network`` or
@@ -138,7 +138,7 @@ table when its own default target differs. Two tables, one row per label (baseli
   "-" when the label did not run on that network;
 * *final metric by link* -- the section's final test metric, mean +- std over seeds.
 
-A link is placed by :func:`accord.network.parse_network` (bandwidth in bytes/s); a
+A link is placed by :func:`accord.comm.network.parse_network` (bandwidth in bytes/s); a
 profile by its default link, read from its file (as given, else relative to the run
 directory and its parents up to ``RUNS_DIR``), which the report says; a profile whose file
 cannot be read is placed last and is left out of the figure, as is the real network. The
@@ -202,7 +202,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..failures import StorageError
+from ..run.failures import StorageError
 from .figures import (
     LINESTYLES,
     LOG_SPAN,

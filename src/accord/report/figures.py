@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..tuning import Tuning, TuningArm, TuningPoint, scalar_key
+from ..bench.tuning import Tuning, TuningArm, TuningPoint, scalar_key
 from .files import _replace
 from .fmt import _fmt, _fmt_seeds, _fmt_value
 from .links import LinkComparison

@@ -1,5 +1,5 @@
 """Writing the report's files: each one whole or not at all (:func:`_replace`), a refused
-write as one :class:`accord.failures.StorageError` line (:func:`_writing`), and the CSV
+write as one :class:`accord.run.failures.StorageError` line (:func:`_writing`), and the CSV
 files ``points.csv`` and ``summary.csv``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..failures import storage_error
+from ..run.failures import storage_error
 from .runs import _is_eval_key, _num
 from .sections import BASELINE, Section, _section_metrics, compare, metric_columns
 from .tables import _vs_baseline
@@ -33,7 +33,7 @@ def _replace(path: Path, write: Callable[[Path], Any]) -> None:
 @contextlib.contextmanager
 def _writing(path: Path):
     """A write of the report: an OSError (ENOSPC, EFBIG, EROFS, EACCES) becomes one
-    :class:`accord.failures.StorageError` line naming ``path`` and the errno."""
+    :class:`accord.run.failures.StorageError` line naming ``path`` and the errno."""
     try:
         yield
     except OSError as e:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..network import Link, load_network_profile, parse_network
+from ..comm.network import Link, load_network_profile, parse_network
 from .runs import Run
 
 NetworkKey = tuple  # () for the real network; see _network_key
@@ -88,7 +88,7 @@ def _network_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "x"
 
 
-#: the emulated network's cost model, as the report states it (see accord.network)
+#: the emulated network's cost model, as the report states it (see accord.comm.network)
 NETWORK_FORMULA = ("each communication call waits at least its alpha-beta time on the link "
                    "(alpha = latency, beta = 1/bandwidth; N ranks, payload M): allreduce "
                    "2(N-1) alpha + 2(N-1)/N M beta, all-gather (N-1)(alpha + m beta) for a "

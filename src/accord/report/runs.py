@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..metrics import Outcome, run_outcome, scan_metrics
+from ..run.metrics import Outcome, run_outcome, scan_metrics
 
 Warn = Callable[[str], None]
 
@@ -194,7 +194,7 @@ def load_run(run_dir: Path, root: Path, warn: Warn) -> Run:
         n = len(scan.malformed)
         warn(f"{where}: {n} malformed JSON line{'s' * (n != 1)} skipped "
              f"({_lines(scan.malformed)})")
-    # records that break their type's schema (accord.metrics.RECORD_SCHEMAS): one warning
+    # records that break their type's schema (accord.run.metrics.RECORD_SCHEMAS): one warning
     # per type, naming the first one's line and field
     invalid: dict[str, list[tuple[int, Exception]]] = {}
     for number, kind, error in scan.invalid:

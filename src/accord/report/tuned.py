@@ -1,4 +1,4 @@
-"""``tuning.json`` in the report (its one schema: :mod:`accord.tuning`): the files found under
+"""``tuning.json`` in the report (its one schema: :mod:`accord.bench.tuning`): the files found under
 RUNS_DIR, the section "Tuning", the note under a section's settings and the line on the
 tuning runs set aside (see :mod:`accord.report`, **Tuning runs** and **Tuning**)."""
 
@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..bench.tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, scalar_key, setting_key
+from ..bench.tuning import load as load_tuning
 from ..schema import SchemaError
-from ..tuning import TUNING_FILE, Tuning, TuningArm, TuningPoint, scalar_key, setting_key
-from ..tuning import load as load_tuning
 from .fmt import FIGURE_DIR, _fmt, _fmt_seeds, _fmt_setting, _fmt_value, _md, _table
 from .runs import Run, Warn, _relative
 from .sections import BASELINE, Section
@@ -24,7 +24,7 @@ def _arms_of(t: Tuning, task: str, workers: int) -> list[TuningArm]:
 
 def load_tunings(root: Path, warn: Warn) -> list[Tuning]:
     """Every readable tuning.json under root; one warning per file that is not (naming the
-    field, see accord.tuning.SCHEMAS)."""
+    field, see accord.bench.tuning.SCHEMAS)."""
     tunings = []
     for path in sorted(p for p in root.rglob(TUNING_FILE) if p.is_file()):
         name = _relative(path.parent, root)

@@ -173,22 +173,16 @@ def task_source(spec: str) -> dict[str, Any] | None:
     file's SHA-256 (None for a built-in task)."""
     if spec in TASKS:
         return None
-    import hashlib
     import inspect
+
+    from .._imports import code_source
 
     cls = get_task(spec)
     try:
         path = inspect.getsourcefile(cls)
     except TypeError:
         path = None
-    digest = None
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-        except OSError:
-            digest = None
-    return {"spec": spec, "file": path, "sha256": digest}
+    return code_source(spec, path)
 
 
 def _load(spec: str) -> type[Task]:

@@ -3,7 +3,7 @@
 ::
 
     accelerator = Accelerator()                  # Accelerator(cpu=True) on CPU
-    model, optimizer, agg = accord.accelerate.prepare(accelerator, model, optimizer,
+    model, optimizer, agg = accord.integrations.accelerate.prepare(accelerator, model, optimizer,
                                                       "acga", momentum=0.99)
     loader = accelerator.prepare(loader)         # data loaders, schedulers: as usual
     for x, y in loader:
@@ -110,10 +110,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ._ddp import local_gradients
-from ._extras import require
-from .algorithms import get, validate
-from .core import Aggregator
+from .._ddp import local_gradients
+from .._extras import require
+from ..algorithms import get, validate
+from ..core import Aggregator
 from .ddp_hooks import check_clip_grad_norm, ddp_hook
 from .wrap import AggregatedOptimizer
 
@@ -144,13 +144,13 @@ class _StepWithNotedLoss(AggregatedOptimizer):
     def note_loss(self, loss: torch.Tensor | float) -> None:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
-                raise ValueError("accord.accelerate.note_loss: got a tensor of shape "
+                raise ValueError("accord.integrations.accelerate.note_loss: got a tensor of shape "
                                  f"{tuple(loss.shape)}, allowed: one number")
             value = loss.detach().reshape(()).float()
         elif isinstance(loss, int | float) and not isinstance(loss, bool):
             value = torch.tensor(float(loss))  # host: a Python float; moved on first sum
         else:
-            raise TypeError(f"accord.accelerate.note_loss: got {type(loss).__name__}, "
+            raise TypeError(f"accord.integrations.accelerate.note_loss: got {type(loss).__name__}, "
                             "allowed: a 1-element tensor or a float")
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(
             self._loss_sum.device)
@@ -165,8 +165,9 @@ class _StepWithNotedLoss(AggregatedOptimizer):
         self._loss_sum, self._loss_count = None, 0
         if loss is None and self.aggregator.reads_loss:
             raise RuntimeError(
-                f"accord.accelerate: {self.aggregator.name} needs the training loss; call "
-                "accord.accelerate.note_loss(optimizer, loss) after each backward, before "
+                f"accord.integrations.accelerate: {self.aggregator.name} needs the training "
+                "loss; call accord.integrations.accelerate.note_loss(optimizer, loss) after each "
+                "backward, before "
                 "optimizer.step()")
         skipped = self.skipped_steps
         out = super().step(closure, loss=loss, healthy=healthy)
@@ -187,8 +188,9 @@ def note_loss(optimizer: torch.optim.Optimizer, loss: torch.Tensor | float) -> N
     if isinstance(inner, _StepWithNotedLoss):
         inner.note_loss(loss)
     elif optimizer not in _HOOKED:
-        raise TypeError(f"accord.accelerate.note_loss: got {type(optimizer).__name__}, "
-                        "allowed: the optimizer accord.accelerate.prepare returned")
+        raise TypeError("accord.integrations.accelerate.note_loss: got "
+                        f"{type(optimizer).__name__}, "
+                        "allowed: the optimizer accord.integrations.accelerate.prepare returned")
 
 
 def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
@@ -203,7 +205,7 @@ def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
 def _check(accelerator: Any, model: Any, optimizer: Any, algorithm: Any,
            hyperparameters: dict[str, Any], clip_grad_norm: Any) -> None:
     """Every refusal, before anything is prepared or communicated (same on every rank)."""
-    where = "accord.accelerate.prepare"
+    where = "accord.integrations.accelerate.prepare"
     check_clip_grad_norm(clip_grad_norm, where)
     if not isinstance(accelerator, accelerate.Accelerator):
         raise TypeError(f"{where}: accelerator is {type(accelerator).__name__}, allowed: an "
@@ -299,7 +301,8 @@ def prepare(
         prepared, opt = accelerator.prepare(model, optimizer)
         ddp = _find_ddp(prepared)
         if ddp is None:
-            raise RuntimeError("accord.accelerate.prepare: accelerator.prepare returned "
+            raise RuntimeError("accord.integrations.accelerate.prepare: accelerator.prepare "
+                               "returned "
                                f"{type(prepared).__name__}, expected DistributedDataParallel")
         agg, hook = ddp_hook(algorithm, ddp, clip_grad_norm=clip_grad_norm, **hyperparameters)
         ddp.register_comm_hook(agg, hook)
@@ -309,13 +312,13 @@ def prepare(
     prepared = accelerator.prepare(model)
     ddp = _find_ddp(prepared)
     if ddp is None:
-        raise RuntimeError("accord.accelerate.prepare: accelerator.prepare returned "
+        raise RuntimeError("accord.integrations.accelerate.prepare: accelerator.prepare returned "
                            f"{type(prepared).__name__}, expected DistributedDataParallel")
     ddp.register_comm_hook(None, local_gradients)
     ddp.broadcast_buffers = False  # the algorithm averages the buffers itself
     module_params = {id(p) for p in ddp.module.parameters()}
     if any(id(p) not in module_params for g in optimizer.param_groups for p in g["params"]):
-        raise RuntimeError("accord.accelerate.prepare: moving the model replaced its "
+        raise RuntimeError("accord.integrations.accelerate.prepare: moving the model replaced its "
                            "parameters, so the optimizer no longer holds them; build the "
                            "optimizer on model.parameters() after model.to(accelerator.device)")
     inner = _StepWithNotedLoss(optimizer, algorithm, buffers=list(ddp.module.buffers()),

@@ -1,12 +1,12 @@
 """A run setting declared once: a dataclass field whose metadata drives everything else.
 
-:func:`setting` makes the field of :class:`accord.config.TrainConfig`; from its metadata
+:func:`setting` makes the field of :class:`accord.run.config.TrainConfig`; from its metadata
 come the ``accord train`` option (:func:`add_arguments`), the config built from parsed
 options (:func:`from_args`), the argument list that rebuilds a config in a worker process
 (:func:`to_argv`), the words of a one-line validation error (``allowed``), whether
 ``--set`` reaches it, whether a resumed run may change it, the value an older record that
 lacks it ran with, and whether it belongs to the fault-tolerant mode. A new setting is
-one field here and its check in :func:`accord.config.validate`.
+one field here and its check in :func:`accord.run.validation.validate`.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ from typing import Any
 
 import torch
 
-from .comm import CommStats, emulated_network, payload_compressor
+from ..comm import CommStats, emulated_network, payload_compressor
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ TORCHFT_TIMEOUT_ENV = ("TORCHFT_TIMEOUT_SEC", "TORCHFT_QUORUM_TIMEOUT_SEC",
 def ft_algorithms() -> dict[str, str]:
     """Registry name -> membership rule of every algorithm that runs fault-tolerant (each
     declares its own rule: ``Aggregator.fault_tolerant``)."""
-    from .algorithms import REGISTRY, load_plugins
+    from ..algorithms import REGISTRY, load_plugins
 
     load_plugins()
     return {name: cls.fault_tolerant for name, cls in sorted(REGISTRY.items())
@@ -121,8 +121,8 @@ def ft_algorithms() -> dict[str, str]:
 def check_algorithm(name: str, hyperparameters: Mapping[str, Any] | None = None) -> None:
     """ValueError (one line) unless algorithm ``name`` with these hyperparameters can run
     fault-tolerant (the class decides: ``fault_tolerant``, ``check_fault_tolerant``)."""
-    from .algorithms import get
-    from .core import resolve_hyperparameters
+    from ..algorithms import get
+    from ..core import resolve_hyperparameters
 
     try:
         cls = get(name)

@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 
-from .failures import StorageError
-from .schema import (
+from ..schema import (
     AnyJSON,
     Int,
     ListOf,
@@ -41,6 +40,7 @@ from .schema import (
     parse_json,
     validate,
 )
+from .failures import StorageError
 
 
 def git_revision() -> str | None:
@@ -59,7 +59,7 @@ def git_revision() -> str | None:
 
 
 def run_environment() -> dict[str, Any]:
-    from ._version import __version__
+    from .._version import __version__
 
     return {
         "accord_version": __version__,
@@ -88,7 +88,7 @@ class MetricsWriter:
 
     A record is whole or absent: a write the storage refuses (disk full, a file-size limit)
     cuts the part of the line that was written and raises
-    :class:`accord.failures.StorageError` naming the file and the errno, so the records
+    :class:`accord.run.failures.StorageError` naming the file and the errno, so the records
     before it stay intact and the file stays readable.
 
     With ``tensorboard_dir``, every number of a ``step`` record is also written as a

@@ -15,7 +15,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 LOCK = ".accord.lock"
 #: what a run writes into its directory (all of it goes with --overwrite)

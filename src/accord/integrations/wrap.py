@@ -66,7 +66,7 @@ Decisions:
   non-finite but the step proceeded. Under the AMP rule above that never happens (a step
   with any non-finite gradient is skipped everywhere), so the wrapper passes the caller's
   ``healthy`` (default True) unchanged: a loop that zeroes its own bad gradients (see
-  :func:`accord.train.nonfinite_grads`) passes ``healthy=False`` itself.
+  :func:`accord.run.train.nonfinite_grads`) passes ``healthy=False`` itself.
 * **Not on a DistributedDataParallel model.** DDP averages the gradients during
   ``backward``, before the wrapper sees them: ``local_sgd`` would be plain DDP, ``acga`` a
   normalised mean at twice the traffic. The parameters of a live DDP model are therefore
@@ -74,7 +74,7 @@ Decisions:
   are recognised). Drop the DDP wrapper and wrap the plain model's optimizer (the wrapper
   broadcasts rank 0's weights as DDP's constructor did), or keep DDP and use
   :func:`accord.ddp_hook`. A DDP model whose allreduce accord switched off
-  (``accord.accelerate`` on its model-phase path) is accepted.
+  (``accord.integrations.accelerate`` on its model-phase path) is accepted.
 * **Gradient clipping is one rule: this rank's gradient, before it is combined.**
   ``clip_grad_norm=`` clips the local gradient (after the AMP unscale, with the formula of
   ``torch.nn.utils.clip_grad_norm_``, no host read) before ``after_backward``; the DDP hook,
@@ -98,9 +98,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._ddp import refuse_ddp_params
-from .algorithms import get
-from .core import Aggregator, StepContext
+from .._ddp import refuse_ddp_params
+from ..algorithms import get
+from ..core import Aggregator, StepContext
 from .ddp_hooks import check_clip_grad_norm, clip_coefficient
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,15 @@
-"""A fault-tolerant worker's objects for the one loop (:func:`accord.loop.run_loop`):
+"""A fault-tolerant worker's objects for the one loop (:func:`accord.run.loop.run_loop`):
 its membership (the torchft quorum of every step, committed or discarded) and its
 recorder (the worker's own file ``logs/ft<i>.jsonl``, which the launcher merges into
-``metrics.jsonl``, see :mod:`accord.ft_run`).
+``metrics.jsonl``, see :mod:`accord.ft.launcher`).
 
 Every step is bracketed by ``FTWorker.begin``/``end``: :class:`FTMembership` yields the
 committed step of the quorum (a step lost at the quorum is discarded without training;
 a joiner that finds itself alone at step 0 ends, the run is over) and commits it.
 :class:`FTRecords` takes the record's mean loss and consensus through the loop's own
-:class:`accord.ft.FTCommunicator` inside the bracket (a failure discards the step); the
+:class:`accord.ft.membership.FTCommunicator` inside the bracket (a failure discards the step); the
 quorum's rank 0 evaluates and writes the record once the step is committed. Divergence is
-the local loop's (:mod:`accord.records`): non-finite parameters on any replica or a
+the local loop's (:mod:`accord.run.records`): non-finite parameters on any replica or a
 non-finite evaluation of the consensus model, agreed by a MAX inside the step, so every
 participant stops at the same committed record.
 """
@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from .comm import FlatBuffer
-from .config import TrainConfig
-from .core import StepContext
-from .failures import Heartbeat
-from .loop import Tally, Worker
-from .observe import divergence, finite_or_none, state_tensors
+from ..comm import FlatBuffer
+from ..core import StepContext
+from ..observe import divergence, finite_or_none, state_tensors
+from ..run.config import TrainConfig
+from ..run.failures import Heartbeat
+from ..run.loop import Tally, Worker
 
 #: a replica's divergence reason when only another replica's evaluation was non-finite
 ANOTHER = "non-finite on another replica"

@@ -12,15 +12,15 @@ It holds ``OUT/.accord.lock`` while the run lives.
 
 Failure: when a worker exits with an error the launcher stops the others (after a short
 grace period in which they leave their own reports), names the rank that failed first
-and its cause, lists the other ranks' errors as consequences (:mod:`accord.failures`),
+and its cause, lists the other ranks' errors as consequences (:mod:`accord.run.failures`),
 and writes that as the final summary of ``metrics.jsonl``, so a run never hangs on a dead
 worker and its record blames the right rank. Exit codes of the workers: 0 (ok) and 3
-(diverged, see :func:`accord.train.run_worker`) are clean ends.
+(diverged, see :func:`accord.run.train.run_worker`) are clean ends.
 
 Each worker also hands its error record to the launcher through a pipe of its own
 (``ACCORD_REPORT_FD``): when ``OUT/logs`` is on a full disk its ``rank<r>.error`` cannot be
 written, and the run's one line still names the error (a
-:class:`accord.failures.StorageError`: the file and the errno). The final summary is
+:class:`accord.run.failures.StorageError`: the file and the errno). The final summary is
 written whole or not at all (:func:`finish_summary`); when it cannot be, the one line says
 so and why.
 """

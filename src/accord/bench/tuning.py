@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .schema import (
+from ..schema import (
     AnyJSON,
     Boolean,
     Const,

@@ -53,7 +53,7 @@ per bucket: ``allreduce`` averages the clipped flat gradient at the last bucket 
 allreduce per step) and ACGA's sum starts there too (no overlap with backward). Under
 fp16's ``GradScaler`` the hook sees gradients still multiplied by the loss scale, so the
 clip would compare the scaled norm: clip through ``accord.wrap(..., scaler=,
-clip_grad_norm=)`` there (``accord.accelerate`` moves such runs into the optimizer).
+clip_grad_norm=)`` there (``accord.integrations.accelerate`` moves such runs into the optimizer).
 
 Only gradient-phase algorithms have a hook (model-phase ones do not act on gradients;
 use ``accord.build`` for them). Under DDP's ``no_sync`` the hook is not called, so
@@ -70,8 +70,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .algorithms import get
-from .core import Aggregator
+from ..algorithms import get
+from ..core import Aggregator
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 def hook_algorithms() -> tuple[str, ...]:
     """Registry names of the algorithms with a DDP communication-hook form (the class
     declares it: ``Aggregator.ddp_hook_form``)."""
-    from .algorithms import REGISTRY, load_plugins
+    from ..algorithms import REGISTRY, load_plugins
 
     load_plugins()
     return tuple(name for name, cls in sorted(REGISTRY.items())

@@ -1,5 +1,5 @@
 """What a run of a fixed world (local launcher, torchrun) records, as the recorder of the
-one loop (:func:`accord.loop.run_loop`): every ``log_every`` steps a step record in rank
+one loop (:func:`accord.run.loop.run_loop`): every ``log_every`` steps a step record in rank
 0's ``metrics.jsonl`` (with the fault events gathered from every rank), the divergence
 vote, and the summary at the end.
 
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator, FlatBuffer
+from ..comm import Communicator, FlatBuffer
+from ..core import Aggregator, StepContext
+from ..observe import AsyncObserver, ConsensusProbe, divergence, finite_or_none, state_tensors
 from .config import TrainConfig
-from .core import Aggregator, StepContext
 from .failures import Heartbeat
 from .loop import Tally, Worker
 from .metrics import MetricsWriter
-from .observe import AsyncObserver, ConsensusProbe, divergence, finite_or_none, state_tensors
 
 
 def idle_group(world: int, idle_timeout: float):

@@ -1,11 +1,11 @@
 """The one training loop: the local launcher's and torchrun's workers and the workers of
 ``accord train --fault-tolerant`` all run :func:`run_loop` (its settings:
-:mod:`accord.config`).
+:mod:`accord.run.config`).
 
 The loop knows no launch mode, algorithm or fault: it calls objects at named points::
 
     for step in membership:              # the next step: range(first, steps), or
-                                         # a torchft quorum's (accord.ft_loop)
+                                         # a torchft quorum's (accord.ft.loop)
         hook.before_step(step)           # heartbeat; crash / kill / hang
         ctx = step_fn(step)              # Step: gradients, guard, aggregator, optimizer
         hook.after_step(step, ctx)       # running loss, progress
@@ -60,12 +60,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from . import algorithms, checkpoint, faults
+from .. import algorithms, checkpoint
+from ..core import Aggregator, StepContext
+from ..observe import state_tensors
+from ..tasks import Task, get_task, stream_seed, to_device
+from . import faults
 from .config import SECOND_ORDER, TrainConfig
-from .core import Aggregator, StepContext
 from .failures import Heartbeat
-from .observe import state_tensors
-from .tasks import Task, get_task, stream_seed, to_device
 
 #: key of the global generators' seed, beside (seed, rank): distinct from the data stream's
 RNG_KEY = 0x5EED
@@ -260,12 +261,12 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if cfg.optimizer == "adahessian":  # pytorch-optimizer's (extra: adahessian)
-        from ._extras import require
+        from .._extras import require
 
         return require("pytorch_optimizer", "adahessian").AdaHessian(params, lr=lr,
                                                                        weight_decay=wd)
     if cfg.optimizer == "muon":
-        from .optim import MuonAdamW
+        from ..optim import MuonAdamW
 
         return MuonAdamW(params, lr=lr, weight_decay=wd, momentum=mom)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)

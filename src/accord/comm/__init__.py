@@ -11,7 +11,7 @@ allreduce moves about ``2 (N-1)/N`` times the payload over the wire.
 
 **Emulated network.** :func:`emulate_network` (``accord train --network 1gbit,5ms``) makes
 every call of every Communicator of this process take at least the time the emulated link
-needs (the alpha-beta costs of :mod:`accord.network`, by operation: allreduce, all-gather,
+needs (the alpha-beta costs of :mod:`accord.comm.network`, by operation: allreduce, all-gather,
 broadcast, send, recv, exchange): after the real call returns, the calling thread sleeps
 for the rest of that time; a call that already took longer is not shortened. Computation
 is not slowed. The seconds counted per operation include the emulated wait. An
@@ -40,8 +40,8 @@ _EMULATION: tuple[_net.Link | _net.Network, _net.Clock] | None = None
 
 def emulate_network(model: _net.Link | _net.Network | None,
                     clock: _net.Clock = _net.REAL_CLOCK) -> None:
-    """Emulate ``model`` (a :class:`~accord.network.Link` or a per-pair
-    :class:`~accord.network.Network`) for every Communicator of this process from now on;
+    """Emulate ``model`` (a :class:`~accord.comm.network.Link` or a per-pair
+    :class:`~accord.comm.network.Network`) for every Communicator of this process from now on;
     ``None`` restores the real network. ``clock`` is for tests (a FakeClock)."""
     global _EMULATION
     _EMULATION = None if model is None else (model, clock)
@@ -154,7 +154,7 @@ def _nbytes(t: torch.Tensor) -> int:
 class Collectives(Protocol):
     """What an algorithm may call: the collectives every communicator offers (the
     counted :class:`Communicator` on a process group, and
-    :class:`accord.ft.FTCommunicator` on a torchft quorum, whose ``world_size`` and
+    :class:`accord.ft.membership.FTCommunicator` on a torchft quorum, whose ``world_size`` and
     ``rank`` follow the current participants). Each call counts its bytes and seconds in
     ``stats`` under ``kind``."""
 
@@ -241,7 +241,7 @@ class Communicator:
         """In-place allreduce of ``t`` (``op``: sum, avg, max, min).
 
         Under :func:`compress_payloads` a floating-point sum or avg goes through the
-        compressor (:mod:`accord.compress`; bytes counted as sent, each wire allreduce, or
+        compressor (:mod:`accord.comm.compress`; bytes counted as sent, each wire allreduce, or
         the all-gather of int8/int4/topk codes, under the emulated network) unless
         ``exact``: a caller whose maths needs the exact value (ACGA's sum that its
         coefficients are computed from) passes ``exact=True``;

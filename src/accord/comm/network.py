@@ -47,7 +47,7 @@ the received tensor's bytes, and ``broadcast`` costs the buffer's bytes on every
   it both sends to and receives from): the send and the receive with one peer do *not*
   overlap on gloo, although the link is full duplex, so both messages count. Measured on
   links shaped with ``tc`` between network namespaces (``benchmarks/network_calibration.py``,
-  :mod:`accord.testbed`): an exchange of 1 MB each way took 1.94-2.09x the time of one
+  :mod:`accord.run.testbed`): an exchange of 1 MB each way took 1.94-2.09x the time of one
   direction at 10 and 100 Mbit/s and N = 2-4, while two raw TCP streams in opposite
   directions each ran at full speed; the N = 2 all-gather took 1.57-1.66x one direction
   (partly overlapped: the sum charges it 0.8x), the N = 2 allreduce 1.07-1.13x (gloo
@@ -104,7 +104,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .schema import Custom, ListOf, Record, SchemaError, read_json, validate
+from ..schema import Custom, ListOf, Record, SchemaError, read_json, validate
 
 __all__ = [
     "ALLGATHER", "ALLREDUCE", "BROADCAST", "EXCHANGE", "MULTI_EXCHANGE", "OPS",

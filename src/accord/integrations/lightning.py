@@ -1,8 +1,9 @@
-"""``accord.lightning.AccordStrategy``: every accord algorithm as a PyTorch Lightning strategy.
+"""``accord.integrations.lightning.AccordStrategy``: every accord algorithm as a PyTorch
+Lightning strategy.
 
 ::
 
-    from accord.lightning import AccordStrategy
+    from accord.integrations.lightning import AccordStrategy
     trainer = lightning.Trainer(strategy=AccordStrategy("acga", momentum=0.99), devices=2)
 
 A subclass of Lightning's ``DDPStrategy`` (the same launchers, cluster environments,
@@ -78,13 +79,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ._extras import require
-from .algorithms import get as get_algorithm
-from .algorithms import validate
-from .comm import Communicator, FlatBuffer
-from .core import Aggregator, StepContext
+from .._extras import require
+from ..algorithms import get as get_algorithm
+from ..algorithms import validate
+from ..comm import Communicator, FlatBuffer
+from ..core import Aggregator, StepContext
+from ..observe import state_tensors
 from .ddp_hooks import check_clip_grad_norm, clip_coefficient, ddp_hook, hook_algorithms
-from .observe import state_tensors
 
 _pl = require("lightning.pytorch", "lightning")
 DDPStrategy = _pl.strategies.DDPStrategy

@@ -1,7 +1,7 @@
 """A worker of the local launcher or torchrun: :func:`run_worker` joins the process group,
 decides what a ``--resume`` continues, opens rank 0's ``metrics.jsonl``, runs the one loop
-(:mod:`accord.loop`, recorded by :mod:`accord.records`) and checkpoints it, and leaves
-the evidence of a failure (:mod:`accord.failures`).
+(:mod:`accord.run.loop`, recorded by :mod:`accord.run.records`) and checkpoints it, and leaves
+the evidence of a failure (:mod:`accord.run.failures`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
-from .comm import Communicator, compress_payloads, emulate_network, payload_compressor
-from .config import ConfigError, TrainConfig, emulated_network, payload_compression
-from .core import Aggregator
+from .. import algorithms, checkpoint
+from ..comm import Communicator, compress_payloads, emulate_network, payload_compressor
+from ..core import Aggregator
+from ..observe import ConsensusProbe, divergence, finite_or_none, state_tensors
+from ..tasks import task_source
+from .config import ConfigError, TrainConfig
 from .failures import (
     Failure,
     Heartbeat,
@@ -53,9 +55,8 @@ from .loop import (
     seed_worker,
 )
 from .metrics import MetricsWriter, run_environment, scan_metrics
-from .observe import ConsensusProbe, divergence, finite_or_none, state_tensors
 from .records import ObservedRecords, Records, idle_group
-from .tasks import task_source
+from .validation import emulated_network, payload_compression
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +200,17 @@ def _continue_metrics(path: Path, step: int, record: dict[str, Any]) -> list[dic
     return kept
 
 
-def _task_source(cfg: TrainConfig) -> dict[str, Any]:
-    """A user task's spec, file and SHA-256 for the header (nothing for a built-in one)."""
+def _code_sources(cfg: TrainConfig) -> dict[str, Any]:
+    """The user code the run imported, for the header: a user task's spec, file and SHA-256
+    (``task_source``; nothing for a built-in task) and each ``--plugin``'s
+    (``plugin_sources``; nothing without one)."""
+    out: dict[str, Any] = {}
     source = task_source(cfg.task)
-    return {} if source is None else {"task_source": source}
+    if source is not None:
+        out["task_source"] = source
+    if cfg.plugins:
+        out["plugin_sources"] = [algorithms.plugin_source(spec) for spec in cfg.plugins]
+    return out
 
 
 def _attempts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -220,7 +228,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
     The run's status (the summary's ``status``): ``ok``; ``diverged`` (the replicas'
     parameters or the consensus model's evaluation became non-finite: every rank stops at
     that record, ``diverged_step`` says where); ``failed`` (an exception; rank 0 names the
-    rank that failed first, see :mod:`accord.failures`); ``interrupted`` (SIGINT or
+    rank that failed first, see :mod:`accord.run.failures`); ``interrupted`` (SIGINT or
     SIGTERM). On an exception every rank leaves ``logs/rank<r>.error`` (one line) and
     ``logs/rank<r>.traceback`` before re-raising."""
     rank = int(os.environ["RANK"])
@@ -284,7 +292,7 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
                 writer = MetricsWriter(out / "metrics.jsonl", tb)
                 writer.write({"type": "header", "config": cfg.to_json(), "algorithm": cfg.algo,
                               "hyperparameters": cfg.hyperparameters, "world_size": world,
-                              "time": now, **_task_source(cfg), **run_environment()})
+                              "time": now, **_code_sources(cfg), **run_environment()})
             else:
                 # a restart keeps the earlier attempts' records (from step 0 without a
                 # checkpoint): the run's wall time and attempts are read from them
@@ -402,7 +410,7 @@ def _interrupt_on_sigterm():
 
 def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None,
            heartbeat: Heartbeat, device: torch.device, resume: Path | None = None):
-    """Set up this rank's objects and run the one loop (:func:`accord.loop.run_loop`);
+    """Set up this rank's objects and run the one loop (:func:`accord.run.loop.run_loop`);
     returns the summary on rank 0."""
     w = build_worker(cfg, rank, world, device, Path(cfg.out) / "logs", resume)
     extra = w.extra or {}

@@ -112,7 +112,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .comm import CommStats, Communicator
+from ..comm import CommStats, Communicator
 
 log = logging.getLogger(__name__)
 

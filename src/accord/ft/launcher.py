@@ -1,4 +1,5 @@
-"""``accord train --fault-tolerant``: the launcher and the worker loop on :mod:`accord.ft`.
+"""``accord train --fault-tolerant``: the launcher and the worker loop on
+:mod:`accord.ft.membership`.
 
 Launcher (:func:`ft_launch`, the process that ran ``accord train``):
 
@@ -25,17 +26,17 @@ Launcher (:func:`ft_launch`, the process that ran ``accord train``):
    ``respawn`` events, and the summary (``discarded_steps``, ``participants`` at the end).
 
 Worker (:func:`ft_worker_main`): the one loop of every launch mode
-(:func:`accord.loop.run_loop`, the same step function, faults and liveness), with the
-torchft membership and the worker's records of :mod:`accord.ft_loop`: the step is the
+(:func:`accord.run.loop.run_loop`, the same step function, faults and liveness), with the
+torchft membership and the worker's records of :mod:`accord.ft.loop`: the step is the
 committed step of the quorum; ``ft.refresh`` points the aggregator at the current quorum;
-the record's collectives go through a second :class:`accord.ft.FTCommunicator` inside
+the record's collectives go through a second :class:`accord.ft.membership.FTCommunicator` inside
 the step (a failure discards the step). A worker that joins late (respawned) skips its
 data stream to the live step. Divergence is the local loop's: the participants agree on
 it by a MAX inside the step, stop at that committed record and exit 3, and the summary
 says ``diverged`` (``diverged_step``, ``diverged_reason``).
 
 Signals, exit codes, the summary and the lock are the local launcher's
-(:mod:`accord.launch`): SIGINT or SIGTERM stop every worker and end the run ``interrupted``
+(:mod:`accord.run.launch`): SIGINT or SIGTERM stop every worker and end the run ``interrupted``
 (exit 130); the lock ``OUT/.accord.lock`` is released however the run ends.
 """
 
@@ -51,11 +52,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, ft_timeouts
-from .failures import StorageError
-from .ft_loop import ANOTHER
-from .launch import CLEAN_EXITS, LAUNCHED, _die_with_parent, _stop
-from .rundir import RunLock
+from ..run.config import ConfigError, TrainConfig
+from ..run.failures import StorageError
+from ..run.launch import CLEAN_EXITS, LAUNCHED, _die_with_parent, _stop
+from ..run.rundir import RunLock
+from ..run.validation import ft_timeouts
+from .loop import ANOTHER
 
 REPLICA_ENV = "ACCORD_FT_REPLICA"
 LIGHTHOUSE_ENV = "ACCORD_FT_LIGHTHOUSE"
@@ -94,11 +96,11 @@ def ft_worker_env(i: int, lighthouse: str, joiner: bool) -> dict[str, str]:
 def ft_launch(cfg: TrainConfig) -> Any:
     """Run ``cfg`` fault-tolerant on ``cfg.workers`` local processes (module docstring).
 
-    Ends as the local launcher does (:func:`accord.launch.launch`): it holds
+    Ends as the local launcher does (:func:`accord.run.launch.launch`): it holds
     ``OUT/.accord.lock`` while the run lives; SIGINT or SIGTERM stop every worker, the
     summary says ``interrupted`` and the exit status is 130; a diverged run's summary says
     ``diverged`` (the caller exits 3)."""
-    from .launch import LaunchResult, _terminated
+    from ..run.launch import LaunchResult, _terminated
 
     out = Path(cfg.out)
     lock = RunLock(out)
@@ -121,11 +123,11 @@ def ft_launch(cfg: TrainConfig) -> Any:
 
 def _ft_run(cfg: TrainConfig, out: Path) -> Any:
     """The body of :func:`ft_launch`, with the run directory locked."""
-    from .launch import LaunchResult
+    from ..run.launch import LaunchResult
 
     os.environ.setdefault("RUST_LOG", "warn")  # before torchft starts its logger
-    from . import ft
-    from .metrics import run_environment
+    from ..run.metrics import run_environment
+    from . import membership as ft
 
     logs = out / "logs"
     timeouts = ft_timeouts(cfg)
@@ -412,7 +414,7 @@ def ft_host(cfg: TrainConfig) -> str:
 
 def replicas_of(cfg: TrainConfig) -> list[int]:
     """The worker indices this launcher starts (``--replicas``; default all)."""
-    from .config import parse_replicas
+    from ..run.validation import parse_replicas
 
     return parse_replicas(cfg.replicas, cfg.workers) if cfg.replicas else list(range(cfg.workers))
 
@@ -424,14 +426,14 @@ def serve_lighthouse(min_workers: int, bind: str) -> int:
     --fault-tolerant`` until SIGINT or SIGTERM; prints its address."""
     import importlib.util
 
-    from .config import FT_HEARTBEAT_S, FT_QUORUM_S
+    from ..run.validation import FT_HEARTBEAT_S, FT_QUORUM_S
 
     if importlib.util.find_spec("torchft") is None:
         raise ConfigError("ft-lighthouse needs torchft: pip install 'accord[ft]'")
     if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 1:
         raise ConfigError(f"--min-workers: got {min_workers!r}, allowed: an integer >= 1")
     os.environ.setdefault("RUST_LOG", "warn")
-    from . import ft
+    from . import membership as ft
 
     timeouts = ft.FTTimeouts(heartbeat=FT_HEARTBEAT_S, quorum=FT_QUORUM_S)
     try:
@@ -463,7 +465,7 @@ def merge_hosts(out: Path, hosts: list[Path]) -> dict[str, Any]:
     hosts of one fault-tolerant run (their ``logs/ft<i>.jsonl`` and launcher events);
     returns the summary. ConfigError (one line) for a directory that is not such a run,
     or runs that differ in more than ``--replicas``, ``--ft-host`` and ``--out``."""
-    from .metrics import read_metrics
+    from ..run.metrics import read_metrics
 
     headers, events, elapsed = [], [], 0.0
     for d in hosts:
@@ -506,7 +508,7 @@ def ft_worker_main(cfg: TrainConfig) -> int:
     """One worker of a fault-tolerant run: its exit status (0: done)."""
     import traceback
 
-    from .failures import one_line
+    from ..run.failures import one_line
 
     replica = int(os.environ[REPLICA_ENV])
     logs = Path(cfg.out) / "logs"
@@ -532,16 +534,16 @@ def ft_worker_main(cfg: TrainConfig) -> int:
 
 def _ft_worker(cfg: TrainConfig, replica: int, lighthouse: str, joiner: bool,
                logs: Path) -> bool:
-    """Set up replica ``replica``'s objects and run the one loop (:func:`accord.loop.run_loop`)
+    """Set up replica ``replica``'s objects and run the one loop (:func:`accord.run.loop.run_loop`)
     with its torchft membership until the run ends; True if it diverged."""
     import torch
     import torch.distributed as dist
 
-    from . import ft
-    from .comm import CommStats
-    from .failures import Heartbeat
-    from .ft_loop import FTMembership, FTRecords
-    from .loop import Batches, Faults, Liveness, Step, Tally, build_worker, run_loop
+    from ..comm import CommStats
+    from ..run.failures import Heartbeat
+    from ..run.loop import Batches, Faults, Liveness, Step, Tally, build_worker, run_loop
+    from . import membership as ft
+    from .loop import FTMembership, FTRecords
 
     def handler(signum, frame):
         raise KeyboardInterrupt

@@ -1,6 +1,6 @@
 """Real links on one machine: several "hosts" as Linux network namespaces.
 
-``python -m accord.testbed torchrun --hosts 2 --nproc 2 --link 10mbit --out runs/tb -- \\
+``python -m accord.run.testbed torchrun --hosts 2 --nproc 2 --link 10mbit --out runs/tb -- \\
 --algo allreduce --task digits --steps 60`` runs ``accord train`` under ``torchrun --nnodes 2``
 across two network namespaces joined by a shaped link, collects the hosts' run directories
 into ``runs/tb`` and removes every namespace and process it made. ``ft`` does the same for
@@ -11,7 +11,7 @@ Why a module run with ``python -m`` and not an ``accord testbed`` subcommand: it
 and Linux, it builds and tears down machine-wide state (namespaces, /etc/netns files), and
 it exists to test and measure accord, not to train with it; keeping it out of the user CLI
 keeps ``accord --help`` about training. It only imports the standard library and
-:mod:`accord.network` (for the link text and profile schema), so it is cheap to import.
+:mod:`accord.comm.network` (for the link text and profile schema), so it is cheap to import.
 
 The layout, for H hosts with prefix ``P`` (``acctb-<pid>-``, unique per testbed)::
 
@@ -30,7 +30,7 @@ cores, so compute is slower than on H machines and communication competes with i
 
 Shaping: each host's egress (``tb0``) has an ``htb`` qdisc with one class per other host,
 selected by destination address, at the bandwidth of that pair's link: the ordered pair
-(i, j) has its own full-duplex link, as :class:`accord.network.Network` prices a pair.
+(i, j) has its own full-duplex link, as :class:`accord.comm.network.Network` prices a pair.
 ``--link BANDWIDTH`` sets every pair; ``--link-profile FILE`` is a ``--network-profile``
 file whose ``ranks`` are *host* indices. Latency needs the ``netem`` qdisc; a link with
 latency is refused in one line where the kernel has no netem (as on the machines this was
@@ -62,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .network import Link, Network, load_network_profile, parse_network
+from ..comm.network import Link, Network, load_network_profile, parse_network
 
 __all__ = ["Testbed", "TestbedError", "HostsRun", "available", "leftovers", "run_torchrun",
            "run_fault_tolerant", "sweep_stale", "main"]
@@ -280,7 +280,7 @@ class Testbed:
         children, one for small packets (TCP ACKs, prio 0) and one for the rest, so ACKs
         do not queue behind the other direction's data (a modern host's fq_codel keeps
         them apart; this kernel has none). Measured: it did not change the two-way
-        exchange's halved speed, which is gloo's own (accord.network: one peer); two raw
+        exchange's halved speed, which is gloo's own (accord.comm.network: one peer); two raw
         TCP streams in opposite directions each run at the full rate either way."""
         ns = self.ns(i)
         _tc(ns, "qdisc", "add", "dev", IFACE, "root", "handle", "1:", "htb", "default", "1")
@@ -558,7 +558,7 @@ def _network(args: argparse.Namespace) -> Network | None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m accord.testbed",
+        prog="python -m accord.run.testbed",
         description="Run accord across several hosts emulated by network namespaces "
                     "(root, Linux). Arguments after -- go to accord train.")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -592,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = argv.index("--")
         argv, rest = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
-    prog = "accord.testbed"
+    prog = "accord.run.testbed"
 
     def _stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through the teardown below

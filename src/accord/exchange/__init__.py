@@ -1,0 +1,2 @@
+"""Exchanges that run beside the training step: the background engine, its rounds and weighting.
+"""

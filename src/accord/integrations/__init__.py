@@ -1,0 +1,3 @@
+"""accord inside other training code: the optimizer wrapper, DDP communication hooks, Lightning and
+accelerate.
+"""
