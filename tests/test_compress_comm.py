@@ -173,3 +173,73 @@ def test_powersgd_bytes_are_its_factors():
     rows = math.ceil(N_PARAMS / math.ceil(math.sqrt(N_PARAMS)))
     cols = math.ceil(math.sqrt(N_PARAMS))
     assert (rows + cols) * 4 * 4 < 4 * N_PARAMS
+
+
+class _GateClock:
+    """A real clock whose emulated waits block until the test opens the gate: a call whose
+    completion waits for the emulated link is not done before then."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate = threading.Event()
+
+    def now(self) -> float:
+        import time
+
+        return time.perf_counter()
+
+    def sleep(self, seconds: float) -> None:
+        assert self.gate.wait(60), "the gate was never opened"
+
+
+def _async_world(rank: int, world: int) -> dict:
+    from accord.comm import Communicator, emulate_network
+    from accord.comm.network import parse_network
+
+    out = {}
+    gen = torch.Generator().manual_seed(rank)
+    inputs = [torch.randn(1000, generator=gen) for _ in range(4)]
+    for scheme in ("int8", "int4", "topk", "bf16"):
+        for mode in ("blocking", "async"):
+            compressor = Compressor.from_spec(scheme)
+            comm_mod.compress_payloads(compressor)
+            comm = Communicator()
+            results, pending = [], []
+            for x in inputs:
+                t = x.clone()
+                if mode == "blocking":
+                    comm.all_reduce_(t, op="sum", kind="frag")
+                else:
+                    clock = _GateClock()
+                    if scheme == "bf16":  # reduces before it returns: nothing to hold
+                        clock.gate.set()
+                    emulate_network(parse_network("1mbit,1s"), clock)  # a wait for any size
+                    fut = comm.all_reduce_async_(t, op="sum", kind="frag", compressed=True)
+                    # gathered codes: in flight until the emulated link lets them through
+                    pending.append(fut.done())
+                    clock.gate.set()
+                    fut.wait()
+                    emulate_network(None)
+                results.append(t)
+            out[scheme, mode] = (results, pending, comm.stats.ops["frag"].bytes,
+                                 sorted(compressor.state_dict()["sites"]))
+            comm_mod.compress_payloads(None)
+    return out
+
+
+def test_an_async_compressed_allreduce_overlaps_and_equals_the_blocking_one():
+    """``all_reduce_async_(compressed=True)``: int8/int4/topk codes are gathered in the
+    background (not done while the emulated link holds them) and give the blocking call's
+    result, bytes and error memory bit for bit, call after call; bf16 reduces before it
+    returns."""
+    for out in run_world(_async_world, 3):
+        for scheme in ("int8", "int4", "topk", "bf16"):
+            blocking, _, sent, sites = out[scheme, "blocking"]
+            got, pending, async_sent, async_sites = out[scheme, "async"]
+            for a, b in zip(got, blocking, strict=True):
+                assert torch.equal(a, b), scheme
+            assert (async_sent, async_sites) == (sent, sites)
+            assert pending == ([False] * 4 if scheme != "bf16" else [True] * 4), scheme
+        # the codes are lossy: the sum is near, not equal to, the exact one
+        assert not torch.equal(out["int8", "async"][0][0], out["bf16", "async"][0][0])

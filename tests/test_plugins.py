@@ -5,7 +5,6 @@ plugin (``--plugin``, an entry point) runs in train, bench, report, ``--compress
 from __future__ import annotations
 
 import hashlib
-
 import json
 import os
 import subprocess

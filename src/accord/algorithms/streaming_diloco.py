@@ -66,11 +66,14 @@ over H steps equals DiLoCo's. With tau = 0 the allreduce is blocking (as ``diloc
 tau > 0 it is issued asynchronously (``all_reduce_async_``, a SUM divided by N at the merge,
 the same arithmetic as the blocking average on gloo) and waited for at the merge step, so
 the network time overlaps tau steps of computation. Under ``--compress`` the payload is
-the outer gradient theta_p - x_i,p (as ``diloco`` sends it) through the compressor, whose
-reduce primitive is blocking: the exchange then completes at its start step and its result
-waits for the merge; the arithmetic is the same, the overlap is lost (an asynchronous
-compressed allreduce is not available yet). Each fragment's allreduce is counted under its
-own kind, ``allreduce_fragment<p>`` (``allreduce`` when P = 1, as ``diloco``), which also
+the outer gradient theta_p - x_i,p (as ``diloco`` sends it) through the compressor. The
+int8, int4 and topk codes are encoded at the start step and all-gathered in the background
+(``all_reduce_async_(compressed=True)``), so they overlap tau steps as a plain payload does,
+with the blocking call's result bit for bit; bf16, fp16 and powersgd reduce at the start
+step (their reduce is blocking: fp16 may redo an overflowing call, powersgd makes two
+rounds) and the result waits for the merge, the same arithmetic without the overlap. Each
+fragment's allreduce is counted under its own kind, ``allreduce_fragment<p>``
+(``allreduce`` when P = 1, as ``diloco``), which also
 gives each fragment its own error memory in a compressor with error feedback (powersgd,
 int8, int4, topk key their state by kind and size). Hook: ``after_step``.
 
@@ -226,14 +229,18 @@ class StreamingDiLoCo(ModelAggregator):
         payload = self.flat.buffer[lo:hi]
         for view, t in self._pairs(p):
             view.copy_(t)
-        compressing = payload_compressor() is not None
-        if compressing:  # send the outer gradient theta - x_i, as compressors expect
+        compressor = payload_compressor()
+        if compressor is not None:  # send the outer gradient theta - x_i, as codecs expect
             payload.neg_().add_(self.theta[lo:hi].to(payload.dtype))
-        if self.hp["delay"] == 0 or compressing:
+        # int8/int4/topk codes are gathered in the background like a plain payload; the
+        # other codecs reduce in place (their exchange completes now)
+        overlap = self.hp["delay"] > 0 and (compressor is None or compressor.gathers(payload))
+        if not overlap:
             self.comm.all_reduce_(payload, op="avg", kind=self.kinds[p])
             self._inflight = (p, None, payload, self.comm.world_size)
         else:
-            fut = self.comm.all_reduce_async_(payload, op="sum", kind=self.kinds[p])
+            fut = self.comm.all_reduce_async_(payload, op="sum", kind=self.kinds[p],
+                                              compressed=compressor is not None)
             self._inflight = (p, fut, payload, self.comm.world_size)
 
     def _finish(self) -> None:

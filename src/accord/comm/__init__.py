@@ -287,17 +287,32 @@ class Communicator:
         return t
 
     def all_reduce_async_(
-        self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce"
+        self, t: torch.Tensor, op: str = "sum", kind: str = "allreduce",
+        compressed: bool = False,
     ) -> torch.futures.Future:
         """Start an in-place allreduce of ``t`` (``op``: sum or avg); the future gives ``t``
         once reduced. Used where communication overlaps computation (DDP communication
-        hooks, the native path's buckets). ``avg`` divides before the collective (as DDP's
-        own hook does; NCCL averages inside it). Counted when issued: the bytes, and as
-        seconds the time the calling thread spent issuing it; the wait for completion is
-        the caller's (and counted where the caller blocks on it, if anywhere)."""
+        hooks, the native path's buckets, streaming DiLoCo). ``avg`` divides before the
+        collective (as DDP's own hook does; NCCL averages inside it). Counted when issued:
+        the bytes, and as seconds the time the calling thread spent issuing it; the wait
+        for completion is the caller's (and counted where the caller blocks on it).
+
+        ``compressed=True`` sends ``t`` through the run's compressor, as
+        :meth:`all_reduce_` would: int8, int4 and topk codes are encoded now (the error
+        memory updated now), all-gathered in the background and decoded into ``t`` when the
+        gather completes, with the same result bit for bit as the blocking call; the other
+        schemes (bf16, fp16, powersgd) reduce before this returns (a completed future)."""
         self._check(t)
         if op not in ("sum", "avg"):
             raise ValueError(f"op: got {op!r}, allowed: 'sum', 'avg'")
+        comp = _COMPRESSOR if compressed else None
+        if (comp is not None and self.emulated and t.is_floating_point()
+                and self.world_size > 1):
+            if not comp.gathers(t):
+                done = torch.futures.Future()
+                done.set_result(self.all_reduce_(t, op=op, kind=kind))
+                return done
+            return self._gathered_async(comp, t, op, kind)
         start = time.perf_counter()
         if self.world_size == 1:
             done: torch.futures.Future = torch.futures.Future()
@@ -324,6 +339,39 @@ class Communicator:
             fut = work.get_future().then(_done)
         self.stats.record(kind, _nbytes(t), time.perf_counter() - start)
         return fut
+
+    def _gathered_async(self, comp: Compressor, t: torch.Tensor, op: str,
+                        kind: str) -> torch.futures.Future:
+        start, began = time.perf_counter(), self._now()
+        mine = comp.encode_(t, f"{kind}:{t.numel()}:{','.join(map(str, self.ranks))}")
+        rows = torch.empty(self.world_size, mine.numel(), dtype=mine.dtype, device=mine.device)
+        work = _all_gather_flat(rows.view(-1), mine.reshape(-1), self.group, async_op=True)
+        sent, world = _nbytes(mine), self.world_size
+        result: torch.futures.Future = torch.futures.Future()
+
+        def _finish() -> None:
+            try:
+                self._emulate(_net.ALLGATHER, sent, began)
+                comp.combine_(t, rows, op, world)
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                result.set_exception(e)
+            else:
+                result.set_result(t)
+
+        def _gathered(f: torch.futures.Future) -> None:
+            try:
+                f.value()
+            except BaseException as e:  # noqa: BLE001 - the gather's own error
+                result.set_exception(e)
+                return
+            # a gather that completed before this callback was attached runs it on the
+            # issuing thread: the emulated wait and the decoding go to a thread of their
+            # own, so the caller never waits for them here
+            threading.Thread(target=_finish, name="accord-gathered", daemon=True).start()
+
+        work.get_future().then(_gathered)
+        self.stats.record(kind, sent, time.perf_counter() - start)
+        return result
 
     def all_gather(self, t: torch.Tensor, kind: str = "allgather") -> torch.Tensor:
         """Gather ``t`` from every rank into a new tensor of shape ``(world_size, *t.shape)``."""

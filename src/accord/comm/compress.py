@@ -445,15 +445,22 @@ class Compressor:
             return self._half(t, reducer, op, world_size, key)
         if self.scheme == "powersgd" and powersgd_compresses(t.numel(), self.rank):
             return self._powersgd(t, reducer, op, world_size, key)
-        if (self.scheme in GATHERED_SCHEMES
-                and coded_bytes(self.scheme, t.numel(), self.fraction) < _nbytes(t)):
+        if self.gathers(t):
             if gather is None:
                 raise ValueError(f"{self.scheme} needs a gather primitive (an all-gather)")
             return self._gathered(t, gather, op, world_size, key)
         return _plain(t, reducer, op, world_size)
 
-    def _gathered(self, t: torch.Tensor, gather: Gatherer, op: str, world: int,
-                  key: str) -> int:
+    def gathers(self, t: torch.Tensor) -> bool:
+        """True when :meth:`all_reduce_` sends ``t`` as gathered codes (int8, int4, topk,
+        and the code is smaller than ``t``): then :meth:`encode_` and :meth:`combine_` are
+        its two halves, and the all-gather between them may run in the background."""
+        return (self.scheme in GATHERED_SCHEMES and t.is_floating_point()
+                and coded_bytes(self.scheme, t.numel(), self.fraction) < _nbytes(t))
+
+    def encode_(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        """The first half of a gathered reduce: this rank's code of ``t`` plus its error
+        memory at ``key``, the memory updated to what the code leaves out."""
         n = t.numel()
         wide = _accumulation_dtype(t.dtype)
         site = self._site(key, n)
@@ -464,13 +471,25 @@ class Compressor:
         mine = encode(self.scheme, v, self.fraction)
         if self.error_feedback:
             site["error"] = v.sub_(decode(self.scheme, mine, n, wide, self.fraction))
-        rows = gather(mine)
+        return mine
+
+    def combine_(self, t: torch.Tensor, rows: torch.Tensor, op: str, world: int) -> None:
+        """The second half: ``t`` <- the sum (``op="avg"``: the mean) of every rank's
+        decoded code, ``rows`` the gathered codes in rank order (touches no state, so it may
+        run on the thread that completes the all-gather)."""
+        n = t.numel()
+        wide = _accumulation_dtype(t.dtype)
         out = torch.zeros(n, dtype=wide, device=t.device)
         for row in rows:  # in rank order: the same sum, bit for bit, on every rank
             out.add_(decode(self.scheme, row, n, wide, self.fraction))
         if op == "avg":
             out.div_(world)
         t.copy_(out)
+
+    def _gathered(self, t: torch.Tensor, gather: Gatherer, op: str, world: int,
+                  key: str) -> int:
+        mine = self.encode_(t, key)
+        self.combine_(t, gather(mine), op, world)
         return _nbytes(mine)
 
     def _site(self, key: str, numel: int) -> dict[str, Any]:
