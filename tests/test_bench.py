@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from accord import bench, cli
+from accord.bench.presets import FRONTIER_LINKS
 from accord.run.config import ConfigError
 from accord.run.launch import LaunchResult
 from accord.run.metrics import read_metrics
@@ -98,8 +99,9 @@ def test_every_preset_is_valid(tmp_path, monkeypatch):
     configs = bench.plan(bench.preset("all"), tmp_path)
     groups = {Path(c.out).relative_to(tmp_path).parts[0] for c in configs}
     # every preset in its own directory; the network preset in one per link
-    assert groups == (set(bench.PRESETS) - {"network"}) | {
-        f"network-{link}" for link in bench.NETWORK_LINKS}
+    assert groups == (set(bench.PRESETS) - {"network", "frontier"}) | {
+        f"network-{link}" for link in bench.NETWORK_LINKS} | {
+        f"frontier-{link}" for link in FRONTIER_LINKS}
     quick = bench.preset("quick")
     assert {s.label for s in quick} >= {"allreduce", "normalized", "acga", "local_sgd", "easgd"}
     ablation = bench.preset("acga-ablation")

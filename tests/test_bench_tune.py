@@ -270,6 +270,32 @@ def test_the_network_preset_puts_each_link_in_its_own_directory():
     assert "network-1gbit" not in {s.group for s in bench.preset("quick")}
 
 
+def test_the_frontier_preset_runs_every_family_with_every_codec_between_two_hosts():
+    from accord.bench.presets import FRONTIER_LINKS, frontier_profile
+    from accord.comm.network import load_network_profile
+
+    specs = bench.preset("frontier")
+    assert len(specs) == (4 * 4 + 1) * 2 * 3  # (families x codecs + islands) x links x seeds
+    assert {s.group for s in specs} == {f"frontier-{link}" for link in FRONTIER_LINKS}
+    labels = {s.label: (s.algo, s.train.get("compress", "none")) for s in specs}
+    assert labels["sdiloco-p32-f4-d5-int4"] == ("streaming_diloco", "int4")
+    assert labels["allreduce-topk"] == ("allreduce", "topk")
+    assert labels["islands-diloco"] == ("hierarchical", "none")
+    for link in FRONTIER_LINKS:
+        group = [s for s in specs if s.group == f"frontier-{link}"]
+        assert {s.train["network_profile"] for s in group} == {frontier_profile(link)}
+        profile = load_network_profile(frontier_profile(link))
+        profile.check_ranks(4)
+        # inside a host: 10 Gbit/s; between the hosts (and for a collective over all four
+        # ranks): the named link
+        inside = profile.seconds("allreduce", 10**6, [0, 1])
+        across = profile.seconds("allreduce", 10**6, [0, 2])
+        everyone = profile.seconds("allreduce", 10**6, [0, 1, 2, 3])
+        bandwidth = {"100mbit": 100e6, "10mbit": 10e6}[link] / 8
+        assert across == pytest.approx(2 * 5e-3 + 10**6 / bandwidth)
+        assert inside < across / 50 and everyone > across
+
+
 def test_tuning_part_of_a_group_keeps_the_other_arms_tuning(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "launch", Landscape())
     grid = {"lr": GRID}

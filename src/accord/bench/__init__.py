@@ -63,6 +63,11 @@ Presets are named lists of :class:`RunSpec` built in code (``PRESETS``):
 * ``network`` -- allreduce (plain, bf16, PowerSGD), local_sgd and diloco at periods 8 and
   32, wagma, gossip and easgd on shakespeare with 8 workers on emulated 10 Gbit/s, 1 Gbit/s
   and 100 Mbit/s links (``OUT/network-<link>/``), 3 seeds.
+* ``frontier`` -- allreduce, diloco (period 32) and streaming_diloco (4 fragments, overlap
+  of 1 and 5 steps, alpha 0.5), each in fp32 and with the int8, int4 and topk codecs, and
+  hierarchical (two islands, diloco between them), on shakespeare with two emulated hosts
+  of two workers, 10 Gbit/s inside a host and 100 or 10 Mbit/s between them
+  (``OUT/frontier-<link>/``), 3 seeds.
 * ``acga-ablation-tuned``, ``elastic-tuned`` -- those presets with each arm at its own
   learning rate (see ``--tune``: each grid point judged by its mean over the tuning seeds,
   ``TUNE_SEEDS`` by default); not part of ``all``.

@@ -224,6 +224,47 @@ def _network() -> list[RunSpec]:
     return specs
 
 
+#: the frontier preset's emulated networks: two hosts of two workers (ranks 0-1 and 2-3),
+#: 10 Gbit/s inside a host and the named link, 5 ms, between them (network profiles shipped
+#: in accord/bench/profiles/; a collective over both hosts is as slow as the slow link)
+FRONTIER_LINKS = ("100mbit", "10mbit")
+FRONTIER_STEPS = 300
+FRONTIER_PERIOD = 32
+#: the payload codecs each arm runs with: label suffix -> --compress
+FRONTIER_CODECS = {"": "none", "-int8": "int8", "-int4": "int4", "-topk": "topk"}
+
+
+def frontier_profile(link: str) -> str:
+    """The path of the frontier preset's network profile for ``link``."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "profiles" / f"two-hosts-{link}.json")
+
+
+def _frontier() -> list[RunSpec]:
+    """Communication-efficient training between two hosts of two workers on shakespeare
+    (Adam 3e-3): allreduce, DiLoCo and streaming DiLoCo (4 fragments, an overlap of 1 and 5
+    steps, mixing 0.5), each in fp32 and with the int8, 4-bit and top-k codecs, and two
+    islands (allreduce inside a host, DiLoCo between the hosts); one group per link."""
+    h = FRONTIER_PERIOD
+    families = [("allreduce", "allreduce", {}), (f"diloco-p{h}", "diloco", {"period": h})]
+    families += [(f"sdiloco-p{h}-f4-d{d}", "streaming_diloco",
+                  {"period": h, "fragments": 4, "delay": d, "alpha": 0.5}) for d in (1, 5)]
+    arms = [(label + suffix, algo, hp, {} if codec == "none" else {"compress": codec})
+            for label, algo, hp in families for suffix, codec in FRONTIER_CODECS.items()]
+    arms.append(("islands-diloco", "hierarchical",
+                 {"island_size": 2, "outer": "diloco", "outer_hp": f"period={h}"}, {}))
+    task = ("shakespeare", FRONTIER_STEPS, {"optimizer": "adam", "lr": 3e-3, "batch_size": 16,
+                                            "log_every": FRONTIER_STEPS // 10})
+    specs = []
+    for link in FRONTIER_LINKS:
+        linked = [(label, algo, hp, {**train, "network_profile": frontier_profile(link)})
+                  for label, algo, hp, train in arms]
+        specs += [replace(s, group=f"frontier-{link}")
+                  for s in _matrix(linked, [task], [4], [0, 1, 2])]
+    return specs
+
+
 PRESETS: dict[str, Callable[[], list[RunSpec]]] = {
     "quick": _quick,
     "acga-ablation": _acga_ablation,
@@ -234,6 +275,7 @@ PRESETS: dict[str, Callable[[], list[RunSpec]]] = {
     "failures-ft": _failures_ft,
     "dynamic-weighting": _dynamic_weighting,
     "network": _network,
+    "frontier": _frontier,
 }
 
 
