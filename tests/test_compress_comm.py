@@ -36,12 +36,12 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
 
 
-def _train(algo: str, rank: int, scheme: str | None, steps: int = 6):
+def _train(algo: str, rank: int, scheme: str | None, steps: int = 6, hp: dict | None = None):
     comm_mod.compress_payloads(None if scheme is None else Compressor.from_spec(scheme))
     try:
         model = _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        agg = accord.build(algo, model.parameters(), **HP.get(algo, {}))
+        agg = accord.build(algo, model.parameters(), **(HP.get(algo, {}) if hp is None else hp))
         gen = torch.Generator().manual_seed(rank)
         for step in range(steps):
             x, y = torch.randn(16, 32, generator=gen), torch.randint(4, (16,), generator=gen)
@@ -74,6 +74,9 @@ def _every_algorithm(rank: int, world: int) -> dict:
     for algo in COMPRESSIBLE:
         for scheme in (None, *_schemes(algo)):
             out[algo, scheme] = _train(algo, rank, scheme)
+    for scheme in ("int8", "topk"):  # local SGD's change = DiLoCo's outer gradient
+        out["diloco-lr1", scheme] = _train("diloco", rank, scheme, hp={
+            "period": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False})
     return out
 
 
@@ -100,7 +103,7 @@ def test_every_compressible_algorithm_trains_and_sends_less(ranks, algo):
             # the model stays exact)
             assert sent["allreduce"] * 2 == exact_sent["allreduce"]
             assert sent["initial_broadcast"] == exact_sent["initial_broadcast"]
-        if algo in ("allreduce", "diloco") and scheme in ("int8", "int4", "topk"):
+        if algo in ("allreduce", "diloco", "local_sgd") and scheme in ("int8", "int4", "topk"):
             # every model-size allreduce sent as its codes (4 bytes per element uncompressed)
             calls = exact_sent["allreduce"] // (4 * N_PARAMS)
             assert sent["allreduce"] == calls * coded_bytes(scheme, N_PARAMS)
@@ -122,9 +125,21 @@ def test_normalized_keeps_its_mean_norm_exact(ranks):
 
 
 def test_every_rank_agrees_where_the_algorithm_keeps_replicas_equal(ranks):
-    for algo in ("allreduce", "acga", "normalized"):
+    for algo in ("allreduce", "acga", "normalized", "local_sgd"):
         for scheme in ("bf16", "fp16", *GRADIENT):
             assert torch.equal(ranks[0][algo, scheme][0], ranks[1][algo, scheme][0])
+
+
+def test_compressed_local_sgd_is_diloco_with_outer_lr_one_and_no_momentum(ranks):
+    """Under a gradient codec local SGD sends the change since its last average (a - x_i)
+    through the codec with error feedback, which is DiLoCo's outer gradient with outer lr
+    1 and no momentum: the same model to float rounding, the same bytes."""
+    for out in ranks:
+        for scheme in ("int8", "topk"):
+            local, sent = out["local_sgd", scheme]
+            diloco, diloco_sent = out["diloco-lr1", scheme]
+            torch.testing.assert_close(local, diloco, rtol=0, atol=1e-6)
+            assert sent == diloco_sent
 
 
 @pytest.mark.parametrize("algo", sorted(set(BUILTIN) - set(COMPRESSIBLE)))

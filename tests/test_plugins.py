@@ -35,7 +35,7 @@ BUILTIN = {
     "normalized": ("gradient", True, True, "combine", True, False, True, False),
     "acga": ("gradient", True, True, "sum_then_combine", True, False, True, False),
     "adasum": ("gradient", False, False, "combine", False, False, False, False),
-    "local_sgd": ("model", True, False, None, True, False, False, False),
+    "local_sgd": ("model", True, True, None, True, False, False, False),
     "easgd": ("model", True, False, None, True, False, False, False),
     "diloco": ("model", True, True, None, True, False, False, False),
     "streaming_diloco": ("model", True, True, None, False, False, False, False),
@@ -159,7 +159,7 @@ def test_the_plugin_registers_once_and_refuses_what_it_does_not_declare(
     assert code == 2 and err[0].endswith(
         "compress: 'powersgd' approximates a sum of gradients by a low-rank matrix, not the "
         "parameters 'relaxed_avg' averages; allowed with it: acga, allreduce, diloco, "
-        "normalized, streaming_diloco (else bf16 or fp16)")
+        "local_sgd, normalized, streaming_diloco (else bf16 or fp16)")
     code, err, _ = run_cli([*base, "--algo", "relaxed_avg", "--set", "gamma=0"])
     assert code == 2 and "hyperparameter 'gamma': got '0', allowed: a number > 0" in err[0]
     for extra in (["--compress", "bf16"], ["--fault-tolerant"]):

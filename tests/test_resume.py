@@ -51,7 +51,10 @@ def _steps(out: Path) -> list[dict]:
 @pytest.mark.parametrize("algo,sets", [
     ("acga", []), pytest.param("easgd", ["--set", "period=2"], marks=pytest.mark.slow),
     # PowerSGD's error memories and Q are checkpointed
-    pytest.param("allreduce", ["--compress", "powersgd"], marks=pytest.mark.slow)])
+    pytest.param("allreduce", ["--compress", "powersgd"], marks=pytest.mark.slow),
+    # local SGD's anchor and the int8 error memory are checkpointed (a sync at step 8, the
+    # checkpoint at 10)
+    ("local_sgd", ["--compress", "int8", "--set", "period=3"])])
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path, algo, sets):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _train(straight, "--algo", algo, *sets).returncode == 0
