@@ -50,7 +50,7 @@ TIERS = {
             "test_failures", "test_hostile", "test_input_holes", "test_plugins",
             "test_optim", "test_resume", "test_storage", "test_user_task"),
     "integrations": ("test_accelerate", "test_extras", "test_lightning", "test_ray_example"),
-    "ft": ("test_ft", "test_ft_cli", "test_ft_loop", "test_testbed"),
+    "ft": ("test_ft", "test_ft_cli", "test_ft_loop", "test_real_links", "test_testbed"),
 }
 TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
 

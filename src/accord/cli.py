@@ -17,6 +17,7 @@ from .run.config import ConfigError, TrainConfig, apply_settings, load_plugins
 from .run.failures import one_line
 from .run.launch import launch, launched_here, under_torchrun
 from .run.metrics import read_metrics
+from .run.real_links import check_real_links, launch_real
 from .run.train import resume_plan, run_worker
 from .run.validation import check_writable, validate
 
@@ -77,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if not todo and not under_torchrun():
                     return 0  # (under torchrun every rank learns it from rank 0)
         check_writable(cfg.out)
+        hosts = None if under_torchrun() else check_real_links(cfg)
     except ConfigError as e:
         if rank == 0:  # under torchrun every rank validates; one line is enough
             print(f"{PROG} train: error: {e}", file=sys.stderr)
@@ -91,6 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .ft.launcher import ft_launch
 
         result = ft_launch(cfg)
+    elif hosts is not None:
+        print(f"{PROG} train: real links: {hosts.describe()}", file=sys.stderr)
+        result = launch_real(cfg)
     else:
         result = launch(cfg)
     path = Path(cfg.out) / "metrics.jsonl"

@@ -98,6 +98,10 @@ def run_bench(configs: list[TrainConfig], out: Path, *, progress: bool = True,
                 from ..ft.launcher import ft_launch
 
                 launched = ft_launch(cfg)
+            elif cfg.links == "real":  # torchrun across network namespaces
+                from ..run.real_links import launch_real
+
+                launched = launch_real(cfg, quiet=True)
             else:
                 launched = _bench().launch(cfg, quiet=True)
             record = {"run": cfg.out, "label": cfg.label, "task": cfg.task,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run.config import ConfigError, TrainConfig, apply_settings
+from ..run.real_links import check_real_links
 from ..run.validation import validate
 
 
@@ -155,6 +156,7 @@ def plan(specs: list[RunSpec], out: Path, *, create: bool = True) -> list[TrainC
         cfg = spec.config(out)
         try:
             validate(cfg, check_out=False)
+            check_real_links(cfg)  # root and hosts, before the first run of a real-links bench
         except ConfigError as e:
             # a task name with a control character would split the line: quoted then
             task = spec.task if spec.task.isprintable() else repr(spec.task)

@@ -118,6 +118,11 @@ class TrainConfig:
                                           help='JSON {"default": "1gbit,5ms", "links": '
                                                '[{"ranks": [0, 3], "link": "100mbit,50ms"}]}: '
                                                "per-rank-pair links")
+    links: str = setting("emulated", settable=True, resumable=True, added="emulated",
+                         allowed="emulated or real",
+                         help="real: run across hosts made of network namespaces whose "
+                              "links tc shapes to --network / --network-profile, instead "
+                              "of emulating them (root, Linux; accord.run.real_links)")
     compress: str = setting("none", added="none",
                             metavar="none|bf16|fp16|powersgd[:R]|int8|int4|topk[:F]",
                             help="compress model-size sum/avg allreduces: bf16/fp16 (half the "

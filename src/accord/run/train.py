@@ -283,7 +283,8 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
             continued = False
         heartbeat = Heartbeat(logs, rank)
         heartbeat.beat(0, "start")
-        emulate_network(emulated_network(cfg))  # every Communicator of this process
+        # every Communicator of this process; none on real links (the testbed shapes them)
+        emulate_network(None if cfg.links == "real" else emulated_network(cfg))
         compress_payloads(payload_compression(cfg))
         if rank == 0:
             tb = out / "tensorboard" if cfg.tensorboard else None

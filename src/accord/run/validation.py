@@ -204,6 +204,10 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
         fail("resume", cfg.resume, f"{_allowed('resume')}; {cfg.resume!r} does not exist")
     integer("max_restarts", 0, MAX_RESTARTS)
     emulated_network(cfg)
+    choice("links", ("emulated", "real"))
+    if cfg.links == "real" and cfg.network is None and cfg.network_profile is None:
+        fail("links", cfg.links, "real with --network or --network-profile (the links to "
+             "shape), or emulated")
     payload_compression(cfg)
     if cfg.max_restarts and under_torchrun() and not launched_here():
         fail("max_restarts", cfg.max_restarts, "0 under torchrun (use torchrun's own "
