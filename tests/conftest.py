@@ -38,8 +38,9 @@ SLOW = os.environ.get("ACCORD_SLOW_TESTS") == "1"
 #: integrations - Lightning, accelerate, Ray, the optional extras;
 #: ft - the fault-tolerant mode on torchft, and several hosts over network namespaces.
 TIERS = {
-    "unit": ("test_core", "test_layout", "test_loop", "test_network", "test_report",
-             "test_report_network", "test_report_tuning", "test_tiers", "test_imports"),
+    "unit": ("test_core", "test_docs", "test_layout", "test_loop", "test_network", "test_report",
+             "test_report_figures", "test_report_network", "test_report_tuning", "test_tiers",
+             "test_imports"),
     "worlds": ("test_acga_math", "test_acga_sketch", "test_adasum", "test_buffers",
                "test_compress", "test_compress_comm", "test_ddp_hooks", "test_decentralized",
                "test_devices", "test_dynamic_weighting", "test_faults", "test_hierarchical",

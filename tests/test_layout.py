@@ -1,6 +1,6 @@
 """The package's layout (issue 22): no module under ``src/accord`` over ``MAX_LINES`` lines
 (the aim is ~600; the margin lets a module grow by a docstring without failing), and the
-README's Layout section names every package and module of the tree."""
+site's layout page (docs/design/layout.md) names every package and module of the tree."""
 
 from __future__ import annotations
 
@@ -23,18 +23,23 @@ def test_no_module_is_over_the_limit():
                       "modules (e.g. a package, as src/accord/report/ and src/accord/bench/)")
 
 
-def test_the_readme_layout_names_every_package_and_module():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_the_layout_page_names_every_package_and_module():
+    section = (ROOT / "docs" / "design" / "layout.md").read_text(encoding="utf-8")
     named = set(re.findall(r"[\w/]+\.py|[\w]+/", section))
     tree = {p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")
             if p.parent == SRC or p.name != "__init__.py"}
     packages = {p.relative_to(SRC).as_posix() + "/" for p in SRC.iterdir()
                 if p.is_dir() and (p / "__init__.py").exists()}
     # a module is named by its file name under its package's line (or its full path); the
-    # algorithms, one file each, are named by the README's algorithm table instead
+    # algorithms, one file each, are named by the site's algorithm pages instead
     missing = sorted(m for m in tree | packages
                      if m not in named and m.rsplit("/", 1)[-1] not in named
                      and not m.rsplit("/", 1)[-1].startswith("_")
                      and not m.startswith("algorithms/"))
-    assert not missing, f"README.md's Layout section does not name: {missing}"
+    assert not missing, f"docs/design/layout.md does not name: {missing}"
+
+
+def test_every_algorithm_module_has_its_page():
+    pages = {p.stem for p in (ROOT / "docs" / "algorithms").glob("*.md")}
+    modules = {p.stem for p in (SRC / "algorithms").glob("*.py") if not p.name.startswith("_")}
+    assert not modules - pages, f"algorithms without a page in docs/algorithms/: {modules - pages}"

@@ -160,7 +160,10 @@ def test_report_files_and_numbers(runs, tmp_path):
 
     # every referenced figure exists and is a real PNG
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(images) == 6  # 2 sections x (step, time, MB)
+    # 2 sections x (step, time, MB, consensus, time breakdown); their algo numbers are
+    # constant (grad_norm 0.5): no observables figure, a line of text instead
+    assert len(images) == 10
+    assert "Observables that keep one value: grad_norm (allreduce 0.5, acga-fast 0.5)" in text
     for image in images:
         data = (root / image).read_bytes()
         assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, image

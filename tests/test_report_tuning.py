@@ -346,18 +346,22 @@ def test_verdict_first_to_target_and_separability(tmp_path):
     for seed, final in enumerate((0.80, 0.81, 0.82)):
         make_run(root, f"allreduce/{seed}", label="allreduce", seed=seed,
                  curve=rising(final, 30, 3.0, 0.3))
-    # fast: fewest steps (10) but slow (5 s); finals 0.90, 0.91 above allreduce's range
-    for seed, final in enumerate((0.90, 0.91)):
+    # fast: fewest steps (10) but slow (5 s); finals 0.90..0.92 above allreduce's range
+    for seed, final in enumerate((0.90, 0.91, 0.92)):
         make_run(root, f"fast/{seed}", label="fast", seed=seed,
                  curve=rising(final, 10, 5.0, 0.2))
-    # quick: 20 steps but 1 s and the fewest MB; finals 0.78, 0.82 overlap allreduce's
-    for seed, final in enumerate((0.78, 0.82)):
+    # quick: 20 steps but 1 s and the fewest MB; finals 0.78..0.82 overlap allreduce's
+    for seed, final in enumerate((0.78, 0.80, 0.82)):
         make_run(root, f"quick/{seed}", label="quick", seed=seed,
                  curve=rising(final, 20, 1.0, 0.1))
-    # lone: one seed, far above: still not separable
+    # lone: one seed, far above: still not separable; pair: two seeds, far above: neither
+    # (3 finished seeds per group are needed)
     make_run(root, "lone/0", label="lone", seed=0, curve=rising(0.99, 40, 8.0, 0.8))
+    for seed, final in enumerate((0.97, 0.98)):
+        make_run(root, f"pair/{seed}", label="pair", seed=seed,
+                 curve=rising(final, 40, 8.0, 0.8))
     # a loss section (lower is better) with a worse group, and one without allreduce
-    for seed, (base, worse) in enumerate(((0.10, 0.30), (0.12, 0.32))):
+    for seed, (base, worse) in enumerate(((0.10, 0.30), (0.12, 0.32), (0.11, 0.31))):
         curve = [(10, 1.0, 1.0, 1.0), (20, 2.0, 2.0, 0.5)]
         make_run(root, f"lin/allreduce/{seed}", label="allreduce", seed=seed, task="linreg",
                  curve=[*curve, (30, 3.0, 3.0, base)])
@@ -369,20 +373,25 @@ def test_verdict_first_to_target_and_separability(tmp_path):
                                warn=lambda m: None).read_text(encoding="utf-8")
 
     lines = verdict_of(text, "digits, 2 workers")
-    assert lines[0] == ("First to the target: in steps, fast (10 steps, 2/2 seeds reached it); "
-                        "in wall time, quick (1 s, 2/2 seeds reached it); "
-                        "in MB, quick (0.1 MB, 2/2 seeds reached it).")
-    by_label = {line.split(" vs ")[0]: line for line in lines[1:]}
-    assert list(by_label) == ["fast", "lone", "quick"]
-    assert by_label["fast"] == ("fast vs allreduce: final eval_acc +0.095 (fast better); "
-                                "separable (seed ranges [0.9, 0.91] and [0.8, 0.82] do not "
+    assert lines[0] == ("First to the target: in steps, fast (10 steps, 3/3 seeds reached it); "
+                        "in wall time, quick (1 s, 3/3 seeds reached it); "
+                        "in MB, quick (0.1 MB, 3/3 seeds reached it).")
+    by_label = {line.split(" vs ")[0]: line for line in lines[1:-1]}
+    assert list(by_label) == ["fast", "lone", "pair", "quick"]
+    assert by_label["fast"] == ("fast vs allreduce: final eval_acc +0.1 (fast better); "
+                                "separable (seed ranges [0.9, 0.92] and [0.8, 0.82] do not "
                                 "overlap).")
     assert by_label["quick"] == ("quick vs allreduce: final eval_acc -0.01 (allreduce "
                                  "better); not separable at this scale (seed ranges [0.78, "
                                  "0.82] and [0.8, 0.82] overlap).")
     assert by_label["lone"] == ("lone vs allreduce: final eval_acc +0.18 (lone better); not "
-                                "separable at this scale (lone has 1 finished seed; 2 "
+                                "separable at this scale (lone has 1 finished seed; 3 "
                                 "needed).")
+    assert by_label["pair"] == ("pair vs allreduce: final eval_acc +0.165 (pair better); not "
+                                "separable at this scale (pair has 2 finished seeds; 3 "
+                                "needed).")
+    assert lines[-1] == ("Separable is judged only from at least 3 finished seeds per group; "
+                         "too few here: lone (1), pair (2).")
     # the verdict comes right after the time-to-target table
     digits = section_of(text, "digits, 2 workers")
     after = digits.split("### Communication and time to target")[1]
@@ -391,8 +400,8 @@ def test_verdict_first_to_target_and_separability(tmp_path):
     loss = verdict_of(text, "linreg, 2 workers")
     assert loss[0] == ("First to the target: in steps, none reached the target; in wall time, "
                        "none reached the target; in MB, none reached the target.")
-    assert loss[1] == ("worse vs allreduce: final eval_loss +0.2 (allreduce better); "
-                       "separable (seed ranges [0.3, 0.32] and [0.1, 0.12] do not overlap).")
+    assert loss[1:] == ["worse vs allreduce: final eval_loss +0.2 (allreduce better); "
+                        "separable (seed ranges [0.3, 0.32] and [0.1, 0.12] do not overlap)."]
     alone = verdict_of(text, "digits, 8 workers")
     assert alone[1] == ("No allreduce group in this section: no baseline to compare the final "
                         "metric with.")
@@ -400,9 +409,10 @@ def test_verdict_first_to_target_and_separability(tmp_path):
     summary = {(r["task"], r["label"]): r for r in read_csv(root / "summary.csv")}
     assert summary["digits", "fast"]["separable_vs_allreduce"] == "yes"
     assert float(summary["digits", "fast"]["final_diff_vs_allreduce"]) == \
-        statistics.mean((0.90, 0.91)) - statistics.mean((0.80, 0.81, 0.82))
+        statistics.mean((0.90, 0.91, 0.92)) - statistics.mean((0.80, 0.81, 0.82))
     assert summary["digits", "quick"]["separable_vs_allreduce"] == "no"
     assert summary["digits", "lone"]["separable_vs_allreduce"] == "no"
+    assert summary["digits", "pair"]["separable_vs_allreduce"] == "no"
     assert summary["linreg", "worse"]["separable_vs_allreduce"] == "yes"
     for key in (("digits", "allreduce"), ("digits", "solo")):
         assert summary[key]["separable_vs_allreduce"] == ""

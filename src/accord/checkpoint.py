@@ -6,33 +6,14 @@ A checkpoint is a directory::
     step-<S>/manifest.json  written last, by rank 0: step, world size, each file's size and
                             SHA-256, the run's config (``accord train``), format version
 
-It counts only once ``manifest.json`` exists. Its schema (:data:`MANIFEST_SCHEMA`, with
-:mod:`accord.schema`) is declared once here and used by :func:`save` before it writes and by
-:func:`read_manifest` when it reads: every field of its type, no other field, one entry in
-``files`` per rank named ``rank<r>.pt``; a ``step-<S>`` directory's manifest says step
-``S``. Each rank file's own ``format``, ``rank``, ``world_size`` and ``step``
-(:data:`RANK_FILE_SCHEMA`) must agree with the manifest: :func:`verify` reads them from the
-file's pickle without building a tensor (cheap beside the SHA-256 it already computes), and
-:func:`read` checks what it loaded. So a manifest edited by hand (its step changed from 20
-to 10) is refused, or skipped by :func:`find`, in one line naming the file and the field,
-instead of resuming "at step 10" from the weights of step 20.
-
-Every rank writes its file under a temporary name and renames it into place, hashes what is
-on disk, and hands the size and hash to rank 0; rank 0 checks each file's size on disk and
-commits the manifest by an atomic rename (the files share one filesystem: one node, or a
-shared directory). A crash at any point before the rename leaves a directory without a
-manifest, which :func:`verify` reports as incomplete and :func:`find` skips.
-
-Why not ``torch.distributed.checkpoint``: it saves one logical state, deduplicating tensors
-that ranks hold under the same key on the assumption that they are replicas of one value,
-and its strength is resharding to another world size. Here the replicas differ by design
-(every model-phase algorithm) and the algorithms' state is tied to the world size (ACGA's
-sorted momentum has N entries, EASGD's beta = N alpha, gossip schedules), so each rank's
-state is its own file and the world size must match.
-
-Every rank must call :func:`save` (collective: one ``all_gather_object`` and two
-barriers). :func:`load` is local: each rank reads and checks its own file.
-"""
+It counts only once ``manifest.json`` exists (committed by an atomic rename after rank 0
+checked every file). The manifest's schema (:data:`MANIFEST_SCHEMA`) and each rank file's
+(:data:`RANK_FILE_SCHEMA`) are declared once here and checked by :func:`save`,
+:func:`read_manifest`, :func:`verify` and :func:`read`: a manifest that disagrees with its
+directory or its rank files is refused (or skipped by :func:`find`) in one line naming the
+file and the field. Replicas differ and the state is tied to the world size, so each rank
+keeps its own file (not ``torch.distributed.checkpoint``). :func:`save` is collective;
+:func:`load` is local. In full: docs/guides/checkpoints.md."""
 
 from __future__ import annotations
 

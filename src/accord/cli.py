@@ -282,6 +282,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="one tuning seed: the same as --tune-seeds S")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="every run also writes TensorBoard event files to its "
+                        "RUN_DIR/tensorboard, as `accord train --tensorboard`")
 
 
 #: steps per run of a custom matrix without --steps
@@ -333,6 +336,8 @@ def _bench_specs(args: argparse.Namespace
     except ValueError as e:
         raise ConfigError(str(e)) from None
     specs = bench.apply_faults(specs, args.fault)
+    if getattr(args, "tensorboard", False):  # not a --set key: it changes no result
+        specs = [dataclasses.replace(s, train={**s.train, "tensorboard": True}) for s in specs]
     if plugins:  # each run's workers import them too
         specs = [dataclasses.replace(s, train={**s.train, "plugins": plugins}) for s in specs]
     grid = bench.parse_tune(getattr(args, "tune", []))

@@ -14,118 +14,20 @@ Update rule (N workers, g_i the local gradient of worker i, s = sum_j g_j)::
     d    = sum_i c_i g_i / (||g_i|| + eps)
     d    = d / max(1, ||d||)                        written into every p.grad
 
-Hook: ``after_backward``. Communication per step, by route (``coefficients``; the default
-``auto`` picks one when the aggregator is built, see below):
+Hook: ``after_backward``. Communication per step, by route (``coefficients``; ``auto``
+picks one when the aggregator is built, :func:`auto_route`): ``gather``, one all-gather of
+the whole gradient (N x D <= ``GATHER_LIMIT``); ``sketch``, an all-gather of
+``sketch_size`` + 1 numbers per worker and one model-size allreduce (:class:`GramSketch`);
+``exact``, two model-size allreduces and an all-gather of 2 floats per worker.
 
-* ``gather``: one all-gather of the whole gradient (D numbers per worker); every rank
-  computes the exact coefficients and d itself. One round, averaging's payload bytes.
-* ``sketch``: an all-gather of ``sketch_size`` + 1 numbers per worker (per tensor in
-  per-layer mode) and the allreduce of the weighted gradients (model-size).
-* ``exact``: allreduce of the raw gradients (model-size), all-gather of 2 floats per
-  worker (2 L floats in per-layer mode, L tensors), allreduce of the weighted gradients
-  (model-size): twice the bandwidth of averaging.
-
-Decisions where the sources are silent or disagree (all options):
-
-* ``reference_order`` -- the reference script un-sorts with ``m[perm]`` (the permutation
-  itself), which is the inverse only when ``perm`` is an involution (always for N = 2,
-  rarely for N >= 3). Default False: scatter through the inverse permutation.
-  True reproduces the script exactly.
-* ``guard`` -- how negative coefficients are treated before normalising. ``uniform``
-  (default) keeps them, as the paper does; ``shift`` subtracts min(c) when it is negative,
-  as the per-tensor variant of the AdaCons NPU hook does; ``clamp`` zeroes them.
-* Fallback to 1/N. With P the sum of the positive and Q that of the absolute negative
-  coefficients after the guard, c / sum(c) has sum |c_i| = (P + Q) / (P - Q): when the
-  workers nearly cancel (c = (0.5, -0.4999) gives (5000.7, -4999.7)), normalising
-  amplifies a difference of nearly opposite directions that says nothing about the
-  consensus. Every mode therefore falls back to c_i = 1/N (normalised averaging, the
-  method's own baseline and always a bounded direction) when Q >= P / 2
-  (``NEGATIVE_FRACTION``), i.e. when at least a third of the coefficient mass is
-  negative; this includes all-zero and all-negative sets. Below it the paper's
-  coefficients are kept, and sum |c_i| < 3. With ``shift`` and ``clamp`` Q = 0, so only
-  an all-zero set falls back. ``guard_hits`` counts the rows that fell back.
-* ||d|| <= 1, the promise that makes d a bounded direction, holds in every mode: d is
-  divided by max(1, ||d||) (per tensor in per-layer mode). With c >= 0 summing to one, d
-  is a convex combination of vectors of norm < 1, so the paper's d is unchanged (bit for
-  bit whenever its computed norm is at most 1, where the divisor is exactly 1.0; nearly
-  identical workers can round a hair above 1). Only kept negative coefficients
-  (``uniform``) can give ||d|| up to 3, and the division keeps their direction. Each
-  rank computes the divisor from the allreduced d it already holds, with tensor
-  operations: no extra communication and no host sync. On the CPU, where reading a
-  value back costs nothing, a step whose coefficients are all non-negative skips the
-  two passes over d (its norm is below 1 by the argument above, up to rounding).
-  Rejected alternative: projecting
-  c onto the simplex, which would drop the negative coefficients the paper keeps. The
-  bound is up to the rounding of the parameter dtype, and applies before
-  ``restore_scale``.
-* ``per_layer`` -- the same computation independently for every parameter tensor, with
-  its own sorted momentum vector per tensor.
-* A worker whose gradient (or, per layer, tensor gradient) is exactly zero gets
-  coefficient 0 before normalisation: its direction is undefined. Its a_i = 0 still
-  takes its place in the sorted momentum vector.
-* ``restore_scale`` -- ||d|| <= 1 whatever the gradient scale, so SGD learning rates
-  tuned for averaging do not transfer. ``none`` (default, as the paper) leaves d as is;
-  ``mean_norm`` multiplies d by mean_i ||g_i||; ``avg_norm`` by ||mean_i g_i||. Both are
-  available without extra communication.
-* ``coefficients`` -- the route that computes them (traffic under "Hook" above).
-  ``exact`` (the paper) computes <g_i, s> from s, the allreduced sum. ``gather``
-  all-gathers every gradient, and every rank computes s, the dots, the norms, the
-  coefficients and d itself from the same numbers in the same order: d is bit-identical
-  on every rank and equal to ``exact``'s up to the order of the sums. ``sketch``: the
-  coefficients only need the Gram matrix G_ij = <g_i, g_j> (a_i = sum_j G_ij /
-  (N ||g_i||)), so every rank sends a ``sketch_size``-number sketch of its gradient (an
-  all-gather of N x k numbers), G is estimated from the sketches, its diagonal is
-  replaced by the exact ||g_i||^2, and d needs the one weighted allreduce. See
-  :class:`GramSketch` for the sketch (one read of the gradient, the norms taken in the
-  same pass; the weight is applied in the pass that loads the gradient into the flat
-  buffer). A gradient (per layer: every tensor) of at most ``sketch_size`` numbers is
-  handled as ``exact``.
-  ``auto`` (the default) picks the route when the aggregator is built
-  (:func:`auto_route`): ``gather`` when N x D <= ``GATHER_LIMIT`` = 2^18, else
-  ``sketch`` when the sketch is at most half the gradient, else ``exact``; never
-  ``gather`` with a payload compressor set (it acts on allreduces). The choice, measured
-  side by side (``benchmarks/overhead.py --models mlp,cnn --workers 2,4 --rounds 7``,
-  gloo, one thread per process, 2 CPU cores shared with other jobs; three runs), step
-  time over accord's ``allreduce``::
-
-      coefficients  MLP 10M N=2       MLP 10M N=4       CNN 34k N=2       CNN 34k N=4
-      exact         1.28, 1.47, 1.54  1.28, 1.33, 1.38  1.02, 1.10, 1.22  1.16, 1.11, 1.04
-      auto          0.91, 1.16, 0.91  1.01, 0.94, 0.96  0.98, 1.01, 1.07  1.14, 1.12, 1.01
-                    (sketch: 1.01x averaging's bytes)   (gather: 1.00x)
-
-  The aggregation alone (the CNN's gradient, gloo): ``gather`` 9.6 ms against
-  ``allreduce``'s 11.1 ms at N = 4 (``exact`` 33 ms), 2.3 against 1.9 ms at N = 2. The
-  limit: a gloo all-gather of N x D numbers costs about one allreduce of D up to
-  N x D ~ 2^18 on this machine and grows past it (N = 2, D = 131072: 2.2 ms against
-  0.7 ms), while a small model's ``exact`` pays three collectives' latency. The sketch
-  costs one read of the gradient: about 7 ms on one core for the 10M MLP, whose
-  averaging step takes about 97 ms at N = 2 on an idle machine.
-  The default ``sketch_size`` = 65536 comes from ``benchmarks/acga_sketch.py`` (simulated
-  workers on Fashion-MNIST, 60 steps of a 9.5M-parameter MLP): the per-step
-  coefficients' relative error ||c_k - c|| / ||c|| (one step's, without momentum) was
-  0.08% / 0.36% at the 95th percentile (0.32% / 0.64% at worst) for N = 2 / 4, and the
-  sorted momentum's 0.05% / 0.09%, for 0.7% of averaging's bytes; the error falls as
-  1/sqrt(k) (p95 0.22% / 1.13% at k = 16384). The 34k-parameter CNN is gathered (exact
-  coefficients) up to N = 7.
-  What the paper's unbiasedness becomes: in the paper it is the renormalisation of the
-  coefficients to sum one, so that d is an unbiased combination of the workers'
-  gradients, each an unbiased estimate of the true gradient. The sketch keeps that
-  exactly (c is normalised after it is estimated, and d combines the true gradients).
-  What it changes is the estimate of the coefficients' values: each G_ij (i != j) is
-  unbiased at every step over the fresh row signs, with variance about
-  ||g_i||^2 ||g_j||^2 / k and errors independent across steps, and a_i is linear in G,
-  so a_i is unbiased too; the sort, the sorted momentum and the division by sum(c) are
-  nonlinear, so c carries a bias of order 1/k besides its 1/sqrt(k) noise, which the
-  momentum (a running mean of the estimates) averages down further. The
-  guard, the fallback and ||d|| <= 1 hold as in ``exact``. Memory: a table of 2k signs,
-  no gradient-size buffer besides the flat one (``exact`` keeps s; ``gather`` an N x D
-  buffer for the step, small by construction).
-* Dots and norms are computed in fp32 whatever the parameter dtype (float64 for float64
-  parameters' observables).
-* No host sync on any step: coefficients, momentum and guard counts stay tensors on the
-  parameters' device. ``metrics()`` computes the observables when it is called, from the
-  coefficients kept from the step and the two flat buffers, which still hold d and s.
-"""
+Decisions where the sources are silent or disagree (docs/algorithms/acga.md has each in
+full): ``reference_order`` (default False) scatters through the inverse permutation, not
+the script's ``m[perm]``; ``guard`` (``uniform`` keeps negative coefficients, ``shift``,
+``clamp``); every mode falls back to 1/N when the negative mass Q >= P / 2
+(``NEGATIVE_FRACTION``) and divides d by max(1, ||d||), so ||d|| <= 1 always;
+``per_layer`` runs the rule per tensor; a zero gradient gets coefficient 0;
+``restore_scale`` (``none``, ``mean_norm``, ``avg_norm``); dots and norms in fp32; no host
+sync on any step (``metrics()`` computes the observables when called)."""
 
 from __future__ import annotations
 

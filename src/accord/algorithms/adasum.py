@@ -1,77 +1,29 @@
 """AdaSum: adaptive summation of worker gradients.
 
-Paper: Maleki, Musuvathi, Mytkowicz, Saarikivi, Xu, Eksarevskiy, Ekanayake, Barsoum,
-"Scaling Distributed Training with Adaptive Summation", arXiv 2006.02924 (MLSys 2021).
-Also Horovod's ``hvd.DistributedOptimizer(..., op=hvd.Adasum)``.
+Paper: Maleki et al., "Scaling Distributed Training with Adaptive Summation", arXiv
+2006.02924 (MLSys 2021). Also Horovod's ``hvd.DistributedOptimizer(..., op=hvd.Adasum)``.
 
 Pair rule (a, b two gradients; per parameter tensor by default)::
 
     Adasum(a, b) = (1 - <a,b> / (2 ||a||^2)) a + (1 - <a,b> / (2 ||b||^2)) b
 
-Orthogonal gradients are summed, parallel ones (a = c b, c > 0) averaged, identical ones
-give themselves, anti-parallel equal ones cancel. A zero vector (or, per layer, a zero
-tensor) contributes nothing and the other passes through unchanged; two zeros give zero
-(both coefficients are set to 1 where a squared norm is zero).
-
-Reduction over N workers, g_r the local gradient of rank r, P the largest power of two
+A zero vector contributes nothing. Reduction over N workers, P the largest power of two
 <= N, M = N - P::
 
     fold:      ranks r >= P send g_r to r - P, which sets  v_{r-P} = Adasum(g_{r-P}, g_r)
-    doubling:  for k = 0 .. log2(P) - 1, rank r < P and its partner q = r XOR 2^k
-               exchange v_r, v_q and both set  v = Adasum(v_min(r,q), v_max(r,q))
-    unfold:    ranks r < M send the result back to r + P
-    d = v_0 = ... = v_{N-1}        written into every p.grad
+    doubling:  for k = 0 .. log2(P) - 1, rank r < P and q = r XOR 2^k exchange and set
+               v = Adasum(v_min(r,q), v_max(r,q))
+    unfold:    ranks r < M send the result back to r + P;  d written into every p.grad
 
-so N = 2 is one pair, N = 4 is Adasum(Adasum(g0, g1), Adasum(g2, g3)), N = 3 is
-Adasum(Adasum(g0, g2), g1) and N = 6 is
-Adasum(Adasum(Adasum(g0, g4), Adasum(g1, g5)), Adasum(g2, g3)). N = 1 leaves the gradient
-unchanged. ``adasum_tree`` computes exactly this nesting in one process.
+(``adasum_tree`` computes the same nesting in one process.) Hook: ``after_backward``.
+Communication per step: log2(P) model-size ``exchange`` calls per rank r < P, plus one
+``send``/``recv`` for folded ranks.
 
-Hook: ``after_backward``. Communication per step, B the model size in bytes: a rank
-r < P makes log2(P) ``exchange`` calls of B bytes each; ranks r < M also one ``recv``
-(0 bytes counted) and one ``send`` of B; ranks r >= P one ``send`` of B and one ``recv``.
-Latency: log2(P) rounds plus two for a world that is not a power of two.
-
-Decisions where the sources are silent or where accord differs from Horovod:
-
-* Any world size. Horovod requires a power of two; here the M = N - P extra ranks are
-  folded into ranks 0..M-1 before the recursive doubling and receive the result after
-  it. The tree is then not balanced: g_r and g_{r+P} (r < M) are combined one level
-  deeper than the other gradients, and since Adasum is not associative the result depends
-  on this tree (and on the rank numbering), not only on the set of gradients.
-* Whole vectors, not vector halving. Horovod halves the vector at each level
-  (reduce-scatter style) and allreduces partial dot products inside each group; accord
-  exchanges the whole flat gradient at every level: log2(P) model-size messages per rank
-  instead of about one, but no dot-product exchanges and every level sees whole tensors.
-  Both partners compute the same combination from the same two vectors, the lower rank's
-  vector as first argument, so they must get bit-identical results: the dot products are
-  a fixed-order reduction (``_row_sums``) whose value depends neither on memory
-  alignment nor on the intra-op thread count (``torch.dot`` through MKL depends on both),
-  and the combination uses separate, exactly rounded multiplies and adds.
-* ``per_layer`` (default True, as Horovod applies the rule per tensor): dot products and
-  norms per parameter tensor, one flat buffer per message either way. False applies the
-  rule to the whole flattened gradient.
-* Dots and squared norms are accumulated in float64 whatever the parameter dtype. In
-  fp32 the squared norm of a gradient around 1e-23 or smaller underflows to zero (and
-  that of one above about 1e19 overflows), so a tiny gradient would be added to its
-  partner instead of combined: N = 2 tiny parallel gradients would give their sum, twice
-  the right answer. Products of fp32, bf16 or fp16 values are exact in float64 and their
-  squares neither underflow nor overflow it, so the coefficients are exact up to the
-  float64 rounding of the sums. The products are formed in blocks (``_BLOCK`` elements),
-  so the float64 temporaries stay small whatever the model size.
-* The combination is formed in float64 for float64 parameters (float64 results at float64
-  precision), in fp32 for fp32, bf16 and fp16 parameters, and stored in the parameter
-  dtype. For fp32 this means a coefficient must fit fp32: two partners whose gradient
-  norms differ by a factor beyond about 1e38 overflow. Float64 pieces whose squared norm
-  underflows float64 (every element below about 1e-154) count as zero pieces.
-* No host sync on any step: the coefficients stay tensors on the gradients' device, and
-  ``metrics()`` computes their range and the result's norm (the flat buffer still holds
-  it) when it is called.
-* No hyperparameter beyond ``per_layer`` and no state. The result's scale lies between
-  the mean (agreeing workers) and the sum (orthogonal workers) of the gradients, so a
-  learning rate tuned for averaging may be too large while gradients are nearly
-  orthogonal; Horovod advises not scaling the learning rate by N.
-"""
+Decisions (in full: docs/algorithms/adasum.md): any world size (extra ranks folded in
+first, so the tree, and the result, depend on the rank numbering); whole vectors at every
+level, not Horovod's vector halving; bit-identical partners through a fixed-order dot
+product (``_row_sums``); ``per_layer`` default True; dots and squared norms accumulated in
+float64 (tiny gradients are combined, not added); no host sync; no state."""
 
 from __future__ import annotations
 

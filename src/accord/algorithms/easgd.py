@@ -10,53 +10,21 @@ Update rule (N workers, centre c identical on every rank, alpha = beta / N)::
                             x_i <- x_i - alpha (x_i - c)           (old centre)
                             c   <- c + beta (m - c)                (old x_j)
 
-so the centre moves by alpha sum_j (x_j - c).
-
-Both updates use the values from before the exchange. EAMSGD, the momentum variant, is
-this algorithm with a local Nesterov-momentum optimizer: ``--optimizer nesterov
---set momentum=0.99`` (the paper's delta). Give ``alpha`` or ``beta`` (default beta 0.9,
-the paper's choice, so the centre's step does not depend on N). The evaluation model of a
-run is the centre.
+Both updates use the values from before the exchange. EAMSGD is this algorithm with a
+Nesterov-momentum local optimizer (``--optimizer nesterov --set momentum=0.99``). Give
+``alpha`` or ``beta`` (default beta 0.9). The evaluation model is the centre.
 
 Hook: ``after_step``. Communication: one model-size allreduce every ``period`` steps.
-Float buffers follow the same elastic rule; optimizer state stays local.
+Float buffers follow the elastic rule; optimizer state stays local.
 
-``asynchronous=True``: the exchanges run on the background engine
-(:mod:`accord.exchange.background`), each worker at its own pace. At each of its communication
-points (every ``period`` of its own steps) a worker deposits x_i and activates round c_i
-(its communication count); the engines of all workers then run the round with the model
-each last deposited, so a slow worker's stale model takes part without being waited for.
-Every engine applies the same centre update c <- c + beta sum_j w_j (d_j - c) (the centre
-stays replicated and identical on every rank), and the worker pulls itself toward the
-centre the newest completed round started from: x_i <- x_i - alpha (x_i - c). A worker
-waits only for the communication of its own round, never for another's compute. With
-every worker on time the rounds and values are exactly the synchronous ones.
-
-``weighting=dynamic`` (the failure mitigation of Xu and Carr, arXiv 2409.09242; their
-formula is not available, the rule here is designed for this library): the centre update
-weighs worker j by w_j proportional to 2 ** (-(s_j / half_life) ** 2), where s_j is the
-number of steps since j's last *fresh progress*: a contribution that differs from j's
-previous one and follows at least one healthy step (a step whose gradient the loop did
-not exclude as non-finite, ``StepContext.healthy``); 0 if its model is not finite;
-weights are renormalised over the survivors (see :mod:`accord.exchange.background`). Staleness
-is counted in exchanges times ``period``. A frozen worker (same model every exchange), a
-worker whose gradients are all excluded, and, asynchronously, one whose deposit stops
-being renewed all fade, whatever the local optimizer (momentum, Nesterov, Adam and weight
-decay move a failed worker's model, which is why health is reported, not inferred).
-Uniform weights w_j = 1/N are the paper's EASGD. Dynamic weighting costs one extra
-4-number all-gather per exchange and, synchronously, one model-size copy to tell whether
-the model changed. A crashed worker ends the run in both modes (the launcher stops the
-world and names the rank); a frozen or slow one is what the weighting is for. Under
-``accord train --fault-tolerant`` (synchronous only) a crashed worker leaves the quorum
-instead: the weights are computed over the participants of each exchange, so they are
-renormalised over the survivors, and a worker that joins the running job (``--respawn``)
-starts with a live peer's state and fades in: its raw weight is multiplied by
-min(1, (steps since it joined + 1) / half_life) (:meth:`ElasticAveraging.fade`), since
-its first models are copies of that peer's.
-
-Memory, asynchronous: the engine keeps no per-round results (the centre moves on the
-runner thread), so a persistently slow worker costs nothing that grows.
-"""
+Decisions (in full: docs/algorithms/easgd.md): ``asynchronous=True`` runs the exchanges on
+:mod:`accord.exchange.background`, each worker at its own pace, the centre moving
+identically on every rank (equal to the synchronous rule when every deposit is fresh);
+``weighting=dynamic`` (after Xu and Carr, arXiv 2409.09242; the rule is designed here)
+weighs worker j by 2 ** (-(s_j / half_life) ** 2), s_j the steps since its last fresh
+progress, 0 if not finite, renormalised (one 4-number all-gather per exchange); under
+``--fault-tolerant`` the weights are over the participants and a joiner fades in
+(:meth:`ElasticAveraging.fade`)."""
 
 from __future__ import annotations
 

@@ -4,50 +4,27 @@ Papers: Jin, Yuan, Iandola, Keutzer, "How to scale distributed deep learning?",
 arXiv 1611.04581 (gossiping SGD); Assran, Loizou, Ballas, Rabbat, "Stochastic Gradient
 Push for Distributed Deep Learning", ICML 2019, arXiv 1811.10792 (SGP).
 
-``variant=pull`` (default). Every ``period`` steps each rank initiates with probability
-``p`` and picks a peer uniformly among the other N - 1; an initiator i averages with its
-peer's model, the peer only sends (it may serve several pullers and pull itself)::
+``variant=pull`` (default): every ``period`` steps each rank initiates with probability
+``p`` and averages with a peer drawn uniformly among the others, in ``after_backward``::
 
-    x_i <- (x_i + x_j) / 2        (pre-step values, in after_backward)
+    x_i <- (x_i + x_j) / 2        (pre-step values)
     x_i <- optimizer_step(x_i, g_i(x_i before mixing))
 
-Mixing in ``after_backward`` (before the optimizer applies the gradient computed at the
-unmixed model) is the order of D-PSGD and of WAGMA's reference code; on two workers with
-``p = 1`` both pull from each other and this is exactly model averaging in that order.
+``variant=push_sum`` (SGP): numerator x_i and weight w_i, the model holds z_i = x_i / w_i;
+in ``after_step``::
 
-``variant=push_sum`` (SGP). Each rank keeps a numerator x_i and a push-sum weight w_i
-(initially 1); the model's parameters hold the de-biased z_i = x_i / w_i, at which the
-gradient is computed. In ``after_step``::
-
-    x_i <- x_i + (z_i after the optimizer step - z_i before it)   # the step on the numerator
+    x_i <- x_i + (z_i after the optimizer step - z_i before it)
     send (x_i, w_i) / (k + 1) to each of the k out-peers, keep the same share
     x_i, w_i <- kept share + shares received;  z_i <- x_i / w_i
 
-Out-peers at mixing t (t = step // period) on the time-varying directed exponential graph
-(L = ceil(log2 N)): ``peers=1``: i + 2^(t mod L); ``peers=2``: i + 2^(t mod L) and
-i + 2^((t+1) mod L) (the WAGMA repository's two-peer SGP baseline), all mod N; in-peers are
-i - offset, known locally. Since 2^r < N for r < L, no offset is 0 mod N and the two offsets
-differ when L >= 2, i.e. N >= 3 (``peers=2`` with N = 2 is refused); an offset that were 0
-or repeated would be dropped, never sent twice. On N = 2^L, one peer averages exactly in L
-mixings. Every rank receives from exactly as many ranks as it sends to, so synchronous
-mixing is doubly stochastic and w stays 1; the weights are still carried (one extra slot of
-the message) so the sums stay exact with any graph. sum_i x_i and sum_i w_i = N are preserved.
+Out-peers at mixing t on the time-varying exponential graph (L = ceil(log2 N)):
+i + 2^(t mod L) (``peers=1``), and also i + 2^((t+1) mod L) (``peers=2``, N >= 3).
 
-Peers come from a generator seeded by (``seed``, step), identical on every rank: every rank
-draws every rank's choice, so everybody knows who pulls from whom without communicating
-(this replaces the all-gather of choices in the reference code). Communication: pull: one
-model-size message per (puller, peer) pair, all of a step posted together; push-sum: k
-model-size (+1) messages sent and k received per mixing step. Float buffers mix with the
-parameters; optimizer state stays local.
-
-Precision and host syncs. Push-sum keeps the numerator and its weight in fp32 (float64 for
-float64 parameters): with bfloat16 or float16 parameters the weight would drift from 1
-(a third is not a bfloat16 number) and the numerator would lose the optimizer's small
-steps, so its messages are then twice the parameter bytes; the model holds z rounded to
-the parameters' dtype. No step reads a device value back to the host: the peer choices
-are drawn on the host from a CPU generator (metadata, identical on every rank), and the
-push-sum weight is read only by ``metrics()``.
-"""
+Communication: pull, one model-size message per (puller, peer) pair; push-sum, k
+model-size (+1) messages each way per mixing step. Decisions (in full:
+docs/algorithms/gossip.md): peers from a generator seeded by (``seed``, step), identical on
+every rank (no all-gather of choices); push-sum numerator and weight kept in fp32 (float64
+for float64 models); no host sync on any step."""
 
 from __future__ import annotations
 

@@ -1,108 +1,34 @@
 """Streaming DiLoCo: DiLoCo on P model fragments, staggered, with overlapped exchanges.
 
-Paper: Douillard, Donchev, Rush, Kale, Charles, Garrett, Teston, Lacey, McIlroy, Shen, Ramé,
-Szlam, Ranzato, Barham, "Streaming DiLoCo with overlapping communication: Towards a
+Paper: Douillard et al., "Streaming DiLoCo with overlapping communication: Towards a
 Distributed Free Lunch", arXiv 2501.18512. Maintained reference: torchft's
-``torchft.local_sgd.DiLoCo(fragment_sync_delay, fragment_update_alpha)`` (0.2.0), which
-this module follows in its schedule and merge rule (see "torchft" below).
+``torchft.local_sgd.DiLoCo(fragment_sync_delay, fragment_update_alpha)`` (0.2.0), whose
+schedule and merge rule this module follows.
 
-Notation: H = ``period``, P = ``fragments``, tau = ``delay``, alpha = ``alpha``,
-``s`` the 0-based optimizer step, N the number of ranks. theta_p is fragment p's outer
-model (identical on every rank), v_p its outer Nesterov momentum, x_i,p rank i's copy of
-fragment p.
+H = ``period``, P = ``fragments``, tau = ``delay``, alpha = ``alpha`` (the weight of the
+*local* parameters, torchft's convention); theta_p, v_p: fragment p's outer model and
+Nesterov momentum, identical on every rank. Update rule::
 
-Update rule::
-
-    every step:          x_i <- inner_optimizer_step(x_i, g_i)          (the user's optimizer)
-    start of p's sync:   m_p   = mean_i x_i,p                         (one allreduce, started
-                                                                       and not waited for)
-    merge of p's sync,   delta = theta_p - m_p                         outer pseudo-gradient
-    tau steps later:     v_p   = outer_momentum * v_p + delta
+    every step:          x_i <- inner_optimizer_step(x_i, g_i)
+    start of p's sync:   m_p   = mean_i x_i,p             (one allreduce, not waited for)
+    merge, tau later:    delta = theta_p - m_p
+                         v_p   = outer_momentum * v_p + delta
                          theta_p = theta_p - outer_lr * (delta + outer_momentum * v_p)
-                         x_i,p = (1 - alpha) * theta_p + alpha * x_i,p   x_i,p as it is now,
-                                                                         tau steps after m_p
+                         x_i,p = (1 - alpha) * theta_p + alpha * x_i,p
 
-(``nesterov=False`` uses v_p instead of ``delta + outer_momentum * v_p``.) Float buffers
-(BatchNorm statistics) of a fragment take the plain mean m_p as their outer value
-(no outer optimizer, as ``diloco``) and are mixed with alpha like parameters.
+Schedule: offset_p = floor((p + 1) H / P); p's exchange starts at steps s with
+(s + 1 + tau - offset_p) % H == 0 and merges tau steps later; checked: H >= P and
+tau < floor(H / P), so at most one exchange is in flight. Fragments are strided *layers*
+(a tensor of 2+ dimensions starts a layer, its bias and norms join it); buffer j goes to
+fragment j mod P.
 
-alpha is the weight of the *local* parameters, the convention of torchft's
-``fragment_update_alpha`` (its merge is ``p.lerp_(local, alpha)`` on the new outer
-parameters, default 0) and, as recalled (not re-read), of the paper's mixing factor
-(alpha = 0: the local copy is replaced by the outer model, plain DiLoCo; the paper found
-alpha = 0.5 best with tau > 0). With alpha = 0 and tau > 0, the tau inner steps taken
-while the exchange was in flight are overwritten for that fragment: that is what the
-mixing is for.
-
-Fragments (strided layers, the paper's choice over sequential blocks): the parameters are
-cut into *layers*: a tensor with two or more dimensions (a weight matrix or kernel) starts
-a new layer, and a tensor with fewer (its bias, a norm's scale and shift) joins the layer
-before it, so a Linear's weight and bias travel together (a stride over single tensors
-would put every weight in one fragment and every bias in another when P = 2). Layer l
-belongs to fragment ``l mod P``. Float buffer j (in ``buffers=`` order) belongs to
-fragment ``j mod P``: the aggregator sees no module structure to tie a BatchNorm's
-statistics to its layer. A fragment with no tensor (fewer layers than P) sends nothing and
-its syncs are skipped, on every rank alike.
-
-Schedule (one rule, from the step and the hyperparameters only, so every rank issues the
-same collectives in the same order)::
-
-    offset_p = floor((p + 1) * H / P)                    p = 0 .. P-1; offset_{P-1} = H
-    fragment p's exchange starts at the steps s with  (s + 1 + tau - offset_p) % H == 0
-    and is merged at the steps s with                 (s + 1       - offset_p) % H == 0,
-    s >= offset_p - 1 (the first start is at step offset_p - 1 - tau >= 0).
-
-So each fragment syncs once every H steps, fragment p after ``offset_p`` steps of each
-period, the P fragments evenly spread over it. Checked before any worker starts:
-``H >= P`` and ``tau < floor(H / P)``, so a fragment's exchange is merged before the next
-fragment's starts: at most one exchange is in flight, and a step with tau = 0 starts and
-merges the same fragment. With P = 1, tau = 0, alpha = 0 this is ``diloco`` with the same
-period, bit for bit (the same payload, the same collective, the same arithmetic in the
-same order; tests/test_streaming_diloco.py).
-
-What is communicated: at the start step of fragment p, one average allreduce of fragment
-p's state (about 1/P of the model), so the peak traffic is 1/P of DiLoCo's and the total
-over H steps equals DiLoCo's. With tau = 0 the allreduce is blocking (as ``diloco``). With
-tau > 0 it is issued asynchronously (``all_reduce_async_``, a SUM divided by N at the merge,
-the same arithmetic as the blocking average on gloo) and waited for at the merge step, so
-the network time overlaps tau steps of computation. Under ``--compress`` the payload is
-the outer gradient theta_p - x_i,p (as ``diloco`` sends it) through the compressor. The
-int8, int4 and topk codes are encoded at the start step and all-gathered in the background
-(``all_reduce_async_(compressed=True)``), so they overlap tau steps as a plain payload does,
-with the blocking call's result bit for bit; bf16, fp16 and powersgd reduce at the start
-step (their reduce is blocking: fp16 may redo an overflowing call, powersgd makes two
-rounds) and the result waits for the merge, the same arithmetic without the overlap. Each
-fragment's allreduce is counted under its own kind, ``allreduce_fragment<p>``
-(``allreduce`` when P = 1, as ``diloco``), which also
-gives each fragment its own error memory in a compressor with error feedback (powersgd,
-int8, int4, topk key their state by kind and size). Hook: ``after_step``.
-
-torchft (the oracle of tests/test_streaming_diloco.py, which runs torchft's own class on a
-gloo world): its ``sync_every`` is our H; its round r ends after ``(r + 1) H / P`` steps
-and syncs fragment ``r mod P`` (our offset_p), its ``prepare_sync`` starts tau steps
-earlier with the pseudo-gradient theta - x, its ``perform_sync`` steps the outer optimizer
-and lerps towards the local copy. Differences: torchft needs H divisible by P (we take the
-floor of the offsets), torchft's fragments are modules the user passes (ours are cut as
-above), torchft sends theta - x where we send x (theta - mean x equals mean (theta - x) up
-to rounding; ``--compress`` sends theta - x as torchft), torchft keeps no buffers in sync,
-and its outer optimizer is any torch optimizer (ours: SGD with Nesterov momentum). Equal
-to float rounding otherwise.
-
-State and checkpoints: theta (fp32, float64 for float64 models) and the momentum of every
-fragment, and the exchange in flight. ``state_dict()`` *finishes* an exchange in flight
-(waits for the allreduce, which every rank has already issued, so nothing new is
-communicated) and stores its averaged result and fragment; ``load_state_dict()`` puts it
-back, to be merged at its step. The merge itself is not moved, so a resumed run equals an
-uninterrupted one bit for bit. ``close()`` waits for an exchange still in flight (its
-result is discarded).
-
-Defaults: period 50, outer lr 0.7 and Nesterov momentum 0.9 as ``diloco``; torchft's
-delay 0 and alpha 0; two fragments, so that any period >= 2 is accepted as it is. The
-paper's overlapped runs use tau >= 1 with alpha = 0.5: set ``delay`` and ``alpha``.
-
-Under ``--fault-tolerant`` it is refused: an exchange in flight across steps would span a
-quorum change between its start and its merge.
-"""
+Hook: ``after_step``. Communication: at fragment p's start step one average allreduce of
+about 1/P of the model (kind ``allreduce_fragment<p>``), asynchronous when tau > 0;
+under ``--compress`` the outer gradient theta_p - x_i,p (int8/int4/topk overlapped too).
+P = 1, tau = 0, alpha = 0 is ``diloco`` bit for bit. ``state_dict()`` finishes an
+exchange in flight and stores its result, so a resumed run equals an uninterrupted one.
+Refused under ``--fault-tolerant``. Decisions and the comparison with torchft in full:
+docs/algorithms/streaming_diloco.md."""
 
 from __future__ import annotations
 

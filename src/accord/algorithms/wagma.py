@@ -15,57 +15,19 @@ Update rule (N workers, groups of S, rounds k = 0, 1, ... are the non-global ste
                                         x_i <- m + w_i (x_i - d_i)       self_weight=mean
     x_i <- optimizer_step(x_i, g_i)
 
-Mixing happens in ``after_backward`` (before the optimizer applies the local gradient),
-the order of the reference optimizer. With uniform weights w_j = 1/S the reference
-formula gives an on-time worker's own model weight 2/(S+1) (the reference code's
-``(sum + own) / 9`` for S = 8); ``self_weight=mean`` is the plain group mean, in which a
-late member's stale deposit is replaced by its current model in its own average.
+Hook: mixing in ``after_backward`` (before the optimizer step, the reference order).
+Communication: per group round one model-size allreduce within the group, a 4-number
+all-gather and, wait-avoiding, store messages to activate the round; per global step one
+model-size allreduce.
 
-Schedule (:func:`butterfly_groups`). K = ceil(log_S N) phases; in phase j, ranks are
-sorted by their base-S digits with digit j moved to the least significant place and cut
-into consecutive groups of S. When N = S^K this is exactly the butterfly (a group = the
-ranks that differ from each other only in digit j) and every model has mixed with all N
-after K consecutive rounds. Other N (decided here): the same sort-and-cut, with a
-trailing group of one merged into the previous group, so every phase still partitions
-the ranks into groups of S (one group may have S + 1 or fewer than S members). Full mixing
-then takes longer than K rounds but never more than 2K - 1 for N <= 64 and S <= 8 (checked
-by the tests; e.g. N = 6, S = 2: 5 rounds instead of 3), and the global average every
-``period`` steps bounds the divergence anyway: prefer N a power of S. Phases rotate with the
-round index, so consecutive group steps cycle through all K phases even across a global
-step. Default S: the largest power of two <= sqrt(N), at least 2 (the reference ran S = 8
-for N = 64).
-
-``period`` (default 11): a blocking global average every ``period`` steps, i.e. after 10
-group steps, the reference's ``LIMITER 10``; it bounds staleness.
-
-``wait_avoiding=True`` (default) runs the group rounds on the background engine
-(:mod:`accord.exchange.background`): after each optimizer step the worker deposits its model; at
-the next step the first member of the round's group to get there activates the round for
-the group, and a runner that must get past a round activates it for that round's group
-too, so any set of slow ranks (a whole group, a chain of slow groups, every rank but one)
-is covered. A member still computing contributes its last deposit (stale, counted in
-``stale_received`` / ``own_stale``) and finds the round complete when it gets there. The
-fast members wait for the group's runner threads only, never for a slow member's
-compute. The global average is the one place where everyone waits for the slowest
-worker: an arrival barrier bounded by ``idle_timeout`` (default 30 min), then the
-allreduce bounded by ``timeout``. A runner is never more than one period ahead of its
-own compute, so at most ``period - 1`` round results wait to be popped, each one
-model-size tensor (``self_weight=reference``) or two (``mean``: the own deposit too).
-``wait_avoiding=False`` is the deterministic synchronous variant (every member
-contributes its current model; replicas are reproducible bit for bit).
-
-``weighting=dynamic`` weighs the group's contributions by fresh progress (see
-:mod:`accord.exchange.background`: a member whose model has not changed after a healthy step for
-s steps weighs ``2 ** (-(s / half_life) ** 2)`` before renormalisation); global averages
-stay uniform. A frozen worker, or one whose gradients are excluded as non-finite, fades
-out under any local optimizer.
-
-Communication: per group round one model-size allreduce within the group plus a
-4-number all-gather of (version, progress, finite, rank) and, when wait-avoiding, one
-short activation message through the job's store to each member that has not started
-the round; per global step one model-size
-allreduce. Float buffers are mixed with the parameters; optimizer state stays local.
-"""
+Decisions (in full: docs/algorithms/wagma.md): the schedule (:func:`butterfly_groups`) is
+K = ceil(log_S N) phases of sort-by-digit-and-cut, a trailing group of one merged into the
+previous group when N is not a power of S; default S the largest power of two <= sqrt(N)
+(at least 2); ``period`` 11 (the reference's ``LIMITER 10``); ``wait_avoiding=True`` runs
+the rounds on :mod:`accord.exchange.background` (a slow member contributes its last
+deposit), the global average waits for everyone (``idle_timeout``, then ``timeout``);
+``weighting=dynamic`` fades members without fresh progress; float buffers are mixed with
+the parameters, optimizer state stays local."""
 
 from __future__ import annotations
 

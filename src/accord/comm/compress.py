@@ -1,201 +1,32 @@
 """Payload compression for sum/avg allreduces: half-width casts, PowerSGD, int8/int4, top-k.
 
 A :class:`Compressor` turns one in-place allreduce of a flat tensor into one or two
-allreduces of a smaller payload. It is written over a *reduce primitive*::
+allreduces (or one all-gather) of a smaller payload. It is written over primitives the
+caller passes, so it knows nothing of process groups::
 
-    reducer(x)   # in-place SUM allreduce of the contiguous tensor x over the group,
-                 # e.g. lambda x: dist.all_reduce(x, group=g); its return value is ignored
-
-and, for the schemes whose wire codes cannot be summed (int8, int4, topk), a *gather
-primitive*::
-
-    gather(x)    # all-gather of the contiguous 1-D tensor x (uint8 here) over the group:
-                 # returns a (world_size, x.numel()) tensor, row w from group rank w
-
-so it knows nothing of process groups, and the :class:`~accord.comm.Communicator` can call it
-from ``all_reduce_``::
-
+    reducer(x)   # in-place SUM allreduce of the contiguous tensor x over the group
+    gather(x)    # all-gather of the 1-D uint8 tensor x: (world_size, x.numel()), row w from rank w
     nbytes = compressor.all_reduce_(t, reducer, gather=gather, op=op, world_size=N,
                                     key=f"{kind}:{t.numel()}")
-    stats.record(kind, nbytes, seconds)
 
-``all_reduce_`` reduces ``t`` in place (the result in ``t``'s dtype) and returns the payload
-bytes this rank handed to ``reducer``: bytes as sent, on the wire dtype, summed over the
-reductions the call made (a fallback counts both attempts). With one rank there is nothing
-to send and the caller should not compress (PowerSGD would still replace ``t`` by its
-approximation). One compressor serves one Communicator; calls from two threads (the
-background exchange) must use different keys.
+``all_reduce_`` reduces ``t`` in place and returns the payload bytes this rank sent (on the
+wire dtype, every attempt counted). Schemes (``--compress``):
 
-Schemes (``--compress``):
+* ``bf16``, ``fp16``: cast, SUM in 16 bits, cast back; fp16 carries a power-of-two scale
+  per call site and redoes an overflowing call in float32. Error per element at most
+  ``gamma_{N+1} sum_w |y_w| + N tiny / s`` (:func:`error_bound`).
+* ``powersgd[:R]``: rank-R PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019, arXiv
+  1905.13727) of the buffer viewed as a near-square matrix, with *local* error feedback.
+* ``int8``, ``int4``: nearest-rounded codes under one float32 scale per block of
+  :data:`BLOCK` elements, error feedback, all-gathered and summed in float32 in rank order.
+* ``topk[:F]``: SparseLoCo's codec (Sarfi et al., arXiv 2508.15706): per chunk of
+  :data:`TOPK_CHUNK` the k largest entries as int16 indices and int8 values, plain error
+  feedback.
 
-``none``
-    one reduction of ``t`` as it is.
-
-``bf16``, ``fp16``
-    cast to 16 bits, reduce, cast back: half the bytes of float32. For ``avg`` the payload
-    is divided by N *before* the cast (the sum of N payloads is then the mean: no growth
-    of the range). The reduction adds 16-bit numbers in 16 bits (gloo's float16 and
-    bfloat16 sums round every addition to the payload dtype), so there is no float32
-    accumulation on the wire: that would need a reduce with a widening combine, or an
-    all-gather of N payloads, which a SUM primitive does not give. We accept the rounding
-    and bound it (below). ``fp16`` has 5 exponent bits (largest value 65504, smallest
-    normal 2^-14), so it carries a power-of-two scale per call site: the payload is
-    multiplied by ``2^e`` before the cast and divided after, ``e`` chosen from the previous
-    result of that call site (identical on every rank, since every rank holds the same
-    reduced result) to put its largest magnitude at ``2^(15 - h)``, ``h`` a headroom of
-    ``4 + ceil(log2 N)`` binades for partial sums larger than the result (cancellation). The
-    first call uses ``e = 0``. Overflow guard: after the reduction one max-abs of the
-    (identical) result is read on the host; if it is not finite -- a payload element or a
-    partial sum passed 65504 -- the call is redone in float32 (both reductions counted:
-    2 + 4 bytes per element) and the result is the float32 one; the next call's scale comes
-    from it, and if the overflow happened under a scale already set from a result, ``h``
-    grows by 4 (capped at 30) for the calls after. So no inf is ever returned for finite
-    inputs. The price of one scale per buffer: the elements more than about 29 - h binades
-    below the largest fall under fp16's normal range and keep an absolute, not relative,
-    accuracy (the ``tiny / s`` term of the bound below). ``bf16`` has float32's
-    exponent range and needs neither scale nor guard (and makes no host read).
-
-``powersgd`` (rank ``r``, default 4)
-    Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for
-    Distributed Optimization", NeurIPS 2019, arXiv 1905.13727; with error feedback.
-    Why low rank rather than top-k: PowerSGD's payloads (P and Q) are dense and *summable*,
-    so it runs on the same SUM allreduce as every other call, with a payload size fixed by
-    the shape; top-k selects different coordinates on every rank, which a sum cannot merge:
-    it needs an all-gather of values and indices (N times the received bytes, growing with
-    N) and a primitive the Communicator's reduce path does not have.
-
-    The flat buffer of n elements is viewed as a matrix of ``rows x cols``,
-    ``cols = ceil(sqrt(n))``, ``rows = ceil(n / cols)``, zero-padded at the end. This ignores
-    layer structure (the paper reshapes each layer's weight to ``out x in``): the
-    Communicator sees only flat buffers, and a square view of a concatenation of layers is
-    still a matrix whose leading singular directions carry most of a gradient's energy
-    (neighbouring rows are neighbouring slices of the same layers); the squarest shape also
-    gives the most compression, ``(rows + cols) r`` numbers for ``rows cols``. Error
-    feedback corrects whatever the rank-r view misses over later steps. A buffer with
-    ``(rows + cols) r >= n`` is sent uncompressed (as ``none``).
-
-    One call on rank w, with error memory e_w and warm-start Q of this call site::
-
-        M_w   = x_w + e_w                     (rows x cols, float32; float64 stays float64)
-        P     = sum_w M_w Q                   reducer(P): rows x r
-        P^    = orthonormal basis of P        reduced QR (Householder), identical on all ranks
-        Q_w   = M_w^T P^                      this rank's own contribution
-        e_w  <- M_w - P^ Q_w^T                local error memory (before Q is reduced)
-        Q     = sum_w Q_w                     reducer(Q): cols x r
-        out   = P^ Q^T  (sum),  P^ Q^T / N  (avg); Q is kept as the next call's warm start
-
-    Bytes: ``(rows + cols) * r * 4`` per call (float32). Q starts from a Gaussian drawn from
-    a generator seeded by ``seed`` and the call site's key, the same on every rank.
-
-    Error feedback, the definition: the paper's Algorithm 2 memorises the *local* error
-    ``e_w = Delta_w - decompress(compress(Delta_w))`` with ``decompress = P^ Q_w^T``, this
-    rank's own contribution under the shared P^; that is what is implemented. The paper's
-    released code and torch's ``powerSGD_hook`` subtract the *aggregated* approximation
-    instead (``e_w = M_w - P^ Q^T / N``). The two give the same outputs in exact arithmetic:
-    the output depends on the M_w only through their mean, and the mean of the memories is
-    ``(I - P^ P^^T) mean_w M_w`` either way. They differ in what each rank carries: the
-    local memory is an orthogonal projection of M_w, so ``||e_w|| <= ||M_w||``, while the
-    aggregated form also accumulates the rank's deviation from the mean, ``M_w - mean M``,
-    summed over all past steps (a random walk that grows without bound). With the local
-    form, the identity that tests check is exact::
-
-        sum_k out_k = sum_k (1/N) sum_w x_wk - (1/N) sum_w e_wK      (avg; sum: without 1/N)
-
-    so the compressed sequence stays within ``||mean_w e_wK||`` of the true one, a bounded
-    quantity, where without error feedback the gap is a sum of K residuals.
-
-``int8``, ``int4`` (blocks of 128 elements, nearest rounding, error feedback)
-    Each block of ``BLOCK = 128`` consecutive elements of the error-compensated payload
-    ``v = x + e`` gets one float32 scale ``s = max_block |v| / L`` (``L = 127`` int8,
-    ``L = 7`` int4: symmetric, zero exact) and codes ``q = round(v / s)`` in ``[-L, L]``;
-    int4 packs two codes per byte (``q + 8`` in the low, then the high nibble). Why 128:
-    the scale costs ``4 / 128`` bytes per element (3% of the int8 codes, 6% of the int4
-    ones) and an outlier coarsens only its own 127 neighbours (a block lies within one
-    layer for all but the layers' seams of the flat buffer). Why nearest, not stochastic
-    rounding: stochastic rounding is unbiased, but error feedback already returns the
-    bias (the residual is sent at the next call), so unbiasedness buys nothing here,
-    while it doubles the worst-case error (``s`` instead of ``s / 2``), adds variance and
-    needs a per-(seed, rank, step) generator in the state; nearest rounding is
-    deterministic with no state but the residual. Round trip, elementwise::
-
-        |v - s q| <= s / 2   (plus the float32 rounding of the product, relative 2^-24)
-
-    Wire: the codes are not summable (each rank has its own scales; a sum of int8 codes
-    overflows), so instead of the SUM reducer these schemes use an *all-gather* primitive
-    (``gather(x)``, below) on one uint8 buffer per call: every rank's scales and codes
-    (``4 ceil(n / 128)`` + ``n`` bytes int8, + ``ceil(n / 2)`` int4), decoded on every
-    rank and summed in float32 (float64 payloads: float64) in rank order 0..N-1, so
-    every rank gets the same result bit for bit (fp32 accumulation: nothing is added in
-    8 or 4 bits). Both gloo and nccl have an all-gather of uint8; gloo's reduce-scatter
-    does not cover every dtype, and a reduce-scatter + all-gather of *quantised* shards
-    would round twice (the reduced shard is quantised again by its owner), with the second
-    residual owned by one rank. The price: each rank receives N - 1 payloads, so the
-    traffic per rank grows with N where a ring allreduce's does not; at N = 8 an int8
-    all-gather moves about the bytes of a float32 ring allreduce (7 x 1.03 vs 2 x 7/8 x 4),
-    int4 about half of them. Bytes counted: this rank's buffer, the payload it hands to the
-    all-gather (as :meth:`accord.comm.Communicator.all_gather` counts).
-
-``topk[:FRACTION]`` (default 1/64, error feedback)
-    The sparse + quantised codec of SparseLoCo (Sarfi, Therien, Lidin, Belilovsky,
-    "Communication Efficient LLM Pre-training with SparseLoCo", arXiv 2508.15706): the
-    error-compensated payload ``v = x + e`` is cut into chunks of ``TOPK_CHUNK = 4096``
-    elements (the whole buffer if shorter); each chunk sends its ``k = max(1,
-    round(FRACTION chunk))`` entries of largest magnitude, as chunk-local int16 indices and
-    int8 values under one float32 scale per chunk (``s = max_chunk |v| / 127``); the rest,
-    and the rounding of what is sent, stays in ``e`` for the next call. A fixed k per
-    chunk makes every rank's buffer the same size, which an all-gather needs, and bounds
-    the indices to 16 bits. Every rank scatter-adds every rank's values into a float32
-    vector in rank order (as above). Differences from the paper, and why: int8 values
-    where the paper uses 2 bits (the indices, 2 bytes, dominate the 3 bytes per kept
-    entry; 2-bit values would save a quarter of the bytes for a 40x coarser value), and
-    plain error feedback (``e <- v - sent``) where the paper decays it (``e <- beta e +
-    Delta``, beta < 1, which also stands in for the outer momentum): the plain form keeps
-    the telescoping identity below exact and leaves momentum to the algorithm (DiLoCo's
-    outer Nesterov). Round trip: ``|v - decoded| <= s / 2`` on the kept entries, and a
-    dropped entry is at most the chunk's k-th largest magnitude. Bytes: ``ceil(n / c) (4 +
-    3 k)``, ``c`` the chunk.
-
-    ``int8``, ``int4`` and ``topk`` send a buffer whose coded size would not be smaller
-    than its plain one (a handful of elements) uncompressed, as ``none``. Their error
-    memory ``e_w`` is this rank's residual ``v_w - decoded(v_w)``, so the identity
-    PowerSGD's section states holds for them too (``sum_k out_k = sum_k mean_w x_wk -
-    mean_w e_wK``, avg): the compressed sequence stays within one call's error of the
-    true one. Like PowerSGD they suit gradients (the outer gradient of DiLoCo, gradient
-    averaging), not parameters: the error of a block scale is relative to the block's
-    largest *parameter*, it does not shrink as training converges, and local SGD with its
-    average sent as a compressed difference from the last synchronised model is DiLoCo
-    with ``outer_lr = 1``, ``outer_momentum = 0``.
-
-Half-width error bound (``bf16``, ``fp16``), elementwise, for N ranks contributing
-``y_w`` (``x_w`` for sum, ``x_w / N`` for avg), ``u`` the unit roundoff (2^-8 bf16, 2^-11
-fp16), ``gamma_k = k u / (1 - k u)``, ``s`` the fp16 scale, ``tiny`` the smallest
-subnormal (2^-24 fp16, 2^-133 bf16)::
-
-    |out - sum_w y_w| <= gamma_{N+1} sum_w |y_w|  +  N tiny / s            (error_bound())
-
-Each y_w is rounded once to 16 bits (relative u, or absolute tiny/2 in the subnormal range),
-and the reduction adds the N rounded values with N - 1 roundings, in any order (ring or
-tree): the classical bound for recursive summation; the extra 1 in N+1 absorbs the float32
-division by N. Casting back to float32 is exact; a narrower ``t`` rounds once more on the
-copy. One tensor through one rank (a round trip) is within ``u |x|``. So bf16 keeps about
-2-3 significant digits of a sum of N terms relative to ``sum |y_w|``, fp16 about 3 (for
-N = 8: gamma_9 = 3.6% bf16, 0.44% fp16); a sum of terms that cancel loses relative accuracy
-in proportion to ``sum |y_w| / |sum y_w|``.
-
-What compression is for, and what it must not touch: model-size payloads, gradients and
-parameters, reduced with op ``sum`` or ``avg`` (``all_reduce_`` refuses any other op). Small
-numbers that decisions or weights are computed from must stay exact and the caller routes
-them uncompressed: ACGA's coefficients (Gram matrix entries, norms), push-sum weights,
-scalars appended to a buffer, and every max/min reduction.
-
-State: the error memories, the warm-start Q and the fp16 scales live per call site, under the
-key the caller passes (the Communicator: ``kind`` plus numel), in the compressor;
-``state_dict()`` / ``load_state_dict()`` carry them through checkpoints (the int8, int4 and
-topk error memories alike, under ``"error"``). Q and the fp16
-scale are computed from reduced results and so are identical on every rank (bit for bit
-on one build and hardware; ranks on different BLAS builds could differ in QR's last bits);
-the error memories are per rank.
-"""
+Decisions: only ``sum``/``avg`` of model-size payloads are compressed (coefficients,
+norms, weights and max/min stay exact, routed by the caller); error memories, PowerSGD's
+warm start and fp16 scales are kept per call-site key and travel in ``state_dict()``.
+The arithmetic of each scheme, the bound and the reasons: docs/design/compression.md."""
 
 from __future__ import annotations
 

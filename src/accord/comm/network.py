@@ -1,97 +1,28 @@
 """Emulated networks: the time a communication call would take on a given link.
 
-``accord train --network 1gbit,5ms`` runs every worker as if it were on a 1 Gbit/s
-network with 5 ms latency: each communication call takes at least the time the emulated
-link needs for it, computation is not slowed, so time-to-accuracy measured on one machine
-is the one the algorithm would reach on that network. This module is the pure model (no
-process group): :func:`parse_network` reads the ``--network`` text into a :class:`Link`,
-:meth:`Link.seconds` gives an operation's cost, and :func:`wait_for` pads a finished call
-to that cost. Everything here is immutable or locked, so the background exchange thread
-may call it concurrently with the compute thread.
+``accord train --network 1gbit,5ms`` runs every worker as if it were on that link: each
+communication call takes at least the emulated link's time for it, computation is not
+slowed. This module is the pure model (no process group): :func:`parse_network` reads the
+``--network`` text into a :class:`Link`, :meth:`Link.seconds` gives an operation's cost,
+:func:`wait_for` pads a finished call to that cost (never shortens one), and
+:class:`Network` / :func:`load_network_profile` give rank pairs their own links
+(``--network-profile``, schema :data:`PROFILE_SCHEMA`). Everything here is immutable or
+locked, so the background exchange thread may call it concurrently.
 
-The cost model is the alpha-beta (Hockney) model: a message of ``m`` bytes costs
-``alpha + m beta`` with ``alpha`` the link latency in seconds and ``beta = 1/bandwidth``
-seconds per byte. Each collective costs what the algorithm a backend uses for the large
-buffers of data-parallel training costs, from R. Thakur, R. Rabenseifner, W. Gropp,
-"Optimization of Collective Communication Operations in MPICH", IJHPCA 19(1), 2005,
-and for allreduce the bandwidth-optimal ring (reduce-scatter then all-gather; Patarasuk
-and Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC
-2009) of Baidu's ring-allreduce and Horovod, which gloo and NCCL also run on large
-buffers. With ``N`` ranks in the group and ``M`` payload bytes:
+Cost model: alpha-beta (alpha the latency, beta = 1/bandwidth), per Communicator method,
+N ranks, M payload bytes, R bytes received (0 when N == 1)::
 
-==================  =================================  ===================================
-op                  Communicator method                seconds
-==================  =================================  ===================================
-``allreduce``       ``all_reduce_``,                   ``2 (N-1) alpha + 2 (N-1)/N M beta``
-                    ``all_reduce_async_``              (ring: N-1 rounds of reduce-scatter
-                                                       and N-1 of all-gather, M/N each)
-``allgather``       ``all_gather``                     ``(N-1) alpha + (N-1) m beta``, m =
-                                                       this rank's contribution (ring);
-                                                       ``alpha + 2 m beta`` at N = 2
-``broadcast``       ``broadcast_``                     ``ceil(log2 N) (alpha + M beta)``
-                                                       (binomial tree)
-``send``, ``recv``  ``send``, ``recv_``                ``alpha + M beta`` (one message)
-``exchange``        ``exchange_``                      ``alpha + (M + R) beta``
-``multi_exchange``  ``multi_exchange_``                ``alpha + max(M, R) beta``;
-                                                       ``alpha + (M + R) beta`` with one
-                                                       peer
-==================  =================================  ===================================
+    allreduce       all_reduce_(_async_)  2 (N-1) alpha + 2 (N-1)/N M beta     (ring)
+    allgather       all_gather            (N-1) (alpha + m beta); alpha + 2 m beta at N = 2
+    broadcast       broadcast_            ceil(log2 N) (alpha + M beta)        (binomial tree)
+    send, recv      send, recv_           alpha + M beta
+    exchange        exchange_             alpha + (M + R) beta
+    multi_exchange  multi_exchange_       alpha + max(M, R) beta; alpha + (M + R) beta, 1 peer
 
-Every op costs 0 when ``N == 1``. ``M`` is what the Communicator counts as payload bytes
-(the buffer for allreduce, the own contribution for all_gather, the message for send),
-except where the Communicator counts 0 although the wire carries data: ``recv`` costs
-the received tensor's bytes, and ``broadcast`` costs the buffer's bytes on every rank
-(the Communicator counts them on the source only). ``R`` is the bytes received.
-
-- ``exchange`` (and ``multi_exchange`` or the N = 2 all-gather, whose only peer is the one
-  it both sends to and receives from): the send and the receive with one peer do *not*
-  overlap on gloo, although the link is full duplex, so both messages count. Measured on
-  links shaped with ``tc`` between network namespaces (``benchmarks/network_calibration.py``,
-  :mod:`accord.run.testbed`): an exchange of 1 MB each way took 1.94-2.09x the time of one
-  direction at 10 and 100 Mbit/s and N = 2-4, while two raw TCP streams in opposite
-  directions each ran at full speed; the N = 2 all-gather took 1.57-1.66x one direction
-  (partly overlapped: the sum charges it 0.8x), the N = 2 allreduce 1.07-1.13x (gloo
-  overlaps there, and the ring formula holds).
-- ``multi_exchange``: every send and receive of a step is posted at once from one network
-  interface. Sends share its outgoing side, so they cost their total ``M``; receives
-  arrive in parallel on its incoming side, costing their total ``R``; the two directions
-  overlap (full duplex), and all messages start together, so one ``alpha``. A batch that
-  posts nothing is no communication and is not waited for (the caller skips it).
-- The operation is chosen by the Communicator *method*, not by its free-form ``kind``
-  label (``gossip``, ``initial_broadcast``, ``meta``, ...).
-
-Calibration (``benchmarks/network_calibration.py``, one rank per namespace, 40 kB and 1 MB,
-10 and 100 Mbit/s, N = 2-4): allreduce, ring all-gather (N >= 3), send/recv, broadcast at
-N = 2 and 4, multi_exchange over a ring of distinct peers, and the background engine's
-rounds are within 4-13% of these formulas for 1 MB; the real calls are 4-5% slower than
-the formulas at every size, which is TCP/IP's header overhead (1448 payload bytes per
-1514-byte frame), left out so that ``--network 1gbit`` means a 1 Gbit/s payload rate.
-Small messages at 100 Mbit/s take 1.5-3.9x their formula on the testbed: several
-milliseconds per ring step that are the 2 shared cores' scheduling of N processes, not
-the network, so no per-message cost was added for them. Broadcast at N = 3 took one round,
-not the binomial tree's two, because the testbed gives every pair of hosts a link of its
-own and the root sends to both children at once; on hosts with one network interface
-each, the formula's rounds hold.
-
-What the model leaves out, on purpose: backends pick latency-optimal algorithms for small
-messages (recursive doubling, ``ceil(log2 N) alpha``), so small allreduces are charged more
-latency than on a real cluster; broadcast of a large buffer (scatter + all-gather) would
-cost about ``2 M beta`` instead of ``log2 N M beta``; contention between concurrent calls
-of one rank (the background exchange thread and the compute thread) is not modelled.
-
-A per-rank-pair profile (``--network-profile FILE``) gives some pairs a link of their own
-(:class:`Network`, :func:`load_network_profile`); its schema, :data:`PROFILE_SCHEMA`
-(:mod:`accord.schema`), is the one the reader checks: ``default`` a link, ``links`` a list of
-``{"ranks": [a, b], "link": ...}`` with two distinct ranks >= 0, each pair once, no other
-field; a file that is not UTF-8 JSON, nests deeper than ``accord.schema.MAX_DEPTH`` or
-breaks the schema is refused in one line naming the option, the file and the field. A
-collective is as slow as its slowest link among the group's ranks (the maximum of the
-per-link costs); a point-to-point call uses the link between the two ranks, and
-``multi_exchange`` the slowest link from this rank to any of its peers.
-
-The emulated time is a lower bound: :func:`wait_for` sleeps only for what is left of the
-cost after the real call returned; a call that already took longer is not shortened.
-"""
+A collective is as slow as the slowest link among its ranks; a point-to-point call uses
+the link between the two ranks. Decisions (why one peer's two directions add up on gloo,
+what is left out, the calibration against real shaped links): docs/guides/networks.md and
+docs/results/networks.md."""
 
 from __future__ import annotations
 

@@ -1,100 +1,34 @@
 """The background exchange engine: group rounds that never wait for a slow worker's compute.
 
-Wait-avoiding WAGMA and asynchronous EASGD share one mechanism. Each worker runs a
-*runner* thread that executes numbered rounds on process groups of its own (never the
-training loop's), and a *listener* thread that receives activation messages. Round ``k``
-is a weighted mean, over a group of ranks (the world, or a WAGMA butterfly group), of the
-model each member last *deposited*::
+Wait-avoiding WAGMA and asynchronous EASGD share it. Each worker runs a *runner* thread
+that executes numbered rounds, in order, on process groups of its own, and a *listener*
+thread that receives activation messages. Round ``k`` is a weighted mean, over a group
+(the world or a WAGMA butterfly group), of the model each member last *deposited*::
 
     compute thread                        runner thread (rounds 0, 1, 2, ... in order)
-    --------------                        -------------------------------------------
     engine.note(healthy) every step       wait until target >= k      (never times out)
-    engine.deposit(x, version)
-    engine.request(k)   -> target >= k    activate k: a message to every member of
-    r = engine.wait(k)                      round k's group that has not started it
-                                          snapshot the newest deposit
-                                          all-gather (version, progress, finite, rank)
-                                          weights w_j (uniform or dynamic)
-                                          allreduce of w_own * deposit  -> mean
-                                          hand the result to the algorithm
+    engine.deposit(x, version)            activate k for round k's whole group
+    engine.request(k)                     all-gather (version, progress, finite, rank)
+    r = engine.wait(k)                    allreduce of w_own * deposit -> the algorithm
 
-Activation rule: a rank's *target* is the highest round that its own compute requested
-or that any peer has started (a peer that starts round j sends j to the members of its
-round-j group). The runner executes every round up to its target, in order, and when it
-starts a round it activates that round for its whole group. So a thread that must get
-past round k activates every round before k for the groups it meets on the way, whatever
-the number and placement of slow ranks.
+Contract:
 
-Why it cannot deadlock (and never waits for compute). Claim: a runner that starts round
-k completes it, given live peers. By induction on k. The runner of rank r starting round
-k has sent k to every member m of its group G; so m's target is >= k. m's runner executes
-rounds in order up to its target; each earlier round j < k that m starts completes by
-the induction hypothesis, so m starts round k too, and the collective over G has all its
-members. A group's collectives on its own process group happen in increasing round order
-on every member (each runner runs every round, in order), so they match. No step of this
-argument involves a compute thread: a member still computing takes part through its
-runner with the model it deposited last (stale, never lost, never waited for). The
-compute thread's ``wait(k)`` therefore waits only for runner threads, which answer within
-a few message round trips; the one place where everyone waits for everyone's compute is
-the algorithm's blocking global step (WAGMA's global average), which uses
-:meth:`ExchangeEngine.arrive` first.
-
-Idle is not failure. The listener's wait for messages and the runner's wait for
-activation never time out: a long period, a long evaluation or a slow start are idle
-gaps, not faults. Activation messages travel through the job's key-value store (the
-TCPStore that torchrun or ``init_process_group`` set up), on a connection of the
-engine's own with no timeout, because a gloo receive cannot be polled, woken, or told
-that its peer died. A collective that has started (the round's all-gather and
-allreduce, on gloo groups created with the run's ``timeout``) does time out: a peer that
-dies mid-round fails the run within ``timeout``. :meth:`ExchangeEngine.arrive` (a barrier
-on a group created with ``idle_timeout``) bounds a wait for a peer's compute instead.
-
-Failure signals (what each worker publishes in every round, and how weights follow):
-
-* ``version``: the compute step at which it deposited the model it contributes.
-* ``progress``: the last round whose contribution was *fresh progress*: a deposit made
-  after at least one healthy step (``healthy=True``: the loop did not exclude the step's
-  gradient as non-finite) and different from the previous deposit. A frozen worker
-  re-depositing the same model, a worker whose gradients are all excluded, and a worker
-  whose compute hangs (no new deposit) all stop making progress, whatever the optimizer
-  (momentum or weight decay still move an unhealthy worker's model, which is why health
-  is reported by the worker itself and not inferred from the model).
-* ``finite``: whether the deposit is finite.
-
-A member's staleness is ``(k - progress) * steps_per_round`` steps. ``uniform`` weighs
-every member 1/S; ``dynamic`` weighs member j by ``finite_j * 2 ** (-(s_j / half_life)
-** 2)``, renormalised over the members with a nonzero weight (all zero: the round keeps
-the local model). The Gaussian fall-off (designed here; arXiv 2409.09242 motivates
-dynamic weighting but gives no formula we could verify) keeps the ordinary jitter of a
-slow-but-alive worker (s below half_life: weight above one half) nearly unpenalised and
-cuts a failed one fast: at 2 half-lives its raw weight is 1/16, at 3 half-lives 1/512.
-
-Devices. The runner works on host copies over gloo, whatever the model's device: a
-deposit is copied to (pinned) host memory, round results stay there, and the algorithm
-moves what it uses back to the parameters' device. A GPU model therefore pays one
-device-to-host copy per deposit and one host-to-device copy per result it uses; the
-freshness comparison of a deposit runs on its host copy. Inline (the synchronous
-variants), :func:`group_round` reads nothing back to the host: weights, staleness and
-validity stay tensors on the round's device, and a result's lists are read only when
-asked for (metrics).
-
-Memory. The engine holds two model-size buffers (the deposit and the round's snapshot)
-plus what the algorithm keeps per round through ``on_round``: results nobody collects
-are never stored (asynchronous EASGD keeps none; WAGMA keeps one or two model-size
-tensors per round until its compute pops it, at most ``period - 1`` rounds, because the
-blocking global average stops any runner from running more than one period ahead of its
-compute).
-
-Shutdown. :meth:`ExchangeEngine.close` is local: the runner finishes every round up to
-its target (every rank runs exactly the rounds the computes requested, so no peer needs
-it afterwards), then both threads leave; the listener is woken by a stop message the
-engine sends itself. ``close(abort=True)`` (also chosen automatically when an exception
-is propagating) stops without finishing rounds: the runner leaves at once unless it is
-inside a collective, which ends within ``timeout`` (done, or failed because the peer is
-gone). No thread is left blocked on a process group after close returns (the engine's
-groups are destroyed with the default group). A failure in a thread is re-raised in the
-compute thread at its next call, naming the round.
-"""
+* Activation: a rank's target is the highest round its compute requested or any peer
+  started; a runner that starts round k activates it for its group. By induction on k,
+  a runner that starts a round completes it given live peers, and no step waits for a
+  compute thread (the argument in full: docs/design/exchange.md). The only wait for
+  everyone's compute is the algorithm's blocking global step, after :meth:`ExchangeEngine.arrive`.
+* Idle is not failure: waiting for activation never times out (messages go through the
+  job's store); a started collective times out after ``timeout``; ``arrive`` is bounded
+  by ``idle_timeout``.
+* Weights: ``uniform`` (1/S) or ``dynamic``: ``finite_j * 2 ** (-(s_j / half_life) ** 2)``,
+  s_j the steps since j's last fresh progress (a changed deposit after a healthy step),
+  renormalised (all zero: the round keeps the local model).
+* Devices and memory: rounds run on host copies over gloo; the engine holds two
+  model-size buffers plus what the algorithm keeps per round (:meth:`ExchangeEngine.pop`).
+* :meth:`ExchangeEngine.close` is local and leaves no thread behind; ``abort=True`` (or an
+  exception in flight) stops without finishing rounds. A thread's failure is re-raised in
+  the compute thread at its next call, naming the round."""
 
 from __future__ import annotations
 

@@ -1,44 +1,18 @@
 """``accord train --fault-tolerant``: the launcher and the worker loop on
 :mod:`accord.ft.membership`.
 
-Launcher (:func:`ft_launch`, the process that ran ``accord train``):
-
-1. starts the torchft Lighthouse in-process (``min_replicas`` = ``--min-workers``);
-2. starts N workers (``python -m accord train ...`` with ``ACCORD_FT_REPLICA=i`` and
-   ``ACCORD_FT_LIGHTHOUSE``; no ``RANK``/``WORLD_SIZE``: each worker is its own replica
-   group and joins a gloo default group of one, so the aggregators are built as usual);
-3. a start barrier: each worker writes ``logs/ft-ready-<i>`` once its Manager is up and
-   waits for ``logs/ft-go``, which the launcher writes when all N are ready (or one died,
-   or the start timeout passed), so the first quorum has every worker;
-4. watches: a dead worker does not stop the others; with ``--respawn`` it is replaced
-   once per death (same index, at most ``--respawn K`` replacements over the run, none
-   once a worker has finished);
-   a worker whose heartbeat file is older than the step deadline (``--idle-timeout``) is
-   killed as hung. The run ends when every worker process has exited; every wait is
-   bounded: a worker still alive ``END_GRACE_S`` after another finished every step is
-   stopped (``stopped`` event; e.g. a replacement that started too late to join), and
-   the run stops at once when fewer than ``--min-workers`` are alive with no respawn left;
-5. writes ``metrics.jsonl`` (a fixed writer: the launcher) from the workers' own files
-   ``logs/ft<i>.jsonl``: the header, the step records (each written by the worker of
-   quorum rank 0 of that committed step), the membership timeline (``membership``
-   events, merged over the workers, one per change), the discarded steps
-   (``discarded`` events, one per worker and step), the launcher's ``worker_exit`` and
-   ``respawn`` events, and the summary (``discarded_steps``, ``participants`` at the end).
+Launcher (:func:`ft_launch`): starts the torchft Lighthouse in-process; starts N workers
+(``ACCORD_FT_REPLICA=i``, each its own replica group in a gloo world of one); holds them
+at a start barrier so the first quorum has every worker; watches them (a dead worker does
+not stop the others; ``--respawn`` replaces it; a worker silent past ``--idle-timeout`` is
+killed as hung; every wait is bounded); and writes ``metrics.jsonl`` from the workers'
+``logs/ft<i>.jsonl`` (step records, membership timeline, discarded steps, summary).
 
 Worker (:func:`ft_worker_main`): the one loop of every launch mode
-(:func:`accord.run.loop.run_loop`, the same step function, faults and liveness), with the
-torchft membership and the worker's records of :mod:`accord.ft.loop`: the step is the
-committed step of the quorum; ``ft.refresh`` points the aggregator at the current quorum;
-the record's collectives go through a second :class:`accord.ft.membership.FTCommunicator` inside
-the step (a failure discards the step). A worker that joins late (respawned) skips its
-data stream to the live step. Divergence is the local loop's: the participants agree on
-it by a MAX inside the step, stop at that committed record and exit 3, and the summary
-says ``diverged`` (``diverged_step``, ``diverged_reason``).
-
-Signals, exit codes, the summary and the lock are the local launcher's
-(:mod:`accord.run.launch`): SIGINT or SIGTERM stop every worker and end the run ``interrupted``
-(exit 130); the lock ``OUT/.accord.lock`` is released however the run ends.
-"""
+(:func:`accord.run.loop.run_loop`) with the torchft membership of :mod:`accord.ft.loop`;
+a late joiner skips its data stream to the live step; divergence is agreed inside the
+step. Signals, exit codes, the summary and the lock are the local launcher's. In full:
+docs/design/fault-tolerant-runs.md."""
 
 from __future__ import annotations
 

@@ -2,89 +2,23 @@
 
 A Lighthouse (:func:`start_lighthouse`, in the launcher's process) decides a quorum before
 every step; each worker runs a torchft ``Manager`` with a reconfigurable gloo process group
-(:class:`FTWorker`). An algorithm communicates through :class:`FTCommunicator`, which has
-the interface of :class:`accord.comm.Communicator` and whose ``world_size`` and ``rank`` are
-the *current* quorum's. A step is bracketed by :meth:`FTWorker.begin` (the quorum, a
-joiner's recovery, membership bookkeeping) and :meth:`FTWorker.end` (``should_commit``: a
-step in which any collective failed, or with fewer than ``min_replicas`` participants, is
-discarded and the pre-step snapshot of the worker's state is restored). A worker that
-joins (late, or respawned with the same replica id) receives the state of a live peer
-through torchft's checkpoint transport (HTTP) before its first step; at step 0 every
-worker but one does, so the replicas start identical (what the initial broadcast of
-:class:`accord.core.Aggregator` does in a fixed world).
+(:class:`FTWorker`). An algorithm communicates through :class:`FTCommunicator` (the
+interface of :class:`accord.comm.Communicator`; ``world_size`` and ``rank`` are the current
+quorum's; point-to-point calls refused). A step is bracketed by :meth:`FTWorker.begin`
+(quorum, a joiner's recovery from a live peer, membership bookkeeping) and
+:meth:`FTWorker.end` (``should_commit``: a step in which a collective failed, or with
+fewer than ``min_replicas`` participants, is discarded and the pre-step state restored).
 
-What torchft's gloo process group can do (torchft 0.2.0, CPU): allreduce (the only
-operation the ``Manager`` wraps: errors are reported to it and the step is discarded, and
-``avg`` divides by the participants), allgather and broadcast (the process group wraps
-gloo's; :class:`FTCommunicator` reports their errors to the Manager the same way), send
-and recv (gloo's, unused here), no reduce_scatter. :class:`FTCommunicator` refuses
-point-to-point calls: a peer schedule drawn for one world means nothing in the next.
-``--compress`` and ``--network`` are refused (not wired).
-
-Membership rules (what an algorithm does when the participants change between steps; N
-is the number of participants of the current step, read at every :meth:`FTWorker.begin`,
-and every replicated quantity (DiLoCo's outer model, EASGD's centre) is consistent
-because every participant ends a committed step with the same value, a discarded step is
-rolled back on every survivor, and a joiner receives it with the peer's state). Each
-algorithm declares its rule on its class (``Aggregator.fault_tolerant``, one line; None
-refuses it with ``ft_refusal``); ``accord list`` shows them. The built-in ones::
-
-    allreduce    mean over the participants (the Manager's avg divides by N)
-    normalized   1/N over the participants
-    acga         a, c and the sorted momentum m have length N: when N changes the
-                 momentum restarts (m = sort(a) of that step, as at step 0; the
-                 algorithm's own shape check does it, with a warning)
-    local_sgd    model average over the participants; the period counts committed steps
-    diloco       theta and the outer momentum are replicated and travel with the state;
-                 delta = theta - mean over the participants
-    easgd        beta (the centre's moving rate) is kept, alpha = beta / N follows N (a
-                 given alpha is turned into beta = alpha * N_launch at the start); the
-                 centre is replicated (rolled back with a discarded step, received by a
-                 joiner). Synchronous only. weighting=dynamic: the weights are computed over
-                 the participants of each exchange (renormalised over the survivors);
-                 a joiner's weight fades in from 0 over half_life steps
-    grawa        weights renormalised over the participants' gathered norms
-
-Refused at start with one line (:func:`check_algorithm`): algorithms whose schedule is
-built on a fixed N or that talk point to point. Refused option of an allowed algorithm
-(``Aggregator.check_fault_tolerant``): easgd ``asynchronous`` (its background engine has
-fixed ranks and its own store).
-
-Timeouts (:class:`FTTimeouts`, checked by :func:`check_timeouts`)::
+Membership rules: each algorithm declares its own on its class
+(``Aggregator.fault_tolerant``; None refuses it with ``ft_refusal``; ``accord list -v``
+shows them), N being the current step's participants. Timeouts (:class:`FTTimeouts`,
+checked by :func:`check_timeouts`)::
 
     heartbeat timeout < quorum timeout < process-group timeout < step deadline
 
-* heartbeat timeout (Lighthouse, default 2 s): a replica silent this long is dead. A
-  quorum that keeps more than half of the previous members forms after the join timeout;
-  one that keeps half or fewer (2 -> 1) only once the dead replica's heartbeat expired,
-  so this is the detection time of a death. The Manager heartbeats from a Rust thread
-  every ``heartbeat_interval`` (0.1 s), even while Python computes, so 2 s only has to
-  absorb scheduler stalls.
-* join timeout (Lighthouse, default 1 s, below the quorum timeout): how long a quorum
-  waits for a previous member that has not asked yet; it must exceed the skew between
-  workers' step starts, or a slow worker is dropped and heals next step.
-* quorum timeout (default 10 s): a worker's quorum call fails after it (the worker then
-  stops: fewer than ``min_replicas`` for that long). It must outlast the heartbeat
-  timeout plus the join timeout, the slowest legitimate quorum.
-* process-group timeout (default 30 s): a collective waiting for a hung (not dead) peer
-  fails after it; it must exceed a peer's quorum and recovery (a joiner fetches the
-  state inside its quorum while the others wait in the first collective). Also the
-  Manager's timeout for ``should_commit`` and the checkpoint transfer.
-* step deadline (default 60 s, the launcher's): a worker whose step exceeds it is
-  killed as hung; it must let the worker notice a failed collective itself first.
-
-Two torchft behaviours are worked around (docs/ft-design.md has the evidence): the
-checkpoint transport serves an immutable pre-step snapshot and never stops serving (so
-a joiner's fetch cannot stall behind a peer's step without collectives) and retries a
-fetch that comes before the sender staged its state; and a worker whose step is lost at
-the quorum (failed recovery) drops its process group, so its peers' collectives fail
-at once instead of after the process-group timeout.
-
-torchft's own environment variables ``TORCHFT_TIMEOUT_SEC``, ``TORCHFT_QUORUM_TIMEOUT_SEC``
-and ``TORCHFT_CONNECT_TIMEOUT_SEC`` (whole seconds) override the Manager's timeouts;
-:class:`FTWorker` refuses to start when one is set, so the checked values are the ones
-used.
-"""
+and torchft's ``TORCHFT_*_TIMEOUT_SEC`` variables are refused so the checked values are the
+ones used. The rules, the timeouts' reasons and the two torchft behaviours worked around:
+docs/design/fault-tolerant-runs.md and docs/ft-design.md."""
 
 from __future__ import annotations
 

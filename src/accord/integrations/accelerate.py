@@ -6,99 +6,23 @@
     model, optimizer, agg = accord.integrations.accelerate.prepare(accelerator, model, optimizer,
                                                       "acga", momentum=0.99)
     loader = accelerator.prepare(loader)         # data loaders, schedulers: as usual
-    for x, y in loader:
-        with accelerator.accumulate(model):
-            loss = loss_fn(model(x), y)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
 
 :func:`prepare` stands in for ``accelerator.prepare(model, optimizer)`` and returns what
-that returns (the ``DistributedDataParallel`` model and the ``AcceleratedOptimizer``) plus
-the accord :class:`~accord.Aggregator` (``metrics()``, ``comm.stats``, ``state_dict()``).
-Launch with ``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu``.
-Importing this module needs accelerate (without it the import fails with one line naming
-``pip install 'accord[accelerate]'``); ``import accord`` does not import it.
+that returns plus the accord :class:`~accord.Aggregator`. Needs ``pip install
+'accord[accelerate]'``; ``import accord`` does not import this module.
 
-Two paths, chosen from the algorithm:
+Two paths, chosen from the algorithm: gradient-phase algorithms run as the DDP hook of
+:func:`accord.ddp_hook` on the DDP model accelerate built (the aggregator registered for
+``save_state``); every other algorithm runs inside the optimizer through
+:func:`accord.wrap` (before accelerate wraps it, so once per real step), with DDP's
+gradient allreduce and buffer broadcast switched off.
 
-* **Gradient phase** (``allreduce``, ``normalized``, ``acga``, ``adasum``): the DDP
-  communication hook of :func:`accord.ddp_hook`, registered on the DDP model that
-  ``accelerator.prepare`` built (accelerate's ``DistributedDataParallelKwargs(comm_hook=
-  ...)`` takes only its own hook names and ignores a callable). The optimizer is
-  accelerate's, untouched. The aggregator is registered with
-  ``accelerator.register_for_checkpointing`` so that ``save_state`` / ``load_state`` keep
-  its state (ACGA's momentum).
-* **Model phase** (every other registered algorithm: ``local_sgd``, ``diloco``,
-  ``easgd``, ``wagma``, ...): DDP still wraps the model (accelerate always builds it in a
-  multi-process run), but its gradient allreduce is switched off by a communication hook
-  that hands back each bucket's local gradients and communicates nothing. The user's
-  optimizer is wrapped by :func:`accord.wrap` *before* accelerate wraps it, so the
-  ``AcceleratedOptimizer`` (which steps only when gradients sync) runs the aggregator's
-  hooks once per real optimizer step, never per micro-batch. ``optimizer.optimizer`` is
-  then the :class:`~accord.AggregatedOptimizer` (its ``steps`` counts real steps) and
-  its ``state_dict()``, hence accelerate's checkpoint, holds the aggregator's state.
-
-Decisions:
-
-* **Buffers.** Under the model phase the algorithm treats floating-point buffers
-  (BatchNorm statistics) as it treats the parameters, as ``accord train`` does. DDP's
-  default ``broadcast_buffers`` would overwrite every rank's buffers with rank 0's at
-  every forward (and pay a broadcast for it), so :func:`prepare` switches it off on that
-  path. Under the gradient phase DDP's setting is kept (buffers follow rank 0, as with
-  plain DDP).
-* **Initial consensus.** DDP broadcasts rank 0's parameters and buffers when it is
-  built, so the aggregator is built with ``broadcast=False`` (no second broadcast).
-* **Order.** The model is prepared (moved to ``accelerator.device`` and wrapped) before
-  the aggregator is built, so the aggregator's buffers live on the parameters' device.
-  The optimizer must hold the model's own parameters.
-* **Mixed precision.** bf16 needs nothing. fp16 brings a ``GradScaler``: model-phase
-  algorithms get it through ``accord.wrap(..., scaler=accelerator.scaler)`` (gradients
-  unscaled before the aggregator, an overflow skips the step on every rank). ``acga`` and
-  ``normalized`` return a direction whose size does not follow the loss scale, so a DDP
-  hook would hand the scaler a gradient it then divides by the scale; under a scaler they
-  take the model-phase path instead (DDP's allreduce off, the aggregator inside the
-  optimizer). ``allreduce`` and ``adasum`` scale with their inputs and keep the hook.
-  On the model-phase path a step that any rank's overflow skipped is reported by
-  ``optimizer.step_was_skipped`` on every rank (accelerate's scheduler then holds the
-  learning rate; this sets accelerate's private ``_accelerate_step_called``, the flag it
-  infers skips from). Not run here (fp16 needs a GPU); the scaler path is tested with a
-  CPU ``GradScaler``.
-* **The loss.** ``AcceleratedOptimizer.step`` takes no ``loss``, and LSGD elects its
-  leader from the training loss: call :func:`note_loss` with each micro-batch's loss; the
-  step passes their mean as ``StepContext.loss``. A ``lsgd`` step with no loss noted
-  raises (otherwise every worker's loss would count as +inf and rank 0 would always
-  lead). Other algorithms ignore the loss; ``note_loss`` is accepted and costs nothing.
-* **Gradient clipping.** ``prepare(..., clip_grad_norm=C)`` clips each rank's gradient
-  before the algorithm combines it, on both paths (in the DDP hook, or in the wrapped
-  optimizer's step after the unscale), as ``accord.wrap`` and the Lightning strategy do;
-  under fp16's scaler it moves every algorithm to the model-phase path (the hook would
-  clip gradients still multiplied by the loss scale). Not
-  ``accelerator.clip_grad_norm_``: it clips what ``backward`` left in ``.grad``, which on
-  the hook path is the aggregated gradient (a no-op for ``acga`` and ``normalized``, whose
-  direction has norm at most 1) and on the model-phase path the local one.
-* **One process.** Refused with a one-line error: accelerate then builds no process group
-  and no DDP, and an algorithm in a world of one is not plain training either (ACGA would
-  train on unit-norm gradients). On a machine without GPUs accelerate only goes
-  multi-process with ``Accelerator(cpu=True)``; the error says so when ``WORLD_SIZE`` > 1.
-* **Refused before anything is prepared** (one line naming the problem and what is
-  allowed): an unknown algorithm or hyperparameter, a model or optimizer that
-  ``accelerator.prepare`` already wrapped, an optimizer ``accord.wrap`` already wrapped,
-  an optimizer holding parameters that are not the model's, DeepSpeed / FSDP / XLA /
-  Megatron / tensor parallelism (accord aggregates data-parallel replicas held whole on
-  each rank), a ``DistributedDataParallelKwargs(comm_hook=...)`` (DDP takes one hook),
-  and ``sync_each_batch=True`` with ``normalized`` / ``acga`` / ``adasum``, whose hooks
-  would then combine every micro-batch's partial sum (a nonlinear map applied repeatedly
-  is not the map of the accumulated gradient).
-* **Checkpoints.** ``accelerator.save_state`` writes from the main process, so it holds
-  rank 0's model and optimizer (with rank 0's aggregator state). That is the whole state
-  for gradient-phase algorithms; for model-phase algorithms whose replicas differ
-  between communications, ``load_state`` restarts every rank from rank 0's replica.
-* **Not tested here:** ``accelerate launch --multi_gpu`` and NCCL (nothing in this
-  module depends on the device type: the same calls run under every ``MULTI_*``
-  distributed type), and ``torch.compile`` through accelerate's dynamo option (the DDP
-  model is found under the compiled wrapper).
-"""
+Decisions (each in full: docs/design/integrations.md): no second initial broadcast; under
+fp16's scaler ``acga`` and ``normalized`` move into the optimizer; LSGD needs
+:func:`note_loss`; ``clip_grad_norm=`` clips each rank's gradient before it is combined;
+refused in one line: one process, DeepSpeed / FSDP / XLA / tensor parallelism, a
+``comm_hook`` of the user's, already-prepared objects and ``sync_each_batch=True`` with a
+nonlinear gradient algorithm; ``save_state`` keeps rank 0's replica."""
 
 from __future__ import annotations
 

@@ -5,61 +5,18 @@ For users who keep ``torch.nn.parallel.DistributedDataParallel``::
     ddp = DistributedDataParallel(model)
     agg, hook = accord.ddp_hook("acga", ddp, momentum=0.99)
     ddp.register_comm_hook(agg, hook)
-    ...
-    loss.backward()      # DDP calls the hook per gradient bucket; p.grad is aggregated
-    opt.step()
-    torch.save(agg.state_dict(), ...)   # ACGA's momentum lives in the aggregator
 
-The hook's state is the aggregator ``accord.build`` returns (same class, same
-hyperparameters, same ``state_dict`` / ``metrics`` / ``comm.stats``); every collective goes
-through its communicator and is counted there. The hook object only keeps what one
-backward pass needs. Algorithms: ``allreduce``, ``normalized``, ``acga`` (global and
-``per_layer``) and ``adasum``; they give the gradients ``after_backward`` gives, up to
-the floating-point order of the sums.
+The hook's state is the aggregator ``accord.build`` returns (its ``state_dict``,
+``metrics`` and ``comm.stats``); it gives the gradients ``after_backward`` gives, up to the
+order of the sums. Algorithms: ``allreduce``, ``normalized``, ``acga`` and ``adasum``.
 
-When the work happens. DDP calls the hook once per bucket, in bucket order, on the thread
-that runs the backward pass, on every rank alike; ``bucket.is_last()`` marks the last
-bucket of the step. gloo matches collectives by their issue order, so every collective
-is issued from that call, never from a future's callback:
-
-* ``allreduce`` averages each bucket as it comes (an asynchronous allreduce; backward
-  goes on computing the next buckets meanwhile), exactly as DDP's own hook.
-* ``acga`` with ``coefficients=exact`` starts the allreduce of each bucket's raw
-  gradients as it comes (the sum s). Its other routes have no sum: ``gather`` (the
-  default on small models) all-gathers the whole gradient and ``sketch`` (the default on
-  large ones) takes the sketch, both at the end.
-  Everything that needs the whole gradient -- <g_i, s> and ||g_i|| over all buckets, the
-  all-gather of the coefficients, the weighted second allreduce, the norm limit -- runs
-  once, in the call for the last bucket, after waiting for the bucket sums.
-* ``normalized`` (the global norm) and ``adasum`` (exchanges of the whole vector) have
-  nothing to start per bucket; they run in the call for the last bucket.
-
-For the non-last buckets the hook returns a future that the last call completes, after
-the final computation has written the result into every bucket's buffer. The final
-computation works on the aggregator's own flat buffers (the bucket gradients are copied
-in, in parameter order, and the result copied back), so it is the aggregator's maths on
-the aggregator's layout and ``metrics()`` reads the last step as after ``after_backward``
-(except ``allreduce``, which keeps no copy: its ``metrics()`` does not see hook steps).
-
-The per-bucket allreduce is asynchronous (``Communicator.all_reduce_async_``), counted in
-the aggregator's ``stats`` under ``allreduce`` with the seconds from issue to completion.
-
-Clipping. ``clip_grad_norm=`` clips each rank's gradient before it is combined, as
-``accord.wrap(..., clip_grad_norm=)`` does, so both routes train the same model; a
-``clip_grad_norm_`` the user calls after ``backward`` sees the combined gradient instead
-(a no-op for ``acga`` and ``normalized`` at a max norm of 1 or more: their output norm is
-at most 1). The clip needs the norm of the whole local gradient, so with it nothing starts
-per bucket: ``allreduce`` averages the clipped flat gradient at the last bucket (one
-allreduce per step) and ACGA's sum starts there too (no overlap with backward). Under
-fp16's ``GradScaler`` the hook sees gradients still multiplied by the loss scale, so the
-clip would compare the scaled norm: clip through ``accord.wrap(..., scaler=,
-clip_grad_norm=)`` there (``accord.integrations.accelerate`` moves such runs into the optimizer).
-
-Only gradient-phase algorithms have a hook (model-phase ones do not act on gradients;
-use ``accord.build`` for them). Under DDP's ``no_sync`` the hook is not called, so
-gradient accumulation works as with DDP; unused parameters count as zero gradients, as
-in ``after_backward``.
-"""
+When the work happens: every collective is issued from the hook's call on the backward
+thread, in bucket order, never from a future's callback (gloo matches collectives by
+issue order). ``allreduce`` averages each bucket as it comes; ``acga`` with
+``coefficients=exact`` starts each bucket's sum as it comes and finishes at the last
+bucket; ``gather``, ``sketch``, ``normalized`` and ``adasum`` run at the last bucket, on the
+aggregator's flat buffers. ``clip_grad_norm=`` clips each rank's gradient before it is
+combined (then nothing starts per bucket). In full: docs/design/integrations.md."""
 
 from __future__ import annotations
 

@@ -7,66 +7,17 @@ Lightning strategy.
     trainer = lightning.Trainer(strategy=AccordStrategy("acga", momentum=0.99), devices=2)
 
 A subclass of Lightning's ``DDPStrategy`` (the same launchers, cluster environments,
-``timeout``, ``process_group_backend``, ...), so one line of a Lightning script changes.
-Needs ``pip install 'accord[lightning]'``.
+``timeout``, ...). Needs ``pip install 'accord[lightning]'``.
 
-Decisions:
-
-* **Gradient-phase algorithms** (``allreduce``, ``normalized``, ``acga``, ``adasum``) run
-  as DDP communication hooks (:func:`accord.ddp_hook`), registered on CPU and GPU alike
-  (Lightning's own ``ddp_comm_hook`` argument is registered only on CUDA). Gradient
-  accumulation uses DDP's ``no_sync`` as usual: the hook runs once per optimizer step.
-* **Model-phase algorithms** (every other one, including the asynchronous ones on the
-  background engine) do not wrap the module in DDP at all: no gradient allreduce, no
-  per-forward buffer broadcast (the algorithm averages floating-point buffers itself).
-  The aggregator is built on the module's parameters and buffers (rank 0's values are
-  broadcast when it is built, as DDP would) and its ``after_step`` runs in
-  ``optimizer_step``, which Lightning calls once per real optimizer step (never on
-  accumulation batches), for automatic and manual optimization alike. One optimizer
-  only: more would call the aggregator more than once per step (refused at setup).
-* **Steps.** The strategy counts the optimizer steps it has run (``accord_steps``); the
-  count is the ``StepContext.step`` an algorithm's periods and warm-ups use, and it is
-  checkpointed. The loss handed to loss-aware algorithms (LSGD) is what the optimizer
-  step returned (the training step's loss under automatic optimization).
-* **Checkpoints: the consensus model on top, every replica below.** Lightning writes
-  rank 0's module and optimizer state only; under model-phase algorithms the replicas
-  (and their optimizer states) differ. The top-level ``state_dict`` -- what
-  ``load_from_checkpoint`` loads and what ``ModelCheckpoint`` ranks by the validation
-  metrics of the consensus model -- is the consensus model (as in validation: the
-  algorithm's centre or the mean of the replicas, one allreduce on a communicator of its
-  own). ``save_checkpoint`` also gathers, on every rank (it is collective, as
-  ``Trainer.save_checkpoint`` already is), each rank's module state, optimizer states,
-  aggregator state and traffic counters into ``checkpoint["accord"]``, and rank 0 writes
-  it. A checkpoint taken during validation (``ModelCheckpoint``'s ``on_validation_end``
-  runs before the strategy's, while the consensus model is swapped in) still stores each
-  rank's own replica. On ``fit(ckpt_path=...)`` each rank's ``load_checkpoint`` swaps
-  its own module and optimizer states into the dictionary Lightning restores from, and
-  the aggregator state and counters are loaded once the aggregator exists (so
-  ``accord/comm_bytes`` continues from the checkpoint); the initial broadcast is skipped
-  on a resume. A checkpoint from another algorithm or world size is refused with one
-  line. Gradient-phase algorithms keep identical replicas and store rank 0's state once.
-* **DDP options** (``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``, ...)
-  go in ``ddp_kwargs=``, for the gradient-phase algorithms (the others run without DDP).
-  Given as keywords they would read as algorithm hyperparameters: refused in one line
-  naming ``ddp_kwargs=``.
-* **Gradient clipping.** ``clip_grad_norm=C`` clips each rank's gradient before it is
-  combined, the rule of ``accord.wrap`` and ``accord.ddp_hook``: in the DDP hook for
-  gradient-phase algorithms, right after the backward pass (before the optimizer step and
-  before Lightning's own clip) for model-phase ones. Lightning's ``gradient_clip_val``
-  clips what is in ``.grad`` before the optimizer step: each rank's own gradient under
-  model-phase algorithms (the same rule), the combined one under gradient-phase
-  algorithms, which the strategy says once in a warning (for ``acga``/``normalized`` a
-  limit >= 1 does nothing). Refused under a GradScaler (16-mixed): the gradients would
-  still carry the loss scale (not tested here: fp16 needs a GPU).
-* **Metrics.** Every ``log_every_n_steps`` optimizer steps the aggregator's ``metrics()``
-  and its communicated bytes go to the trainer's loggers as ``accord/<name>`` (rank 0,
-  through ``logger.log_metrics``, so they appear next to the module's own metrics).
-* **Consensus evaluation.** Under model-phase algorithms, validation during ``fit`` runs on
-  the consensus model: the algorithm's centre (EASGD) or the mean of the replicas,
-  swapped in on every rank at ``on_validation_start`` and swapped back at
-  ``on_validation_end`` (``consensus_eval=False`` keeps each rank's replica). Outside
-  ``fit`` (``trainer.validate`` / ``test``) the module is evaluated as it is.
-"""
+Decisions (each in full: docs/design/integrations.md): gradient-phase algorithms run as
+DDP communication hooks (CPU and GPU); model-phase algorithms run without DDP, their
+``after_step`` in ``optimizer_step`` once per real optimizer step (one optimizer only);
+the strategy counts optimizer steps (``accord_steps``, checkpointed); checkpoints hold
+the consensus model on top and every rank's replica, optimizer and aggregator state under
+``checkpoint["accord"]``; DDP options go in ``ddp_kwargs=``; ``clip_grad_norm=`` clips each
+rank's gradient before it is combined; ``metrics()`` reach the loggers as ``accord/<name>``;
+validation during ``fit`` runs on the consensus model (``consensus_eval=False`` to keep
+each replica)."""
 
 from __future__ import annotations
 

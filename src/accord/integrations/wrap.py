@@ -10,84 +10,19 @@
         opt.zero_grad()
 
 ``wrap`` builds the aggregator on every parameter of the optimizer's param groups
-(collective: call it on every rank; by default it broadcasts rank 0's parameters and
-``buffers`` so the replicas start identical, see :class:`accord.Aggregator`) and returns an
-:class:`AggregatedOptimizer`. Its ``step`` counts optimizer steps itself and runs::
+(collective; by default it broadcasts rank 0's parameters and ``buffers``) and returns an
+:class:`AggregatedOptimizer`, whose ``step`` runs ``after_backward``, the inner step and
+``after_step`` with a step counter of its own.
 
-    ctx = StepContext(step=k, loss=loss, healthy=healthy)
-    aggregator.after_backward(ctx); optimizer.step(); aggregator.after_step(ctx); k += 1
-
-Decisions:
-
-* **An Optimizer without Optimizer's constructor.** The wrapper subclasses
-  ``torch.optim.Optimizer`` so that code checking ``isinstance(opt, Optimizer)`` (LR
-  schedulers, GradScaler) accepts it, but it owns no parameter groups of its own:
-  ``param_groups``, ``defaults`` and ``state`` are properties reading (and writing) the
-  inner optimizer's, so a scheduler built on the wrapper changes the learning rate the inner
-  optimizer uses, and the inner ``load_state_dict`` (which rebinds its lists) stays visible.
-  ``add_param_group`` is refused: the aggregator was built for the parameters present at
-  ``wrap`` time, and a parameter it does not know would silently drift apart across ranks.
-* **The step counter counts optimizer steps taken.** A step skipped for an inf/NaN under
-  AMP does not count (every rank skips it alike, and the inner optimizer's own step counts
-  do not advance either), so ``period``/``warmup_steps`` schedules count real updates. The
-  counter is in ``state_dict()`` so warm-ups and periods survive a restart.
-* **Gradient accumulation is the user's loop's business.** Call ``step`` once per optimizer
-  step, after the last micro-batch's ``backward`` (and scale each micro-batch loss by
-  1/accum as with any optimizer); the aggregator then sees the accumulated gradient once and
-  communicates once per optimizer step, never per micro-batch. Pass the micro-batches' mean
-  loss as ``loss``. Nothing in the wrapper knows about micro-batches.
-* **No closures.** A closure re-evaluates the loss and gradients inside the inner step,
-  after the aggregator has rewritten them (and LBFGS evaluates it many times), so the
-  replicas would step on gradients no other rank saw. ``step(closure)`` raises.
-* **AMP: the scaler's found_inf is agreed across ranks.** The class sets
-  ``_step_supports_amp_scaling``, so ``GradScaler.step(opt)`` always calls ``opt.step`` (a
-  plain optimizer's step would be skipped on the ranks whose own gradient overflowed, and
-  the other ranks would wait in the aggregator's collectives until the timeout). The scaler
-  first checks this rank's gradients and hands over ``found_inf`` (and ``grad_scale``, the
-  scale still applied to the gradients, unless the user already called
-  ``scaler.unscale_(opt)``). ``step`` then
-
-  1. takes the MAX of ``found_inf`` over the group: one 1-number allreduce on the
-     aggregator's communicator, counted as ``amp_found_inf``, and the one value this
-     wrapper reads back to the host per step (only under a scaler);
-  2. if any rank found an inf/NaN, skips the whole step on every rank (no aggregator hook,
-     no inner step, no count) and reports the agreed flag to the scaler through its public
-     ``unscale_`` on a one-element "witness" optimizer whose gradient is inf, so that
-     ``scaler.update()`` lowers the scale on every rank alike, not only on the rank that
-     overflowed (the scaler sums the inf checks of every optimizer it saw in the step);
-  3. otherwise unscales the gradients in place (multiplying by the reciprocal of the scale
-     computed in float64, as the scaler does) *before* ``after_backward``, so gradient-phase
-     algorithms combine true-scale gradients, and proceeds.
-
-  The wrapper must know the scaler for step 2: pass ``scaler=`` to ``wrap``; a
-  ``scaler.step`` on a wrapper built without one raises (on every rank alike, before any
-  collective). Save ``scaler.state_dict()`` with your checkpoint yourself.
-* **healthy.** ``StepContext.healthy`` is False when this rank's own gradient was
-  non-finite but the step proceeded. Under the AMP rule above that never happens (a step
-  with any non-finite gradient is skipped everywhere), so the wrapper passes the caller's
-  ``healthy`` (default True) unchanged: a loop that zeroes its own bad gradients (see
-  :func:`accord.run.train.nonfinite_grads`) passes ``healthy=False`` itself.
-* **Not on a DistributedDataParallel model.** DDP averages the gradients during
-  ``backward``, before the wrapper sees them: ``local_sgd`` would be plain DDP, ``acga`` a
-  normalised mean at twice the traffic. The parameters of a live DDP model are therefore
-  refused in one line (so is ``accord.build`` on them; see :mod:`accord._ddp` for how they
-  are recognised). Drop the DDP wrapper and wrap the plain model's optimizer (the wrapper
-  broadcasts rank 0's weights as DDP's constructor did), or keep DDP and use
-  :func:`accord.ddp_hook`. A DDP model whose allreduce accord switched off
-  (``accord.integrations.accelerate`` on its model-phase path) is accepted.
-* **Gradient clipping is one rule: this rank's gradient, before it is combined.**
-  ``clip_grad_norm=`` clips the local gradient (after the AMP unscale, with the formula of
-  ``torch.nn.utils.clip_grad_norm_``, no host read) before ``after_backward``; the DDP hook,
-  the Lightning strategy and the accelerate adapter take the same option and clip at the
-  same point, so every route trains the same model. A user's ``clip_grad_norm_`` between
-  ``backward`` and ``opt.step`` acts at that point too; with a DDP hook it would act after
-  the aggregation instead.
-* **Checkpoints.** ``state_dict()`` holds the inner optimizer's state dict, the
-  aggregator's and the step counters. The initial broadcast happens when the wrapper is
-  built, so load checkpoints after ``wrap`` (each rank then gets its own replica back, which
-  matters for algorithms whose replicas differ: EASGD, LSGD, gossip, local SGD), or build
-  with ``broadcast=False``.
-"""
+Decisions (each in full: docs/design/integrations.md): ``param_groups``, ``defaults`` and
+``state`` are the inner optimizer's (schedulers work; ``add_param_group`` is refused); the
+counter counts optimizer steps taken (an AMP-skipped step does not count) and is
+checkpointed; gradient accumulation is the loop's (one ``step`` per optimizer step); no
+closures; under a ``GradScaler`` (``scaler=``) the ranks agree on ``found_inf`` (one
+1-number MAX allreduce, ``amp_found_inf``), skip an overflowing step everywhere and
+unscale before ``after_backward``; a live DDP model's parameters are refused;
+``clip_grad_norm=`` clips this rank's gradient before it is combined (the rule of every
+route); ``state_dict()`` holds the inner optimizer's, the aggregator's and the counters."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """``accord report RUNS_DIR``: tables, figures and CSV files comparing the runs in a directory.
 
     accord report RUNS_DIR [--out DIR] [--target-acc X] [--target-loss Y]
+                  [--log-y auto|on|off] [--smooth W] [--formats png[,svg][,pdf]]
 
 **Runs.** Every directory under ``RUNS_DIR`` (recursively) holding a ``metrics.jsonl`` is a
 run (a directory holding only ``logs/rank*.error`` is a run that failed before rank 0 wrote
@@ -88,12 +89,24 @@ same for the summary's ``comm_bytes_mean`` (mean over workers) when present.
 * for each group other than ``allreduce``: the difference of the mean final test metric,
   group minus ``allreduce``, with its sign and which is better (accuracy higher, loss
   lower), and whether the two are *separable*. The rule: two groups are separable when each
-  has at least 2 finished seeds with a final value of the metric and their seed ranges
+  has at least ``SEPARABLE_SEEDS`` (3) finished seeds with a final value of the metric
+  and their seed ranges
   ``[min, max]`` of that final value do not overlap (touching ends overlap); otherwise they
   are "not separable at this scale" (the difference is within the spread of the seeds, or
   there are too few seeds to know). Without an ``allreduce`` group the list says there is no
   baseline. ``summary.csv`` has the same as ``final_diff_vs_allreduce`` and
   ``separable_vs_allreduce`` (``yes`` / ``no``; empty for the baseline and without one).
+* when a group has fewer than 3 finished seeds, a last line names those groups and says
+  that separability is judged only from 3.
+
+**Time breakdown.** Per group, the mean over seeds of each run's wall time (the summary's
+``time_s``) in three parts that sum to it (:func:`time_breakdown`): *communication*, the
+seconds rank 0's communicator counted (``comm_s``; a blocking collective's wait for the
+other ranks is in it); *compute*, the rest of rank 0's training loop
+(``worker_time_s[0]``, else ``train_s``); *waiting*, the wall time outside that loop
+(start-up, restarts, the wait at the end for slower workers). Communication counted beyond
+the loop's time (a background thread's) is capped at it. A table in the section (its note
+says what each part is measured from) and a figure.
 
 **Tuning.** ``accord bench --tune KEY=V1,V2,...`` runs each arm's grid on each tuning seed
 on the ``val`` split, picks each arm's best point by its mean over the tuning seeds, then
@@ -148,15 +161,27 @@ in Gbit/s, one tick per link), one line per label in its colour; a label that di
 reach the target on a link has no point there (and "(not reached)" in the legend when it
 reached it nowhere).
 
-**Figures.** For each section, three PNG files with two panels each (training ``loss``,
-the mean over workers, and the test metric): against ``step``, against wall time
-(``time_s``) and against megabytes sent by rank 0 (``comm_bytes / 1e6``). Each line is the
-mean over the seeds of a group, with a band from the minimum to the maximum seed; seeds are
-aligned by step (the steps logged by every seed), and against time or megabytes the x of a
-point is the mean over seeds of that step's ``time_s`` or megabytes. Each label has the same
-colour in every figure: the sorted labels of the whole report take a fixed palette in turn.
-The y axis of a loss panel is logarithmic when its values span more than two decades. The
-default target is drawn as a dashed line on the test-metric panels.
+**Figures.** For each section, three figures with the training ``loss`` (the mean over
+workers), ``eval_loss`` and the test metric (the consensus model's; two panels when the
+metric is ``eval_loss``): against ``step``, against wall time (``time_s``) and against
+megabytes sent by rank 0 (``comm_bytes / 1e6``); then (:mod:`accord.report.panels`) the
+consensus distance and rank 0 minus the consensus model against step, the algorithms'
+observables (the step records' ``algo`` numbers that change during a run; those that keep
+one value are listed in the text) and the time breakdown, each when the records hold its
+numbers. Each line is the mean over the seeds of a group, with a band from the minimum to
+the maximum seed; seeds are aligned by step (the steps logged by every seed), and against
+time or megabytes the x of a point is the mean over seeds of that step's ``time_s`` or
+megabytes. Colour by algorithm, fixed by its name (the same in every report), line style
+by variant (straggler, other fault, compression, emulated link), a marker for labels that
+share both (:mod:`accord.report.style`); where curves coincide the first is the widest and
+a later equal one carries markers. ``--log-y`` (``auto``, the default: a logarithmic y
+axis for a panel whose positive values span more than two decades, symmetric-log for a
+loss or distance panel that also holds zeros; ``on``: the loss and distance panels
+always; ``off``); ``--smooth W`` (an exponential moving average of weight ``0 <= W < 1``,
+debiased as TensorBoard's, on the curves and bands, the raw mean faint behind; default 0;
+tables, targets and CSV files are never smoothed); ``--formats`` (PNG always, SVG and PDF
+beside it). A bad value is a :class:`ReportError` naming the option and what is allowed.
+The default target is drawn as a dashed line on the test-metric panels.
 
 **Files written** to ``DIR`` (default ``RUNS_DIR``):
 
@@ -169,8 +194,9 @@ default target is drawn as a dashed line on the test-metric panels.
   discarded steps and respawns, and a figure of participants against step) and the
   figures; then links, tuning, diverged runs, failed, interrupted and incomplete runs, and
   the warnings;
-* ``figures/<task>_w<workers>_{step,time,mb}.png`` for a section of the real network,
-  ``figures/<task>_w<workers>_net-<link>_{step,time,mb}.png`` for an emulated one (``<link>``
+* ``figures/<task>_w<workers>_{step,time,mb,consensus,observables,breakdown}.png`` for a
+  section of the real network (and ``.svg`` / ``.pdf`` beside each with ``--formats``),
+  ``figures/<task>_w<workers>_net-<link>_<same>.png`` for an emulated one (``<link>``
   is the network's text with every run of characters other than letters, digits and dots
   made one ``-``: ``100mbit,5ms`` is ``100mbit-5ms``; ``-2``, ... appended if two networks
   would share it), ``figures/<task>_w<workers>_links.png``,
@@ -180,19 +206,23 @@ default target is drawn as a dashed line on the test-metric panels.
   (the network's text, empty for the real network), label, seed, run, step, time_s,
   mb_sent, loss and the evaluation columns;
 * ``summary.csv`` -- one row per group (with the same ``network`` column): every number of
-  the report's tables at full precision, and the verdict against ``allreduce``.
+  the report's tables at full precision, the verdict against ``allreduce`` and the time
+  breakdown (``compute_s_mean``, ``communication_s_mean``, ``waiting_s_mean``).
 
 From Python: ``write_report(runs_dir, out_dir=None, target_acc=None, target_loss=None,
-figures=True, warn=None)`` returns the path of ``report.md`` and raises
-:class:`ReportError` (one line) when ``RUNS_DIR`` does not exist or holds no readable run;
+figures=True, warn=None, log_y="auto", smooth=0.0, formats=("png",))`` returns the path
+of ``report.md`` and raises :class:`ReportError` (one line) when ``RUNS_DIR`` does not
+exist or holds no readable run, or for a bad option;
 ``add_parser(subparsers)`` and ``run(args)`` are the ``accord report`` command. Figures
 need matplotlib (the ``plots`` extra, imported only when drawing); without it the report
 is written without figures.
 
 **Modules.** ``runs`` (reading a run), ``sections`` (groups, sections, targets and their
 numbers), ``networks`` (emulated networks), ``tables`` (a section's markdown), ``links``
-(the section "Links"), ``tuned`` (``tuning.json`` in the report), ``figures`` (the PNG
-files), ``files`` (writing a file whole; the CSV files), ``fmt`` (shared pieces of text)
+(the section "Links"), ``tuned`` (``tuning.json`` in the report), ``figures`` (the metric
+curves, links, membership and tuning figures), ``panels`` (consensus, observables, time
+breakdown), ``style`` (colours, line styles, smoothing, the figure options), ``files``
+(writing a file whole; the CSV files), ``fmt`` (shared pieces of text)
 and ``writer`` (:func:`write_report`); this module is the command and names what they
 export.
 """
@@ -204,9 +234,7 @@ import sys
 
 from ..run.failures import StorageError
 from .figures import (
-    LINESTYLES,
     LOG_SPAN,
-    PALETTE,
     X_AXES,
     Curve,
     curve,
@@ -219,12 +247,15 @@ from .figures import _tuning_lines as _tuning_lines  # the tuning tests call it
 from .fmt import FIGURE_DIR
 from .links import LinkComparison, link_comparisons
 from .networks import NETWORK_FORMULA, NetworkInfo, NetworkKey
+from .panels import draw_breakdown, draw_consensus, draw_observables
 from .runs import ReportError, Run, Warn, find_runs, load_run
 from .sections import (
     ACC_FACTOR,
     BASELINE,
     LOSS_FACTOR,
     SAME_IN_GROUP,
+    SEPARABLE_SEEDS,
+    TIME_PARTS,
     Comparison,
     Group,
     Section,
@@ -233,19 +264,34 @@ from .sections import (
     final_values,
     metric_columns,
     reach,
+    time_breakdown,
+)
+from .style import (
+    FORMATS,
+    LINESTYLES,
+    LOG_Y,
+    PALETTE,
+    FigureOptions,
+    Style,
+    algorithm_colour,
+    figure_options,
+    label_styles,
+    variant_kinds,
 )
 from .tables import ENV_KEYS, TO_TARGET
 from .tuned import load_tunings
 from .writer import write_report
 
 __all__ = [
-    "ACC_FACTOR", "BASELINE", "ENV_KEYS", "FIGURE_DIR", "LINESTYLES", "LOG_SPAN", "LOSS_FACTOR",
-    "NETWORK_FORMULA", "PALETTE", "PROG", "SAME_IN_GROUP", "TO_TARGET", "X_AXES", "Comparison",
-    "Curve", "Group", "LinkComparison", "NetworkInfo", "NetworkKey", "ReportError", "Run",
-    "Section", "Warn", "add_parser", "build_sections", "compare", "curve", "draw_links",
-    "draw_membership", "draw_section", "draw_tuning", "final_values", "find_runs",
-    "link_comparisons", "load_run", "load_tunings", "metric_columns", "reach", "run",
-    "write_report",
+    "ACC_FACTOR", "BASELINE", "ENV_KEYS", "FIGURE_DIR", "FORMATS", "LINESTYLES", "LOG_SPAN",
+    "LOG_Y", "LOSS_FACTOR", "NETWORK_FORMULA", "PALETTE", "PROG", "SAME_IN_GROUP",
+    "SEPARABLE_SEEDS", "TIME_PARTS", "TO_TARGET", "X_AXES", "Comparison", "Curve",
+    "FigureOptions", "Group", "LinkComparison", "NetworkInfo", "NetworkKey", "ReportError",
+    "Run", "Section", "Style", "Warn", "add_parser", "algorithm_colour", "build_sections",
+    "compare", "curve", "draw_breakdown", "draw_consensus", "draw_links", "draw_membership",
+    "draw_observables", "draw_section", "draw_tuning", "figure_options", "final_values",
+    "find_runs", "label_styles", "link_comparisons", "load_run", "load_tunings",
+    "metric_columns", "reach", "run", "time_breakdown", "variant_kinds", "write_report",
 ]
 
 PROG = "accord report"
@@ -266,6 +312,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--target-loss", type=float, default=None, metavar="Y",
                    help=f"loss target for tasks without accuracy (default: {LOSS_FACTOR:g} x "
                         "the allreduce group's mean final eval_loss, else the highest group's)")
+    p.add_argument("--log-y", default="auto", metavar="WHEN",
+                   help=f"logarithmic y axis for the loss and consensus-distance panels: "
+                        f"{', '.join(LOG_Y)} (default auto: when a panel's values span more "
+                        "than two decades; on: always, symmetric-log where a value is 0)")
+    p.add_argument("--smooth", default="0", metavar="W",
+                   help="smooth the curves by an exponential moving average of weight W, "
+                        "from 0 (default: none) up to but not including 1 (TensorBoard's "
+                        "0.6 is a common choice); the tables are never smoothed")
+    p.add_argument("--formats", default="png", metavar="F[,F...]",
+                   help=f"figure formats, from {', '.join(FORMATS)} (default png; PNG is "
+                        "always written, e.g. png,svg or png,pdf for a paper)")
     return p
 
 
@@ -275,7 +332,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         path = write_report(args.runs_dir, args.out, target_acc=args.target_acc,
-                            target_loss=args.target_loss, warn=warn)
+                            target_loss=args.target_loss, warn=warn,
+                            log_y=getattr(args, "log_y", "auto"),
+                            smooth=getattr(args, "smooth", 0.0),
+                            formats=getattr(args, "formats", "png"))
     except ReportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

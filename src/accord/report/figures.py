@@ -1,11 +1,16 @@
-"""The report's PNG figures (matplotlib, imported only when drawing): a section's curves
-against step, wall time and megabytes, the participants of fault-tolerant runs, time to
-target by link and the tuning curves (see :mod:`accord.report`, **Figures**)."""
+"""The report's figures (matplotlib, imported only when drawing; PNG, and SVG or PDF beside
+it with ``--formats``): a section's curves against step, wall time and megabytes, the
+participants of fault-tolerant runs, time to target by link and the tuning curves, and
+the helpers the figures of :mod:`accord.report.panels` share: :func:`curve` (mean and range
+over seeds), :func:`plot_curves` (lines that stay visible when they coincide) and
+:func:`y_scale` (``--log-y``). Styles: :mod:`accord.report.style` (see
+:mod:`accord.report`, **Figures**)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,24 +21,22 @@ from .fmt import _fmt, _fmt_seeds, _fmt_value
 from .links import LinkComparison
 from .runs import _num
 from .sections import Group, Section, _membership_runs
+from .style import LINESTYLES, PALETTE, FigureOptions, Style, smooth
 
-LOG_SPAN = 100.0  # log y axis for a loss panel whose values span more than two decades
-
-
-# tab10, then the darker halves of tab20b / Dark2: distinct on white, fixed order.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
-           "#7b4173", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e")
-LINESTYLES = ("-", "--", ":", "-.")
+LOG_SPAN = 100.0  # log y axis (auto) for a panel whose values span more than two decades
+DEFAULT_OPTIONS = FigureOptions()
+Styles = dict[str, Style]
 
 
 X_AXES = (("step", "step"), ("time", "wall time (s)"), ("mb", "MB sent by rank 0"))
 
 
-def _savefig(fig: Any, path: Path) -> None:
+def _savefig(fig: Any, path: Path, options: FigureOptions = DEFAULT_OPTIONS) -> None:
     """``fig.savefig(path)`` through a temporary file (an earlier figure stays whole, and a
-    refused write names the figure's file)."""
-    _replace(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or None))
+    refused write names the figure's file); the same figure in each extra format beside
+    it (``name.svg``, ``name.pdf``)."""
+    for target in [path, *(path.with_suffix(f".{f}") for f in options.extra_formats)]:
+        _replace(target, lambda p, t=target: fig.savefig(p, format=t.suffix.lstrip(".")))
 
 
 @dataclass
@@ -47,9 +50,10 @@ class Curve:
     n: int  # seeds
 
 
-def curve(group: Group, key: str) -> Curve:
-    """Mean / min / max over seeds of ``key`` at the steps every seed logged
-    (see :mod:`accord.report`)."""
+def curve(group: Group, key: str | Callable[[dict[str, Any]], Any]) -> Curve:
+    """Mean / min / max over seeds of ``key`` (a field of the step records, or a function
+    of a record) at the steps every seed logged (see :mod:`accord.report`)."""
+    get = key if callable(key) else (lambda rec: rec.get(key))
     tables = [{rec["step"]: rec for rec in r.steps} for r in group.runs]
     common = set.intersection(*(set(t) for t in tables)) if tables else set()
     if len(common) < 2:
@@ -58,7 +62,7 @@ def curve(group: Group, key: str) -> Curve:
     c = Curve([], [], [], [], [], [], len(group.runs))
     for step in sorted(common):
         recs = [t[step] for t in tables if step in t]
-        vals = [v for v in (_num(rec.get(key)) for rec in recs) if v is not None]
+        vals = [v for v in (_num(get(rec)) for rec in recs) if v is not None]
         times = [v for v in (_num(rec.get("time_s")) for rec in recs) if v is not None]
         comms = [v for v in (_num(rec.get("comm_bytes")) for rec in recs) if v is not None]
         c.step.append(float(step))
@@ -75,51 +79,109 @@ def _log_scale(curves: list[Curve]) -> bool:
     return bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SPAN
 
 
-def draw_section(section: Section, styles: dict[str, tuple[str, str]], folder: Path
-                 ) -> list[str]:
-    """Three PNG files (against step, time, MB); returns their names."""
+def y_scale(ax: Any, curves: list[Curve], options: FigureOptions, loglike: bool) -> str:
+    """Set the panel's y scale by ``--log-y`` and return it: ``off`` linear; ``auto`` a
+    logarithmic axis for a panel whose positive values span more than :data:`LOG_SPAN`
+    (symmetric-log, linear near 0, for a ``loglike`` panel, a loss or a distance, that
+    also holds zeros); ``on`` also every ``loglike`` panel whatever its span."""
+    values = [v for c in curves for v in (*c.lo, *c.hi, *c.mean) if not math.isnan(v)]
+    if options.log_y == "off" or not values:
+        return "linear"
+    positive = [v for v in values if v > 0]
+    spread = bool(positive) and max(positive) / min(positive) > LOG_SPAN
+    if min(values) > 0 and (spread or options.log_y == "on" and loglike):
+        ax.set_yscale("log")
+        return "log"
+    if loglike and positive and min(values) >= 0 and (spread or options.log_y == "on"):
+        # zeros (a synchronous algorithm's distance): linear below the smallest value
+        # that matters, logarithmic above it
+        small = max(min(positive), max(positive) / 1e4)
+        ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(small)))
+        return "symlog"
+    return "linear"
+
+
+def plot_curves(ax: Any, items: list[tuple[Group, Curve]], axis: str, styles: Styles,
+                options: FigureOptions = DEFAULT_OPTIONS) -> None:
+    """One line per group (mean over seeds, smoothed by ``--smooth`` with the raw mean
+    faint behind it) and its min-max band. Equal curves stay visible: the first group's
+    line is the widest and each next one is thinner and drawn on top, and a line equal to
+    an earlier one, like labels that share a colour and style, carries markers at points
+    of its own."""
+    n = len(items)
+    for i, (group, c) in enumerate(items):
+        x = {"step": c.step, "time": c.time_s, "mb": c.mb}[axis]
+        st = styles.get(group.label, Style(PALETTE[0], LINESTYLES[0]))
+        width = 3.6 - 2.4 * i / (n - 1) if n > 1 else 1.8
+        seeds = f"{c.n} seed{'s' * (c.n != 1)}"
+        mean = smooth(c.mean, options.smooth)
+        points = sum(not math.isnan(v) for v in c.mean)
+        hidden = any(_same(c.mean, other.mean) for _, other in items[:i])
+        marker = st.marker or ("o" if hidden or points <= 12 else None)
+        every = max(1, points // 8)
+        ax.plot(x, mean, color=st.colour, linestyle=st.linestyle, linewidth=width,
+                marker=marker, markersize=5 if st.marker or hidden else 3,
+                markevery=(i % every, every), zorder=2 + i, label=f"{group.label} ({seeds})")
+        if options.smooth > 0:
+            ax.plot(x, c.mean, color=st.colour, linewidth=0.8, alpha=0.3, zorder=1)
+        if c.n > 1:
+            ax.fill_between(x, smooth(c.lo, options.smooth), smooth(c.hi, options.smooth),
+                            color=st.colour, alpha=0.12, linewidth=0, zorder=1)
+
+
+def _same(a: list[float], b: list[float]) -> bool:
+    """Two curves that would be drawn on top of each other."""
+    pairs = [(u, v) for u, v in zip(a, b, strict=False) if not (math.isnan(u) or math.isnan(v))]
+    return len(a) == len(b) and bool(pairs) and all(
+        abs(u - v) <= 1e-9 * max(1.0, abs(u), abs(v)) for u, v in pairs)
+
+
+def side_legend(fig: Any, ax: Any, left: float) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(left, 0.5), fontsize=8,
+               frameon=False, handlelength=3.5)
+
+
+def draw_section(section: Section, styles: Styles, folder: Path,
+                 options: FigureOptions = DEFAULT_OPTIONS) -> list[str]:
+    """Three figures (against step, time, MB), each with the training loss, the test loss
+    and the test metric (the loss once when it is the metric); returns their names."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [("loss", "training loss (mean over workers)"),
-              (section.metric, f"test {section.metric}")]
+    panels = [("loss", "training loss (mean over workers)")]
+    if section.metric != "eval_loss":
+        panels.append(("eval_loss", "test eval_loss (consensus model)"))
+    panels.append((section.metric, f"test {section.metric} (consensus model)"))
     curves = {key: [(g, curve(g, key)) for g in section.groups] for key, _ in panels}
     names = []
+    width = 4.6 * len(panels) + 2.6
     for axis, xlabel in X_AXES:
-        fig = Figure(figsize=(12, 4.3), dpi=100)  # fixed margins: constrained layout is slow
-        fig.subplots_adjust(left=0.065, right=0.80, bottom=0.13, top=0.88, wspace=0.25)
+        fig = Figure(figsize=(width, 4.3), dpi=100)  # fixed margins: constrained layout is slow
+        fig.subplots_adjust(left=0.55 / width * 1.5, right=1 - 2.5 / width, bottom=0.13,
+                            top=0.86, wspace=0.28)
         FigureCanvasAgg(fig)
         for i, (key, ylabel) in enumerate(panels):
-            ax = fig.add_subplot(1, 2, i + 1)
-            for group, c in curves[key]:
-                x = {"step": c.step, "time": c.time_s, "mb": c.mb}[axis]
-                colour, style = styles[group.label]
-                seeds = f"{c.n} seed{'s' * (c.n != 1)}"
-                ax.plot(x, c.mean, color=colour, linestyle=style, linewidth=1.6,
-                        marker="o" if len(x) <= 12 else None, markersize=3,
-                        label=f"{group.label} ({seeds})")
-                if c.n > 1:
-                    ax.fill_between(x, c.lo, c.hi, color=colour, alpha=0.18, linewidth=0)
+            ax = fig.add_subplot(1, len(panels), i + 1)
+            plot_curves(ax, curves[key], axis, styles, options)
             if key == section.metric and section.target is not None:
-                ax.axhline(section.target, color="#444444", linestyle="--", linewidth=0.9,
-                           label=f"target {_fmt(section.target)}")
-            if "loss" in key and _log_scale([c for _, c in curves[key]]):
-                ax.set_yscale("log")
+                ax.axhline(section.target, color="#444444", linestyle=(0, (4, 3)),
+                           linewidth=0.9, label=f"target {_fmt(section.target)}")
+            y_scale(ax, [c for _, c in curves[key]], options, loglike="loss" in key)
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel, fontsize=9)
             ax.grid(True, alpha=0.3)
-            if i == 1:
-                fig.legend(*ax.get_legend_handles_labels(), loc="center left",
-                           bbox_to_anchor=(0.81, 0.5), fontsize=8, frameon=False)
+            if i == len(panels) - 1:
+                side_legend(fig, ax, 1 - 2.4 / width)
         fig.suptitle(f"{section.title}: against {xlabel}")
         name = f"{section.slug}_{axis}.png"
-        _savefig(fig, folder / name)
+        _savefig(fig, folder / name, options)
         names.append(name)
     return names
 
 
-def draw_membership(section: Section, styles: dict[str, tuple[str, str]], path: Path
-                    ) -> None:
+def draw_membership(section: Section, styles: Styles, path: Path,
+                    options: FigureOptions = DEFAULT_OPTIONS) -> None:
     """Participants against step, a step line per fault-tolerant run (its label's
     colour; seeds nudged apart vertically so that equal timelines stay visible)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -139,8 +201,8 @@ def draw_membership(section: Section, styles: dict[str, tuple[str, str]], path: 
         nudge = 0.04 * (seeds.index(r.seed) - (len(seeds) - 1) / 2)
         ys = [n + nudge for _, n in r.membership]
         ys.append(ys[-1])
-        colour, style = styles[g.label]
-        ax.step(xs, ys, where="post", color=colour, linestyle=style, linewidth=1.4,
+        st = styles[g.label]
+        ax.step(xs, ys, where="post", color=st.colour, linestyle=st.linestyle, linewidth=1.4,
                 label=None if g.label in seen else g.label)
         seen.add(g.label)
     ax.set_xlabel("step")
@@ -150,10 +212,11 @@ def draw_membership(section: Section, styles: dict[str, tuple[str, str]], path: 
     fig.legend(*ax.get_legend_handles_labels(), loc="center left",
                bbox_to_anchor=(0.73, 0.5), fontsize=8, frameon=False)
     fig.suptitle(f"{section.title}: participants per step")
-    _savefig(fig, path)
+    _savefig(fig, path, options)
 
 
-def draw_links(c: LinkComparison, styles: dict[str, tuple[str, str]], path: Path) -> bool:
+def draw_links(c: LinkComparison, styles: Styles, path: Path,
+               options: FigureOptions = DEFAULT_OPTIONS) -> bool:
     """Time to target against link bandwidth, one line per label (see
     :mod:`accord.report`); False (nothing written) when no network has a known bandwidth."""
     placed = [(i, s.network.link.bandwidth * 8 / 1e9) for i, s in enumerate(c.sections)
@@ -172,9 +235,9 @@ def draw_links(c: LinkComparison, styles: dict[str, tuple[str, str]], path: Path
     for label in c.labels:
         points = sorted((gbit, t) for i, gbit in placed
                         if (t := c.time(label, i)) is not None)
-        colour, style = styles.get(label, (PALETTE[0], LINESTYLES[0]))
-        ax.plot([x for x, _ in points], [y for _, y in points], color=colour,
-                linestyle=style, marker="o", markersize=5, linewidth=1.6,
+        st = styles.get(label, Style(PALETTE[0], LINESTYLES[0]))
+        ax.plot([x for x, _ in points], [y for _, y in points], color=st.colour,
+                linestyle=st.linestyle, marker=st.marker or "o", markersize=5, linewidth=1.6,
                 label=label if points else f"{label} (not reached)")
         shown += [y for _, y in points]
     ax.set_xscale("log")
@@ -192,7 +255,7 @@ def draw_links(c: LinkComparison, styles: dict[str, tuple[str, str]], path: Path
     direction = ">=" if c.higher else "<="
     target = f"{c.metric} {direction} {_fmt(c.target)}" if c.target is not None else "none"
     fig.suptitle(f"{c.title}: time to target ({target}) by link")
-    _savefig(fig, path)
+    _savefig(fig, path, options)
     return True
 
 
@@ -219,8 +282,8 @@ def _on_line(t: Tuning, arm: TuningArm, key: str) -> list[TuningPoint]:
                     for k in others)]
 
 
-def draw_tuning(t: Tuning, arms: list[TuningArm], styles: dict[str, tuple[str, str]],
-                path: Path) -> None:
+def draw_tuning(t: Tuning, arms: list[TuningArm], styles: Styles, path: Path,
+                options: FigureOptions = DEFAULT_OPTIONS) -> None:
     """The metric against each tuned key, one line per arm (see :mod:`accord.report`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -254,7 +317,7 @@ def draw_tuning(t: Tuning, arms: list[TuningArm], styles: dict[str, tuple[str, s
             ax.set_xticks(range(len(order)), [_fmt_value(v) for v in order])
         edge = ax.get_xaxis_transform()  # x in data, y in axes
         for arm in arms:
-            colour, style = styles.get(arm.label, (PALETTE[0], LINESTYLES[0]))
+            colour, style, _ = styles.get(arm.label, Style(PALETTE[0], LINESTYLES[0]))
             good, missing, pick = _tuning_lines(t, arm, key)
             good.sort(key=lambda xv: pos(xv[0]))
             xs, ys = [pos(x) for x, _ in good], [v for _, v in good]
@@ -292,4 +355,4 @@ def draw_tuning(t: Tuning, arms: list[TuningArm], styles: dict[str, tuple[str, s
     seed = f", {_fmt_seeds(t.seeds)}" if t.seeds else ""
     fig.suptitle(f"{task}, {workers} worker{'s' if workers != 1 else ''}: tuning on the "
                  f"{t.split} split{seed}")
-    _savefig(fig, path)
+    _savefig(fig, path, options)

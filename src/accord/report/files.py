@@ -13,7 +13,7 @@ from typing import Any
 
 from ..run.failures import storage_error
 from .runs import _is_eval_key, _num
-from .sections import BASELINE, Section, _section_metrics, compare, metric_columns
+from .sections import BASELINE, TIME_PARTS, Section, _section_metrics, compare, metric_columns
 from .tables import _vs_baseline
 
 
@@ -74,7 +74,7 @@ def _write_summary(path: Path, sections: list[Section]) -> None:
     head += ["target_metric", "target", "target_rule", "n_reached", "steps_to_target_mean",
              "time_to_target_mean", "mb_to_target_mean", f"steps_to_target_vs_{BASELINE}",
              f"time_to_target_vs_{BASELINE}", f"final_diff_vs_{BASELINE}",
-             f"separable_vs_{BASELINE}"]
+             f"separable_vs_{BASELINE}", *[f"{part}_s_mean" for part in TIME_PARTS]]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(head)
@@ -100,4 +100,6 @@ def _write_summary(path: Path, sections: list[Section]) -> None:
                 else:
                     c = compare(g, base, s.metric)
                     row += [_csv_value(c.diff), "yes" if c.separable else "no"]
+                parts = g.breakdown() or {}
+                row += [_csv_value(parts.get(part)) for part in TIME_PARTS]
                 writer.writerow(row)

@@ -112,6 +112,11 @@ class Run:
         return f"profile {profile}" if profile else None
 
     @property
+    def real_links(self) -> bool:
+        """True when the network was shaped for real (``accord train --links real``)."""
+        return self.config.get("links") == "real"
+
+    @property
     def seed(self) -> int:
         seed = self.config.get("seed", 0)
         return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0

@@ -21,6 +21,10 @@ from .runs import Run, Warn, _is_eval_key, _num
 BASELINE = "allreduce"
 ACC_FACTOR = 0.95  # default accuracy target: 0.95 x reference
 LOSS_FACTOR = 1.05  # default loss target: 1.05 x reference
+#: finished seeds each of two groups needs before their final values can be called apart
+SEPARABLE_SEEDS = 3
+#: the parts of a run's wall time (:func:`time_breakdown`), in stacking order
+TIME_PARTS = ("compute", "communication", "waiting")
 
 
 SAME_IN_GROUP = ("algorithm", "hyperparameters", "steps", "optimizer", "lr", "batch_size",
@@ -57,6 +61,29 @@ def final_values(run: Run) -> dict[str, float | None]:
             comm_mean / steps if comm_mean is not None and steps else None,
     })
     return values
+
+
+def time_breakdown(run: Run) -> dict[str, float] | None:
+    """The run's wall time (the summary's ``time_s``) in :data:`TIME_PARTS`, as rank 0 saw
+    it; None without a summary ``time_s`` and ``comm_s``. *communication*: the seconds rank
+    0's communicator counted (``comm_s``; a blocking collective's wait for the other ranks is
+    in it); *compute*: the rest of rank 0's training loop (``worker_time_s[0]``, else
+    ``train_s``, else ``time_s``; forward, backward, optimizer, evaluations at records);
+    *waiting*: ``time_s`` minus that loop (start-up, restarts, and waiting at the end for
+    slower workers). Communication counted beyond the loop's time (a background thread's,
+    overlapping the compute) is capped at it. The parts sum to ``time_s``."""
+    summary = run.summary or {}
+    total, comm = _num(summary.get("time_s")), _num(summary.get("comm_s"))
+    if total is None or comm is None:
+        return None
+    times = summary.get("worker_time_s")
+    loop = _num(times[0]) if isinstance(times, list) and times else None
+    if loop is None:
+        loop = _num(summary.get("train_s"))
+    loop = min(total, loop) if loop is not None else total
+    comm = min(max(comm, 0.0), max(loop, 0.0))
+    return {"compute": max(loop, 0.0) - comm, "communication": comm,
+            "waiting": total - max(loop, 0.0)}
 
 
 def reach(run: Run, metric: str, target: float, higher: bool) -> dict[str, float] | None:
@@ -106,6 +133,14 @@ class Group:
     def count(self, key: str) -> int:
         return sum(f.get(key) is not None for f in self.finals)
 
+    def breakdown(self) -> dict[str, float] | None:
+        """The mean over seeds of :func:`time_breakdown` (of the seeds that have one)."""
+        parts = [b for b in (time_breakdown(r) for r in self.runs) if b is not None]
+        if not parts:
+            return None
+        return {k: statistics.fmean(b[k] for b in parts) for k in TIME_PARTS} | {
+            "seeds": float(len(parts))}
+
     def to_target(self, key: str) -> float | None:
         return _mean(r[key] for r in self.reached if r is not None)
 
@@ -145,7 +180,8 @@ class Section:
     def title(self) -> str:
         title = f"{self.task}, {self.workers} worker{'s' if self.workers != 1 else ''}"
         if self.network.text is not None:
-            title += f", network {self.network.text} (emulated)"
+            real = any(r.real_links for g in self.groups for r in g.runs)
+            title += f", network {self.network.text} ({'real links' if real else 'emulated'})"
         return title
 
 
@@ -164,7 +200,8 @@ def build_sections(runs: list[Run], target_acc: float | None, target_loss: float
     infos: dict[NetworkKey, NetworkInfo] = {}
     by_group: dict[tuple[str, int, NetworkKey, str], list[Run]] = {}
     for run in runs:
-        key = _network_key(run.network)
+        # the same network shaped for real (``links: real``) is a section of its own
+        key = _network_key(run.network) + (("real",) if run.real_links else ())
         if key not in infos:
             infos[key] = _network_info(run, root)
         by_group.setdefault((run.task, run.workers, key, run.label), []).append(run)
@@ -268,10 +305,12 @@ def compare(group: Group, base: Group, metric: str) -> Comparison:
         who = group.label if not mine else base.label
         return Comparison(None, False, f"{who} has no final {metric}")
     diff = statistics.fmean(mine) - statistics.fmean(theirs)
-    few = [(g.label, len(v)) for g, v in ((group, mine), (base, theirs)) if len(v) < 2]
+    few = [(g.label, len(v)) for g, v in ((group, mine), (base, theirs))
+           if len(v) < SEPARABLE_SEEDS]
     if few:
         label, n = few[0]
-        return Comparison(diff, False, f"{label} has {n} finished seed; 2 needed")
+        return Comparison(diff, False, f"{label} has {n} finished seed{'s' * (n != 1)}; "
+                                       f"{SEPARABLE_SEEDS} needed")
     ranges = f"seed ranges [{_fmt(min(mine))}, {_fmt(max(mine))}] and " \
              f"[{_fmt(min(theirs))}, {_fmt(max(theirs))}]"
     apart = max(mine) < min(theirs) or max(theirs) < min(mine)

@@ -1,6 +1,6 @@
 """The markdown of a section and of the run lists: environment, settings, the network note,
-final metrics, communication and time to target, the verdict, the membership of
-fault-tolerant runs, and the tables of diverged and of failed runs."""
+final metrics, communication and time to target, the verdict, the time breakdown, the
+membership of fault-tolerant runs, and the tables of diverged and of failed runs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from .networks import NETWORK_FORMULA, _network_key
 from .runs import Run
 from .sections import (
     BASELINE,
+    SEPARABLE_SEEDS,
+    TIME_PARTS,
     Group,
     Section,
     _membership_runs,
@@ -141,6 +143,35 @@ def _target_table(section: Section) -> list[str]:
                    f"time vs {BASELINE}"], rows)
 
 
+BREAKDOWN_NOTE = (
+    "Each run's wall time (its summary's `time_s`) as rank 0 measured it, in three parts "
+    "that sum to it: *communication* is the seconds rank 0's communicator counted "
+    "(`comm_s`: transfers, and in a blocking collective the wait for the other ranks to "
+    "arrive); *compute* is the rest of rank 0's training loop (`worker_time_s[0]`, else "
+    "`train_s`: forward, backward, optimizer, and the evaluations at records); *waiting* is "
+    "the wall time outside that loop (start-up, restarts, and waiting at the end for slower "
+    "workers). A background thread's communication that overlaps the compute is capped at "
+    "the loop's time. Mean over seeds.")
+
+
+def _breakdown_table(section: Section) -> list[str]:
+    """The mean time breakdown of each group (nothing when no run has one)."""
+    rows = []
+    for g in section.groups:
+        b = g.breakdown()
+        if b is None:
+            continue
+        total = sum(b[p] for p in TIME_PARTS)
+        rows.append([_md(g.label), *[_fmt(b[p], 3) for p in TIME_PARTS], _fmt(total, 4),
+                     f"{b['communication'] / total:.0%}" if total > 0 else "-",
+                     f"{int(b['seeds'])}/{len(g.runs)}"])
+    if not rows:
+        return []
+    return ["### Time breakdown", "", BREAKDOWN_NOTE, "",
+            *_table(["label", *[f"{p} (s)" for p in TIME_PARTS], "wall time (s)",
+                     "communication share", "seeds"], rows), ""]
+
+
 def _who(r: Run) -> list[str]:
     return [_md(r.label) if r.header else "-", _md(r.task) if r.header else "-",
             str(r.workers) if r.header else "-", str(r.seed) if r.header else "-"]
@@ -238,6 +269,11 @@ def _verdict(section: Section) -> list[str]:
         judged = "separable" if c.separable else "not separable at this scale"
         lines.append(f"- {_md(g.label)} vs {BASELINE}: final {metric} {c.diff:+.4g} "
                      f"({better}); {judged} ({_md(c.why)}).")
+    few = [g for g in section.groups if g.count(metric) < SEPARABLE_SEEDS]
+    if few and len(section.groups) > 1:
+        lines.append(f"- Separable is judged only from at least {SEPARABLE_SEEDS} finished "
+                     f"seeds per group; too few here: "
+                     f"{', '.join(f'{_md(g.label)} ({g.count(metric)})' for g in few)}.")
     return lines + [""]
 
 

@@ -1,4 +1,5 @@
-"""``write_report``: read the runs and tuning files under RUNS_DIR, draw the figures, and
+"""``write_report``: read the runs and tuning files under RUNS_DIR, draw the figures (in the
+formats and with the axes and smoothing of :class:`accord.report.style.FigureOptions`), and
 write ``report.md``, ``points.csv`` and ``summary.csv`` (see :mod:`accord.report`)."""
 
 from __future__ import annotations
@@ -8,21 +9,23 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from .figures import (
-    LINESTYLES,
-    PALETTE,
-    X_AXES,
-    draw_links,
-    draw_membership,
-    draw_section,
-    draw_tuning,
-)
+from .figures import X_AXES, draw_links, draw_membership, draw_section, draw_tuning
 from .files import _replace, _write_points, _write_summary, _writing
 from .fmt import FIGURE_DIR, _fmt, _md
 from .links import _links_section, link_comparisons
+from .panels import (
+    MAX_OBSERVABLES,
+    constants,
+    draw_breakdown,
+    draw_consensus,
+    draw_observables,
+    observables,
+)
 from .runs import ReportError, Warn, find_runs, load_run
 from .sections import _membership_runs, _slug, build_sections
+from .style import FigureOptions, figure_options, label_styles
 from .tables import (
+    _breakdown_table,
     _diverged_table,
     _environment,
     _final_table,
@@ -42,11 +45,15 @@ log = logging.getLogger(__package__)
 
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                  target_acc: float | None = None, target_loss: float | None = None,
-                 figures: bool = True, warn: Warn | None = None) -> Path:
+                 figures: bool = True, warn: Warn | None = None, log_y: str = "auto",
+                 smooth: float | str = 0.0,
+                 formats: str | tuple[str, ...] | list[str] = ("png",)) -> Path:
     """Write report.md, figures/, points.csv and summary.csv; return report.md's path.
 
     ``figures=False`` skips drawing (the tables and CSV files are the same); ``warn`` gets
-    each warning (default: logged)."""
+    each warning (default: logged); ``log_y``, ``smooth`` and ``formats`` are
+    ``--log-y``, ``--smooth`` and ``--formats`` (:func:`accord.report.style.figure_options`:
+    a bad value is a :class:`ReportError` naming the option)."""
     collected: list[str] = []
 
     def note(message: str) -> None:
@@ -64,6 +71,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
             ("--target-loss", target_loss, lambda x: x >= 0, "a finite number >= 0")):
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise ReportError(f"{name}: got {value!r}, allowed: {allowed}")
+    options = figure_options(log_y, smooth, formats)
     runs = [load_run(d, root, note) for d in find_runs(root)]
     if not runs:
         raise ReportError(f"no runs (no metrics.jsonl) under {str(root)!r}")
@@ -88,12 +96,11 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     problems = [r for r in evaluated if r.status not in ("ok", "diverged")]
     sections = build_sections(finished, target_acc, target_loss, note, root)
     comparisons = link_comparisons(sections)
-    labels = sorted({g.label for s in sections for g in s.groups}
-                    | {a.label for t in tunings for a in t.arms})
-    styles = {label: (PALETTE[i % len(PALETTE)], LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
-              for i, label in enumerate(labels)}
+    styles = label_styles([r for s in sections for g in s.groups for r in g.runs],
+                          [a.label for t in tunings for a in t.arms])
 
     drawn: dict[str, list[str]] = {}
+    extra: dict[str, list[tuple[str, str]]] = {}  # slug: (caption, file) of the other figures
     links_drawn: dict[str, str] = {}
     members_drawn: dict[str, str] = {}
     tuning_drawn: dict[tuple[int, str, int], str] = {}
@@ -106,13 +113,15 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     else:
         with _writing(out / FIGURE_DIR):  # a full disk, a file-size limit: one line
             for section in sections if figures else []:
-                drawn[section.slug] = draw_section(section, styles, out / FIGURE_DIR)
+                drawn[section.slug] = draw_section(section, styles, out / FIGURE_DIR, options)
+                extra[section.slug] = _section_extras(section, styles, out / FIGURE_DIR,
+                                                      options)
                 if _membership_runs(section):
                     name = f"{section.slug}_participants.png"
-                    draw_membership(section, styles, out / FIGURE_DIR / name)
+                    draw_membership(section, styles, out / FIGURE_DIR / name, options)
                     members_drawn[section.slug] = name
             for c in comparisons if figures else []:
-                if draw_links(c, styles, out / FIGURE_DIR / c.figure):
+                if draw_links(c, styles, out / FIGURE_DIR / c.figure, options):
                     links_drawn[c.figure] = c.figure
             taken: set[str] = set()
             for i, t in enumerate(tunings if figures else []):
@@ -123,7 +132,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                         n += 1
                         name = f"{slug}-{n}.png"
                     taken.add(name)
-                    draw_tuning(t, _arms_of(t, task, workers), styles, out / FIGURE_DIR / name)
+                    draw_tuning(t, _arms_of(t, task, workers), styles,
+                                out / FIGURE_DIR / name, options)
                     tuning_drawn[i, task, workers] = name
 
     _replace(out / "points.csv", lambda p: _write_points(p, sections))
@@ -140,6 +150,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
              "(task, workers, network, label) and their seeds are the repetitions. Final "
              "metrics are mean ± sample std over seeds. Files: `points.csv` (every plotted point), "
              "`summary.csv` (these tables at full precision).", "",
+             *_figures_note(options, bool(drawn)),
              *_set_aside(tuning_runs, tunings), "## Environment", "",
              *_environment(runs), ""]
     for section in sections:
@@ -158,12 +169,24 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
                   "Bytes are payloads handed to collectives, cumulative over the run. To-target "
                   "values are means over the seeds that reached the target.", "",
                   *_target_table(section), "", *_verdict(section),
+                  *_breakdown_table(section),
                   *_membership(section, members_drawn.get(section.slug))]
         if drawn.get(section.slug):
             lines += ["### Figures", "",
-                      "Mean over seeds, band from the lowest to the highest seed.", ""]
+                      "Mean over seeds, band from the lowest to the highest seed; the test "
+                      "metrics are the consensus model's.", ""]
             lines += [f"![{_md(section.title)}, against {xlabel}]({FIGURE_DIR}/{name})\n"
                       for (_, xlabel), name in zip(X_AXES, drawn[section.slug], strict=True)]
+            lines += [f"![{_md(section.title)}: {caption}]({FIGURE_DIR}/{name})\n"
+                      for caption, name in extra.get(section.slug, [])]
+            fixed = constants(section)
+            if fixed:
+                lines += [f"Observables that keep one value: {_md('; '.join(fixed))}.", ""]
+            left = observables(section)[MAX_OBSERVABLES:]
+            if left:
+                lines += [f"Observables not drawn (more than {MAX_OBSERVABLES}): "
+                          f"{', '.join(_md(k) for k in left)}; they are in `metrics.jsonl`.",
+                          ""]
     if not sections:
         lines += ["No finished run.", ""]
     if comparisons:
@@ -186,3 +209,36 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
     path = out / "report.md"
     _replace(path, lambda p: p.write_text("\n".join(lines), encoding="utf-8"))
     return path
+
+
+def _section_extras(section, styles, folder: Path, options: FigureOptions
+                    ) -> list[tuple[str, str]]:
+    """The consensus, observables and time-breakdown figures of a section that has their
+    numbers: (caption, file name) of each drawn."""
+    drawn = []
+    name = f"{section.slug}_consensus.png"
+    if draw_consensus(section, styles, folder / name, options):
+        drawn.append(("consensus distance and rank 0 against the consensus model", name))
+    name = f"{section.slug}_observables.png"
+    if draw_observables(section, styles, folder / name, options):
+        drawn.append(("the algorithms' observables", name))
+    name = f"{section.slug}_breakdown.png"
+    if draw_breakdown(section, styles, folder / name, options):
+        drawn.append(("time breakdown", name))
+    return drawn
+
+
+def _figures_note(options: FigureOptions, drawn: bool) -> list[str]:
+    """One paragraph on how the figures are drawn (nothing without figures)."""
+    if not drawn:
+        return []
+    kinds = " and ".join(f.upper() for f in options.extra_formats)
+    also = (f" Each figure is also written as {kinds} beside its PNG file (same name)."
+            if options.extra_formats else "")
+    smoothing = (f"curves smoothed by an exponential moving average of weight "
+                 f"{options.smooth:g} (the raw mean faint behind; tables are never smoothed)"
+                 if options.smooth > 0 else "curves not smoothed")
+    return [f"Figures: colour by algorithm (the same in every report), line style by variant "
+            f"(solid plain, dashed straggler, dotted compression, dash-dot emulated link), a "
+            f"marker for labels that share both; where lines coincide the earlier one is the "
+            f"wider; {smoothing}; y axis `--log-y {options.log_y}`.{also}", ""]
