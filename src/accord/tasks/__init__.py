@@ -37,6 +37,11 @@ def stream_seed(*keys: int) -> int:
 
 
 class Task:
+    """A training task: a model, per-worker training batches and an evaluation, built from a
+    seed (and a data directory, for tasks with files). Subclass it and name the class with
+    ``--tasks FILE.py:Class`` to bring a task of your own to ``accord train`` and ``accord
+    bench`` (examples/user_task.py)."""
+
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     has_accuracy: ClassVar[bool] = False
