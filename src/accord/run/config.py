@@ -46,6 +46,9 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0  # one week
 
 
 
+#: ``links``: emulated (sleep for the modelled time) or real (testbed hosts; run/real_links.py)
+LINKS = ("emulated", "real")
+
 @dataclass
 class TrainConfig:
     """The settings of one training run. Each field is declared once (:func:`setting`):
@@ -118,7 +121,7 @@ class TrainConfig:
                                           help='JSON {"default": "1gbit,5ms", "links": '
                                                '[{"ranks": [0, 3], "link": "100mbit,50ms"}]}: '
                                                "per-rank-pair links")
-    links: str = setting("emulated", settable=True, resumable=True, added="emulated",
+    links: str = setting(LINKS[0], settable=True, resumable=True, added="emulated",
                          allowed="emulated or real",
                          help="real: run across hosts made of network namespaces whose "
                               "links tc shapes to --network / --network-profile, instead "

@@ -20,6 +20,7 @@ from . import faults
 from .config import (
     BACKENDS,
     DEVICES,
+    LINKS,
     MAX_ACCUM_STEPS,
     MAX_KEEP,
     MAX_LR,
@@ -204,7 +205,7 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
         fail("resume", cfg.resume, f"{_allowed('resume')}; {cfg.resume!r} does not exist")
     integer("max_restarts", 0, MAX_RESTARTS)
     emulated_network(cfg)
-    choice("links", ("emulated", "real"))
+    choice("links", LINKS)
     if cfg.links == "real" and cfg.network is None and cfg.network_profile is None:
         fail("links", cfg.links, "real with --network or --network-profile (the links to "
              "shape), or emulated")
