@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,9 @@ def _torchrun_worker(cfg: TrainConfig, rank: int, driver: bool) -> int:
     failing rank (the traceback is in its logs/rank<r>.traceback) and the same line in
     torchrun's error file, which torchrun prints as the root cause."""
     lock = rundir.RunLock(cfg.out) if driver else None
+    # outside the run itself (which turns SIGTERM into an interruption) a SIGTERM from
+    # torchrun, stopping the survivors of a crashed peer, waits for the lock's release
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if driver else None
     try:
         if lock is not None:
             lock.acquire()
@@ -168,6 +172,7 @@ def _torchrun_worker(cfg: TrainConfig, rank: int, driver: bool) -> int:
     finally:
         if lock is not None:
             lock.release()
+            signal.signal(signal.SIGTERM, previous)
     # Leave without the interpreter's teardown: C++ destructors of finished gloo threads
     # can abort there ("terminate called without an active exception"), rarely, turning
     # a good run into a failure.

@@ -310,19 +310,23 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
         heartbeat.beat(cfg.steps, "done")
         return summary
     except BaseException as exc:
+        # the failure is recorded whole: torchrun's SIGTERM to the survivors of a crashed
+        # peer must not cut the summary (or the lock's release after it) short
+        _ignore_sigterm(previous)
         _report(exc, cfg, rank, world, logs, heartbeat, writer)
         raise
     finally:
+        _ignore_sigterm(previous)
         emulate_network(None)
         compress_payloads(None)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if heartbeat is not None:
             heartbeat.close()
         if writer is not None:
             writer.close()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _arrive(cfg: TrainConfig, world: int) -> dist.Store | None:
@@ -407,6 +411,12 @@ def _interrupt_on_sigterm():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _ignore_sigterm(previous) -> None:
+    """While a run winds down, SIGTERM waits: the records are closed first."""
+    if previous is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None,
