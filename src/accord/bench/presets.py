@@ -1,6 +1,6 @@
 """The named presets (``PRESETS``; ``TUNED_PRESETS`` with their default grid): each a list
 of :class:`.specs.RunSpec` built in code, and the fault patterns and settings they share
-(see :mod:`accord.bench` for what each preset measures)."""
+(what each preset measures: docs/guides/benchmarking.md, Presets)."""
 
 from __future__ import annotations
 

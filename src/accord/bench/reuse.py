@@ -1,6 +1,6 @@
 """Reuse: what a run directory holds for a requested config (:func:`previous`), whether the
-bench reuses it or reruns it and why (see :mod:`accord.bench`, **Reuse**), and clearing an
-earlier attempt before a rerun."""
+bench reuses it or reruns it and why (see docs/guides/benchmarking.md, Reuse and outcomes),
+and clearing an earlier attempt before a rerun."""
 
 from __future__ import annotations
 

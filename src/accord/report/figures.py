@@ -4,7 +4,7 @@ participants of fault-tolerant runs, time to target by link and the tuning curve
 the helpers the figures of :mod:`accord.report.panels` share: :func:`curve` (mean and range
 over seeds), :func:`plot_curves` (lines that stay visible when they coincide) and
 :func:`y_scale` (``--log-y``). Styles: :mod:`accord.report.style` (see
-:mod:`accord.report`, **Figures**)."""
+docs/reference/report.md, Figures)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Curve:
 
 def curve(group: Group, key: str | Callable[[dict[str, Any]], Any]) -> Curve:
     """Mean / min / max over seeds of ``key`` (a field of the step records, or a function
-    of a record) at the steps every seed logged (see :mod:`accord.report`)."""
+    of a record) at the steps every seed logged (docs/reference/report.md, Curves)."""
     get = key if callable(key) else (lambda rec: rec.get(key))
     tables = [{rec["step"]: rec for rec in r.steps} for r in group.runs]
     common = set.intersection(*(set(t) for t in tables)) if tables else set()
@@ -218,7 +218,8 @@ def draw_membership(section: Section, styles: Styles, path: Path,
 def draw_links(c: LinkComparison, styles: Styles, path: Path,
                options: FigureOptions = DEFAULT_OPTIONS) -> bool:
     """Time to target against link bandwidth, one line per label (see
-    :mod:`accord.report`); False (nothing written) when no network has a known bandwidth."""
+    docs/reference/report.md, Links); False (nothing written) when no network has a known
+    bandwidth."""
     placed = [(i, s.network.link.bandwidth * 8 / 1e9) for i, s in enumerate(c.sections)
               if s.network.link is not None]
     if not placed:
@@ -284,7 +285,8 @@ def _on_line(t: Tuning, arm: TuningArm, key: str) -> list[TuningPoint]:
 
 def draw_tuning(t: Tuning, arms: list[TuningArm], styles: Styles, path: Path,
                 options: FigureOptions = DEFAULT_OPTIONS) -> None:
-    """The metric against each tuned key, one line per arm (see :mod:`accord.report`)."""
+    """The metric against each tuned key, one line per arm (docs/reference/report.md,
+    Tuning)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,5 +1,5 @@
 """The section "Links": one (task, workers) on two or more networks, compared against one
-target (see :mod:`accord.report`, **Links**); its figure is :func:`.figures.draw_links`."""
+target (see docs/reference/report.md, Links); its figure is :func:`.figures.draw_links`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A section's figures beyond the metric curves (see :mod:`accord.report`, **Figures**):
+"""A section's figures beyond the metric curves (docs/reference/report.md, Figures):
 
 * ``<slug>_consensus.png`` -- against step: the consensus distance (mean over replicas of
   the squared distance to their mean) and the gap of rank 0's own replica to the consensus

@@ -1,6 +1,6 @@
 """Reading the runs under RUNS_DIR: a :class:`Run` per directory holding a ``metrics.jsonl``
 (or only ``logs/rank*.error``), its status and cause, and the warnings of its file (see
-:mod:`accord.report`, **Runs** and **Reading**)."""
+docs/reference/report.md, Runs and their status, Reading the files)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ class Run:
 
     @property
     def error(self) -> str:
-        """The cause of a run that did not end ok, in one line (see :mod:`accord.report`)."""
+        """The cause of a run that did not end ok, in one line (see
+        docs/reference/report.md, Runs and their status)."""
         outcome = self.outcome
         if self.status == "diverged":
             return outcome.describe() + (" (inferred from null values)" if outcome.inferred

@@ -1,7 +1,8 @@
 """The numbers of the report: a run's final values and the step it reaches a target at,
 groups (task, workers, network, label) of seeds, sections (task, workers, network) with
 their test metric and target, and a group's final metric against the baseline's (see
-:mod:`accord.report`, **Grouping**, **Target**, **Final metrics** and **Verdict**)."""
+docs/reference/report.md: Sections and groups, Test metric and target, Final metrics,
+Verdict)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ SAME_IN_GROUP = ("algorithm", "hyperparameters", "steps", "optimizer", "lr", "ba
 
 
 def final_values(run: Run) -> dict[str, float | None]:
-    """The run's final metrics (see :mod:`accord.report`)."""
+    """The run's final metrics (see docs/reference/report.md, Final metrics)."""
     last = run.steps[-1] if run.steps else {}
     summary = run.summary or {}
     values: dict[str, float | None] = {}
@@ -292,7 +293,8 @@ def _section_metrics(section: Section) -> list[str]:
 
 @dataclass
 class Comparison:
-    """A group's final test metric against the baseline's (see :mod:`accord.report`)."""
+    """A group's final test metric against the baseline's (docs/reference/report.md,
+    Verdict)."""
     diff: float | None  # mean(group) - mean(baseline)
     separable: bool
     why: str  # the ranges, or what is missing

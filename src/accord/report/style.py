@@ -1,6 +1,6 @@
 """How the report's figures look: a colour per algorithm, a line style per variant, a marker
 per label that shares both, smoothing, and the figure options of ``accord report``
-(``--log-y``, ``--smooth``, ``--formats``; see :mod:`accord.report`, **Figures**).
+(``--log-y``, ``--smooth``, ``--formats``; see docs/reference/report.md, Figures).
 
 * **Colour: the algorithm's.** The baseline (``allreduce``) is black; the other built-in
   algorithms, sorted by registry name, take :data:`PALETTE` in turn; an algorithm from

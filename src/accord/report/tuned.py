@@ -1,6 +1,7 @@
 """``tuning.json`` in the report (its one schema: :mod:`accord.bench.tuning`): the files found under
 RUNS_DIR, the section "Tuning", the note under a section's settings and the line on the
-tuning runs set aside (see :mod:`accord.report`, **Tuning runs** and **Tuning**)."""
+tuning runs set aside (see docs/reference/report.md,
+Tuning runs and Tuning)."""
 
 from __future__ import annotations
 

