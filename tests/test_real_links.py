@@ -161,3 +161,39 @@ def test_real_links_equal_the_emulated_run_and_take_the_link_time(tmp_path: Path
     assert wire > 1.0
     assert summary["comm_s"] >= 0.9 * wire  # the link, not an emulation, held the data
     assert testbed.leftovers() == []
+
+
+@needs_namespaces
+@pytest.mark.parametrize("world, network, algo", [
+    # a profile: two hosts of two ranks, islands inside them, DiLoCo over the slow link
+    (4, "profile", ["--algo", "hierarchical", "--set", "island_size=2", "--set",
+                    "outer=diloco", "--set", "outer_hp=period=4"]),
+    (3, "4mbit", ["--algo", "gossip"]),  # an odd world: three hosts of one rank
+])
+def test_hosts_of_several_ranks_and_odd_worlds_equal_the_emulated_run(
+        tmp_path: Path, world: int, network: str, algo: list[str]) -> None:
+    """The ranks of a host share its namespace and reach each other inside it; the run
+    computes what the emulated network does, bit for bit; nothing is left behind."""
+    if network == "profile":
+        net = ["--network-profile", _profile(tmp_path, "4mbit", [([0, 1], "10gbit"),
+                                                                 ([2, 3], "10gbit")])]
+    else:
+        net = ["--network", network]
+    argv = [PY, "-m", "accord", "train", *algo, "--task", "digits", "--workers", str(world),
+            "--steps", "12", "--log-every", "4", "--no-progress", *net]
+    emulated = subprocess.Popen([*argv, "--out", str(tmp_path / "emu")], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    real = subprocess.run([*argv, "--links", "real", "--out", str(tmp_path / "real")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    _, err = emulated.communicate(timeout=300)
+    assert emulated.returncode == 0, err
+    assert real.returncode == 0, real.stderr
+    hosts, per_host = (2, 2) if network == "profile" else (world, 1)
+    rank_word = "ranks" if per_host > 1 else "rank"
+    assert f"real links: {hosts} hosts of {per_host} {rank_word}, 4 Mbit/s" in real.stderr
+    runs = {k: read_metrics(tmp_path / k / "metrics.jsonl") for k in ("emu", "real")}
+    steps = {k: [{f: r.get(f) for f in SAME} for r in recs if r["type"] == "step"]
+             for k, recs in runs.items()}
+    assert steps["real"] == steps["emu"] and len(steps["real"]) == 3
+    assert steps["real"][-1]["comm_bytes"] > 0
+    assert testbed.leftovers() == []

@@ -141,3 +141,30 @@ def test_bench_reruns_a_run_whose_task_or_plugin_file_was_edited(tmp_path):
     assert previous(cfg).reason == f"the task file {task} changed since it ran"
     task.unlink()
     assert previous(cfg).reason == f"the task file {task} changed since it ran"
+
+
+def test_the_time_records_take_is_left_out_of_the_run_s_clock(tmp_path):
+    """Measuring does not lengthen what it measures: a task whose evaluation takes 0.25 s
+    (two evaluations per record, 4 records) adds 2 s of records, which ``time_s`` leaves
+    out and the summary's ``record_s`` holds."""
+    task = tmp_path / "slow_eval.py"
+    task.write_text(EXAMPLE.read_text() + (
+        "\n\nimport time as _time\n\n\nclass SlowEval(TwoMoons):\n"
+        "    def evaluate(self, model):\n        _time.sleep(0.25)\n"
+        "        return super().evaluate(model)\n"))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "accord", "train", "--task",
+                           f"{task}:SlowEval", "--algo", "allreduce", "--workers", "2",
+                           "--steps", "8", "--log-every", "2", "--no-progress", "--out",
+                           str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "step"]
+    summary = records[-1]
+    assert len(steps) == 4 and summary["record_s"] >= 4 * 2 * 0.25
+    # 8 steps of a 2-feature MLP: far less than the records' evaluations
+    assert steps[-1]["time_s"] < summary["record_s"] / 2
+    assert summary["train_s"] < summary["record_s"] / 2
+    wall = sum(a["seconds"] for a in summary["attempts"])
+    assert summary["time_s"] == pytest.approx(wall - summary["record_s"], abs=1e-6)

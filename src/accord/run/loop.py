@@ -170,14 +170,17 @@ class Faults(Hook):
 
 class Tally(Hook):
     """What the loop's objects share: the loop's clock (``start``, continued from a
-    checkpoint), the running loss (on the device, read at records only), the steps done,
-    when the last step's own work ended, fault events counted by kind, the progress bar."""
+    checkpoint; it stands still while a record is taken, :meth:`pause`), the running loss
+    (on the device, read at records only), the steps done, when the last step's own work
+    ended, fault events counted by kind, the progress bar."""
 
     def __init__(self, running: torch.Tensor | None = None, first: int = 0,
-                 events: dict[str, int] | None = None, bar: Any = None) -> None:
+                 events: dict[str, int] | None = None, bar: Any = None,
+                 recorded: float = 0.0) -> None:
         self.running, self.steps_done = running, first
         self.events = dict(events or {})
         self.bar = bar
+        self.recorded = recorded  # seconds spent taking records, left out of the clock
         self.start_clock()
 
     def start_clock(self, elapsed: float = 0.0) -> None:
@@ -185,6 +188,13 @@ class Tally(Hook):
         from its checkpoint's)."""
         self.start = time.perf_counter() - elapsed
         self.train_end = time.perf_counter()  # a resume at the last step runs no step
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` (a record just taken, after the last step's end) out of the
+        loop's clock: measuring does not lengthen the run it measures."""
+        self.start += seconds
+        self.train_end += seconds
+        self.recorded += seconds
 
     def after_step(self, step: int, ctx: StepContext) -> None:
         self.train_end = time.perf_counter()  # before the record's collectives wait

@@ -62,6 +62,13 @@ class Records:
     def on_record(self, step: int, ctx: StepContext) -> None:
         if not self.due(step):
             return
+        began = time.perf_counter()
+        try:
+            self._record(step, ctx, began)
+        finally:  # the record's time (evaluation, the probe's traffic) is not the run's
+            self.tally.pause(time.perf_counter() - began)
+
+    def _record(self, step: int, ctx: StepContext, began: float) -> None:
         w, writer = self.w, self.writer
         self.heartbeat.beat(step, "record")
         mean_loss = self.comm.all_reduce_(ctx.loss.reshape(1).clone(), op="avg")
@@ -79,7 +86,7 @@ class Records:
                           **{k: finite_or_none(v) for k, v in evaluation.items()},
                           **{f"rank0_{k}": finite_or_none(v) for k, v in replica.items()},
                           "consensus_distance": finite_or_none(distance),
-                          "time_s": time.perf_counter() - self.tally.start,
+                          "time_s": began - self.tally.start,
                           "comm_bytes": stats.bytes, "comm_calls": stats.calls,
                           "comm_s": stats.seconds, "events": len(new_events),
                           "algo": {k: finite_or_none(v) for k, v in w.agg.metrics().items()}})
@@ -134,7 +141,8 @@ class Records:
         attempts = writer.attempts
         summary = {"type": "summary", "status": "ok" if self.diverged is None else "diverged",
                    **(self.diverged or {}), "steps": tally.steps_done,
-                   "time_s": now - attempts[0]["started"], "train_s": elapsed,
+                   "time_s": now - attempts[0]["started"] - tally.recorded,
+                   "train_s": elapsed, "record_s": tally.recorded,
                    "attempts": [
                        {"from_step": a["from_step"],
                         "seconds": (b["started"] if b is not None else now) - a["started"]}

@@ -439,7 +439,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, writer: MetricsWriter | None
                    unit="step", dynamic_ncols=True)
     running = extra.get("running")
     tally = Tally(None if running is None else running.to(device), w.first,
-                  extra.get("events", {}), bar)
+                  extra.get("events", {}), bar, float(extra.get("recorded", 0.0)))
     # an algorithm that avoids waits is observed without a global wait (accord.observe)
     observed = w.agg.avoids_waits and world > 1
     recorder = None
@@ -483,6 +483,7 @@ class Checkpointer(Hook):
         self.recorder.flush()  # an observed run's records up to the checkpoint first
         _checkpoint(cfg, step + 1, w.model, w.optimizer, w.agg, self.idle, writer, {
             "events": self.tally.events, "elapsed": time.perf_counter() - self.tally.start,
+            "recorded": self.tally.recorded,
             "running": self.tally.running,
             "last_eval": writer.last_eval if writer is not None else None,
             "compressor": (payload_compressor().state_dict()
