@@ -104,9 +104,17 @@ class FTRecords:
 
     def on_record(self, step: int, ctx: StepContext) -> None:
         self.record = self.flagged = None
-        cfg, w, book, ft = self.cfg, self.w, self.book, self.membership.ft
+        cfg = self.cfg
         if not ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             return
+        began = time.perf_counter()
+        try:
+            self._record(step, ctx, began)
+        finally:  # the record's time is left out of the run's clock, as in the local loop
+            self.tally.pause(time.perf_counter() - began)
+
+    def _record(self, step: int, ctx: StepContext, began: float) -> None:
+        w, book, ft = self.w, self.book, self.membership.ft
         self.heartbeat.beat(step, "record")
         n, rank = book.world_size, book.rank
         participants = list(ft.participants or [])
@@ -126,7 +134,7 @@ class FTRecords:
                 **{k: finite_or_none(v) for k, v in evaluation.items()},
                 **{f"rank0_{k}": finite_or_none(v) for k, v in replica_eval.items()},
                 "consensus_distance": finite_or_none(distance),
-                "time_s": time.perf_counter() - self.tally.start,
+                "time_s": began - self.tally.start,
                 "comm_bytes": stats.bytes, "comm_calls": stats.calls, "comm_s": stats.seconds,
                 "participants": participants, "n": n, "writer": self.replica,
                 "algo": {k: finite_or_none(v) for k, v in w.agg.metrics().items()}}
