@@ -69,7 +69,7 @@ def time_breakdown(run: Run) -> dict[str, float] | None:
     it; None without a summary ``time_s`` and ``comm_s``. *communication*: the seconds rank
     0's communicator counted (``comm_s``; a blocking collective's wait for the other ranks is
     in it); *compute*: the rest of rank 0's training loop (``worker_time_s[0]``, else
-    ``train_s``, else ``time_s``; forward, backward, optimizer, evaluations at records);
+    ``train_s``, else ``time_s``; forward, backward, optimizer; not the records' own time);
     *waiting*: ``time_s`` minus that loop (start-up, restarts, and waiting at the end for
     slower workers). Communication counted beyond the loop's time (a background thread's,
     overlapping the compute) is capped at it. The parts sum to ``time_s``."""

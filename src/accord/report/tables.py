@@ -148,10 +148,12 @@ BREAKDOWN_NOTE = (
     "that sum to it: *communication* is the seconds rank 0's communicator counted "
     "(`comm_s`: transfers, and in a blocking collective the wait for the other ranks to "
     "arrive); *compute* is the rest of rank 0's training loop (`worker_time_s[0]`, else "
-    "`train_s`: forward, backward, optimizer, and the evaluations at records); *waiting* is "
-    "the wall time outside that loop (start-up, restarts, and waiting at the end for slower "
-    "workers). A background thread's communication that overlaps the compute is capped at "
-    "the loop's time. Mean over seeds.")
+    "`train_s`: forward, backward, optimizer); *waiting* is the wall time outside that loop "
+    "(start-up, restarts, and waiting at the end for slower workers). The time the records "
+    "take (evaluations, the consensus probe: the summary's `record_s`) is in none of them, "
+    "nor in the wall time (runs recorded before `record_s` existed count it as compute). A "
+    "background thread's communication that overlaps the compute is capped at the loop's "
+    "time. Mean over seeds.")
 
 
 def _breakdown_table(section: Section) -> list[str]:
