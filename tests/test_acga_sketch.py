@@ -54,6 +54,54 @@ def test_segments_no_longer_than_k_are_sent_exactly():
     torch.testing.assert_close(gram[0] + gram[1], g @ g.T, rtol=1e-5, atol=1e-3)
 
 
+def _sketch_by_definition(sk: GramSketch, tensors, count: int) -> torch.Tensor:
+    """y = sum_r tau_r (sigma_r * x_r) of each segment from the docstring's formula, with
+    sigma_r the table window at the row's shift (an oracle for ``fill_``)."""
+    tau, shifts = sk.row_signs(count)
+    xs = [torch.zeros(n) if t is None else t.reshape(-1).float()
+          for n, t in zip(sk.sizes, tensors, strict=True)]
+    segments = [torch.cat(xs)] if sk.segments == 1 and len(xs) > 1 else xs
+    out, row_at = [], 0
+    for x, rows in zip(segments, sk.rows, strict=True):
+        if rows == 0:
+            out.append(x)
+            continue
+        padded = torch.zeros(rows * sk.k)
+        padded[: x.numel()] = x
+        y = torch.zeros(sk.k)
+        for r, chunk in enumerate(padded.view(rows, sk.k)):
+            sigma = sk.table[shifts[row_at + r]: shifts[row_at + r] + sk.k]
+            y += tau[row_at + r] * sigma * chunk
+        out.append(y)
+        row_at += rows
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_fill_is_the_formula_and_the_cpu_foreach_path_is_the_per_piece_path_bit_for_bit(
+        monkeypatch, joined):
+    from accord.algorithms import _gram_sketch
+
+    gen = torch.Generator().manual_seed(4)
+    # tensors straddling row boundaries, one shorter than k, one empty, one not given
+    sizes = [700, 3, 1500, 0, 260, 90]
+    tensors = [torch.randn(n, generator=gen) for n in sizes]
+    tensors[4] = None
+    sk = GramSketch(sizes, k=256, seed=2, device="cpu", joined=joined)
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(_gram_sketch, "FOREACH_ON_CPU", fused)
+        out = torch.full((sk.width + sk.segments,), 7.0)  # stale numbers are overwritten
+        runs[fused] = sk.fill_(tensors, 11, out).clone()
+        assert torch.equal(sk.fill_(tensors, 11, out), runs[fused])  # the kept views
+    assert torch.equal(runs[True], runs[False])
+    torch.testing.assert_close(runs[True][: sk.width],
+                               _sketch_by_definition(sk, tensors, 11), rtol=1e-5, atol=1e-5)
+    given = [torch.zeros(n) if t is None else t for n, t in zip(sizes, tensors, strict=True)]
+    norms = ([torch.cat(given).norm()] if joined else [t.norm() for t in given])
+    torch.testing.assert_close(runs[True][sk.width:], torch.stack(norms))
+
+
 def test_gram_error_shrinks_with_k_and_the_estimate_is_unbiased():
     g = _gradients()
     errors = [_gram_error(g, k, range(20))[0] for k in (16, 64, 256, 1024)]

@@ -226,9 +226,10 @@ def drive(rank: int, world: int, labels: list[str], dtypes: list[str], steps: in
     """Run every configuration in ``labels`` for every dtype; per (label, dtype): host syncs
     per step (by kind), metrics, the final parameters and every reachable tensor's
     (path, device, dtype, engine)."""
-    from accord.algorithms import acga
+    from accord.algorithms import _gram_sketch, acga
 
     acga.CPU_SHORTCUTS = False  # check the device-agnostic path, as it runs on a GPU
+    _gram_sketch.FOREACH_ON_CPU = False
     counter = HostSyncCounter()
     counter.install()
     out = {}
