@@ -81,6 +81,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a variant left out unless ACCORD_SLOW_TESTS=1")
     for tier in TIERS:
         config.addinivalue_line("markers", f"{tier}: the {tier} tier (tests/conftest.py)")
+    if not hasattr(config, "workerinput"):
+        # build ACGA's native sketch kernel once, before any test world starts (about 25 s
+        # on a fresh machine; later processes load it from the cache)
+        from accord.algorithms import _sketch_native
+
+        _sketch_native.kernel()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -102,6 +102,39 @@ def test_fill_is_the_formula_and_the_cpu_foreach_path_is_the_per_piece_path_bit_
     torch.testing.assert_close(runs[True][sk.width:], torch.stack(norms))
 
 
+@pytest.mark.parametrize("joined", [True, False])
+def test_the_native_kernel_gives_the_torch_paths_sketch_bit_for_bit(joined):
+    from accord.algorithms import _sketch_native
+
+    if _sketch_native.kernel() is None:
+        pytest.skip("the native sketch kernel does not build here (ACCORD_NATIVE, compiler)")
+    gen = torch.Generator().manual_seed(5)
+    sizes = [700, 3, 1500, 0, 260, 90]
+    for missing in (None, 4):  # every tensor given; one not given
+        tensors = [torch.randn(n, generator=gen) for n in sizes]
+        if missing is not None:
+            tensors[missing] = None
+        sk = GramSketch(sizes, k=256, seed=2, device="cpu", joined=joined)
+        assert sk.native is not None
+        runs = []
+        for native in (sk.native, None):
+            sk.native = native
+            runs.append(sk.fill_(tensors, 11, torch.full((sk.width + sk.segments,), 7.0)))
+        assert torch.equal(runs[0][: sk.width], runs[1][: sk.width])
+        torch.testing.assert_close(runs[0][sk.width:], runs[1][sk.width:], rtol=1e-6, atol=0)
+
+
+def test_accord_native_chooses_the_kernel_and_a_bad_value_is_one_line(monkeypatch):
+    from accord.algorithms import _sketch_native
+
+    monkeypatch.setenv("ACCORD_NATIVE", "off")
+    assert _sketch_native.kernel() is None
+    assert GramSketch([5000], k=256, seed=0, device="cpu").native is None
+    monkeypatch.setenv("ACCORD_NATIVE", "fast")
+    with pytest.raises(ValueError, match=r"^ACCORD_NATIVE: got 'fast'; allowed: auto, off, on$"):
+        _sketch_native.kernel()
+
+
 def test_gram_error_shrinks_with_k_and_the_estimate_is_unbiased():
     g = _gradients()
     errors = [_gram_error(g, k, range(20))[0] for k in (16, 64, 256, 1024)]

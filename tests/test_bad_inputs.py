@@ -184,6 +184,17 @@ def test_bad_cli_input_is_one_line_before_any_worker(tmp_path, capsys, monkeypat
     assert not out.exists()
 
 
+def test_a_bad_accord_native_is_one_line_before_any_worker(tmp_path, capsys, monkeypatch,
+                                                          no_launch):
+    monkeypatch.setenv("ACCORD_NATIVE", "yes")
+    out = tmp_path / "run"
+    code = cli.main(["train", "--out", str(out), "--no-progress", "--algo", "acga"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == "accord train: error: ACCORD_NATIVE: got 'yes'; allowed: auto, off, on\n"
+    assert not out.exists()
+
+
 def test_bad_input_from_a_real_process_is_one_line(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import threading
 from collections import Counter, deque
 from contextlib import contextmanager
@@ -230,6 +231,7 @@ def drive(rank: int, world: int, labels: list[str], dtypes: list[str], steps: in
 
     acga.CPU_SHORTCUTS = False  # check the device-agnostic path, as it runs on a GPU
     _gram_sketch.FOREACH_ON_CPU = False
+    os.environ["ACCORD_NATIVE"] = "off"  # the native kernel is for the CPU only
     counter = HostSyncCounter()
     counter.install()
     out = {}

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _sketch_native
+
 #: on the CPU, run the sketch's pieces through ``torch._foreach_*`` (see
 #: :meth:`GramSketch.fill_`); the tests switch it off to check the per-piece path
 FOREACH_ON_CPU = True
@@ -107,6 +109,15 @@ class GramSketch:
             self._tensor_pieces[i].append(j)
             self._tensor_splits[i].append(b - a)
         assert sum(self._tensor_pieces, []) == list(range(len(self.plan)))
+        # the fused CPU kernel (accord.algorithms._sketch_native), built on first use
+        self.native = None
+        if self.device.type == "cpu" and dtype == torch.float32 and self.plan:
+            self.native = _sketch_native.kernel()
+            # host: the native kernel's piece tables (it runs on the CPU only)
+            self._native_y = torch.tensor([at for _, _, _, at, _, _ in self.plan])  # host: CPU
+            self._native_modes = torch.tensor([0 if col < 0 else 1  # host: CPU kernel
+                                               for _, _, _, _, col, _ in self.plan])
+            self._native_slots = torch.arange(len(self.plan))  # host: CPU kernel
         self._target_key: tuple | None = None
         self._target_views: list[torch.Tensor] = []
 
@@ -129,22 +140,60 @@ class GramSketch:
         ``count`` into ``out[:width]`` and each segment's exact norm into
         ``out[width:width + segments]``; returns ``out``. One read of the tensors.
 
-        On the CPU the pieces go through ``torch._foreach_*`` calls, one per kind of work
-        (:data:`FOREACH_ON_CPU`): its CPU kernels run the list in order, so the pieces that
-        add into the same numbers of ``y`` do so one after the other, with the same result
-        bit for bit as one call per piece (tested), for a third of the time on the 10M MLP.
-        Other devices take one call per piece: a fused multi-tensor kernel may run aliased
-        outputs at once."""
+        On the CPU, fp32 pieces go through the fused kernel of
+        :mod:`accord.algorithms._sketch_native` where it builds (``ACCORD_NATIVE``), in one
+        call: y bit for bit the torch path's, the norms equal to rounding. Otherwise they go
+        through ``torch._foreach_*`` calls, one per kind of work (:data:`FOREACH_ON_CPU`):
+        its CPU kernels run the list in order, so the pieces that add into the same numbers
+        of ``y`` do so one after the other, with the same result bit for bit as one call
+        per piece (tested). Other devices take one call per piece: a fused multi-tensor
+        kernel may run aliased outputs at once."""
         tau, shifts = self.row_signs(count)
         flat = [None if t is None else t.reshape(-1) for t in tensors]
         y = out[: self.width]
         y.zero_()
-        targets = self._targets(y)
         pieces = []  # (piece index, source slice) of the tensors given
         for i, t in enumerate(flat):
             if t is not None and self._tensor_splits[i]:
                 pieces += zip(self._tensor_pieces[i], t.split(self._tensor_splits[i]),
                               strict=True)
+        if self.native is not None and y.is_contiguous() and all(
+                src.dtype == torch.float32 and src.is_contiguous() for _, src in pieces):
+            self._fill_native(pieces, tau, shifts, y)
+        else:
+            self._fill_torch(pieces, tau, shifts, y)
+        seg_norms = out[self.width: self.width + self.segments]
+        seg_norms.zero_().index_add_(0, self.piece_segment, self.piece_squares).sqrt_()
+        return out
+
+    def _fill_native(self, pieces, tau: list[float], shifts: list[int], y: torch.Tensor
+                     ) -> None:
+        """y and the pieces' squared norms through the fused kernel (one call)."""
+        squares = self.piece_squares
+        if len(pieces) == len(self.plan):
+            index = None
+        else:
+            squares.zero_()
+            index = torch.tensor([j for j, _ in pieces], dtype=torch.long)  # host: CPU
+        tabpos: list[int] = []
+        taus: list[float] = []
+        for j, _ in pieces:
+            _, _, _, _, col, row = self.plan[j]
+            tabpos.append(shifts[row] + col if col >= 0 else 0)
+            taus.append(tau[row] if col >= 0 else 0.0)
+        pick = (lambda t: t) if index is None else (lambda t: t[index])
+        positions = torch.tensor(tabpos, dtype=torch.long)  # host: the CPU kernel's input
+        values = torch.tensor(taus, dtype=torch.float32)  # host: the CPU kernel's input
+        assert self.native is not None
+        self.native.sketch_pieces(
+            y, [src for _, src in pieces], pick(self._native_y), positions, values,
+            pick(self._native_modes), self.table if self.table is not None else y,
+            squares, pick(self._native_slots), _sketch_native.TILE)
+
+    def _fill_torch(self, pieces, tau: list[float], shifts: list[int], y: torch.Tensor
+                    ) -> None:
+        """y and the pieces' squared norms through torch's kernels."""
+        targets = self._targets(y)
         fused = (FOREACH_ON_CPU and self.device.type == "cpu"
                  and all(src.dtype == self.dtype for _, src in pieces))
         sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
@@ -174,9 +223,6 @@ class GramSketch:
             squares.zero_()
             for j, src in pieces:
                 squares[j] = torch.linalg.vector_norm(src, dtype=self.dtype).square()
-        seg_norms = out[self.width: self.width + self.segments]
-        seg_norms.zero_().index_add_(0, self.piece_segment, squares).sqrt_()
-        return out
 
     def _targets(self, y: torch.Tensor) -> list[torch.Tensor]:
         """The piece-by-piece views of ``y`` the plan writes into (kept for the last

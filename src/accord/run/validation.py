@@ -268,6 +268,12 @@ def validate(cfg: TrainConfig, *, check_out: bool = True) -> None:
         for name in ("lighthouse", "replicas", "ft_host"):
             need(getattr(cfg, name) is None, name, getattr(cfg, name),
                  "only with --fault-tolerant")
+    from ..algorithms._sketch_native import mode as native_mode
+
+    try:
+        native_mode()  # the environment's ACCORD_NATIVE, checked before any worker starts
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if check_out:
         check_writable(cfg.out)
 
