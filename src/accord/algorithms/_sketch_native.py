@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -158,8 +159,15 @@ def _build() -> ModuleType:
         (where / "lock").unlink(missing_ok=True)  # torch's own lock, left by a killed build
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name, cpp_sources=[SOURCE], functions=["sketch_pieces"],
-                           extra_cflags=flags, build_directory=str(where), verbose=False)
+        # the ninja of this environment (pip's, in the interpreter's bin) when it is not on
+        # the PATH, as under `.venv/bin/python` without an activated venv
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
+        try:
+            return load_inline(name, cpp_sources=[SOURCE], functions=["sketch_pieces"],
+                               extra_cflags=flags, build_directory=str(where), verbose=False)
+        finally:
+            os.environ["PATH"] = path
 
 
 def kernel() -> ModuleType | None:
