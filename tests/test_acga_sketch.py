@@ -122,6 +122,14 @@ def test_the_native_kernel_gives_the_torch_paths_sketch_bit_for_bit(joined):
             runs.append(sk.fill_(tensors, 11, torch.full((sk.width + sk.segments,), 7.0)))
         assert torch.equal(runs[0][: sk.width], runs[1][: sk.width])
         torch.testing.assert_close(runs[0][sk.width:], runs[1][sk.width:], rtol=1e-6, atol=0)
+    # a bf16 gradient is not the kernel's: it takes the torch path, the same numbers
+    half = [None if t is None else t.to(torch.bfloat16) for t in tensors]
+    sk.native = _sketch_native.kernel()
+    got = sk.fill_(half, 3, torch.zeros(sk.width + sk.segments))
+    sk.native = None
+    torch.testing.assert_close(got, sk.fill_(half, 3, torch.zeros(sk.width + sk.segments)),
+                               rtol=0, atol=0)
+    assert torch.count_nonzero(got) > 0
 
 
 def test_accord_native_chooses_the_kernel_and_a_bad_value_is_one_line(monkeypatch):

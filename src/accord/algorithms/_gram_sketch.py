@@ -113,6 +113,7 @@ class GramSketch:
         self.native = None
         if self.device.type == "cpu" and dtype == torch.float32 and self.plan:
             self.native = _sketch_native.kernel()
+        if self.native is not None:
             # host: the native kernel's piece tables (it runs on the CPU only)
             self._native_y = torch.tensor([at for _, _, _, at, _, _ in self.plan])  # host: CPU
             self._native_modes = torch.tensor([0 if col < 0 else 1  # host: CPU kernel
