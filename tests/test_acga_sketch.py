@@ -103,14 +103,17 @@ def test_fill_is_the_formula_and_the_cpu_foreach_path_is_the_per_piece_path_bit_
 
 
 @pytest.mark.parametrize("joined", [True, False])
-def test_the_native_kernel_gives_the_torch_paths_sketch_bit_for_bit(joined):
+def test_the_native_kernel_gives_the_torch_paths_sketch_bit_for_bit(joined, monkeypatch):
     from accord.algorithms import _sketch_native
 
     if _sketch_native.kernel() is None:
         pytest.skip("the native sketch kernel does not build here (ACCORD_NATIVE, compiler)")
     gen = torch.Generator().manual_seed(5)
     sizes = [700, 3, 1500, 0, 260, 90]
-    for missing in (None, 4):  # every tensor given; one not given
+    # every tensor given, one not given; tiles across a row and pieces (100), and the
+    # default (a row of k = 256 in one tile)
+    for missing, tile in ((None, 100), (4, 100), (None, _sketch_native.TILE), (4, 7)):
+        monkeypatch.setattr(_sketch_native, "TILE", tile)
         tensors = [torch.randn(n, generator=gen) for n in sizes]
         if missing is not None:
             tensors[missing] = None
