@@ -89,9 +89,16 @@ def pytest_configure(config):
         _sketch_native.kernel()
 
 
+#: the order the tiers run in: the long multi-process tests first, so that with -n 2 the
+#: last tests handed out are short ones and neither worker idles while the other finishes
+#: a minute-long test (the files' own order put test_resume and test_testbed last)
+RUN_ORDER = ("ft", "app", "integrations", "worlds", "unclassified", "unit")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(getattr(pytest.mark, tier_of(item.nodeid)))
+    items.sort(key=lambda item: RUN_ORDER.index(tier_of(item.nodeid)))  # stable in a tier
     if SLOW:
         return
     skip = pytest.mark.skip(reason="slow variant: set ACCORD_SLOW_TESTS=1 to run it")
