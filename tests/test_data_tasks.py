@@ -385,3 +385,35 @@ def test_cli_missing_data_exits_2_before_any_worker(tmp_path, capsys, monkeypatc
     assert err.count("\n") == 1
     assert err.startswith(f"accord train: error: task {task!r}: ")
     assert needle in err and str(missing) in err
+
+
+# ---------------------------------------------------------------------------------------
+# digits: scikit-learn's arrays, kept in the cache directory after the first load
+# ---------------------------------------------------------------------------------------
+
+def test_digits_cache_equals_sklearn_and_survives_damage(tmp_path, monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from accord.tasks import digits
+
+    data = load_digits()
+    want = (torch.tensor(data.data, dtype=torch.float32) / 16.0,
+            torch.tensor(data.target, dtype=torch.long))
+    monkeypatch.setenv("ACCORD_CACHE_DIR", str(tmp_path / "cache"))
+    first = digits._arrays()  # from scikit-learn, and written
+    (cached,) = (tmp_path / "cache" / "data").glob("digits-sklearn-*.pt")
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no part file left
+    second = digits._arrays()  # from the file
+    for got in (first, second):
+        assert all(torch.equal(g, w) and g.dtype == w.dtype for g, w in zip(got, want, strict=True))
+    cached.write_bytes(cached.read_bytes()[:1000])  # a torn file: loaded again, rewritten
+    assert all(torch.equal(g, w) for g, w in zip(digits._arrays(), want, strict=True))
+    assert all(torch.equal(g, w) for g, w in zip(torch.load(cached, weights_only=True), want,
+                                                     strict=True))
+    torch.save((want[0][:5], want[1][:5]), cached)  # a hand-edited file of another shape
+    assert all(torch.equal(g, w) for g, w in zip(digits._arrays(), want, strict=True))
+    # a cache that cannot be written: the arrays all the same
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ACCORD_CACHE_DIR", str(blocker))
+    assert all(torch.equal(g, w) for g, w in zip(digits._arrays(), want, strict=True))

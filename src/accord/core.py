@@ -17,8 +17,10 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -61,6 +63,14 @@ class StepContext:
                             "allowed: one number (a 1-element tensor, a float or None)")
         if not isinstance(self.healthy, bool):
             raise TypeError(f"StepContext healthy: got {self.healthy!r}, allowed: True or False")
+
+
+def cache_dir(kind: str) -> Path:
+    """``$ACCORD_CACHE_DIR/<kind>`` (default ``~/.cache/accord/<kind>``): what accord builds
+    or derives once per machine (the native sketch kernel, the digits arrays)."""
+    root = os.environ.get("ACCORD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "accord")
+    return Path(root) / kind
 
 
 def due(step: int, period: int, warmup_steps: int = 0) -> bool:

@@ -26,10 +26,11 @@ import importlib.util
 import logging
 import os
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from ..core import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +134,13 @@ def _flags() -> list[str]:
     return ["-O3", "-fopenmp-simd", *isa.get(capability, [])]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("ACCORD_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "accord")
-    return Path(root) / "native"
-
-
 def _build() -> ModuleType:
     """Load the built kernel, building it first if needed (under a file lock)."""
     flags = _flags()
     digest = hashlib.sha256((SOURCE + " ".join(flags) + torch.__version__).encode()
                             ).hexdigest()[:16]
     name = f"accord_sketch_{digest}"
-    where = _cache_dir() / name
+    where = cache_dir("native") / name
     where.mkdir(parents=True, exist_ok=True)
     with open(where / "accord.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies

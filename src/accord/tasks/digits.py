@@ -14,12 +14,15 @@ the test set is not used. Ids (:meth:`Digits.split_ids`): row indices into
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import cache_dir
 from . import ClassificationTask, register_task, shuffled_batches
 
 SPLIT_SEED = 0
@@ -46,12 +49,40 @@ def split_rows(n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]
     return train[keep], train[held]
 
 
-def _load(split: str = "test") -> tuple[torch.Tensor, ...]:
+def _arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (scaled to [0, 1]) and labels of ``load_digits()``. Importing scikit-learn
+    costs about a second of CPU in every worker, so the two tensors are kept in
+    ``cache_dir("data")`` (a 0.5 MB file, keyed by scikit-learn's version) after the first
+    load; an unreadable file is loaded again from scikit-learn and rewritten, and a cache
+    that cannot be written is skipped."""
+    try:
+        version = importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    path = cache_dir("data") / f"digits-sklearn-{version}.pt"
+    try:
+        x, y = torch.load(path, weights_only=True)
+        if x.shape == (1797, 64) and y.shape == (1797,):
+            return x, y
+    except Exception:  # noqa: BLE001 - missing or damaged: load from scikit-learn
+        pass
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0  # host: dataset
     y = torch.tensor(data.target, dtype=torch.long)  # host: dataset
+    try:  # a file of this process's own, renamed into place: readers never see half of one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")
+        torch.save((x, y), part)
+        os.replace(part, path)
+    except OSError:
+        pass
+    return x, y
+
+
+def _load(split: str = "test") -> tuple[torch.Tensor, ...]:
+    x, y = _arrays()
     train, held = split_rows(len(x), split)
     return x[train], y[train], x[held], y[held], train, held
 
