@@ -168,3 +168,34 @@ def test_the_time_records_take_is_left_out_of_the_run_s_clock(tmp_path):
     assert summary["train_s"] < summary["record_s"] / 2
     wall = sum(a["seconds"] for a in summary["attempts"])
     assert summary["time_s"] == pytest.approx(wall - summary["record_s"], abs=1e-6)
+
+
+def test_bench_reruns_a_run_whose_network_profile_was_edited(tmp_path):
+    """The header records the --network-profile file's SHA-256 (train's _code_sources);
+    bench reuses the run while the file is what ran and reruns it once it is edited."""
+    import dataclasses
+
+    from test_bench import write_metrics
+
+    from accord import bench
+    from accord.bench.reuse import previous
+    from accord.run.train import _code_sources
+
+    profile = tmp_path / "net.json"
+    profile.write_text('{"default": "1gbit"}\n')
+    cfg = bench.plan(bench.custom(["allreduce"], [], ["digits"], [2], [0], 4), tmp_path / "b")[0]
+    cfg = dataclasses.replace(cfg, network_profile=str(profile))
+    sources = _code_sources(cfg)
+    assert sources == {"network_profile_source": {
+        "spec": str(profile), "file": str(profile),
+        "sha256": hashlib.sha256(profile.read_bytes()).hexdigest()}}
+    write_metrics(cfg)
+    path = Path(cfg.out) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    header = {**json.loads(lines[0]), **sources}
+    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert previous(cfg).action == "reuse"
+    profile.write_text('{"default": "100mbit"}\n')
+    got = previous(cfg)
+    assert (got.action, got.state, got.reason) == (
+        "rerun", "stale", f"the network profile file {profile} changed since it ran")

@@ -77,9 +77,11 @@ class Previous:
 
 
 def code_changes(header: dict[str, Any]) -> list[str]:
-    """The user files a run recorded (its task, its plugins) that are no longer what ran:
-    edited since (another SHA-256) or gone; each as ``the task file PATH``."""
-    sources = [("task", header.get("task_source"))]
+    """The user files a run recorded (its task, its plugins, its network profile) that are
+    no longer what ran: edited since (another SHA-256) or gone; each as ``the task file
+    PATH``."""
+    sources = [("task", header.get("task_source")),
+               ("network profile", header.get("network_profile_source"))]
     plugins = header.get("plugin_sources")
     sources += [("plugin", p) for p in (plugins if isinstance(plugins, list) else [])]
     changed = []

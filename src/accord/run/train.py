@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .. import algorithms, checkpoint
+from .._imports import code_source
 from ..comm import Communicator, compress_payloads, emulate_network, payload_compressor
 from ..core import Aggregator
 from ..observe import ConsensusProbe, divergence, finite_or_none, state_tensors
@@ -201,15 +202,18 @@ def _continue_metrics(path: Path, step: int, record: dict[str, Any]) -> list[dic
 
 
 def _code_sources(cfg: TrainConfig) -> dict[str, Any]:
-    """The user code the run imported, for the header: a user task's spec, file and SHA-256
-    (``task_source``; nothing for a built-in task) and each ``--plugin``'s
-    (``plugin_sources``; nothing without one)."""
+    """The user files the run read, for the header: a user task's spec, file and SHA-256
+    (``task_source``; nothing for a built-in task), each ``--plugin``'s (``plugin_sources``;
+    nothing without one) and the ``--network-profile`` file's (``network_profile_source``):
+    bench reruns a run whose file was edited since."""
     out: dict[str, Any] = {}
     source = task_source(cfg.task)
     if source is not None:
         out["task_source"] = source
     if cfg.plugins:
         out["plugin_sources"] = [algorithms.plugin_source(spec) for spec in cfg.plugins]
+    if cfg.network_profile is not None:
+        out["network_profile_source"] = code_source(cfg.network_profile, cfg.network_profile)
     return out
 
 
