@@ -399,21 +399,33 @@ def test_digits_cache_equals_sklearn_and_survives_damage(tmp_path, monkeypatch):
     data = load_digits()
     want = (torch.tensor(data.data, dtype=torch.float32) / 16.0,
             torch.tensor(data.target, dtype=torch.long))
+
+    def same(got) -> bool:
+        return all(torch.equal(g, w) and g.dtype == w.dtype
+                   for g, w in zip(got, want, strict=True))
+
     monkeypatch.setenv("ACCORD_CACHE_DIR", str(tmp_path / "cache"))
-    first = digits._arrays()  # from scikit-learn, and written
-    (cached,) = (tmp_path / "cache" / "data").glob("digits-sklearn-*.pt")
+    cached = tmp_path / "cache" / "data" / "digits.pt"
+    assert same(digits._arrays())  # from scikit-learn, and written
     assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no part file left
-    second = digits._arrays()  # from the file
-    for got in (first, second):
-        assert all(torch.equal(g, w) and g.dtype == w.dtype for g, w in zip(got, want, strict=True))
+    assert same(torch.load(cached, weights_only=True))
+    stamp = cached.stat().st_mtime_ns
+    assert same(digits._arrays()) and cached.stat().st_mtime_ns == stamp  # read, not rewritten
     cached.write_bytes(cached.read_bytes()[:1000])  # a torn file: loaded again, rewritten
-    assert all(torch.equal(g, w) for g, w in zip(digits._arrays(), want, strict=True))
-    assert all(torch.equal(g, w) for g, w in zip(torch.load(cached, weights_only=True), want,
-                                                     strict=True))
-    torch.save((want[0][:5], want[1][:5]), cached)  # a hand-edited file of another shape
-    assert all(torch.equal(g, w) for g, w in zip(digits._arrays(), want, strict=True))
-    # a cache that cannot be written: the arrays all the same
+    assert same(digits._arrays()) and same(torch.load(cached, weights_only=True))
+    # hand-edited files: one pixel changed (same shapes), fewer rows, other dtypes
+    edited = want[0].clone()
+    edited[0, 0] += 0.5
+    for bad in ((edited, want[1]), (want[0][:5], want[1][:5]),
+                (want[0].double(), want[1]), (want[0], want[1].int())):
+        torch.save(bad, cached)
+        assert same(digits._arrays()) and same(torch.load(cached, weights_only=True))
+    # a cache that cannot be written: the arrays all the same, nothing left behind
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("ACCORD_CACHE_DIR", str(blocker))
-    assert all(torch.equal(g, w) for g, w in zip(digits._arrays(), want, strict=True))
+    assert same(digits._arrays()) and blocker.read_text() == "not a directory"
+    # scikit-learn's data under another digest (another release): used, never cached
+    monkeypatch.setenv("ACCORD_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setattr(digits, "DIGITS_SHA256", "0" * 64)
+    assert same(digits._arrays()) and not (tmp_path / "other").exists()

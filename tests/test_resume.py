@@ -98,8 +98,9 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, algo, sets):
 
 
 def test_a_crash_costs_the_steps_since_the_last_checkpoint(tmp_path):
-    # local SGD's anchor (period 4: synced at step 8) and the int8 codec's error memory are
-    # in the checkpoint at step 10: the resumed steps 11-20 equal the uninterrupted run's
+    # local SGD's anchor (period 4: last averaged after the 8th step) and the int8 codec's
+    # error memory are in the checkpoint after the 10th: the resumed steps equal the
+    # uninterrupted run's
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert _train(straight, "--algo", "local_sgd", "--compress", "int8").returncode == 0
     args = ["--algo", "local_sgd", "--compress", "int8", "--checkpoint-every", "5",

@@ -108,11 +108,20 @@ def test_train_bench_and_report_run_a_user_task_with_a_straggler(tmp_path):
     assert spec in text and "acga_slow-rank1-factor3" in text
 
 
+def _finished_run_with_header(cfg, **fields) -> None:
+    """A finished run of ``cfg`` in its directory whose header also holds ``fields``."""
+    from test_bench import write_metrics
+
+    write_metrics(cfg)
+    path = Path(cfg.out) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    header = {**json.loads(lines[0]), **fields}
+    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+
+
 def test_bench_reruns_a_run_whose_task_or_plugin_file_was_edited(tmp_path):
     """A run records the SHA-256 of its user files; bench reuses it while they are what ran
     and reruns it, saying which file, once one is edited or gone."""
-    from test_bench import write_metrics
-
     from accord import bench
     from accord.bench.reuse import previous
 
@@ -122,14 +131,9 @@ def test_bench_reruns_a_run_whose_task_or_plugin_file_was_edited(tmp_path):
     plugin.write_text("# a plugin\n")
     spec = f"{task}:TwoMoons"
     cfg = bench.plan(bench.custom(["allreduce"], [], [spec], [2], [0], 4), tmp_path / "b")[0]
-    write_metrics(cfg)
-    path = Path(cfg.out) / "metrics.jsonl"
-    lines = path.read_text().splitlines()
-    header = json.loads(lines[0])
-    header["task_source"] = task_source(spec)
-    header["plugin_sources"] = [{"spec": str(plugin), "file": str(plugin),
-                                 "sha256": hashlib.sha256(plugin.read_bytes()).hexdigest()}]
-    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    _finished_run_with_header(cfg, task_source=task_source(spec), plugin_sources=[
+        {"spec": str(plugin), "file": str(plugin),
+         "sha256": hashlib.sha256(plugin.read_bytes()).hexdigest()}])
     assert previous(cfg).action == "reuse"
     plugin.write_text("# a plugin, edited\n")
     got = previous(cfg)
@@ -175,8 +179,6 @@ def test_bench_reruns_a_run_whose_network_profile_was_edited(tmp_path):
     bench reuses the run while the file is what ran and reruns it once it is edited."""
     import dataclasses
 
-    from test_bench import write_metrics
-
     from accord import bench
     from accord.bench.reuse import previous
     from accord.run.train import _code_sources
@@ -189,11 +191,7 @@ def test_bench_reruns_a_run_whose_network_profile_was_edited(tmp_path):
     assert sources == {"network_profile_source": {
         "spec": str(profile), "file": str(profile),
         "sha256": hashlib.sha256(profile.read_bytes()).hexdigest()}}
-    write_metrics(cfg)
-    path = Path(cfg.out) / "metrics.jsonl"
-    lines = path.read_text().splitlines()
-    header = {**json.loads(lines[0]), **sources}
-    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    _finished_run_with_header(cfg, **sources)
     assert previous(cfg).action == "reuse"
     profile.write_text('{"default": "100mbit"}\n')
     got = previous(cfg)

@@ -14,7 +14,8 @@ the test set is not used. Ids (:meth:`Digits.split_ids`): row indices into
 
 from __future__ import annotations
 
-import importlib.metadata
+import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -49,20 +50,24 @@ def split_rows(n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]
     return train[keep], train[held]
 
 
+#: SHA-256 of the images (fp32, scaled to [0, 1]) and labels (int64) of ``load_digits()``
+DIGITS_SHA256 = "8b3b6ae90863430bdef06a3f7d1ec2f6a905a53d3375655b18cf63780ad98772"
+
+
+def _digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    return hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
+
+
 def _arrays() -> tuple[torch.Tensor, torch.Tensor]:
     """The images (scaled to [0, 1]) and labels of ``load_digits()``. Importing scikit-learn
     costs about a second of CPU in every worker, so the two tensors are kept in
-    ``cache_dir("data")`` (a 0.5 MB file, keyed by scikit-learn's version) after the first
-    load; an unreadable file is loaded again from scikit-learn and rewritten, and a cache
-    that cannot be written is skipped."""
-    try:
-        version = importlib.metadata.version("scikit-learn")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    path = cache_dir("data") / f"digits-sklearn-{version}.pt"
+    ``cache_dir("data")/digits.pt`` (0.5 MB) after the first load and used while their
+    SHA-256 is :data:`DIGITS_SHA256`; a damaged or edited file is loaded again from
+    scikit-learn and rewritten, and a cache that cannot be written is skipped."""
+    path = cache_dir("data") / "digits.pt"
     try:
         x, y = torch.load(path, weights_only=True)
-        if x.shape == (1797, 64) and y.shape == (1797,):
+        if x.dtype == torch.float32 and y.dtype == torch.long and _digest(x, y) == DIGITS_SHA256:
             return x, y
     except Exception:  # noqa: BLE001 - missing or damaged: load from scikit-learn
         pass
@@ -71,13 +76,17 @@ def _arrays() -> tuple[torch.Tensor, torch.Tensor]:
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0  # host: dataset
     y = torch.tensor(data.target, dtype=torch.long)  # host: dataset
-    try:  # a file of this process's own, renamed into place: readers never see half of one
+    if _digest(x, y) != DIGITS_SHA256:
+        return x, y  # another scikit-learn's data: used, never cached as these
+    # a file of this process's own, renamed into place: readers never see half of one
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f"{path.name}.{os.getpid()}.part")
         torch.save((x, y), part)
         os.replace(part, path)
-    except OSError:
-        pass
+    except Exception:  # noqa: BLE001 - a full disk, a read-only cache: skipped
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
     return x, y
 
 
